@@ -1,0 +1,160 @@
+//! What each command does. Every command returns an exit code; errors are
+//! printed here, in one place.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::cli::{Cli, Command, OutputFormat};
+use crate::config::{self, Diagnostic, Origin, Overrides};
+
+/// Exit codes, as DESIGN.md fixes them.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const FAILED: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const NO_SUPERVISOR: u8 = 3;
+}
+
+pub fn run(cli: Cli) -> u8 {
+    let overrides = match Overrides::from_process(&cli.set) {
+        Ok(o) => o,
+        Err(d) => {
+            eprintln!("drover: {d}");
+            return exit::USAGE;
+        }
+    };
+    match cli.command {
+        Command::Check { files, format } => {
+            let files = if files.is_empty() {
+                vec![cli.config.clone()]
+            } else {
+                files
+            };
+            check(&files, &overrides, format)
+        }
+        Command::Schema => {
+            print!("{}", config::schema::schema_text());
+            exit::OK
+        }
+        Command::Config { json } => show_config(&cli.config, &overrides, json),
+    }
+}
+
+/// A diagnostic as `check --format json` prints it: always the checked
+/// file, position only when the file is where the value came from.
+#[derive(Serialize)]
+struct JsonDiagnostic<'a> {
+    file: &'a Path,
+    line: Option<usize>,
+    column: Option<usize>,
+    key: &'a str,
+    message: &'a str,
+    /// "file", "env" or "set".
+    source: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    variable: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    argument: Option<&'a str>,
+}
+
+fn check(files: &[PathBuf], overrides: &Overrides, format: OutputFormat) -> u8 {
+    let mut all_ok = true;
+    let mut json = Vec::new();
+    let results: Vec<(PathBuf, Result<config::Loaded, Vec<Diagnostic>>)> = files
+        .iter()
+        .map(|f| (f.clone(), config::load(f, overrides)))
+        .collect();
+    for (file, result) in &results {
+        match result {
+            Ok(loaded) => {
+                if format == OutputFormat::Text {
+                    let c = &loaded.config;
+                    println!(
+                        "{}: ok ({} worker{}, {} job{})",
+                        file.display(),
+                        c.workers.len(),
+                        plural(c.workers.len()),
+                        c.jobs.len(),
+                        plural(c.jobs.len())
+                    );
+                }
+            }
+            Err(diags) => {
+                all_ok = false;
+                for d in diags {
+                    match format {
+                        OutputFormat::Text => eprintln!("{d}"),
+                        OutputFormat::Json => {
+                            let mut j = JsonDiagnostic {
+                                file,
+                                line: None,
+                                column: None,
+                                key: &d.key,
+                                message: &d.message,
+                                source: "file",
+                                variable: None,
+                                argument: None,
+                            };
+                            match &d.origin {
+                                Origin::File { line, column, .. } => {
+                                    (j.line, j.column) = (*line, *column)
+                                }
+                                Origin::Env { variable } => {
+                                    (j.source, j.variable) = ("env", Some(variable.as_str()))
+                                }
+                                Origin::Set { argument } => {
+                                    (j.source, j.argument) = ("set", Some(argument.as_str()))
+                                }
+                            }
+                            json.push(j);
+                        }
+                    }
+                }
+                if format == OutputFormat::Text {
+                    eprintln!(
+                        "{}: invalid ({} error{})",
+                        file.display(),
+                        diags.len(),
+                        plural(diags.len())
+                    );
+                }
+            }
+        }
+    }
+    if format == OutputFormat::Json {
+        let text = serde_json::to_string_pretty(&json).expect("diagnostics serialize");
+        println!("{text}");
+    }
+    if all_ok { exit::OK } else { exit::FAILED }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+fn show_config(path: &Path, overrides: &Overrides, json: bool) -> u8 {
+    let loaded = match config::load(path, overrides) {
+        Ok(l) => l,
+        Err(diags) => {
+            for d in diags {
+                eprintln!("{d}");
+            }
+            return exit::FAILED;
+        }
+    };
+    let text = if json {
+        serde_json::to_string_pretty(&loaded.config).expect("config serializes") + "\n"
+    } else {
+        match toml::to_string_pretty(&loaded.config) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("drover: cannot print the config as TOML: {e}");
+                return exit::FAILED;
+            }
+        }
+    };
+    let _ = std::io::stdout().write_all(text.as_bytes());
+    exit::OK
+}

@@ -1,0 +1,646 @@
+//! Reading and layering the config: built-in defaults < the file <
+//! `DROVER_…__…` environment variables < `--set KEY=VALUE`. The layers are
+//! merged with figment; the merged document is validated against the
+//! generated JSON schema, then read into the raw types and resolved. Every
+//! error is traced back to the layer that supplied the value.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use figment::value::{Dict, Map, Value as FValue};
+use figment::{Figment, Metadata, Profile, Provider};
+
+use super::diagnostic::{Diagnostic, Origin, display_key, line_col, span_of};
+use super::model::Config;
+use super::raw::RawConfig;
+use super::resolve::resolve;
+use super::schema;
+use super::types::is_valid_name;
+
+/// A config larger than this is refused: real ones are a few KiB, and the
+/// supervisor must not be made to parse a runaway file.
+pub const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The environment variable that names the config file. It is not a config
+/// key (it has no `__`).
+pub const CONFIG_ENV: &str = "DROVER_CONFIG";
+const ENV_PREFIX: &str = "DROVER_";
+
+/// One override: an environment variable or a `--set` argument.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Override {
+    pub origin: Origin,
+    pub path: Vec<String>,
+    pub value: toml::Value,
+}
+
+/// The env and `--set` layers, captured once at start-up so that a reload
+/// applies exactly the same overrides.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Overrides {
+    layers: Vec<Override>,
+}
+
+impl Overrides {
+    /// Env layers (in name order, for determinism) then `--set` layers (in
+    /// command-line order; a later one wins).
+    pub fn new<I>(env: I, sets: &[String]) -> Result<Self, Diagnostic>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let mut env: Vec<_> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
+            .collect();
+        env.sort();
+        let mut layers = Vec::new();
+        for (name, value) in env {
+            let origin = Origin::Env {
+                variable: name.clone(),
+            };
+            let path: Vec<String> = name[ENV_PREFIX.len()..]
+                .split("__")
+                .map(|s| s.to_ascii_lowercase())
+                .collect();
+            layers.push(Override::new(origin, path, &value)?);
+        }
+        for arg in sets {
+            let origin = Origin::Set {
+                argument: arg.clone(),
+            };
+            let Some((key, value)) = arg.split_once('=') else {
+                return Err(Diagnostic {
+                    origin,
+                    key: String::new(),
+                    message: "expected KEY=VALUE, e.g. workers.web.capacity=4".into(),
+                });
+            };
+            let path = key
+                .trim()
+                .split('.')
+                .map(|s| s.trim().to_string())
+                .collect();
+            layers.push(Override::new(origin, path, value)?);
+        }
+        Ok(Overrides { layers })
+    }
+
+    /// Overrides from this process's environment and the given `--set`s.
+    pub fn from_process(sets: &[String]) -> Result<Self, Diagnostic> {
+        Self::new(
+            std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+            sets,
+        )
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layers.is_empty()
+    }
+}
+
+impl Override {
+    fn new(origin: Origin, path: Vec<String>, raw: &str) -> Result<Self, Diagnostic> {
+        if path.iter().any(|s| s.is_empty()) {
+            return Err(Diagnostic {
+                origin,
+                key: String::new(),
+                message:
+                    "the key has an empty part; write a dotted path such as workers.web.capacity"
+                        .into(),
+            });
+        }
+        Ok(Override {
+            origin,
+            path,
+            value: parse_value(raw),
+        })
+    }
+}
+
+/// VALUE is read as a TOML value (`4`, `true`, `["a", "b"]`, `{ a = "1" }`,
+/// `"quoted"`), else taken as a plain string (`5s`, `/bin/sh`).
+fn parse_value(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&doc) {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+/// A successfully loaded config and what it was made from.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    pub config: Config,
+    pub path: PathBuf,
+    /// The file's text, kept so a reload can tell whether anything changed.
+    pub text: String,
+}
+
+/// Reads a config file, refusing what is not a small UTF-8 text file.
+pub fn read_text(path: &Path) -> Result<String, Diagnostic> {
+    let fail = |msg: String| Diagnostic::file(path, msg);
+    let mut file = std::fs::File::open(path).map_err(|e| {
+        fail(match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                "no such file (name another with -c FILE or DROVER_CONFIG)".to_string()
+            }
+            _ => format!("cannot open: {e}"),
+        })
+    })?;
+    let meta = file
+        .metadata()
+        .map_err(|e| fail(format!("cannot read: {e}")))?;
+    if meta.is_dir() {
+        return Err(fail("is a directory, not a config file".into()));
+    }
+    let mut bytes = Vec::new();
+    (&mut file)
+        .take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| fail(format!("cannot read: {e}")))?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        let size = meta.len().max(bytes.len() as u64);
+        return Err(fail(format!(
+            "file is {:.1} MiB; a config may be at most {} MiB",
+            size as f64 / (1 << 20) as f64,
+            MAX_CONFIG_BYTES >> 20
+        )));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let bytes = e.as_bytes();
+        let prefix = String::from_utf8_lossy(&bytes[..at]);
+        let (line, column) = line_col(&prefix, prefix.len());
+        Diagnostic {
+            origin: Origin::File {
+                file: path.to_path_buf(),
+                line: Some(line),
+                column: Some(column),
+            },
+            key: String::new(),
+            message: format!(
+                "not valid UTF-8 (byte 0x{:02x}); a config must be UTF-8 text",
+                bytes[at]
+            ),
+        }
+    })
+}
+
+/// Loads, layers, validates and resolves the config at `path`.
+pub fn load(path: &Path, overrides: &Overrides) -> Result<Loaded, Vec<Diagnostic>> {
+    let text = read_text(path).map_err(|d| vec![d])?;
+    load_text(path, text, overrides)
+}
+
+/// Like [`load`], for text already read from `path`.
+pub fn load_text(
+    path: &Path,
+    text: String,
+    overrides: &Overrides,
+) -> Result<Loaded, Vec<Diagnostic>> {
+    let doc = toml_edit::Document::parse(text.clone()).map_err(|e| {
+        let (line, column) = e.span().map(|s| line_col(&text, s.start)).unzip();
+        vec![Diagnostic {
+            origin: Origin::File {
+                file: path.to_path_buf(),
+                line,
+                column,
+            },
+            key: String::new(),
+            message: format!("invalid TOML: {}", e.message().trim()),
+        }]
+    })?;
+    let locate = Locator {
+        path,
+        text: &text,
+        doc: &doc,
+        overrides,
+    };
+    let table: toml::Table = toml::from_str(&text)
+        .map_err(|e| vec![locate.diag(&[], false, format!("invalid TOML: {}", e.message()))])?;
+
+    let mut figment = Figment::new().merge(Layer {
+        name: format!("file {}", path.display()),
+        dict: to_dict(&table),
+    });
+    for o in &overrides.layers {
+        figment = figment.merge(Layer {
+            name: match &o.origin {
+                Origin::Env { variable } => format!("environment variable {variable}"),
+                Origin::Set { argument } => format!("--set {argument}"),
+                Origin::File { .. } => unreachable!("overrides are env or --set"),
+            },
+            dict: nest(&o.path, to_figment(&o.value)),
+        });
+    }
+
+    let merged: serde_json::Value = figment.extract().map_err(|e| locate.figment(e))?;
+    let (schema_value, validator) = schema::validator();
+    let mut diags: Vec<Diagnostic> = validator
+        .iter_errors(&merged)
+        .flat_map(|e| schema_diagnostics(schema_value, &e))
+        .map(|(path, prefer_key, msg)| locate.diag(&path, prefer_key, msg))
+        .collect();
+    if !diags.is_empty() {
+        sort_dedup(&mut diags);
+        return Err(diags);
+    }
+
+    let raw: RawConfig = figment.extract().map_err(|e| locate.figment(e))?;
+    let base_dir = base_dir(path);
+    let config = resolve(&raw, &base_dir).map_err(|problems| {
+        let mut diags: Vec<_> = problems
+            .into_iter()
+            .map(|p| locate.diag(&p.path, false, p.message))
+            .collect();
+        sort_dedup(&mut diags);
+        diags
+    })?;
+    Ok(Loaded {
+        config,
+        path: path.to_path_buf(),
+        text,
+    })
+}
+
+/// The directory relative paths in the config are resolved against.
+pub fn base_dir(config_path: &Path) -> PathBuf {
+    let parent = config_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf())
+}
+
+fn sort_dedup(diags: &mut Vec<Diagnostic>) {
+    let pos = |d: &Diagnostic| match &d.origin {
+        Origin::File { line, column, .. } => (0, line.unwrap_or(0), column.unwrap_or(0)),
+        _ => (1, 0, 0),
+    };
+    diags.sort_by(|a, b| pos(a).cmp(&pos(b)).then_with(|| a.key.cmp(&b.key)));
+    diags.dedup();
+}
+
+/// Traces a key path back to the layer that supplied it.
+struct Locator<'a> {
+    path: &'a Path,
+    text: &'a str,
+    doc: &'a toml_edit::Document<String>,
+    overrides: &'a Overrides,
+}
+
+impl Locator<'_> {
+    fn diag(&self, key: &[String], prefer_key: bool, message: String) -> Diagnostic {
+        // The highest layer that set this key, a table above it, or a key
+        // below it (an error about a table may be caused by a key an
+        // override added to it) is the one to blame.
+        let related = |o: &&Override| o.path.starts_with(key) || key.starts_with(&o.path);
+        let origin = match self.overrides.layers.iter().rev().find(related) {
+            Some(o) => o.origin.clone(),
+            None => {
+                let pos = span_of(self.doc, key, prefer_key).map(|s| line_col(self.text, s.start));
+                let (line, column) = pos.unzip();
+                Origin::File {
+                    file: self.path.to_path_buf(),
+                    line,
+                    column,
+                }
+            }
+        };
+        Diagnostic {
+            origin,
+            key: display_key(key),
+            message,
+        }
+    }
+
+    fn figment(&self, err: figment::Error) -> Vec<Diagnostic> {
+        err.into_iter()
+            .map(|e| {
+                let msg = e.kind.to_string();
+                self.diag(&e.path, false, msg)
+            })
+            .collect()
+    }
+}
+
+/// A figment layer: one file, variable or argument, named for error messages.
+struct Layer {
+    name: String,
+    dict: Dict,
+}
+
+impl Provider for Layer {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(self.name.clone())
+    }
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Profile::Default.collect(self.dict.clone()))
+    }
+}
+
+fn nest(path: &[String], value: FValue) -> Dict {
+    let (last, parents) = path.split_last().expect("override paths are non-empty");
+    let mut dict = Dict::new();
+    dict.insert(last.clone(), value);
+    for key in parents.iter().rev() {
+        let mut outer = Dict::new();
+        outer.insert(key.clone(), FValue::from(dict));
+        dict = outer;
+    }
+    dict
+}
+
+fn to_dict(table: &toml::Table) -> Dict {
+    table
+        .iter()
+        .map(|(k, v)| (k.clone(), to_figment(v)))
+        .collect()
+}
+
+fn to_figment(v: &toml::Value) -> FValue {
+    match v {
+        toml::Value::String(s) => FValue::from(s.clone()),
+        toml::Value::Integer(i) => FValue::from(*i),
+        toml::Value::Float(f) => FValue::from(*f),
+        toml::Value::Boolean(b) => FValue::from(*b),
+        toml::Value::Datetime(d) => FValue::from(d.to_string()),
+        toml::Value::Array(a) => FValue::from(a.iter().map(to_figment).collect::<Vec<_>>()),
+        toml::Value::Table(t) => FValue::from(to_dict(t)),
+    }
+}
+
+/// Turns one schema error into (key path, point at the key?, message),
+/// worded for people rather than for schema authors.
+fn schema_diagnostics(
+    schema: &serde_json::Value,
+    e: &jsonschema::ValidationError,
+) -> Vec<(Vec<String>, bool, String)> {
+    use jsonschema::error::ValidationErrorKind as K;
+    let path = pointer_segments(e.instance_path().as_str());
+    let node = schema::node_at(schema, &path);
+    let title = node
+        .and_then(|n| n.get("title"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("");
+    let found = describe(e.instance());
+    let one = |msg: String| vec![(path.clone(), false, msg)];
+    match e.kind() {
+        K::AdditionalProperties { unexpected } => unexpected
+            .iter()
+            .map(|key| {
+                let mut p = path.clone();
+                p.push(key.clone());
+                (p, true, unknown_key_message(key, &schema::keys_at(&path)))
+            })
+            .collect(),
+        K::PropertyNames { error } => {
+            let name = error.instance().as_str().unwrap_or_default().to_string();
+            let mut p = path.clone();
+            p.push(name.clone());
+            let msg = if is_valid_name(&name) {
+                format!("invalid name {name:?}")
+            } else {
+                format!(
+                    "invalid name {name:?}: use 1 to 63 lowercase letters, digits, '-' or '_', starting with a letter or digit"
+                )
+            };
+            vec![(p, true, msg)]
+        }
+        K::Required { property } => one(format!(
+            "missing required key {}",
+            property
+                .as_str()
+                .map_or(property.to_string(), |s| format!("{s:?}"))
+        )),
+        K::Enum { options } => {
+            let opts: Vec<String> = options
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|o| o.to_string())
+                .collect();
+            one(format!(
+                "expected one of {}, found {found}",
+                opts.join(", ")
+            ))
+        }
+        K::Type { .. } => {
+            let expected = node
+                .map(expected_type)
+                .unwrap_or_else(|| "another type".into());
+            one(format!("expected {expected}, found {found}"))
+        }
+        K::Pattern { .. } if title == "Duration" => one(format!(
+            "expected a duration such as \"250ms\", \"2s\" or \"2m\", found {found}"
+        )),
+        K::Pattern { pattern } if path.last().map(String::as_str) == Some("name") => {
+            let _ = pattern;
+            one(format!(
+                "invalid name {found}: use 1 to 63 lowercase letters, digits, '-' or '_', starting with a letter or digit"
+            ))
+        }
+        K::AnyOf { .. } if title == "ByteSize" => one(format!(
+            "expected a size such as 1048576 or \"10MiB\", found {found}"
+        )),
+        K::MinItems { limit: 1 } => one("must not be empty".into()),
+        K::Minimum { limit } => one(format!("must be at least {limit}, found {found}")),
+        K::Maximum { limit } => one(format!("must be at most {limit}, found {found}")),
+        _ => one(e.to_string()),
+    }
+}
+
+fn unknown_key_message(key: &str, allowed: &[String]) -> String {
+    let mut msg = format!("unknown key {key:?}");
+    if let Some(near) = allowed
+        .iter()
+        .min_by_key(|a| edit_distance(key, a))
+        .filter(|a| edit_distance(key, a) <= 2.max(key.len() / 3))
+    {
+        msg.push_str(&format!("; did you mean {near:?}?"));
+    } else if !allowed.is_empty() {
+        msg.push_str(&format!("; expected one of: {}", allowed.join(", ")));
+    }
+    msg
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+fn expected_type(node: &serde_json::Value) -> String {
+    let word = |t: &str| match t {
+        "string" => "a string",
+        "integer" => "an integer",
+        "number" => "a number",
+        "boolean" => "true or false",
+        "array" => "an array",
+        "object" => "a table",
+        _ => "another type",
+    };
+    match node.get("type") {
+        Some(serde_json::Value::String(t)) => word(t).to_string(),
+        Some(serde_json::Value::Array(ts)) => ts
+            .iter()
+            .filter_map(|t| t.as_str())
+            .map(word)
+            .collect::<Vec<_>>()
+            .join(" or "),
+        _ => "another type".into(),
+    }
+}
+
+fn describe(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Object(_) => "a table".into(),
+        serde_json::Value::Array(_) => "an array".into(),
+        serde_json::Value::String(s) if s.chars().count() > 60 => {
+            format!("{:?}…", s.chars().take(60).collect::<String>())
+        }
+        other => other.to_string(),
+    }
+}
+
+fn pointer_segments(pointer: &str) -> Vec<String> {
+    pointer
+        .split('/')
+        .skip(1)
+        .map(|s| s.replace("~1", "/").replace("~0", "~"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(
+        text: &str,
+        env: &[(&str, &str)],
+        sets: &[&str],
+    ) -> Result<Config, Vec<Diagnostic>> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        let overrides = Overrides::new(env, &sets).map_err(|d| vec![d])?;
+        let path = std::env::temp_dir().join("daemon.toml");
+        load_text(&path, text.to_string(), &overrides).map(|l| l.config)
+    }
+
+    const BASE: &str = "[workers.web]\ncommand = [\"sleep\", \"1\"]\n";
+
+    #[test]
+    fn layering_order_is_file_env_set() {
+        let c = load_str(BASE, &[("DROVER_WORKERS__WEB__CAPACITY", "3")], &[]).unwrap();
+        assert_eq!(c.workers["web"].capacity, 3);
+        let c = load_str(
+            BASE,
+            &[("DROVER_WORKERS__WEB__CAPACITY", "3")],
+            &["workers.web.capacity=4"],
+        )
+        .unwrap();
+        assert_eq!(c.workers["web"].capacity, 4);
+        let c = load_str(BASE, &[("DROVER_DEFAULTS__STOP_GRACE", "5s")], &[]).unwrap();
+        assert_eq!(c.workers["web"].stop_grace.to_string(), "5s");
+    }
+
+    #[test]
+    fn non_key_env_vars_are_ignored() {
+        let c = load_str(
+            BASE,
+            &[
+                ("DROVER_CONFIG", "x"),
+                ("DROVER_WORKER", "w"),
+                ("OTHER__X", "1"),
+            ],
+            &[],
+        );
+        assert!(c.is_ok(), "{c:?}");
+    }
+
+    #[test]
+    fn set_values_are_toml_else_strings() {
+        let c = load_str(
+            BASE,
+            &[],
+            &[
+                "workers.web.command=[\"echo\", \"hi\"]",
+                "workers.web.env.MODE=fast",
+                "supervisor.reload=false",
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.workers["web"].command, ["echo", "hi"]);
+        assert_eq!(c.workers["web"].env["MODE"], "fast");
+        assert!(!c.supervisor.reload);
+    }
+
+    #[test]
+    fn errors_name_their_layer() {
+        let errs = load_str(BASE, &[("DROVER_WORKERS__WEB__CAPACITY", "lots")], &[]).unwrap_err();
+        assert_eq!(
+            errs[0].to_string(),
+            "environment variable DROVER_WORKERS__WEB__CAPACITY: workers.web.capacity: expected an integer, found \"lots\""
+        );
+        let errs = load_str(BASE, &[], &["defaults.stop_grace=soon"]).unwrap_err();
+        assert!(
+            errs[0].to_string().starts_with(
+                "--set defaults.stop_grace=soon: defaults.stop_grace: expected a duration"
+            ),
+            "{}",
+            errs[0]
+        );
+        let errs = load_str(BASE, &[], &["workers.api.capacity=2"]).unwrap_err();
+        assert!(
+            errs[0].to_string().contains(
+                "--set workers.api.capacity=2: workers.api: missing required key \"command\""
+            ),
+            "{}",
+            errs[0]
+        );
+        let err = Overrides::new(Vec::new(), &["novalue".into()]).unwrap_err();
+        assert!(err.to_string().contains("expected KEY=VALUE"));
+    }
+
+    #[test]
+    fn file_errors_have_line_and_column() {
+        let text = "[workers.web]\ncommand = [\"true\"]\ncapacity = \"two\"\nstop_grase = \"1s\"\n";
+        let errs = load_str(text, &[], &[]).unwrap_err();
+        let shown: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        let file = std::env::temp_dir().join("daemon.toml");
+        let f = file.display();
+        assert_eq!(
+            shown,
+            [
+                format!("{f}:3:12: workers.web.capacity: expected an integer, found \"two\""),
+                format!(
+                    "{f}:4:1: workers.web.stop_grase: unknown key \"stop_grase\"; did you mean \"stop_grace\"?"
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn syntax_error_position() {
+        let errs = load_str("[workers.web]\ncommand = [\"true\"\n", &[], &[]).unwrap_err();
+        assert_eq!(errs.len(), 1);
+        assert!(
+            matches!(errs[0].origin, Origin::File { line: Some(2), .. }),
+            "{:?}",
+            errs[0]
+        );
+        assert!(errs[0].message.starts_with("invalid TOML"));
+    }
+}

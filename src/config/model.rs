@@ -1,0 +1,172 @@
+//! The validated, immutable config the runtime uses: every default filled
+//! in, every path absolute, every rule checked. Serializing it gives
+//! `drover config --json`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+pub use super::raw::{OnOverlap, RestartPolicy, SpawnMode};
+use super::types::{ByteSize, HumanDuration, Signal};
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Config {
+    pub supervisor: Supervisor,
+    pub defaults: Settings,
+    pub workers: BTreeMap<String, Worker>,
+    pub jobs: BTreeMap<String, Job>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Supervisor {
+    pub state_dir: PathBuf,
+    pub reload: bool,
+    pub debounce: HumanDuration,
+    pub log_max_size: ByteSize,
+    pub log_keep: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Backoff {
+    pub initial: HumanDuration,
+    pub max: HumanDuration,
+    pub multiplier: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CrashLoop {
+    pub min_uptime: HumanDuration,
+    pub max_failures: u32,
+}
+
+/// The inheritable settings, fully resolved.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Settings {
+    pub restart: RestartPolicy,
+    pub backoff: Backoff,
+    pub crash_loop: CrashLoop,
+    pub permanent_exit_codes: Vec<i32>,
+    pub stop_signal: Signal,
+    pub stop_grace: HumanDuration,
+    pub env: BTreeMap<String, String>,
+}
+
+impl Default for Settings {
+    /// The built-in defaults, those of the system drover generalizes.
+    fn default() -> Self {
+        Settings {
+            restart: RestartPolicy::Always,
+            backoff: Backoff {
+                initial: HumanDuration::from_secs(2),
+                max: HumanDuration::from_secs(120),
+                multiplier: 2.0,
+            },
+            crash_loop: CrashLoop {
+                min_uptime: HumanDuration::from_secs(10),
+                max_failures: 5,
+            },
+            permanent_exit_codes: vec![78],
+            stop_signal: Signal::SIGTERM,
+            stop_grace: HumanDuration::from_secs(30),
+            env: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Worker {
+    pub command: Vec<String>,
+    pub dir: PathBuf,
+    pub capacity: u32,
+    pub spawn_mode: SpawnMode,
+    pub restart: RestartPolicy,
+    pub backoff: Backoff,
+    pub crash_loop: CrashLoop,
+    pub permanent_exit_codes: Vec<i32>,
+    pub stop_signal: Signal,
+    pub stop_grace: HumanDuration,
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Job {
+    pub steps: Vec<Step>,
+    /// True when the job was written with `steps` (a flow), false for a
+    /// single `command`, which is held here as one step named "main".
+    pub flow: bool,
+    pub trigger: Trigger,
+    pub capacity: u32,
+    pub on_overlap: OnOverlap,
+    pub timeout: Option<HumanDuration>,
+    pub retain: u32,
+    pub dir: PathBuf,
+    pub env: BTreeMap<String, String>,
+    pub stop_signal: Signal,
+    pub stop_grace: HumanDuration,
+}
+
+/// `config --json` shows a job as the file has it: `command` or `steps`,
+/// `schedule` or `every`.
+impl Serialize for Job {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct View<'a> {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            command: Option<&'a [String]>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            steps: Option<&'a [Step]>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            schedule: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            every: Option<HumanDuration>,
+            capacity: u32,
+            on_overlap: OnOverlap,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            timeout: Option<HumanDuration>,
+            retain: u32,
+            dir: &'a std::path::Path,
+            stop_signal: Signal,
+            stop_grace: HumanDuration,
+            env: &'a BTreeMap<String, String>,
+        }
+        View {
+            command: (!self.flow).then(|| self.steps[0].command.as_slice()),
+            steps: self.flow.then_some(self.steps.as_slice()),
+            schedule: match &self.trigger {
+                Trigger::Schedule(c) => Some(c),
+                _ => None,
+            },
+            every: match self.trigger {
+                Trigger::Every(d) => Some(d),
+                _ => None,
+            },
+            capacity: self.capacity,
+            on_overlap: self.on_overlap,
+            timeout: self.timeout,
+            retain: self.retain,
+            dir: &self.dir,
+            stop_signal: self.stop_signal,
+            stop_grace: self.stop_grace,
+            env: &self.env,
+        }
+        .serialize(s)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Step {
+    pub name: String,
+    pub command: Vec<String>,
+    pub approve: bool,
+}
+
+/// What starts a job's runs besides `drover trigger`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Trigger {
+    /// A five-field cron expression, checked when the config was loaded.
+    Schedule(String),
+    Every(HumanDuration),
+    /// Only `drover trigger`.
+    Manual,
+}

@@ -1,0 +1,237 @@
+//! The config file as the user writes it: serde reads these types, and
+//! schemars turns the same types into `schema/daemon.schema.json`. Doc
+//! comments here are the schema's descriptions, written for users.
+//!
+//! Everything a worker may inherit is optional here; `resolve` fills the gaps
+//! from `[defaults]`, then from the built-in defaults.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::types::{ByteSize, HumanDuration, NAME_PATTERN, Signal};
+
+/// A drover config file (`daemon.toml`): the workers and jobs to supervise.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "drover daemon.toml")]
+pub struct RawConfig {
+    /// Settings of drover itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervisor: Option<RawSupervisor>,
+    /// Settings every worker inherits unless it sets them itself (tables
+    /// such as `backoff` and `env` are merged key by key). Jobs inherit
+    /// `env`, `stop_signal` and `stop_grace`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub defaults: Option<RawSettings>,
+    /// Long-running processes, by name. Each is kept running `capacity` times.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("propertyNames" = { "pattern": NAME_PATTERN }))]
+    pub workers: BTreeMap<String, RawWorker>,
+    /// One-shot commands or multi-step flows, run on a schedule or on `drover trigger`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("propertyNames" = { "pattern": NAME_PATTERN }))]
+    pub jobs: BTreeMap<String, RawJob>,
+}
+
+/// Settings of drover itself.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawSupervisor {
+    /// Where drover keeps its lock, socket, state file, logs and run ledger.
+    /// Relative to the config file's directory.
+    #[schemars(extend("default" = ".drover"))]
+    pub state_dir: Option<PathBuf>,
+    /// Watch the config file and apply changes while running.
+    #[schemars(extend("default" = true))]
+    pub reload: Option<bool>,
+    /// Quiet time after a change to the config file before it is applied.
+    #[schemars(extend("default" = "50ms"))]
+    pub debounce: Option<HumanDuration>,
+    /// Size at which a log file is rotated.
+    #[schemars(extend("default" = "10MiB"))]
+    pub log_max_size: Option<ByteSize>,
+    /// Rotated log files kept per log, besides the current one.
+    #[schemars(extend("default" = 5), range(max = 100))]
+    pub log_keep: Option<u32>,
+}
+
+/// How a worker is restarted after its process exits: "always" after every
+/// exit; "on-failure" after a non-zero exit or a death by signal (an exit 0
+/// stops it); "never" (the instance is stopped after it exits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    // Restart after every exit.
+    Always,
+    // Restart after a non-zero exit or a death by signal; an exit 0 stops it.
+    OnFailure,
+    // Never restart: the instance is stopped after it exits.
+    Never,
+}
+
+/// Where each instance of a worker runs: "same-dir", in `dir`; "worktree",
+/// in its own `git worktree` of `dir`, made under state_dir before it starts
+/// and removed once it is gone for good.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum SpawnMode {
+    // Every instance runs in `dir`.
+    SameDir,
+    // Every instance runs in its own `git worktree` of `dir`, made under
+    // state_dir before it starts and removed once it is gone for good.
+    Worktree,
+}
+
+/// What a tick or trigger does when the job already runs `capacity` runs:
+/// "skip" records the skip and starts nothing; "queue" keeps the new run
+/// queued until a slot frees; "replace" cancels the oldest active run, then
+/// starts the new one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnOverlap {
+    // Record the skip and start nothing.
+    Skip,
+    // Keep the new run queued until a slot frees.
+    Queue,
+    // Cancel the oldest active run, then start the new one.
+    Replace,
+}
+
+/// Exponential backoff between restarts.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackoff {
+    /// Delay before the first restart.
+    #[schemars(extend("default" = "2s"))]
+    pub initial: Option<HumanDuration>,
+    /// Longest delay between restarts.
+    #[schemars(extend("default" = "2m"))]
+    pub max: Option<HumanDuration>,
+    /// Factor applied to the delay after each failure (at least 1).
+    #[schemars(extend("default" = 2.0), range(min = 1.0))]
+    pub multiplier: Option<f64>,
+}
+
+/// When a worker that keeps failing is parked (no more restarts).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawCrashLoop {
+    /// An exit this soon after the start counts as a rapid failure; staying
+    /// up this long resets the failure count and the backoff.
+    #[schemars(extend("default" = "10s"))]
+    pub min_uptime: Option<HumanDuration>,
+    /// Consecutive rapid failures that park the instance.
+    #[schemars(extend("default" = 5), range(min = 1))]
+    pub max_failures: Option<u32>,
+}
+
+/// The settings `[defaults]` gives every worker.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawSettings {
+    /// Restart policy.
+    #[schemars(extend("default" = "always"))]
+    pub restart: Option<RestartPolicy>,
+    /// Delay between restarts.
+    pub backoff: Option<RawBackoff>,
+    /// Parking of crash-looping instances.
+    pub crash_loop: Option<RawCrashLoop>,
+    /// Exit codes that mean "do not retry": the instance is parked at once.
+    #[schemars(extend("default" = [78]))]
+    pub permanent_exit_codes: Option<Vec<i32>>,
+    /// Signal sent to the process group to stop it.
+    #[schemars(extend("default" = "SIGTERM"))]
+    pub stop_signal: Option<Signal>,
+    /// Time between the stop signal and SIGKILL to the whole process group.
+    #[schemars(extend("default" = "30s"))]
+    pub stop_grace: Option<HumanDuration>,
+    /// Environment variables, over drover's own environment.
+    pub env: Option<BTreeMap<String, String>>,
+}
+
+/// A long-running process kept running `capacity` times.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawWorker {
+    /// The program and its arguments (argv; no shell is involved).
+    #[schemars(length(min = 1))]
+    pub command: Vec<String>,
+    /// Working directory, relative to the config file's directory.
+    #[schemars(extend("default" = "."))]
+    pub dir: Option<PathBuf>,
+    /// Number of instances kept running.
+    #[schemars(extend("default" = 1), range(min = 1, max = 10000))]
+    pub capacity: Option<u32>,
+    /// Where each instance runs.
+    #[schemars(extend("default" = "same-dir"))]
+    pub spawn_mode: Option<SpawnMode>,
+    /// Restart policy (overrides `defaults.restart`).
+    pub restart: Option<RestartPolicy>,
+    /// Delay between restarts (merged over `defaults.backoff`).
+    pub backoff: Option<RawBackoff>,
+    /// Parking of crash-looping instances (merged over `defaults.crash_loop`).
+    pub crash_loop: Option<RawCrashLoop>,
+    /// Exit codes that park the instance at once (overrides the default list).
+    pub permanent_exit_codes: Option<Vec<i32>>,
+    /// Signal sent to stop it (overrides `defaults.stop_signal`).
+    pub stop_signal: Option<Signal>,
+    /// Grace before SIGKILL (overrides `defaults.stop_grace`).
+    pub stop_grace: Option<HumanDuration>,
+    /// Environment variables (merged over `defaults.env`).
+    pub env: Option<BTreeMap<String, String>>,
+}
+
+/// A job: one command, or a flow of steps, run on a schedule or on trigger.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawJob {
+    /// The program and its arguments, for a single-step job. Exactly one of
+    /// `command` and `steps` is set.
+    pub command: Option<Vec<String>>,
+    /// The steps of a flow, run in order. Exactly one of `command` and
+    /// `steps` is set.
+    pub steps: Option<Vec<RawStep>>,
+    /// A five-field cron expression ("*/15 * * * *"), in local time.
+    pub schedule: Option<String>,
+    /// Run at this fixed interval instead of a cron schedule.
+    pub every: Option<HumanDuration>,
+    /// Concurrent runs of this job.
+    #[schemars(extend("default" = 1), range(min = 1, max = 1000))]
+    pub capacity: Option<u32>,
+    /// What a tick or trigger does when `capacity` runs are active.
+    #[schemars(extend("default" = "skip"))]
+    pub on_overlap: Option<OnOverlap>,
+    /// A run still going after this long is stopped and fails.
+    pub timeout: Option<HumanDuration>,
+    /// Terminal runs of this job kept in the ledger.
+    #[schemars(extend("default" = 50), range(min = 1))]
+    pub retain: Option<u32>,
+    /// Working directory, relative to the config file's directory.
+    #[schemars(extend("default" = "."))]
+    pub dir: Option<PathBuf>,
+    /// Environment variables (merged over `defaults.env`).
+    pub env: Option<BTreeMap<String, String>>,
+    /// Signal sent to stop a run (overrides `defaults.stop_signal`).
+    pub stop_signal: Option<Signal>,
+    /// Grace before SIGKILL (overrides `defaults.stop_grace`).
+    pub stop_grace: Option<HumanDuration>,
+}
+
+/// One step of a flow.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawStep {
+    /// The step's name, unique within the flow.
+    #[schemars(regex(pattern = NAME_PATTERN))]
+    pub name: String,
+    /// The program and its arguments.
+    #[schemars(length(min = 1))]
+    pub command: Vec<String>,
+    /// Hold the flow (`waiting`) before this step until `drover runs resume ID`.
+    #[serde(default)]
+    #[schemars(extend("default" = false))]
+    pub approve: bool,
+}

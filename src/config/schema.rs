@@ -1,0 +1,136 @@
+//! The JSON schema of daemon.toml, generated from the raw config types, and
+//! a validator built from it once.
+
+use std::sync::OnceLock;
+
+use schemars::generate::SchemaSettings;
+use serde_json::Value;
+
+use super::raw::RawConfig;
+
+/// The schema as a JSON value.
+pub fn schema() -> Value {
+    let generator = SchemaSettings::draft2020_12().into_generator();
+    let mut value = generator.into_root_schema_for::<RawConfig>().to_value();
+    strip_null(&mut value);
+    value
+}
+
+/// TOML has no null, so an `Option<T>` key means "may be absent", never
+/// "may be null". schemars writes it as `anyOf: [T, null]`, whose errors
+/// say only "not valid under any of the schemas"; this turns it back into
+/// plain `T` so errors name what is wrong inside it.
+fn strip_null(node: &mut Value) {
+    match node {
+        Value::Object(map) => {
+            let is_null = |v: &Value| v.get("type").and_then(Value::as_str) == Some("null");
+            if let Some(Value::Array(any)) = map.get("anyOf")
+                && any.len() == 2
+                && let Some(keep) = any.iter().find(|v| !is_null(v)).cloned()
+                && any.iter().any(is_null)
+            {
+                map.remove("anyOf");
+                if let Value::Object(inner) = keep {
+                    for (k, v) in inner {
+                        map.entry(k).or_insert(v);
+                    }
+                }
+            }
+            if let Some(Value::Array(types)) = map.get_mut("type") {
+                types.retain(|t| t != "null");
+                if types.len() == 1 {
+                    let only = types[0].clone();
+                    map.insert("type".into(), only);
+                }
+            }
+            map.values_mut().for_each(strip_null);
+        }
+        Value::Array(items) => items.iter_mut().for_each(strip_null),
+        _ => {}
+    }
+}
+
+/// The schema as the pretty JSON text committed in schema/daemon.schema.json.
+pub fn schema_text() -> String {
+    let mut text = serde_json::to_string_pretty(&schema()).expect("schema serializes");
+    text.push('\n');
+    text
+}
+
+/// The schema (as a value, for looking up keys) and its compiled validator.
+pub fn validator() -> &'static (Value, jsonschema::Validator) {
+    static V: OnceLock<(Value, jsonschema::Validator)> = OnceLock::new();
+    V.get_or_init(|| {
+        let s = schema();
+        let v = jsonschema::options()
+            .should_validate_formats(false)
+            .build(&s)
+            .expect("the generated schema compiles");
+        (s, v)
+    })
+}
+
+/// The schema node that describes the value at `path` in a document,
+/// following `$ref`s, `properties`, `additionalProperties` and `items`.
+pub fn node_at<'a>(root: &'a Value, path: &[String]) -> Option<&'a Value> {
+    let mut node = deref(root, root);
+    for seg in path {
+        node = if let Some(p) = node.get("properties").and_then(|p| p.get(seg)) {
+            p
+        } else if let Some(ap) = node.get("additionalProperties").filter(|v| v.is_object()) {
+            ap
+        } else {
+            node.get("items")?
+        };
+        node = deref(root, node);
+    }
+    Some(node)
+}
+
+fn deref<'a>(root: &'a Value, mut node: &'a Value) -> &'a Value {
+    for _ in 0..8 {
+        match node.get("$ref").and_then(Value::as_str) {
+            Some(r) => match r.strip_prefix('#').and_then(|p| root.pointer(p)) {
+                Some(target) => node = target,
+                None => break,
+            },
+            None => break,
+        }
+    }
+    node
+}
+
+/// The keys a table at `path` accepts, for "did you mean" hints.
+pub fn keys_at(path: &[String]) -> Vec<String> {
+    let (root, _) = validator();
+    node_at(root, path)
+        .and_then(|n| n.get("properties"))
+        .and_then(Value::as_object)
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_is_strict_and_describes_keys() {
+        let s = schema();
+        assert_eq!(s["additionalProperties"], Value::Bool(false));
+        let path = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let grace = node_at(&s, &path(&["defaults", "stop_grace"])).unwrap();
+        assert_eq!(grace["type"], "string");
+        let worker = node_at(&s, &path(&["workers", "web"])).unwrap();
+        assert_eq!(worker["additionalProperties"], Value::Bool(false));
+        assert!(
+            worker["required"]
+                .as_array()
+                .unwrap()
+                .contains(&"command".into())
+        );
+        assert!(keys_at(&path(&["workers", "web", "backoff"])).contains(&"multiplier".to_string()));
+        let step = node_at(&s, &path(&["jobs", "x", "steps", "0"])).unwrap();
+        assert!(step["properties"].get("approve").is_some());
+    }
+}

@@ -1,0 +1,8 @@
+//! drover: a declarative, config-driven multi-worker supervisor.
+//!
+//! The binary is a thin layer over this library; integration tests drive
+//! the binary, unit tests drive the library.
+
+pub mod cli;
+pub mod commands;
+pub mod config;

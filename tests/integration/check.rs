@@ -1,0 +1,1 @@
+//! `drover check`: the CI gate.

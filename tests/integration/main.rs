@@ -1,0 +1,7 @@
+//! Integration tests: they run the built `drover` binary on real files and
+//! real processes, each in its own temporary directory.
+
+mod harness;
+
+mod check;
+mod schema;
