@@ -7,11 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::config::load::CONFIG_ENV;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "drover",
-    version,
-    about = "A declarative, config-driven multi-worker supervisor"
-)]
+#[command(name = "drover", version, about = "A declarative, config-driven multi-worker supervisor")]
 pub struct Cli {
     /// The config file.
     #[arg(short = 'c', long = "config", global = true, env = CONFIG_ENV, default_value = "daemon.toml", value_name = "FILE")]
@@ -44,6 +40,39 @@ pub enum OutputFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the supervisor (in the foreground unless --detach).
+    Start {
+        /// Run in the background; return once the supervisor is ready
+        /// (exit 0) or has failed to start (exit 1, with the reason).
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Stop the supervisor gracefully; returns once it has exited.
+    Stop,
+    /// Show the supervisor, its workers and their instances.
+    Status {
+        /// Print the JSON report instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only this worker.
+        name: Option<String>,
+    },
+    /// Re-read the config file now and apply what changed.
+    Reload,
+    /// Restart every instance of a worker, one at a time.
+    Restart { name: String },
+    /// Give a parked worker's instances another start.
+    Unpark { name: String },
+    /// Print a worker's output.
+    Logs {
+        name: String,
+        /// Keep printing new output as it comes.
+        #[arg(short, long)]
+        follow: bool,
+        /// Lines of past output to print first.
+        #[arg(short = 'n', long = "lines", default_value_t = 50)]
+        lines: usize,
+    },
     /// Validate config files; exit 0 when all are valid, 1 otherwise.
     Check {
         /// Files to check (default: the -c file).

@@ -6,3 +6,5 @@
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod os;
+pub mod supervisor;

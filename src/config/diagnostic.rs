@@ -14,11 +14,7 @@ use toml_edit::{Document, Item, Value};
 pub enum Origin {
     /// The config file; line and column are 1-based, absent when the error
     /// concerns the file as a whole.
-    File {
-        file: PathBuf,
-        line: Option<usize>,
-        column: Option<usize>,
-    },
+    File { file: PathBuf, line: Option<usize>, column: Option<usize> },
     /// A `DROVER_…__…` environment variable.
     Env { variable: String },
     /// A `--set KEY=VALUE` argument.
@@ -39,11 +35,7 @@ impl Diagnostic {
     /// An error about a whole file (missing, unreadable, …).
     pub fn file(path: &Path, message: impl Into<String>) -> Self {
         Diagnostic {
-            origin: Origin::File {
-                file: path.to_path_buf(),
-                line: None,
-                column: None,
-            },
+            origin: Origin::File { file: path.to_path_buf(), line: None, column: None },
             key: String::new(),
             message: message.into(),
         }
@@ -53,11 +45,7 @@ impl Diagnostic {
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.origin {
-            Origin::File {
-                file,
-                line: Some(l),
-                column: Some(c),
-            } => write!(f, "{}:{l}:{c}", file.display())?,
+            Origin::File { file, line: Some(l), column: Some(c) } => write!(f, "{}:{l}:{c}", file.display())?,
             Origin::File { file, .. } => write!(f, "{}", file.display())?,
             Origin::Env { variable } => write!(f, "environment variable {variable}")?,
             Origin::Set { argument } => write!(f, "--set {argument}")?,
@@ -82,10 +70,8 @@ pub fn display_key(path: &[String]) -> String {
         if i > 0 {
             out.push('.');
         }
-        let bare = !seg.is_empty()
-            && seg
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        let bare =
+            !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
         if bare {
             out.push_str(seg);
         } else {
@@ -98,10 +84,29 @@ pub fn display_key(path: &[String]) -> String {
 /// Array positions in our config are only under `steps`, `command`,
 /// `permanent_exit_codes`; a numeric segment after them is an index.
 fn is_index(parent: &[String], seg: &str) -> bool {
-    matches!(
-        parent[0].as_str(),
-        "steps" | "command" | "permanent_exit_codes"
-    ) && seg.parse::<usize>().is_ok()
+    matches!(parent[0].as_str(), "steps" | "command" | "permanent_exit_codes") && seg.parse::<usize>().is_ok()
+}
+
+/// Maps byte offsets to (line, column) with one scan of the text, so a
+/// file with thousands of errors costs no more than one with one.
+pub struct Lines<'a> {
+    text: &'a str,
+    starts: Vec<usize>,
+}
+
+impl<'a> Lines<'a> {
+    pub fn new(text: &'a str) -> Self {
+        let starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
+        Lines { text, starts }
+    }
+
+    /// 1-based (line, column in characters) of a byte offset.
+    pub fn line_col(&self, offset: usize) -> (usize, usize) {
+        let offset = floor_char_boundary(self.text, offset.min(self.text.len()));
+        let line = self.starts.partition_point(|&s| s <= offset);
+        let start = self.starts[line - 1];
+        (line, self.text[start..offset].chars().count() + 1)
+    }
 }
 
 /// 1-based (line, column in characters) of a byte offset.
@@ -166,6 +171,18 @@ impl<'a> Node<'a> {
     }
 }
 
+/// Whether the document itself has a value at `path`.
+pub fn has_path(doc: &Document<String>, path: &[String]) -> bool {
+    let mut node = Node::Item(doc.as_item());
+    for seg in path {
+        match node.child(seg) {
+            Some((child, _)) => node = child,
+            None => return false,
+        }
+    }
+    true
+}
+
 /// Finds the span in a parsed document for a key path: the key itself
 /// when `prefer_key` (an unknown key), else the value; falls back to the
 /// nearest enclosing key or table that has a span.
@@ -179,9 +196,27 @@ pub fn span_of(doc: &Document<String>, path: &[String], prefer_key: bool) -> Opt
         best = key_span.or(best);
         node = child;
     }
-    if prefer_key {
-        best.or_else(|| node.span())
-    } else {
-        node.span().or(best)
+    if prefer_key { best.or_else(|| node.span()) } else { node.span().or(best) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_agree_with_line_col() {
+        let text = "a = 1\nbé = 2\n\nc = 3";
+        let lines = Lines::new(text);
+        for off in 0..=text.len() {
+            assert_eq!(lines.line_col(off), line_col(text, off), "offset {off}");
+        }
+        assert_eq!(lines.line_col(text.find('c').unwrap()), (4, 1));
+    }
+
+    #[test]
+    fn keys_display_with_indices() {
+        let p = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(display_key(&p(&["jobs", "x", "steps", "1", "name"])), "jobs.x.steps[1].name");
+        assert_eq!(display_key(&p(&["workers", "a.b"])), "workers.\"a.b\"");
     }
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use figment::value::{Dict, Map, Value as FValue};
 use figment::{Figment, Metadata, Profile, Provider};
 
-use super::diagnostic::{Diagnostic, Origin, display_key, line_col, span_of};
+use super::diagnostic::{Diagnostic, Lines, Origin, display_key, has_path, line_col, span_of};
 use super::model::Config;
 use super::raw::RawConfig;
 use super::resolve::resolve;
@@ -39,6 +39,9 @@ pub struct Override {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Overrides {
     layers: Vec<Override>,
+    /// Malformed `DROVER_…__…` variables: reported when a config is
+    /// loaded, so they never stop commands that read no config.
+    env_errors: Vec<Diagnostic>,
 }
 
 impl Overrides {
@@ -48,26 +51,34 @@ impl Overrides {
     where
         I: IntoIterator<Item = (String, String)>,
     {
-        let mut env: Vec<_> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
-            .collect();
+        let mut env: Vec<_> =
+            env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__")).collect();
         env.sort();
         let mut layers = Vec::new();
+        let mut env_errors = Vec::new();
         for (name, value) in env {
-            let origin = Origin::Env {
-                variable: name.clone(),
-            };
+            let origin = Origin::Env { variable: name.clone() };
+            // Config keys are lowercase, but the names of the variables
+            // under an `env` table keep their case.
+            let mut in_env = false;
             let path: Vec<String> = name[ENV_PREFIX.len()..]
                 .split("__")
-                .map(|s| s.to_ascii_lowercase())
+                .map(|s| {
+                    if in_env {
+                        return s.to_string();
+                    }
+                    let lower = s.to_ascii_lowercase();
+                    in_env = lower == "env";
+                    lower
+                })
                 .collect();
-            layers.push(Override::new(origin, path, &value)?);
+            match Override::new(origin, path, &value) {
+                Ok(o) => layers.push(o),
+                Err(d) => env_errors.push(d),
+            }
         }
         for arg in sets {
-            let origin = Origin::Set {
-                argument: arg.clone(),
-            };
+            let origin = Origin::Set { argument: arg.clone() };
             let Some((key, value)) = arg.split_once('=') else {
                 return Err(Diagnostic {
                     origin,
@@ -75,21 +86,16 @@ impl Overrides {
                     message: "expected KEY=VALUE, e.g. workers.web.capacity=4".into(),
                 });
             };
-            let path = key
-                .trim()
-                .split('.')
-                .map(|s| s.trim().to_string())
-                .collect();
+            let path = key.trim().split('.').map(|s| s.trim().to_string()).collect();
             layers.push(Override::new(origin, path, value)?);
         }
-        Ok(Overrides { layers })
+        Ok(Overrides { layers, env_errors })
     }
 
     /// Overrides from this process's environment and the given `--set`s.
     pub fn from_process(sets: &[String]) -> Result<Self, Diagnostic> {
         Self::new(
-            std::env::vars_os()
-                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+            std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
             sets,
         )
     }
@@ -105,16 +111,21 @@ impl Override {
             return Err(Diagnostic {
                 origin,
                 key: String::new(),
-                message:
-                    "the key has an empty part; write a dotted path such as workers.web.capacity"
-                        .into(),
+                message: "the key has an empty part; write a dotted path such as workers.web.capacity".into(),
             });
         }
-        Ok(Override {
-            origin,
-            path,
-            value: parse_value(raw),
-        })
+        let mut value = parse_value(raw);
+        // `…__ENV__PORT=9000` means the string "9000": where the schema
+        // wants a string, a bare scalar is taken as written.
+        let wants_string = schema::node_at(&schema::validator().0, &path)
+            .and_then(|n| n.get("type"))
+            .is_some_and(|t| t == "string");
+        if wants_string
+            && !matches!(value, toml::Value::String(_) | toml::Value::Array(_) | toml::Value::Table(_))
+        {
+            value = toml::Value::String(raw.to_string());
+        }
+        Ok(Override { origin, path, value })
     }
 }
 
@@ -123,9 +134,7 @@ impl Override {
 fn parse_value(raw: &str) -> toml::Value {
     let doc = format!("v = {raw}");
     match toml::from_str::<toml::Table>(&doc) {
-        Ok(mut t) => t
-            .remove("v")
-            .unwrap_or_else(|| toml::Value::String(raw.into())),
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.to_string()),
     }
 }
@@ -150,9 +159,7 @@ pub fn read_text(path: &Path) -> Result<String, Diagnostic> {
             _ => format!("cannot open: {e}"),
         })
     })?;
-    let meta = file
-        .metadata()
-        .map_err(|e| fail(format!("cannot read: {e}")))?;
+    let meta = file.metadata().map_err(|e| fail(format!("cannot read: {e}")))?;
     if meta.is_dir() {
         return Err(fail("is a directory, not a config file".into()));
     }
@@ -175,16 +182,9 @@ pub fn read_text(path: &Path) -> Result<String, Diagnostic> {
         let prefix = String::from_utf8_lossy(&bytes[..at]);
         let (line, column) = line_col(&prefix, prefix.len());
         Diagnostic {
-            origin: Origin::File {
-                file: path.to_path_buf(),
-                line: Some(line),
-                column: Some(column),
-            },
+            origin: Origin::File { file: path.to_path_buf(), line: Some(line), column: Some(column) },
             key: String::new(),
-            message: format!(
-                "not valid UTF-8 (byte 0x{:02x}); a config must be UTF-8 text",
-                bytes[at]
-            ),
+            message: format!("not valid UTF-8 (byte 0x{:02x}); a config must be UTF-8 text", bytes[at]),
         }
     })
 }
@@ -196,36 +196,38 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Loaded, Vec<Diagnostic
 }
 
 /// Like [`load`], for text already read from `path`.
-pub fn load_text(
-    path: &Path,
-    text: String,
-    overrides: &Overrides,
-) -> Result<Loaded, Vec<Diagnostic>> {
+pub fn load_text(path: &Path, text: String, overrides: &Overrides) -> Result<Loaded, Vec<Diagnostic>> {
+    if !overrides.env_errors.is_empty() {
+        return Err(overrides.env_errors.clone());
+    }
     let doc = toml_edit::Document::parse(text.clone()).map_err(|e| {
         let (line, column) = e.span().map(|s| line_col(&text, s.start)).unzip();
         vec![Diagnostic {
-            origin: Origin::File {
-                file: path.to_path_buf(),
-                line,
-                column,
-            },
+            origin: Origin::File { file: path.to_path_buf(), line, column },
             key: String::new(),
             message: format!("invalid TOML: {}", e.message().trim()),
         }]
     })?;
-    let locate = Locator {
-        path,
-        text: &text,
-        doc: &doc,
-        overrides,
-    };
+    let locate = Locator { path, lines: Lines::new(&text), doc: &doc, overrides };
     let table: toml::Table = toml::from_str(&text)
         .map_err(|e| vec![locate.diag(&[], false, format!("invalid TOML: {}", e.message()))])?;
 
-    let mut figment = Figment::new().merge(Layer {
-        name: format!("file {}", path.display()),
-        dict: to_dict(&table),
-    });
+    // No config key takes a date or time: say so, rather than let one
+    // pass as a string.
+    let mut dates = Vec::new();
+    find_datetimes(&toml::Value::Table(table.clone()), &mut Vec::new(), &mut dates);
+    for o in &overrides.layers {
+        find_datetimes(&o.value, &mut o.path.clone(), &mut dates);
+    }
+    if !dates.is_empty() {
+        return Err(dates
+            .into_iter()
+            .map(|p| locate.diag(&p, false, "expected a string, found a TOML date or time; quote it".into()))
+            .collect());
+    }
+
+    let mut figment =
+        Figment::new().merge(Layer { name: format!("file {}", path.display()), dict: to_dict(&table) });
     for o in &overrides.layers {
         figment = figment.merge(Layer {
             name: match &o.origin {
@@ -244,34 +246,57 @@ pub fn load_text(
         .flat_map(|e| schema_diagnostics(schema_value, &e))
         .map(|(path, prefer_key, msg)| locate.diag(&path, prefer_key, msg))
         .collect();
+    let base_dir = base_dir(path);
     if !diags.is_empty() {
+        // Report the semantic mistakes too, where the file still reads
+        // into the raw types: a user fixes everything in one round.
+        if let Ok(raw) = figment.extract::<RawConfig>()
+            && let Err(problems) = resolve(&raw, &base_dir)
+        {
+            for p in problems {
+                let d = locate.diag(&p.path, false, p.message);
+                if !diags.iter().any(|e| e.key == d.key) {
+                    diags.push(d);
+                }
+            }
+        }
         sort_dedup(&mut diags);
         return Err(diags);
     }
 
     let raw: RawConfig = figment.extract().map_err(|e| locate.figment(e))?;
-    let base_dir = base_dir(path);
     let config = resolve(&raw, &base_dir).map_err(|problems| {
-        let mut diags: Vec<_> = problems
-            .into_iter()
-            .map(|p| locate.diag(&p.path, false, p.message))
-            .collect();
+        let mut diags: Vec<_> =
+            problems.into_iter().map(|p| locate.diag(&p.path, false, p.message)).collect();
         sort_dedup(&mut diags);
         diags
     })?;
-    Ok(Loaded {
-        config,
-        path: path.to_path_buf(),
-        text,
-    })
+    Ok(Loaded { config, path: path.to_path_buf(), text })
+}
+
+/// The state_dir a config names, read leniently: commands that only talk
+/// to a running supervisor must find it even when the file on disk has
+/// since become invalid (that is when `status` matters most).
+pub fn state_dir_of(path: &Path, overrides: &Overrides) -> PathBuf {
+    if let Ok(loaded) = load(path, overrides) {
+        return loaded.config.supervisor.state_dir;
+    }
+    let from_file = read_text(path)
+        .ok()
+        .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
+        .and_then(|t| t.get("supervisor")?.get("state_dir")?.as_str().map(PathBuf::from));
+    let overridden = overrides
+        .layers
+        .iter()
+        .rev()
+        .find(|o| o.path == ["supervisor", "state_dir"])
+        .and_then(|o| o.value.as_str().map(PathBuf::from));
+    base_dir(path).join(overridden.or(from_file).unwrap_or_else(|| ".drover".into()))
 }
 
 /// The directory relative paths in the config are resolved against.
 pub fn base_dir(config_path: &Path) -> PathBuf {
-    let parent = config_path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let parent = config_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf())
 }
 
@@ -287,34 +312,31 @@ fn sort_dedup(diags: &mut Vec<Diagnostic>) {
 /// Traces a key path back to the layer that supplied it.
 struct Locator<'a> {
     path: &'a Path,
-    text: &'a str,
+    lines: Lines<'a>,
     doc: &'a toml_edit::Document<String>,
     overrides: &'a Overrides,
 }
 
 impl Locator<'_> {
     fn diag(&self, key: &[String], prefer_key: bool, message: String) -> Diagnostic {
-        // The highest layer that set this key, a table above it, or a key
-        // below it (an error about a table may be caused by a key an
-        // override added to it) is the one to blame.
-        let related = |o: &&Override| o.path.starts_with(key) || key.starts_with(&o.path);
-        let origin = match self.overrides.layers.iter().rev().find(related) {
-            Some(o) => o.origin.clone(),
-            None => {
-                let pos = span_of(self.doc, key, prefer_key).map(|s| line_col(self.text, s.start));
-                let (line, column) = pos.unzip();
-                Origin::File {
-                    file: self.path.to_path_buf(),
-                    line,
-                    column,
-                }
-            }
-        };
-        Diagnostic {
-            origin,
-            key: display_key(key),
-            message,
-        }
+        // Blame, in order: the highest override that set this key or a
+        // table above it; the file, if it has the key; else an override
+        // that created the key by setting something below it (as
+        // `--set workers.new.capacity=2` creates a worker with no command).
+        let layers = || self.overrides.layers.iter().rev();
+        let origin =
+            layers()
+                .find(|o| key.starts_with(&o.path))
+                .or_else(|| {
+                    if has_path(self.doc, key) { None } else { layers().find(|o| o.path.starts_with(key)) }
+                })
+                .map(|o| o.origin.clone())
+                .unwrap_or_else(|| {
+                    let pos = span_of(self.doc, key, prefer_key).map(|s| self.lines.line_col(s.start));
+                    let (line, column) = pos.unzip();
+                    Origin::File { file: self.path.to_path_buf(), line, column }
+                });
+        Diagnostic { origin, key: display_key(key), message }
     }
 
     fn figment(&self, err: figment::Error) -> Vec<Diagnostic> {
@@ -354,11 +376,29 @@ fn nest(path: &[String], value: FValue) -> Dict {
     dict
 }
 
+fn find_datetimes(v: &toml::Value, path: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+    match v {
+        toml::Value::Datetime(_) => out.push(path.clone()),
+        toml::Value::Array(a) => {
+            for (i, item) in a.iter().enumerate() {
+                path.push(i.to_string());
+                find_datetimes(item, path, out);
+                path.pop();
+            }
+        }
+        toml::Value::Table(t) => {
+            for (k, item) in t {
+                path.push(k.clone());
+                find_datetimes(item, path, out);
+                path.pop();
+            }
+        }
+        _ => {}
+    }
+}
+
 fn to_dict(table: &toml::Table) -> Dict {
-    table
-        .iter()
-        .map(|(k, v)| (k.clone(), to_figment(v)))
-        .collect()
+    table.iter().map(|(k, v)| (k.clone(), to_figment(v))).collect()
 }
 
 fn to_figment(v: &toml::Value) -> FValue {
@@ -382,10 +422,7 @@ fn schema_diagnostics(
     use jsonschema::error::ValidationErrorKind as K;
     let path = pointer_segments(e.instance_path().as_str());
     let node = schema::node_at(schema, &path);
-    let title = node
-        .and_then(|n| n.get("title"))
-        .and_then(|t| t.as_str())
-        .unwrap_or("");
+    let title = node.and_then(|n| n.get("title")).and_then(|t| t.as_str()).unwrap_or("");
     let found = describe(e.instance());
     let one = |msg: String| vec![(path.clone(), false, msg)];
     match e.kind() {
@@ -412,40 +449,28 @@ fn schema_diagnostics(
         }
         K::Required { property } => one(format!(
             "missing required key {}",
-            property
-                .as_str()
-                .map_or(property.to_string(), |s| format!("{s:?}"))
+            property.as_str().map_or(property.to_string(), |s| format!("{s:?}"))
         )),
         K::Enum { options } => {
-            let opts: Vec<String> = options
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|o| o.to_string())
-                .collect();
-            one(format!(
-                "expected one of {}, found {found}",
-                opts.join(", ")
-            ))
+            let opts: Vec<String> = options.as_array().into_iter().flatten().map(|o| o.to_string()).collect();
+            one(format!("expected one of {}, found {found}", opts.join(", ")))
         }
         K::Type { .. } => {
-            let expected = node
-                .map(expected_type)
-                .unwrap_or_else(|| "another type".into());
+            let expected = node.map(expected_type).unwrap_or_else(|| "another type".into());
             one(format!("expected {expected}, found {found}"))
         }
-        K::Pattern { .. } if title == "Duration" => one(format!(
-            "expected a duration such as \"250ms\", \"2s\" or \"2m\", found {found}"
-        )),
+        K::Pattern { .. } if title == "Duration" => {
+            one(format!("expected a duration such as \"250ms\", \"2s\" or \"2m\", found {found}"))
+        }
         K::Pattern { pattern } if path.last().map(String::as_str) == Some("name") => {
             let _ = pattern;
             one(format!(
                 "invalid name {found}: use 1 to 63 lowercase letters, digits, '-' or '_', starting with a letter or digit"
             ))
         }
-        K::AnyOf { .. } if title == "ByteSize" => one(format!(
-            "expected a size such as 1048576 or \"10MiB\", found {found}"
-        )),
+        K::AnyOf { .. } if title == "ByteSize" => {
+            one(format!("expected a size such as 1048576 or \"10MiB\", found {found}"))
+        }
         K::MinItems { limit: 1 } => one("must not be empty".into()),
         K::Minimum { limit } => one(format!("must be at least {limit}, found {found}")),
         K::Maximum { limit } => one(format!("must be at most {limit}, found {found}")),
@@ -473,9 +498,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1; b.len() + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
-                .min(prev[j + 1] + 1)
-                .min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
         }
         prev = cur;
     }
@@ -494,18 +517,17 @@ fn expected_type(node: &serde_json::Value) -> String {
     };
     match node.get("type") {
         Some(serde_json::Value::String(t)) => word(t).to_string(),
-        Some(serde_json::Value::Array(ts)) => ts
-            .iter()
-            .filter_map(|t| t.as_str())
-            .map(word)
-            .collect::<Vec<_>>()
-            .join(" or "),
+        Some(serde_json::Value::Array(ts)) => {
+            ts.iter().filter_map(|t| t.as_str()).map(word).collect::<Vec<_>>().join(" or ")
+        }
         _ => "another type".into(),
     }
 }
 
 fn describe(v: &serde_json::Value) -> String {
     match v {
+        // TOML has no null: only inf and nan turn into one.
+        serde_json::Value::Null => "inf or nan".into(),
         serde_json::Value::Object(_) => "a table".into(),
         serde_json::Value::Array(_) => "an array".into(),
         serde_json::Value::String(s) if s.chars().count() > 60 => {
@@ -516,22 +538,14 @@ fn describe(v: &serde_json::Value) -> String {
 }
 
 fn pointer_segments(pointer: &str) -> Vec<String> {
-    pointer
-        .split('/')
-        .skip(1)
-        .map(|s| s.replace("~1", "/").replace("~0", "~"))
-        .collect()
+    pointer.split('/').skip(1).map(|s| s.replace("~1", "/").replace("~0", "~")).collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn load_str(
-        text: &str,
-        env: &[(&str, &str)],
-        sets: &[&str],
-    ) -> Result<Config, Vec<Diagnostic>> {
+    fn load_str(text: &str, env: &[(&str, &str)], sets: &[&str]) -> Result<Config, Vec<Diagnostic>> {
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         let overrides = Overrides::new(env, &sets).map_err(|d| vec![d])?;
@@ -545,12 +559,8 @@ mod tests {
     fn layering_order_is_file_env_set() {
         let c = load_str(BASE, &[("DROVER_WORKERS__WEB__CAPACITY", "3")], &[]).unwrap();
         assert_eq!(c.workers["web"].capacity, 3);
-        let c = load_str(
-            BASE,
-            &[("DROVER_WORKERS__WEB__CAPACITY", "3")],
-            &["workers.web.capacity=4"],
-        )
-        .unwrap();
+        let c =
+            load_str(BASE, &[("DROVER_WORKERS__WEB__CAPACITY", "3")], &["workers.web.capacity=4"]).unwrap();
         assert_eq!(c.workers["web"].capacity, 4);
         let c = load_str(BASE, &[("DROVER_DEFAULTS__STOP_GRACE", "5s")], &[]).unwrap();
         assert_eq!(c.workers["web"].stop_grace.to_string(), "5s");
@@ -558,15 +568,7 @@ mod tests {
 
     #[test]
     fn non_key_env_vars_are_ignored() {
-        let c = load_str(
-            BASE,
-            &[
-                ("DROVER_CONFIG", "x"),
-                ("DROVER_WORKER", "w"),
-                ("OTHER__X", "1"),
-            ],
-            &[],
-        );
+        let c = load_str(BASE, &[("DROVER_CONFIG", "x"), ("DROVER_WORKER", "w"), ("OTHER__X", "1")], &[]);
         assert!(c.is_ok(), "{c:?}");
     }
 
@@ -596,17 +598,17 @@ mod tests {
         );
         let errs = load_str(BASE, &[], &["defaults.stop_grace=soon"]).unwrap_err();
         assert!(
-            errs[0].to_string().starts_with(
-                "--set defaults.stop_grace=soon: defaults.stop_grace: expected a duration"
-            ),
+            errs[0]
+                .to_string()
+                .starts_with("--set defaults.stop_grace=soon: defaults.stop_grace: expected a duration"),
             "{}",
             errs[0]
         );
         let errs = load_str(BASE, &[], &["workers.api.capacity=2"]).unwrap_err();
         assert!(
-            errs[0].to_string().contains(
-                "--set workers.api.capacity=2: workers.api: missing required key \"command\""
-            ),
+            errs[0]
+                .to_string()
+                .contains("--set workers.api.capacity=2: workers.api: missing required key \"command\""),
             "{}",
             errs[0]
         );
@@ -636,11 +638,45 @@ mod tests {
     fn syntax_error_position() {
         let errs = load_str("[workers.web]\ncommand = [\"true\"\n", &[], &[]).unwrap_err();
         assert_eq!(errs.len(), 1);
-        assert!(
-            matches!(errs[0].origin, Origin::File { line: Some(2), .. }),
-            "{:?}",
-            errs[0]
-        );
+        assert!(matches!(errs[0].origin, Origin::File { line: Some(2), .. }), "{:?}", errs[0]);
         assert!(errs[0].message.starts_with("invalid TOML"));
+    }
+
+    #[test]
+    fn env_keeps_the_case_of_variable_names() {
+        let c = load_str(BASE, &[("DROVER_WORKERS__WEB__ENV__PORT", "9000")], &[]).unwrap();
+        assert_eq!(c.workers["web"].env["PORT"], "9000");
+    }
+
+    #[test]
+    fn the_file_is_blamed_for_what_it_says() {
+        let text = "[workers.web]\ncommand = [\"x\"]\nbackoff = { initial = \"5m\" }\n";
+        let errs = load_str(text, &[("DROVER_WORKERS__WEB__BACKOFF__MULTIPLIER", "3")], &[]).unwrap_err();
+        assert!(matches!(errs[0].origin, Origin::File { line: Some(3), .. }), "{errs:?}");
+        let errs = load_str("[workers.web]\ncapacity = 2\n", &[("DROVER_WORKERS__WEB__CAPACITY", "3")], &[])
+            .unwrap_err();
+        assert!(matches!(errs[0].origin, Origin::File { line: Some(1), .. }), "{errs:?}");
+    }
+
+    #[test]
+    fn schema_and_semantic_errors_are_reported_together() {
+        let text = "[workers.web]\ncommand = [\"x\"]\ncapacity = 0\n[jobs.a]\ncommand = [\"true\"]\nschedule = \"bad\"\n";
+        let keys: Vec<String> = load_str(text, &[], &[]).unwrap_err().into_iter().map(|d| d.key).collect();
+        assert_eq!(keys, ["workers.web.capacity", "jobs.a.schedule"]);
+    }
+
+    #[test]
+    fn dates_are_not_strings() {
+        let errs = load_str("[supervisor]\nstate_dir = 1979-05-27\n", &[], &[]).unwrap_err();
+        assert_eq!(errs[0].key, "supervisor.state_dir");
+        assert!(errs[0].message.contains("date"));
+    }
+
+    #[test]
+    fn a_malformed_env_key_fails_only_loading() {
+        let o = Overrides::new([("DROVER___X".to_string(), "1".to_string())], &[]).unwrap();
+        let path = std::env::temp_dir().join("daemon.toml");
+        let errs = load_text(&path, BASE.into(), &o).unwrap_err();
+        assert!(errs[0].to_string().starts_with("environment variable DROVER___X"), "{}", errs[0]);
     }
 }

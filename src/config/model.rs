@@ -62,10 +62,7 @@ impl Default for Settings {
                 max: HumanDuration::from_secs(120),
                 multiplier: 2.0,
             },
-            crash_loop: CrashLoop {
-                min_uptime: HumanDuration::from_secs(10),
-                max_failures: 5,
-            },
+            crash_loop: CrashLoop { min_uptime: HumanDuration::from_secs(10), max_failures: 5 },
             permanent_exit_codes: vec![78],
             stop_signal: Signal::SIGTERM,
             stop_grace: HumanDuration::from_secs(30),
@@ -87,6 +84,31 @@ pub struct Worker {
     pub stop_signal: Signal,
     pub stop_grace: HumanDuration,
     pub env: BTreeMap<String, String>,
+}
+
+impl Worker {
+    /// A worker with the given launch settings and inherited `settings`.
+    pub fn new(
+        command: Vec<String>,
+        dir: PathBuf,
+        capacity: u32,
+        spawn_mode: SpawnMode,
+        s: Settings,
+    ) -> Self {
+        Worker {
+            command,
+            dir,
+            capacity,
+            spawn_mode,
+            restart: s.restart,
+            backoff: s.backoff,
+            crash_loop: s.crash_loop,
+            permanent_exit_codes: s.permanent_exit_codes,
+            stop_signal: s.stop_signal,
+            stop_grace: s.stop_grace,
+            env: s.env,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

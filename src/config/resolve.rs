@@ -19,10 +19,7 @@ struct Problems(Vec<Problem>);
 
 impl Problems {
     fn add(&mut self, path: &[&str], message: impl Into<String>) {
-        self.0.push(Problem {
-            path: path.iter().map(|s| s.to_string()).collect(),
-            message: message.into(),
-        });
+        self.0.push(Problem { path: path.iter().map(|s| s.to_string()).collect(), message: message.into() });
     }
 }
 
@@ -73,31 +70,14 @@ pub fn resolve(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
         };
         let s = overlay(&defaults, &own);
         check_settings(&mut p, &at, &s, &own);
-        let dir = resolve_dir(
-            &mut p,
-            &["workers", name, "dir"],
-            base_dir,
-            w.dir.as_deref(),
-        );
+        let dir = resolve_dir(&mut p, &["workers", name, "dir"], base_dir, w.dir.as_deref());
         let capacity = w.capacity.unwrap_or(1);
         if capacity == 0 {
             p.add(&["workers", name, "capacity"], "must be at least 1");
         }
         workers.insert(
             name.clone(),
-            Worker {
-                command: w.command.clone(),
-                dir,
-                capacity,
-                spawn_mode: w.spawn_mode.unwrap_or(SpawnMode::SameDir),
-                restart: s.restart,
-                backoff: s.backoff,
-                crash_loop: s.crash_loop,
-                permanent_exit_codes: s.permanent_exit_codes,
-                stop_signal: s.stop_signal,
-                stop_grace: s.stop_grace,
-                env: s.env,
-            },
+            Worker::new(w.command.clone(), dir, capacity, w.spawn_mode.unwrap_or(SpawnMode::SameDir), s),
         );
     }
 
@@ -108,16 +88,7 @@ pub fn resolve(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
         }
     }
 
-    if p.0.is_empty() {
-        Ok(Config {
-            supervisor,
-            defaults,
-            workers,
-            jobs,
-        })
-    } else {
-        Err(p.0)
-    }
+    if p.0.is_empty() { Ok(Config { supervisor, defaults, workers, jobs }) } else { Err(p.0) }
 }
 
 fn resolve_job(
@@ -132,14 +103,7 @@ fn resolve_job(
     let (steps, flow) = match (&j.command, &j.steps) {
         (Some(cmd), None) => {
             check_command(p, &["jobs", name, "command"], cmd);
-            (
-                vec![Step {
-                    name: "main".into(),
-                    command: cmd.clone(),
-                    approve: false,
-                }],
-                false,
-            )
+            (vec![Step { name: "main".into(), command: cmd.clone(), approve: false }], false)
         }
         (None, Some(steps)) => {
             if steps.is_empty() {
@@ -152,20 +116,13 @@ fn resolve_job(
                 if !is_valid_name(&s.name) {
                     p.add(&[&step_at[..], &["name"]].concat(), name_message(&s.name));
                 } else if !seen.insert(s.name.as_str()) {
-                    p.add(
-                        &[&step_at[..], &["name"]].concat(),
-                        format!("duplicate step name {:?}", s.name),
-                    );
+                    p.add(&[&step_at[..], &["name"]].concat(), format!("duplicate step name {:?}", s.name));
                 }
                 check_command(p, &[&step_at[..], &["command"]].concat(), &s.command);
             }
             let steps = steps
                 .iter()
-                .map(|s| Step {
-                    name: s.name.clone(),
-                    command: s.command.clone(),
-                    approve: s.approve,
-                })
+                .map(|s| Step { name: s.name.clone(), command: s.command.clone(), approve: s.approve })
                 .collect();
             (steps, true)
         }
@@ -258,12 +215,7 @@ fn overlay(base: &Settings, own: &RawSettings) -> Settings {
 /// repeat a `[defaults]` mistake once per worker).
 fn check_settings(p: &mut Problems, at: &[&str], s: &Settings, own: &RawSettings) {
     let path = |key: &'static str| [at, &[key]].concat();
-    if let Some(RawBackoff {
-        initial,
-        max,
-        multiplier,
-    }) = &own.backoff
-    {
+    if let Some(RawBackoff { initial, max, multiplier }) = &own.backoff {
         if (initial.is_some() || max.is_some()) && s.backoff.initial > s.backoff.max {
             p.add(
                 &path("backoff"),
@@ -273,35 +225,20 @@ fn check_settings(p: &mut Problems, at: &[&str], s: &Settings, own: &RawSettings
                 ),
             );
         }
-        if multiplier.is_some()
-            && !(s.backoff.multiplier >= 1.0 && s.backoff.multiplier.is_finite())
-        {
+        if multiplier.is_some() && !(s.backoff.multiplier >= 1.0 && s.backoff.multiplier.is_finite()) {
             p.add(
                 &[at, &["backoff", "multiplier"]].concat(),
-                format!(
-                    "must be a finite number of at least 1, found {}",
-                    s.backoff.multiplier
-                ),
+                format!("must be a finite number of at least 1, found {}", s.backoff.multiplier),
             );
         }
     }
-    if let Some(RawCrashLoop {
-        max_failures: Some(0),
-        ..
-    }) = &own.crash_loop
-    {
-        p.add(
-            &[at, &["crash_loop", "max_failures"]].concat(),
-            "must be at least 1",
-        );
+    if let Some(RawCrashLoop { max_failures: Some(0), .. }) = &own.crash_loop {
+        p.add(&[at, &["crash_loop", "max_failures"]].concat(), "must be at least 1");
     }
     if let Some(codes) = &own.permanent_exit_codes
         && let Some(bad) = codes.iter().find(|c| !(0..=255).contains(*c))
     {
-        p.add(
-            &path("permanent_exit_codes"),
-            format!("exit codes are 0 to 255, found {bad}"),
-        );
+        p.add(&path("permanent_exit_codes"), format!("exit codes are 0 to 255, found {bad}"));
     }
     check_env(p, &path("env"), own.env.as_ref());
 }
@@ -309,15 +246,9 @@ fn check_settings(p: &mut Problems, at: &[&str], s: &Settings, own: &RawSettings
 fn check_env(p: &mut Problems, at: &[&str], env: Option<&BTreeMap<String, String>>) {
     for (k, v) in env.into_iter().flatten() {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
-            p.add(
-                at,
-                format!("invalid variable name {k:?}: it must be non-empty, without '=' or NUL"),
-            );
+            p.add(at, format!("invalid variable name {k:?}: it must be non-empty, without '=' or NUL"));
         } else if v.contains('\0') {
-            p.add(
-                &[at, &[k.as_str()]].concat(),
-                "a value must not contain a NUL byte",
-            );
+            p.add(&[at, &[k.as_str()]].concat(), "a value must not contain a NUL byte");
         }
     }
 }
@@ -337,9 +268,7 @@ fn name_message(name: &str) -> String {
 fn check_command(p: &mut Problems, at: &[&str], command: &[String]) {
     match command.first() {
         None => p.add(at, "must not be empty: give the program and its arguments"),
-        Some(prog) if prog.trim().is_empty() => {
-            p.add(at, "the program (first element) must not be empty")
-        }
+        Some(prog) if prog.trim().is_empty() => p.add(at, "the program (first element) must not be empty"),
         _ => {}
     }
     if command.iter().any(|a| a.contains('\0')) {
@@ -355,10 +284,7 @@ fn resolve_dir(p: &mut Problems, at: &[&str], base_dir: &Path, dir: Option<&Path
     match std::fs::metadata(&path) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => p.add(at, format!("{} is not a directory", path.display())),
-        Err(e) => p.add(
-            at,
-            format!("directory {} cannot be used: {e}", path.display()),
-        ),
+        Err(e) => p.add(at, format!("directory {} cannot be used: {e}", path.display())),
     }
     path
 }
@@ -369,10 +295,7 @@ mod tests {
     use crate::config::raw::{RawStep, RawWorker};
 
     fn worker(cmd: &[&str]) -> RawWorker {
-        RawWorker {
-            command: cmd.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        }
+        RawWorker { command: cmd.iter().map(|s| s.to_string()).collect(), ..Default::default() }
     }
 
     fn base() -> PathBuf {
@@ -402,10 +325,7 @@ mod tests {
             ..Default::default()
         };
         let mut w = worker(&["true"]);
-        w.backoff = Some(RawBackoff {
-            max: Some(HumanDuration::from_secs(5)),
-            ..Default::default()
-        });
+        w.backoff = Some(RawBackoff { max: Some(HumanDuration::from_secs(5)), ..Default::default() });
         w.env = Some([("B".into(), "2".into())].into());
         raw.workers.insert("web".into(), w);
         let c = resolve(&raw, &base()).unwrap();
@@ -431,11 +351,7 @@ mod tests {
         raw.workers.insert("web".into(), w);
         raw.jobs.insert(
             "both".into(),
-            RawJob {
-                command: Some(vec!["true".into()]),
-                steps: Some(vec![]),
-                ..Default::default()
-            },
+            RawJob { command: Some(vec!["true".into()]), steps: Some(vec![]), ..Default::default() },
         );
         raw.jobs.insert(
             "cron".into(),
@@ -449,16 +365,8 @@ mod tests {
             "flow".into(),
             RawJob {
                 steps: Some(vec![
-                    RawStep {
-                        name: "a".into(),
-                        command: vec!["true".into()],
-                        approve: false,
-                    },
-                    RawStep {
-                        name: "a".into(),
-                        command: vec!["true".into()],
-                        approve: false,
-                    },
+                    RawStep { name: "a".into(), command: vec!["true".into()], approve: false },
+                    RawStep { name: "a".into(), command: vec!["true".into()], approve: false },
                 ]),
                 every: Some(HumanDuration::from_secs(1)),
                 schedule: Some("* * * * *".into()),
@@ -498,10 +406,6 @@ mod tests {
         raw.workers.insert("web".into(), w);
         let errs = resolve(&raw, &base()).unwrap_err();
         assert_eq!(errs[0].path, ["workers", "web", "dir"]);
-        assert!(
-            errs[0].message.contains("no/such/dir"),
-            "{}",
-            errs[0].message
-        );
+        assert!(errs[0].message.contains("no/such/dir"), "{}", errs[0].message);
     }
 }

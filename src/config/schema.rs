@@ -123,12 +123,7 @@ mod tests {
         assert_eq!(grace["type"], "string");
         let worker = node_at(&s, &path(&["workers", "web"])).unwrap();
         assert_eq!(worker["additionalProperties"], Value::Bool(false));
-        assert!(
-            worker["required"]
-                .as_array()
-                .unwrap()
-                .contains(&"command".into())
-        );
+        assert!(worker["required"].as_array().unwrap().contains(&"command".into()));
         assert!(keys_at(&path(&["workers", "web", "backoff"])).contains(&"multiplier".to_string()));
         let step = node_at(&s, &path(&["jobs", "x", "steps", "0"])).unwrap();
         assert!(step["properties"].get("approve").is_some());

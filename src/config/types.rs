@@ -22,10 +22,7 @@ pub fn is_valid_name(s: &str) -> bool {
         return false;
     }
     let head = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    head(bytes[0])
-        && bytes[1..]
-            .iter()
-            .all(|&b| head(b) || b == b'_' || b == b'-')
+    head(bytes[0]) && bytes[1..].iter().all(|&b| head(b) || b == b'_' || b == b'-')
 }
 
 /// The units humantime reads, longest first so the regex prefers them.
@@ -92,9 +89,8 @@ impl FromStr for ByteSize {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("invalid size {s:?}: expected e.g. \"512KiB\" or \"10MiB\""))?;
+        let n: u64 =
+            num.parse().map_err(|_| format!("invalid size {s:?}: expected e.g. \"512KiB\" or \"10MiB\""))?;
         let mult = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "k" | "kb" => 1_000,
@@ -109,9 +105,7 @@ impl FromStr for ByteSize {
                 ));
             }
         };
-        n.checked_mul(mult)
-            .map(ByteSize)
-            .ok_or_else(|| format!("size {s:?} is too large"))
+        n.checked_mul(mult).map(ByteSize).ok_or_else(|| format!("size {s:?} is too large"))
     }
 }
 
@@ -185,27 +179,19 @@ macro_rules! signals {
 }
 
 signals!(
-    SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGKILL, SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT, SIGSTOP,
-    SIGTSTP, SIGALRM, SIGPWR,
+    SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGKILL, SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT, SIGSTOP, SIGTSTP,
+    SIGALRM, SIGPWR,
 );
 
 impl FromStr for Signal {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let upper = s.trim().to_ascii_uppercase();
-        let full = if upper.starts_with("SIG") {
-            upper
-        } else {
-            format!("SIG{upper}")
-        };
-        Signal::ALL
-            .iter()
-            .copied()
-            .find(|sig| sig.name() == full)
-            .ok_or_else(|| {
-                let names: Vec<_> = Signal::ALL.iter().map(|s| s.name()).collect();
-                format!("unknown signal {s:?}: expected one of {}", names.join(", "))
-            })
+        let full = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+        Signal::ALL.iter().copied().find(|sig| sig.name() == full).ok_or_else(|| {
+            let names: Vec<_> = Signal::ALL.iter().map(|s| s.name()).collect();
+            format!("unknown signal {s:?}: expected one of {}", names.join(", "))
+        })
     }
 }
 
@@ -229,11 +215,7 @@ impl<'de> Deserialize<'de> for Signal {
             Ok(sig) if sig.name() == s => Ok(sig),
             _ => Err(serde::de::Error::custom(format!(
                 "unknown signal {s:?}: expected one of {}",
-                Signal::ALL
-                    .iter()
-                    .map(|s| s.name())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                Signal::ALL.iter().map(|s| s.name()).collect::<Vec<_>>().join(", ")
             ))),
         }
     }
@@ -262,17 +244,7 @@ mod tests {
         for ok in ["web", "a", "0", "web-2", "a_b", &"x".repeat(63)] {
             assert!(is_valid_name(ok), "{ok}");
         }
-        for bad in [
-            "",
-            "Web",
-            "-a",
-            "_a",
-            "a.b",
-            "a/b",
-            "..",
-            "é",
-            &"x".repeat(64),
-        ] {
+        for bad in ["", "Web", "-a", "_a", "a.b", "a/b", "..", "é", &"x".repeat(64)] {
             assert!(!is_valid_name(bad), "{bad}");
         }
     }

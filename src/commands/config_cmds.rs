@@ -1,46 +1,13 @@
-//! What each command does. Every command returns an exit code; errors are
-//! printed here, in one place.
+//! The commands that only read the config: `check`, `config`, `schema`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::cli::{Cli, Command, OutputFormat};
+use super::exit;
+use crate::cli::OutputFormat;
 use crate::config::{self, Diagnostic, Origin, Overrides};
-
-/// Exit codes, as DESIGN.md fixes them.
-pub mod exit {
-    pub const OK: u8 = 0;
-    pub const FAILED: u8 = 1;
-    pub const USAGE: u8 = 2;
-    pub const NO_SUPERVISOR: u8 = 3;
-}
-
-pub fn run(cli: Cli) -> u8 {
-    let overrides = match Overrides::from_process(&cli.set) {
-        Ok(o) => o,
-        Err(d) => {
-            eprintln!("drover: {d}");
-            return exit::USAGE;
-        }
-    };
-    match cli.command {
-        Command::Check { files, format } => {
-            let files = if files.is_empty() {
-                vec![cli.config.clone()]
-            } else {
-                files
-            };
-            check(&files, &overrides, format)
-        }
-        Command::Schema => {
-            print!("{}", config::schema::schema_text());
-            exit::OK
-        }
-        Command::Config { json } => show_config(&cli.config, &overrides, json),
-    }
-}
 
 /// A diagnostic as `check --format json` prints it: always the checked
 /// file, position only when the file is where the value came from.
@@ -59,13 +26,11 @@ struct JsonDiagnostic<'a> {
     argument: Option<&'a str>,
 }
 
-fn check(files: &[PathBuf], overrides: &Overrides, format: OutputFormat) -> u8 {
+pub fn check(files: &[PathBuf], overrides: &Overrides, format: OutputFormat) -> u8 {
     let mut all_ok = true;
     let mut json = Vec::new();
-    let results: Vec<(PathBuf, Result<config::Loaded, Vec<Diagnostic>>)> = files
-        .iter()
-        .map(|f| (f.clone(), config::load(f, overrides)))
-        .collect();
+    let results: Vec<(PathBuf, Result<config::Loaded, Vec<Diagnostic>>)> =
+        files.iter().map(|f| (f.clone(), config::load(f, overrides))).collect();
     for (file, result) in &results {
         match result {
             Ok(loaded) => {
@@ -98,9 +63,7 @@ fn check(files: &[PathBuf], overrides: &Overrides, format: OutputFormat) -> u8 {
                                 argument: None,
                             };
                             match &d.origin {
-                                Origin::File { line, column, .. } => {
-                                    (j.line, j.column) = (*line, *column)
-                                }
+                                Origin::File { line, column, .. } => (j.line, j.column) = (*line, *column),
                                 Origin::Env { variable } => {
                                     (j.source, j.variable) = ("env", Some(variable.as_str()))
                                 }
@@ -113,12 +76,7 @@ fn check(files: &[PathBuf], overrides: &Overrides, format: OutputFormat) -> u8 {
                     }
                 }
                 if format == OutputFormat::Text {
-                    eprintln!(
-                        "{}: invalid ({} error{})",
-                        file.display(),
-                        diags.len(),
-                        plural(diags.len())
-                    );
+                    eprintln!("{}: invalid ({} error{})", file.display(), diags.len(), plural(diags.len()));
                 }
             }
         }
@@ -134,7 +92,7 @@ fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
-fn show_config(path: &Path, overrides: &Overrides, json: bool) -> u8 {
+pub fn show_config(path: &Path, overrides: &Overrides, json: bool) -> u8 {
     let loaded = match config::load(path, overrides) {
         Ok(l) => l,
         Err(diags) => {

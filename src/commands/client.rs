@@ -1,0 +1,315 @@
+//! Commands that talk to a running supervisor over its socket. None of
+//! them ever starts a supervisor; `status` alone falls back to the state
+//! file when none runs.
+
+use std::io::{BufRead, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use super::exit;
+use crate::config::Overrides;
+use crate::config::load::state_dir_of;
+use crate::supervisor::control::{ClientError, request};
+use crate::supervisor::protocol::{Request, Response, StatusReport};
+use crate::supervisor::runtime::{read_state, recorded_supervisor_alive, wait_unlocked};
+
+pub struct Ctx<'a> {
+    pub config: &'a Path,
+    pub overrides: &'a Overrides,
+}
+
+impl Ctx<'_> {
+    fn state_dir(&self) -> PathBuf {
+        state_dir_of(self.config, self.overrides)
+    }
+}
+
+const TIMEOUT: Option<Duration> = Some(Duration::from_secs(30));
+
+fn no_supervisor(state_dir: &Path) -> u8 {
+    eprintln!("drover: no supervisor is running (state_dir {})", state_dir.display());
+    exit::NO_SUPERVISOR
+}
+
+fn failed(e: ClientError) -> u8 {
+    eprintln!("drover: {e}");
+    exit::FAILED
+}
+
+/// Sends `req`; an error answer or a failure to talk is printed here and
+/// turned into the exit code. `Ok(None)`: no supervisor answers.
+fn ask(dir: &Path, req: &Request) -> Result<Option<Response>, u8> {
+    match request(dir, req, TIMEOUT) {
+        Ok(Some(Response::Error { message })) => {
+            eprintln!("drover: {message}");
+            Err(exit::FAILED)
+        }
+        Ok(Some(resp)) => Ok(Some(resp)),
+        Ok(None) => {
+            eprintln!("drover: the supervisor closed the connection without answering");
+            Err(exit::FAILED)
+        }
+        Err(ClientError::NoSupervisor) => Ok(None),
+        Err(e) => Err(failed(e)),
+    }
+}
+
+fn unexpected(resp: &Response) -> u8 {
+    eprintln!("drover: unexpected answer: {resp:?}");
+    exit::FAILED
+}
+
+/// reload, restart NAME, unpark NAME: one request, one message.
+pub fn simple(ctx: &Ctx, req: Request) -> u8 {
+    let dir = ctx.state_dir();
+    match ask(&dir, &req) {
+        Ok(Some(Response::Ok { message })) => {
+            println!("{message}");
+            exit::OK
+        }
+        Ok(Some(other)) => unexpected(&other),
+        Ok(None) => no_supervisor(&dir),
+        Err(code) => code,
+    }
+}
+
+pub fn stop(ctx: &Ctx) -> u8 {
+    let dir = ctx.state_dir();
+    match request(&dir, &Request::Stop, None) {
+        Ok(Some(Response::Error { message })) => {
+            eprintln!("drover: {message}");
+            exit::FAILED
+        }
+        Ok(_) => {
+            // The answer comes as the supervisor finishes; its lock goes
+            // with its last breath.
+            wait_unlocked(&dir);
+            println!("stopped");
+            exit::OK
+        }
+        Err(ClientError::NoSupervisor) => no_supervisor(&dir),
+        Err(e) => failed(e),
+    }
+}
+
+pub fn status(ctx: &Ctx, json: bool, name: Option<String>) -> u8 {
+    let dir = ctx.state_dir();
+    let (report, code) = match ask(&dir, &Request::Status { name: name.clone() }) {
+        Ok(Some(Response::Status(r))) => (*r, exit::OK),
+        Ok(Some(other)) => return unexpected(&other),
+        Ok(None) => (offline_report(&dir, name.as_deref()), exit::NO_SUPERVISOR),
+        Err(code) => return code,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
+    } else {
+        print!("{}", render_status(&report, &dir));
+    }
+    code
+}
+
+/// The report when no supervisor answers: from the state file, marked
+/// stopped (it stopped cleanly, or never ran) or stale (it died).
+fn offline_report(state_dir: &Path, name: Option<&str>) -> StatusReport {
+    let Some(mut r) = read_state(state_dir) else {
+        let mut r = StatusReport::default();
+        r.supervisor.state = "stopped".into();
+        return r;
+    };
+    let was_up = r.supervisor.state != "stopped";
+    r.supervisor.state = if was_up && !recorded_supervisor_alive(&r) { "stale" } else { "stopped" }.into();
+    if let Some(n) = name {
+        r.workers.retain(|w| w.name == n);
+    }
+    r
+}
+
+fn since(rfc: &str) -> String {
+    humantime::parse_rfc3339_weak(rfc)
+        .ok()
+        .and_then(|t| SystemTime::now().duration_since(t).ok())
+        .map(|d| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+pub fn render_status(r: &StatusReport, state_dir: &Path) -> String {
+    let mut out = String::new();
+    let s = &r.supervisor;
+    let mut head = format!("drover: {}", s.state);
+    if let Some(pid) = s.pid {
+        head.push_str(&format!(" (pid {pid}"));
+        if s.state == "running"
+            && let Some(t) = &s.started_at
+        {
+            head.push_str(&format!(", up {}", since(t)));
+        }
+        head.push_str(&format!(", generation {})", s.generation));
+    }
+    out.push_str(&head);
+    out.push('\n');
+    if let Some(c) = &s.config {
+        out.push_str(&format!("config: {}\n", c.display()));
+    }
+    out.push_str(&format!("state_dir: {}\n", state_dir.display()));
+    if let Some(lr) = &s.last_reload {
+        match &lr.error {
+            None => out.push_str(&format!("last reload: {} ok\n", lr.at)),
+            Some(e) => out.push_str(&format!(
+                "last reload: {} FAILED (the previous config stays in force):\n  {}\n",
+                lr.at,
+                e.replace('\n', "\n  ")
+            )),
+        }
+    }
+    if r.workers.is_empty() {
+        return out;
+    }
+    let mut rows =
+        vec![["WORKER", "INST", "STATE", "PID", "UPTIME", "RESTARTS", "LAST EXIT", "NOTE"].map(String::from)];
+    for w in &r.workers {
+        for i in &w.instances {
+            let running = i.state == "running";
+            rows.push([
+                w.name.clone(),
+                i.index.to_string(),
+                i.state.clone(),
+                i.pid.map_or("-".into(), |p| p.to_string()),
+                if running { i.started_at.as_deref().map_or("-".into(), since) } else { "-".into() },
+                i.restarts.to_string(),
+                i.last_exit.as_ref().map_or("-".into(), |e| e.to_string()),
+                match (&i.error, &i.next_start_at) {
+                    (Some(e), _) => e.clone(),
+                    (None, Some(t)) => format!("next start at {t}"),
+                    _ => String::new(),
+                },
+            ]);
+        }
+        if w.instances.is_empty() {
+            rows.push([
+                w.name.clone(),
+                "-".into(),
+                w.state.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                String::new(),
+            ]);
+        }
+    }
+    let widths: Vec<usize> =
+        (0..8).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    for row in rows {
+        let line: Vec<String> =
+            row.iter().enumerate().map(|(c, v)| format!("{v:<w$}", w = widths[c])).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+pub fn logs(ctx: &Ctx, name: &str, follow: bool, lines: usize) -> u8 {
+    let dir = ctx.state_dir();
+    let path = match ask(&dir, &Request::LogPath { name: name.into() }) {
+        Ok(Some(Response::LogPath { path })) => path,
+        Ok(Some(other)) => return unexpected(&other),
+        Ok(None) => return no_supervisor(&dir),
+        Err(code) => return code,
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut offset = match print_tail(&path, lines, &mut out) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("drover: cannot read {}: {e}", path.display());
+            return exit::FAILED;
+        }
+    };
+    if !follow {
+        return exit::OK;
+    }
+    drop(out);
+    follow_file(&path, &mut offset)
+}
+
+/// Prints the last `n` lines of `path`; returns the offset read up to.
+fn print_tail(path: &Path, n: usize, out: &mut impl Write) -> std::io::Result<u64> {
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    // Read back from the end only as far as the last n lines need.
+    let mut start = len;
+    let mut buf = Vec::new();
+    while start > 0 {
+        let step = (64 * 1024).min(start);
+        start -= step;
+        f.seek(SeekFrom::Start(start))?;
+        let mut chunk = vec![0; step as usize];
+        f.read_exact(&mut chunk)?;
+        chunk.extend_from_slice(&buf);
+        buf = chunk;
+        if buf.iter().filter(|&&b| b == b'\n').count() > n {
+            break;
+        }
+    }
+    let text_lines: Vec<&[u8]> = buf.split_inclusive(|&b| b == b'\n').collect();
+    let skip = text_lines.len().saturating_sub(n);
+    for l in &text_lines[skip..] {
+        out.write_all(l)?;
+    }
+    out.flush()?;
+    Ok(len)
+}
+
+/// Prints what is appended to `path`, following it across rotations,
+/// until interrupted. Woken by inotify, not by a timer.
+fn follow_file(path: &Path, offset: &mut u64) -> u8 {
+    use notify::{RecursiveMode, Watcher};
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut watcher = match notify::recommended_watcher(move |ev| {
+        let _ = tx.send(ev);
+    }) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("drover: cannot follow {}: {e}", path.display());
+            return exit::FAILED;
+        }
+    };
+    let Some(parent) = path.parent() else { return exit::FAILED };
+    if let Err(e) = watcher.watch(parent, RecursiveMode::NonRecursive) {
+        eprintln!("drover: cannot follow {}: {e}", path.display());
+        return exit::FAILED;
+    }
+    let stdout = std::io::stdout();
+    loop {
+        if let Ok(mut f) = std::fs::File::open(path) {
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            if len < *offset {
+                *offset = 0; // rotated: the file is new
+            }
+            if f.seek(SeekFrom::Start(*offset)).is_ok() {
+                let mut r = std::io::BufReader::new(f);
+                let mut out = stdout.lock();
+                loop {
+                    let mut line = Vec::new();
+                    match r.read_until(b'\n', &mut line) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            *offset += n as u64;
+                            if out.write_all(&line).is_err() {
+                                return exit::OK; // stdout closed
+                            }
+                        }
+                    }
+                }
+                let _ = out.flush();
+            }
+        }
+        if rx.recv().is_err() {
+            return exit::OK;
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! What each command does. Every command returns an exit code; errors are
+//! printed by the commands, and only there.
+
+mod client;
+mod config_cmds;
+mod start;
+
+use crate::cli::{Cli, Command};
+use crate::config::Overrides;
+
+/// Exit codes, as DESIGN.md fixes them.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const FAILED: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const NO_SUPERVISOR: u8 = 3;
+}
+
+pub fn run(cli: Cli) -> u8 {
+    let overrides = match Overrides::from_process(&cli.set) {
+        Ok(o) => o,
+        Err(d) => {
+            eprintln!("drover: {d}");
+            return exit::USAGE;
+        }
+    };
+    let ctx = client::Ctx { config: &cli.config, overrides: &overrides };
+    match cli.command {
+        Command::Check { files, format } => {
+            let files = if files.is_empty() { vec![cli.config.clone()] } else { files };
+            config_cmds::check(&files, &overrides, format)
+        }
+        Command::Schema => {
+            print!("{}", crate::config::schema::schema_text());
+            exit::OK
+        }
+        Command::Config { json } => config_cmds::show_config(&cli.config, &overrides, json),
+        Command::Start { detach } => start::start(&cli.config, overrides.clone(), detach, cli.log_format),
+        Command::Stop => client::stop(&ctx),
+        Command::Status { json, name } => client::status(&ctx, json, name),
+        Command::Reload => client::simple(&ctx, crate::supervisor::protocol::Request::Reload),
+        Command::Restart { name } => {
+            client::simple(&ctx, crate::supervisor::protocol::Request::Restart { name })
+        }
+        Command::Unpark { name } => {
+            client::simple(&ctx, crate::supervisor::protocol::Request::Unpark { name })
+        }
+        Command::Logs { name, follow, lines } => client::logs(&ctx, &name, follow, lines),
+    }
+}

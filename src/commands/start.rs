@@ -1,0 +1,121 @@
+//! `drover start [--detach]`.
+
+use std::io::BufRead;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+
+use super::exit;
+use crate::cli::LogFormat;
+use crate::config::{Overrides, load};
+use crate::os::fsutil::{ensure_private_dir, open_append};
+use crate::supervisor::runtime::{Ready, serve};
+
+pub fn start(config: &Path, overrides: Overrides, detach: bool, log_format: LogFormat) -> u8 {
+    let loaded = match load(config, &overrides) {
+        Ok(l) => l,
+        Err(diags) => {
+            for d in diags {
+                eprintln!("{d}");
+            }
+            return exit::FAILED;
+        }
+    };
+    if !detach {
+        init_tracing(log_format);
+        return run(loaded, overrides, true, Ready(None));
+    }
+
+    let state_dir = loaded.config.supervisor.state_dir.clone();
+    if let Err(e) = ensure_private_dir(&state_dir) {
+        eprintln!("drover: cannot use state_dir {}: {e}", state_dir.display());
+        return exit::FAILED;
+    }
+    let (read_end, write_end) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("drover: cannot create a pipe: {e}");
+            return exit::FAILED;
+        }
+    };
+    // Fork before any thread exists (no runtime yet): the child is a
+    // faithful copy, and it is the one that builds the runtime.
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => {
+            eprintln!("drover: cannot fork: {e}");
+            exit::FAILED
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            drop(write_end);
+            // One line: "ready", or "error: why". EOF alone means it died.
+            let mut msg = String::new();
+            let _ = std::io::BufReader::new(std::fs::File::from(read_end)).read_line(&mut msg);
+            if msg.starts_with("ready") {
+                println!("drover started (pid {child}), state_dir {}", state_dir.display());
+                exit::OK
+            } else if let Some(err) = msg.strip_prefix("error: ") {
+                eprintln!("drover: {}", err.trim());
+                exit::FAILED
+            } else {
+                eprintln!(
+                    "drover: the supervisor exited during start-up; see {}/drover.log",
+                    state_dir.display()
+                );
+                exit::FAILED
+            }
+        }
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(read_end);
+            let _ = nix::unistd::setsid();
+            detach_stdio(&state_dir.join("drover.log"));
+            init_tracing(log_format);
+            let code = run(loaded, overrides, false, Ready(Some(std::fs::File::from(write_end))));
+            std::process::exit(code.into());
+        }
+    }
+}
+
+/// The background supervisor's stdin is /dev/null; its stdout and stderr
+/// go to state_dir/drover.log.
+fn detach_stdio(log: &Path) {
+    use std::os::fd::AsFd;
+    let null = std::fs::File::open("/dev/null").map(OwnedFd::from);
+    let out = open_append(log).map(OwnedFd::from);
+    if let Ok(null) = &null {
+        let _ = nix::unistd::dup2_stdin(null.as_fd());
+    }
+    if let Ok(out) = &out {
+        let _ = nix::unistd::dup2_stdout(out.as_fd());
+        let _ = nix::unistd::dup2_stderr(out.as_fd());
+    }
+}
+
+fn run(loaded: crate::config::Loaded, overrides: Overrides, echo: bool, mut ready: Ready) -> u8 {
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            let msg = format!("cannot start the runtime: {e}");
+            eprintln!("drover: {msg}");
+            ready.send(&format!("error: {msg}\n"));
+            return exit::FAILED;
+        }
+    };
+    match rt.block_on(serve(loaded, overrides, echo, &mut ready)) {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            eprintln!("drover: {e}");
+            ready.send(&format!("error: {e}\n"));
+            exit::FAILED
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}

@@ -1,0 +1,6 @@
+//! Thin layers over the OS: processes and their groups, the reaper,
+//! files written atomically, the lock.
+
+pub mod fsutil;
+pub mod proc;
+pub mod reaper;

@@ -1,0 +1,93 @@
+//! Process groups and process identity, from signals and /proc.
+
+use std::io;
+
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+
+/// Sends `sig` to every process of group `pgid`. A group that is already
+/// empty is not an error.
+pub fn signal_group(pgid: i32, sig: Signal) -> io::Result<()> {
+    match killpg(Pid::from_raw(pgid), sig) {
+        Ok(()) | Err(Errno::ESRCH) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether any process (zombies included) is left in group `pgid`.
+pub fn group_alive(pgid: i32) -> bool {
+    !matches!(killpg(Pid::from_raw(pgid), None), Err(Errno::ESRCH))
+}
+
+/// Whether process `pid` exists (zombies included).
+pub fn pid_alive(pid: i32) -> bool {
+    pid > 0 && !matches!(kill(Pid::from_raw(pid), None), Err(Errno::ESRCH))
+}
+
+/// The start time of `pid` in clock ticks since boot (field 22 of
+/// /proc/PID/stat): with the pid, it names a process uniquely, so a
+/// recorded pid is never confused with a later process that reused it.
+pub fn start_ticks(pid: i32) -> Option<u64> {
+    stat_fields(pid).and_then(|f| f.get(19).and_then(|s| s.parse().ok()))
+}
+
+/// The process group of `pid` (field 5 of /proc/PID/stat).
+pub fn pgid_of(pid: i32) -> Option<i32> {
+    stat_fields(pid).and_then(|f| f.get(2).and_then(|s| s.parse().ok()))
+}
+
+/// Whether `pid` is a zombie (state Z).
+pub fn is_zombie(pid: i32) -> bool {
+    stat_fields(pid).is_some_and(|f| f.first().map(String::as_str) == Some("Z"))
+}
+
+/// The fields of /proc/PID/stat after the command name, which may itself
+/// contain spaces and parentheses (so split after the last ')').
+fn stat_fields(pid: i32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// Resident set size of `pid` in bytes.
+pub fn rss_bytes(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// The pids of all processes in group `pgid`, by a scan of /proc.
+pub fn members_of_group(pgid: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pgid_of(pid) == Some(pgid))
+        .collect()
+}
+
+/// Raises the soft limit on open files to the hard limit: every instance
+/// holds two pipe ends, and 1000 workers exceed the usual soft limit of 1024.
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_identity() {
+        let me = std::process::id() as i32;
+        assert!(pid_alive(me));
+        assert!(start_ticks(me).is_some());
+        assert_eq!(pgid_of(me), Some(nix::unistd::getpgrp().as_raw()));
+        assert!(rss_bytes(me).unwrap() > 0);
+        assert!(!pid_alive(0));
+    }
+}

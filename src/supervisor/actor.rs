@@ -1,0 +1,850 @@
+//! The supervisor actor: the one owner of all supervisor state. It sleeps
+//! until an event arrives (a child exited, a timer fired, a control
+//! request, a signal), decides with the pure functions of `policy` and
+//! `reconcile`, and carries out the decision through the thin OS layer.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::sys::signal::Signal as NixSignal;
+use tokio::sync::{mpsc, oneshot};
+
+use super::logs::{Echo, LogFile, Sink, log_path, pump};
+use super::policy::{AfterExit, Counters, after_exit};
+use super::protocol::{
+    InstanceStatus, ReloadStatus, Request, Response, StatusReport, SupervisorStatus, WorkerStatus,
+};
+use super::reconcile::{Change, plan};
+use super::worktree;
+use crate::config::model::{Config, SpawnMode, Worker};
+use crate::config::{Overrides, load};
+use crate::os::fsutil::write_atomic;
+use crate::os::proc;
+use crate::os::reaper::{Exit, Reaped, Reaper};
+
+/// Everything that can wake the supervisor.
+#[derive(Debug)]
+pub enum Event {
+    Reaped(Vec<Reaped>),
+    Timer {
+        worker: String,
+        index: u32,
+        epoch: u64,
+        kind: TimerKind,
+    },
+    Control(Request, oneshot::Sender<Response>),
+    /// SIGTERM / SIGINT; a second one while stopping kills at once.
+    Shutdown,
+    /// SIGHUP, `drover reload`, or the file watcher.
+    Reload(Option<oneshot::Sender<Response>>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimerKind {
+    /// A restart after backoff is due.
+    Restart,
+    /// The stop grace is over: SIGKILL the group.
+    Kill,
+    /// Look again whether a killed group is empty (for the rare group
+    /// whose last process is not reaped by drover).
+    Recheck,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Phase {
+    Running,
+    Backoff {
+        until: SystemTime,
+    },
+    Parked {
+        reason: String,
+    },
+    /// Asked to stop; waiting for the group to empty.
+    Stopping,
+    /// The leader exited on its own but its group still has processes:
+    /// they are being stopped before the exit is acted on.
+    Draining,
+    Stopped,
+}
+
+impl Phase {
+    fn name(&self) -> &'static str {
+        match self {
+            Phase::Running => "running",
+            Phase::Backoff { .. } => "backoff",
+            Phase::Parked { .. } => "parked",
+            Phase::Stopping | Phase::Draining => "stopping",
+            Phase::Stopped => "stopped",
+        }
+    }
+}
+
+/// What to do once an instance's group is empty.
+#[derive(Clone, Debug, PartialEq)]
+enum Then {
+    /// Apply the restart policy to this exit.
+    Policy { exit: Option<Exit>, uptime: Duration },
+    /// Leave it stopped.
+    Stop,
+    /// Start it again at once, with fresh counters (a config change or
+    /// `drover restart`).
+    Start,
+    /// Remove the instance (capacity down, worker removed).
+    Retire,
+}
+
+struct Instance {
+    phase: Phase,
+    pid: Option<i32>,
+    pgid: Option<i32>,
+    start_ticks: Option<u64>,
+    started_at: Option<SystemTime>,
+    started: Option<Instant>,
+    counters: Counters,
+    last_exit: Option<Exit>,
+    error: Option<String>,
+    /// Bumped on every phase change, so a timer set for an older phase
+    /// is recognised and ignored.
+    epoch: u64,
+    then: Then,
+    kill_sent: bool,
+    /// Instances replaced one at a time after a launch-settings change.
+    needs_restart: bool,
+    worktree: Option<PathBuf>,
+}
+
+impl Instance {
+    fn new() -> Self {
+        Instance {
+            phase: Phase::Stopped,
+            pid: None,
+            pgid: None,
+            start_ticks: None,
+            started_at: None,
+            started: None,
+            counters: Counters::default(),
+            last_exit: None,
+            error: None,
+            epoch: 0,
+            then: Then::Stop,
+            kill_sent: false,
+            needs_restart: false,
+            worktree: None,
+        }
+    }
+
+    fn set_phase(&mut self, phase: Phase) {
+        self.phase = phase;
+        self.epoch += 1;
+    }
+
+    /// Whether a process of this instance may still exist.
+    fn has_processes(&self) -> bool {
+        self.pid.is_some() || matches!(self.phase, Phase::Stopping | Phase::Draining)
+    }
+}
+
+struct WorkerRt {
+    spec: Worker,
+    instances: BTreeMap<u32, Instance>,
+    sink: Arc<Sink>,
+    /// Removed from the config: retire every instance, then drop the worker.
+    removed: bool,
+}
+
+pub struct Options {
+    pub config_path: PathBuf,
+    pub overrides: Overrides,
+    pub echo: bool,
+}
+
+pub struct Supervisor {
+    opts: Options,
+    config: Config,
+    generation: u64,
+    last_reload: Option<ReloadStatus>,
+    started_at: SystemTime,
+    workers: BTreeMap<String, WorkerRt>,
+    by_pid: HashMap<i32, (String, u32)>,
+    reaper: Arc<Reaper>,
+    tx: mpsc::UnboundedSender<Event>,
+    echo: Option<Echo>,
+    state_path: PathBuf,
+    dirty: bool,
+    shutting_down: bool,
+    stop_waiters: Vec<oneshot::Sender<Response>>,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+impl Supervisor {
+    pub fn new(opts: Options, config: Config, reaper: Arc<Reaper>, tx: mpsc::UnboundedSender<Event>) -> Self {
+        let state_path = config.supervisor.state_dir.join("state.json");
+        let echo = opts.echo.then(Echo::start);
+        Supervisor {
+            opts,
+            config,
+            generation: 0,
+            last_reload: None,
+            started_at: SystemTime::now(),
+            workers: BTreeMap::new(),
+            by_pid: HashMap::new(),
+            reaper,
+            tx,
+            echo,
+            state_path,
+            dirty: true,
+            shutting_down: false,
+            stop_waiters: Vec::new(),
+        }
+    }
+
+    /// Starts every worker of the initial config (generation 1).
+    pub fn boot(&mut self) {
+        self.generation = 1;
+        let changes = plan(&self.config.workers, &BTreeMap::new());
+        self.apply(changes);
+        self.flush_state();
+    }
+
+    /// Runs until shutdown completes.
+    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
+        while let Some(ev) = rx.recv().await {
+            self.handle(ev);
+            // Take whatever else is already queued before writing state
+            // once: a burst of exits costs one state write, not one each.
+            while let Ok(ev) = rx.try_recv() {
+                self.handle(ev);
+            }
+            self.flush_state();
+            if self.shutting_down && self.all_stopped() {
+                break;
+            }
+        }
+        self.finish_shutdown();
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Reaped(list) => {
+                let mut stray = false;
+                for r in list {
+                    match r {
+                        Reaped::Child { pid, exit } => self.on_exit(pid, exit),
+                        Reaped::Stray { .. } => stray = true,
+                    }
+                }
+                if stray {
+                    self.recheck_groups();
+                }
+            }
+            Event::Timer { worker, index, epoch, kind } => self.on_timer(&worker, index, epoch, kind),
+            Event::Control(req, reply) => self.on_request(req, reply),
+            Event::Shutdown => self.shutdown(),
+            Event::Reload(reply) => {
+                let resp = self.reload();
+                if let Some(r) = reply {
+                    let _ = r.send(resp);
+                }
+            }
+        }
+    }
+
+    // ----- processes -----
+
+    fn sink_for(&self, name: &str) -> Arc<Sink> {
+        let sup = &self.config.supervisor;
+        let path = log_path(&sup.state_dir, name);
+        let file = LogFile::open(path.clone(), sup.log_max_size.0, sup.log_keep).unwrap_or_else(|e| {
+            tracing::warn!(worker = name, error = %e, "cannot open log file; output is discarded");
+            LogFile::open("/dev/null".into(), u64::MAX, 0).expect("/dev/null opens")
+        });
+        Arc::new(Sink { name: name.to_string(), file: Mutex::new(file), echo: self.echo.clone() })
+    }
+
+    fn spawn(&mut self, name: &str, index: u32) {
+        let state_dir = self.config.supervisor.state_dir.clone();
+        let Some(w) = self.workers.get_mut(name) else { return };
+        let spec = &w.spec;
+        let inst = w.instances.entry(index).or_insert_with(Instance::new);
+        inst.error = None;
+        inst.kill_sent = false;
+        inst.needs_restart = false;
+
+        let dir = match spec.spawn_mode {
+            SpawnMode::SameDir => Ok(spec.dir.clone()),
+            SpawnMode::Worktree => match &inst.worktree {
+                Some(p) if p.is_dir() => Ok(p.clone()),
+                _ => worktree::create(&self.reaper, &spec.dir, &state_dir, name, index),
+            },
+        };
+        let result = dir.and_then(|dir| {
+            if spec.spawn_mode == SpawnMode::Worktree {
+                inst.worktree = Some(dir.clone());
+            }
+            let mut cmd = std::process::Command::new(&spec.command[0]);
+            cmd.args(&spec.command[1..])
+                .current_dir(&dir)
+                .envs(&spec.env)
+                .env("DROVER_WORKER", name)
+                .env("DROVER_INSTANCE", index.to_string())
+                .env("DROVER_CAPACITY", spec.capacity.to_string())
+                .env("DROVER_STATE_DIR", &state_dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+            self.reaper
+                .spawn(&mut cmd)
+                .map_err(|e| format!("cannot start {:?} in {}: {e}", spec.command[0], dir.display()))
+        });
+        let now = SystemTime::now();
+        match result {
+            Ok(mut child) => {
+                let pid = child.id() as i32;
+                inst.pid = Some(pid);
+                inst.pgid = Some(pid);
+                inst.start_ticks = proc::start_ticks(pid);
+                inst.started_at = Some(now);
+                inst.started = Some(Instant::now());
+                inst.set_phase(Phase::Running);
+                for (stream, pipe) in [
+                    ("out", child.stdout.take().map(std::os::fd::OwnedFd::from)),
+                    ("err", child.stderr.take().map(std::os::fd::OwnedFd::from)),
+                ] {
+                    if let Some(fd) = pipe
+                        && let Ok(rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
+                    {
+                        tokio::spawn(pump(w.sink.clone(), index, stream, rx));
+                    }
+                }
+                self.by_pid.insert(pid, (name.to_string(), index));
+                tracing::info!(worker = name, instance = index, pid, "started");
+            }
+            Err(msg) => {
+                tracing::warn!(worker = name, instance = index, error = %msg, "start failed");
+                inst.error = Some(msg);
+                inst.started_at = Some(now);
+                inst.then = Then::Policy { exit: None, uptime: Duration::ZERO };
+                self.settle(name, index);
+            }
+        }
+        self.dirty = true;
+    }
+
+    fn on_exit(&mut self, pid: i32, exit: Exit) {
+        let Some((name, index)) = self.by_pid.remove(&pid) else { return };
+        let Some(inst) = self.workers.get_mut(&name).and_then(|w| w.instances.get_mut(&index)) else {
+            return;
+        };
+        let uptime = inst.started.map(|s| s.elapsed()).unwrap_or_default();
+        tracing::info!(worker = %name, instance = index, pid, exit = %exit, uptime_ms = uptime.as_millis() as u64, "exited");
+        inst.pid = None;
+        inst.last_exit = Some(exit.clone());
+        if inst.phase == Phase::Running {
+            inst.then = Then::Policy { exit: Some(exit), uptime };
+        }
+        self.dirty = true;
+        let group_left = inst.pgid.is_some_and(proc::group_alive);
+        if group_left && inst.phase == Phase::Running {
+            // Its children live on in the group: stop them before the
+            // exit is acted on, so a restart never doubles them.
+            inst.set_phase(Phase::Draining);
+            self.signal_stop(&name, index);
+        } else if !group_left {
+            self.settle(&name, index);
+        }
+    }
+
+    /// Sends the stop signal to an instance's group and arms the kill timer.
+    fn signal_stop(&mut self, name: &str, index: u32) {
+        let Some(w) = self.workers.get_mut(name) else { return };
+        let (sig, grace) = (w.spec.stop_signal.to_nix(), w.spec.stop_grace.0);
+        let Some(inst) = w.instances.get_mut(&index) else { return };
+        if let Some(pgid) = inst.pgid {
+            let _ = proc::signal_group(pgid, sig);
+            // A stopped (SIGSTOP) process would not see the signal.
+            let _ = proc::signal_group(pgid, NixSignal::SIGCONT);
+        }
+        let epoch = inst.epoch;
+        self.timer(name, index, epoch, TimerKind::Kill, grace);
+    }
+
+    /// Asks an instance to stop; `then` says what follows.
+    fn stop_instance(&mut self, name: &str, index: u32, then: Then) {
+        let Some(inst) = self.workers.get_mut(name).and_then(|w| w.instances.get_mut(&index)) else { return };
+        inst.then = then;
+        match inst.phase {
+            Phase::Running => {
+                inst.set_phase(Phase::Stopping);
+                self.signal_stop(name, index);
+            }
+            Phase::Draining => inst.phase = Phase::Stopping,
+            Phase::Stopping => {}
+            Phase::Backoff { .. } | Phase::Parked { .. } | Phase::Stopped => self.settle(name, index),
+        }
+        self.dirty = true;
+    }
+
+    /// The instance has no process left: act on its `then`.
+    fn settle(&mut self, name: &str, index: u32) {
+        let Some(w) = self.workers.get_mut(name) else { return };
+        let Some(inst) = w.instances.get_mut(&index) else { return };
+        inst.pid = None;
+        inst.pgid = None;
+        inst.start_ticks = None;
+        let then = std::mem::replace(&mut inst.then, Then::Stop);
+        if self.shutting_down {
+            inst.set_phase(Phase::Stopped);
+            return;
+        }
+        match then {
+            Then::Stop => inst.set_phase(Phase::Stopped),
+            Then::Retire => {
+                if let Some(wt) = w.instances.remove(&index).and_then(|i| i.worktree) {
+                    worktree::remove(&self.reaper, &w.spec.dir, &wt);
+                }
+                if w.removed && w.instances.is_empty() {
+                    self.workers.remove(name);
+                }
+            }
+            Then::Start => {
+                inst.counters = Counters { restarts: inst.counters.restarts + 1, ..Counters::default() };
+                self.spawn(name, index);
+                self.continue_rollout(name);
+            }
+            Then::Policy { exit, uptime } => {
+                match after_exit(&w.spec, &mut inst.counters, exit.as_ref(), uptime) {
+                    AfterExit::Restart { delay } if delay.is_zero() => {
+                        self.spawn(name, index);
+                    }
+                    AfterExit::Restart { delay } => {
+                        inst.set_phase(Phase::Backoff { until: SystemTime::now() + delay });
+                        let epoch = inst.epoch;
+                        tracing::info!(
+                            worker = name,
+                            instance = index,
+                            delay_ms = delay.as_millis() as u64,
+                            "restart after backoff"
+                        );
+                        self.timer(name, index, epoch, TimerKind::Restart, delay);
+                    }
+                    AfterExit::Park { reason } => {
+                        tracing::warn!(worker = name, instance = index, %reason, "parked");
+                        inst.set_phase(Phase::Parked { reason });
+                    }
+                    AfterExit::Stop => inst.set_phase(Phase::Stopped),
+                }
+            }
+        }
+        self.dirty = true;
+    }
+
+    fn on_timer(&mut self, name: &str, index: u32, epoch: u64, kind: TimerKind) {
+        let Some(inst) = self.workers.get_mut(name).and_then(|w| w.instances.get_mut(&index)) else { return };
+        if inst.epoch != epoch {
+            return;
+        }
+        match kind {
+            TimerKind::Restart => {
+                if matches!(inst.phase, Phase::Backoff { .. }) && !self.shutting_down {
+                    self.spawn(name, index);
+                }
+            }
+            TimerKind::Kill | TimerKind::Recheck => {
+                if !matches!(inst.phase, Phase::Stopping | Phase::Draining) {
+                    return;
+                }
+                match inst.pgid {
+                    Some(pgid) if proc::group_alive(pgid) => {
+                        if kind == TimerKind::Kill {
+                            tracing::warn!(worker = name, instance = index, pgid, "stop grace over; SIGKILL");
+                            inst.kill_sent = true;
+                            let _ = proc::signal_group(pgid, NixSignal::SIGKILL);
+                        }
+                        self.timer(name, index, epoch, TimerKind::Recheck, Duration::from_millis(100));
+                    }
+                    _ if inst.pid.is_none() => self.settle(name, index),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// After a stray was reaped: instances whose leader is gone and whose
+    /// group may now be empty.
+    fn recheck_groups(&mut self) {
+        let done: Vec<(String, u32)> = self
+            .workers
+            .iter()
+            .flat_map(|(n, w)| w.instances.iter().map(move |(i, inst)| (n, *i, inst)))
+            .filter(|(_, _, inst)| {
+                inst.pid.is_none()
+                    && matches!(inst.phase, Phase::Stopping | Phase::Draining)
+                    && !inst.pgid.is_some_and(proc::group_alive)
+            })
+            .map(|(n, i, _)| (n.clone(), i))
+            .collect();
+        for (n, i) in done {
+            self.settle(&n, i);
+        }
+    }
+
+    fn timer(&self, name: &str, index: u32, epoch: u64, kind: TimerKind, after: Duration) {
+        let tx = self.tx.clone();
+        let worker = name.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let _ = tx.send(Event::Timer { worker, index, epoch, kind });
+        });
+    }
+
+    // ----- config changes -----
+
+    fn apply(&mut self, changes: Vec<Change>) {
+        for change in changes {
+            let name = change.worker().to_string();
+            let spec = self.config.workers.get(&name).cloned();
+            match (change, spec) {
+                (Change::Stop { .. }, _) | (_, None) => {
+                    let Some(w) = self.workers.get_mut(&name) else { continue };
+                    w.removed = true;
+                    let idx: Vec<u32> = w.instances.keys().copied().collect();
+                    if idx.is_empty() {
+                        self.workers.remove(&name);
+                    }
+                    for i in idx {
+                        self.stop_instance(&name, i, Then::Retire);
+                    }
+                }
+                (Change::Start { .. }, Some(spec)) => {
+                    let sink = self.sink_for(&name);
+                    let cap = spec.capacity;
+                    self.workers.insert(
+                        name.clone(),
+                        WorkerRt { spec, instances: BTreeMap::new(), sink, removed: false },
+                    );
+                    for i in 0..cap {
+                        self.spawn(&name, i);
+                    }
+                }
+                (change @ (Change::Restart { .. } | Change::Update { .. }), Some(spec)) => {
+                    let Some(w) = self.workers.get_mut(&name) else { continue };
+                    w.spec = spec;
+                    w.removed = false;
+                    let restart = matches!(change, Change::Restart { .. });
+                    for inst in w.instances.values_mut() {
+                        inst.needs_restart |= restart;
+                        // A parked instance gets a fresh start from any change.
+                        if matches!(inst.phase, Phase::Parked { .. }) {
+                            inst.needs_restart = true;
+                        }
+                    }
+                    self.scale(&name);
+                    self.continue_rollout(&name);
+                }
+            }
+        }
+    }
+
+    /// Starts missing indices below capacity; stops those above it, from the top.
+    fn scale(&mut self, name: &str) {
+        let Some(w) = self.workers.get(name) else { return };
+        let cap = w.spec.capacity;
+        let above: Vec<u32> = w.instances.keys().copied().filter(|&i| i >= cap).collect();
+        let missing: Vec<u32> = (0..cap).filter(|i| !w.instances.contains_key(i)).collect();
+        for i in above.into_iter().rev() {
+            self.stop_instance(name, i, Then::Retire);
+        }
+        for i in missing {
+            self.spawn(name, i);
+        }
+    }
+
+    /// Replaces, one at a time, the instances whose settings are stale:
+    /// a worker with capacity > 1 is never fully down during a change.
+    fn continue_rollout(&mut self, name: &str) {
+        let Some(w) = self.workers.get_mut(name) else { return };
+        if w.instances.values().any(|i| matches!(i.phase, Phase::Stopping) && i.then == Then::Start) {
+            return; // one is being replaced already
+        }
+        // Instances without a process take the new settings at once.
+        let idle: Vec<u32> = w
+            .instances
+            .iter()
+            .filter(|(_, i)| {
+                i.needs_restart && matches!(i.phase, Phase::Backoff { .. } | Phase::Parked { .. })
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for &i in &idle {
+            if let Some(inst) = w.instances.get_mut(&i) {
+                inst.counters = Counters::default();
+            }
+        }
+        for i in idle {
+            self.spawn(name, i);
+        }
+        let Some(w) = self.workers.get_mut(name) else { return };
+        for inst in w.instances.values_mut().filter(|i| i.needs_restart && i.phase == Phase::Stopped) {
+            inst.needs_restart = false;
+        }
+        let next =
+            w.instances.iter().find(|(_, i)| i.needs_restart && i.phase == Phase::Running).map(|(k, _)| *k);
+        if let Some(i) = next {
+            self.stop_instance(name, i, Then::Start);
+        }
+    }
+
+    fn reload(&mut self) -> Response {
+        let at = rfc3339(SystemTime::now());
+        match load(&self.opts.config_path, &self.opts.overrides) {
+            Ok(loaded) => {
+                let actual: BTreeMap<&str, &Worker> = self
+                    .workers
+                    .iter()
+                    .filter(|(_, w)| !w.removed)
+                    .map(|(k, w)| (k.as_str(), &w.spec))
+                    .collect();
+                let changes = plan(&loaded.config.workers, &actual);
+                if loaded.config == self.config {
+                    self.last_reload = Some(ReloadStatus { at, ok: true, error: None });
+                    self.dirty = true;
+                    return Response::Ok { message: format!("no change (generation {})", self.generation) };
+                }
+                self.config = loaded.config;
+                self.generation += 1;
+                tracing::info!(generation = self.generation, changes = %serde_json::to_string(&changes).unwrap_or_default(), "config applied");
+                self.apply(changes);
+                self.last_reload = Some(ReloadStatus { at, ok: true, error: None });
+                self.dirty = true;
+                Response::Ok { message: format!("applied generation {}", self.generation) }
+            }
+            Err(diags) => {
+                let error = diags.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n");
+                tracing::error!(%error, "reload failed; the last good config stays in force");
+                self.last_reload = Some(ReloadStatus { at, ok: false, error: Some(error.clone()) });
+                self.dirty = true;
+                Response::Error { message: error }
+            }
+        }
+    }
+
+    // ----- control -----
+
+    fn on_request(&mut self, req: Request, reply: oneshot::Sender<Response>) {
+        let resp = match req {
+            Request::Status { name } => match &name {
+                Some(n) if !self.workers.contains_key(n) => {
+                    Response::Error { message: format!("no worker named {n:?}") }
+                }
+                _ => {
+                    let mut r = self.report("running");
+                    if let Some(n) = name {
+                        r.workers.retain(|w| w.name == n);
+                    }
+                    Response::Status(Box::new(r))
+                }
+            },
+            Request::Stop => {
+                self.stop_waiters.push(reply);
+                self.shutdown();
+                return;
+            }
+            Request::Reload => self.reload(),
+            Request::Restart { name } => self.restart(&name),
+            Request::Unpark { name } => self.unpark(&name),
+            Request::LogPath { name } => {
+                if self.workers.contains_key(&name) {
+                    Response::LogPath { path: log_path(&self.config.supervisor.state_dir, &name) }
+                } else {
+                    Response::Error { message: format!("no worker named {name:?}") }
+                }
+            }
+        };
+        let _ = reply.send(resp);
+    }
+
+    fn restart(&mut self, name: &str) -> Response {
+        let Some(w) = self.workers.get_mut(name) else {
+            return Response::Error { message: format!("no worker named {name:?}") };
+        };
+        for inst in w.instances.values_mut() {
+            inst.needs_restart = true;
+        }
+        self.continue_rollout(name);
+        // Stopped instances (exit 0 under on-failure, never) start again too.
+        let stopped: Vec<u32> = self.workers[name]
+            .instances
+            .iter()
+            .filter(|(_, i)| i.phase == Phase::Stopped)
+            .map(|(k, _)| *k)
+            .collect();
+        for i in stopped {
+            self.spawn(name, i);
+        }
+        Response::Ok { message: format!("restarting {name}") }
+    }
+
+    fn unpark(&mut self, name: &str) -> Response {
+        let Some(w) = self.workers.get_mut(name) else {
+            return Response::Error { message: format!("no worker named {name:?}") };
+        };
+        let parked: Vec<u32> = w
+            .instances
+            .iter_mut()
+            .filter(|(_, i)| matches!(i.phase, Phase::Parked { .. }))
+            .map(|(k, i)| {
+                i.counters = Counters { restarts: i.counters.restarts, ..Counters::default() };
+                *k
+            })
+            .collect();
+        let n = parked.len();
+        for i in parked {
+            self.spawn(name, i);
+        }
+        Response::Ok { message: format!("unparked {n} instance{} of {name}", if n == 1 { "" } else { "s" }) }
+    }
+
+    // ----- shutdown -----
+
+    fn shutdown(&mut self) {
+        if self.shutting_down {
+            // Asked twice: do not wait out the grace.
+            tracing::warn!("second stop request: killing every process group now");
+            for w in self.workers.values_mut() {
+                for inst in w.instances.values_mut() {
+                    if let Some(pgid) = inst.pgid {
+                        let _ = proc::signal_group(pgid, NixSignal::SIGKILL);
+                    }
+                }
+            }
+            return;
+        }
+        tracing::info!("stopping every worker");
+        self.shutting_down = true;
+        let all: Vec<(String, u32)> =
+            self.workers.iter().flat_map(|(n, w)| w.instances.keys().map(move |i| (n.clone(), *i))).collect();
+        for (n, i) in all {
+            self.stop_instance(&n, i, Then::Stop);
+        }
+    }
+
+    fn all_stopped(&self) -> bool {
+        self.workers.values().all(|w| w.instances.values().all(|i| !i.has_processes()))
+    }
+
+    fn finish_shutdown(&mut self) {
+        for w in self.workers.values() {
+            for inst in w.instances.values() {
+                if let Some(wt) = &inst.worktree {
+                    worktree::remove(&self.reaper, &w.spec.dir, wt);
+                }
+            }
+        }
+        let report = self.report("stopped");
+        self.write_state(&report);
+        let _ = std::fs::remove_file(self.config.supervisor.state_dir.join("drover.sock"));
+        for w in self.stop_waiters.drain(..) {
+            let _ = w.send(Response::Ok { message: "stopped".into() });
+        }
+        tracing::info!("stopped");
+    }
+
+    // ----- state -----
+
+    fn report(&self, state: &str) -> StatusReport {
+        let me = std::process::id() as i32;
+        StatusReport {
+            supervisor: SupervisorStatus {
+                state: state.into(),
+                pid: Some(me),
+                pid_start_ticks: proc::start_ticks(me),
+                config: Some(self.opts.config_path.clone()),
+                started_at: Some(rfc3339(self.started_at)),
+                generation: self.generation,
+                last_reload: self.last_reload.clone(),
+            },
+            workers: self
+                .workers
+                .iter()
+                .map(|(name, w)| WorkerStatus {
+                    name: name.clone(),
+                    capacity: w.spec.capacity,
+                    state: worker_state(w),
+                    instances: w.instances.iter().map(|(i, inst)| instance_status(*i, inst)).collect(),
+                })
+                .collect(),
+            sessions: Vec::new(),
+            runs: Vec::new(),
+        }
+    }
+
+    fn flush_state(&mut self) {
+        if self.dirty {
+            self.dirty = false;
+            let report = self.report(if self.shutting_down { "stopping" } else { "running" });
+            self.write_state(&report);
+        }
+    }
+
+    fn write_state(&self, report: &StatusReport) {
+        let data = serde_json::to_vec_pretty(report).expect("report serializes");
+        if let Err(e) = write_atomic(&self.state_path, &data) {
+            tracing::error!(error = %e, path = %self.state_path.display(), "cannot write the state file");
+        }
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.config.supervisor.state_dir
+    }
+}
+
+fn instance_status(index: u32, inst: &Instance) -> InstanceStatus {
+    let error = match &inst.phase {
+        Phase::Parked { reason } => Some(match &inst.error {
+            Some(e) => format!("{reason}; last error: {e}"),
+            None => reason.clone(),
+        }),
+        _ => inst.error.clone(),
+    };
+    InstanceStatus {
+        index,
+        pid: inst.pid,
+        pgid: inst.pgid,
+        start_ticks: inst.start_ticks,
+        state: inst.phase.name().into(),
+        restarts: inst.counters.restarts,
+        started_at: inst.started_at.map(rfc3339),
+        last_exit: inst.last_exit.clone(),
+        error,
+        next_start_at: match inst.phase {
+            Phase::Backoff { until } => Some(rfc3339(until)),
+            _ => None,
+        },
+    }
+}
+
+/// One word for a worker: the state all its instances share, else the
+/// one that most needs attention.
+fn worker_state(w: &WorkerRt) -> String {
+    let names: Vec<&str> = w.instances.values().map(|i| i.phase.name()).collect();
+    if w.removed {
+        return "stopping".into();
+    }
+    for s in ["parked", "backoff", "stopping", "starting"] {
+        if names.contains(&s) {
+            return s.into();
+        }
+    }
+    if names.is_empty() || names.iter().all(|s| *s == "stopped") {
+        "stopped".into()
+    } else {
+        "running".into()
+    }
+}

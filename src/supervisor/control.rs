@@ -1,0 +1,108 @@
+//! The control socket: a Unix socket in state_dir, mode 0600, one JSON
+//! request line and one JSON response line per connection. The server
+//! side feeds the actor; the client side is what the CLI uses.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, oneshot};
+
+use super::actor::Event;
+use super::protocol::{MAX_REQUEST, Request, Response};
+
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("drover.sock")
+}
+
+/// A client that sends nothing for this long is dropped.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts connections until the actor goes away.
+pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Event>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let resp = match read_request(r).await {
+                Ok(req) => {
+                    let (otx, orx) = oneshot::channel();
+                    if tx.send(Event::Control(req, otx)).is_err() {
+                        Response::Error { message: "the supervisor is shutting down".into() }
+                    } else {
+                        orx.await
+                            .unwrap_or(Response::Error { message: "the supervisor is shutting down".into() })
+                    }
+                }
+                Err(message) => Response::Error { message },
+            };
+            let mut line = serde_json::to_vec(&resp).expect("response serializes");
+            line.push(b'\n');
+            let _ = w.write_all(&line).await;
+        });
+    }
+}
+
+async fn read_request(r: tokio::net::unix::OwnedReadHalf) -> Result<Request, String> {
+    let mut reader = tokio::io::BufReader::new(r.take(MAX_REQUEST as u64 + 1));
+    let mut line = Vec::new();
+    match tokio::time::timeout(READ_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
+        Err(_) => return Err("timed out waiting for a request".into()),
+        Ok(Err(e)) => return Err(format!("cannot read the request: {e}")),
+        Ok(Ok(_)) => {}
+    }
+    if line.len() > MAX_REQUEST {
+        return Err(format!("request longer than {MAX_REQUEST} bytes"));
+    }
+    serde_json::from_slice(&line).map_err(|e| format!("malformed request: {e}"))
+}
+
+/// Why a request could not be answered.
+#[derive(Debug)]
+pub enum ClientError {
+    /// Nothing listens on the socket: no supervisor runs.
+    NoSupervisor,
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::NoSupervisor => f.write_str("no supervisor is running"),
+            ClientError::Io(e) => write!(f, "cannot talk to the supervisor: {e}"),
+        }
+    }
+}
+
+/// Sends one request and waits for its response. `None` means the
+/// supervisor closed the connection without answering (as it does when it
+/// exits after `stop`).
+pub fn request(
+    state_dir: &Path,
+    req: &Request,
+    timeout: Option<Duration>,
+) -> Result<Option<Response>, ClientError> {
+    let path = socket_path(state_dir);
+    let mut stream = UnixStream::connect(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => ClientError::NoSupervisor,
+        _ => ClientError::Io(e),
+    })?;
+    stream.set_read_timeout(timeout).map_err(ClientError::Io)?;
+    let mut line = serde_json::to_vec(req).expect("request serializes");
+    line.push(b'\n');
+    stream.write_all(&line).map_err(ClientError::Io)?;
+    let mut reader = BufReader::new(stream);
+    let mut buf = String::new();
+    match reader.read_line(&mut buf) {
+        Ok(0) => Ok(None),
+        Ok(_) => serde_json::from_str(&buf)
+            .map(Some)
+            .map_err(|e| ClientError::Io(std::io::Error::other(format!("bad response: {e}")))),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(None),
+        Err(e) => Err(ClientError::Io(e)),
+    }
+}

@@ -1,0 +1,203 @@
+//! Worker output: one log file per worker under state_dir/logs, each line
+//! prefixed with its time, instance and stream, rotated by size with a
+//! bounded number of kept files; and, in the foreground, an echo to
+//! drover's stdout. Memory stays bounded: a line longer than
+//! [`MAX_LINE`] is split, and the echo drops lines rather than block.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use tokio::io::AsyncReadExt;
+
+use crate::os::fsutil::open_append;
+
+/// Longest line kept whole; longer ones are split into pieces this long.
+pub const MAX_LINE: usize = 16 * 1024;
+
+/// Where a worker's log lives.
+pub fn log_path(state_dir: &Path, name: &str) -> PathBuf {
+    state_dir.join("logs").join(format!("{name}.log"))
+}
+
+/// An append-only log file that rotates itself.
+pub struct LogFile {
+    path: PathBuf,
+    file: Option<File>,
+    size: u64,
+    max_size: u64,
+    keep: u32,
+}
+
+impl LogFile {
+    pub fn open(path: PathBuf, max_size: u64, keep: u32) -> io::Result<Self> {
+        let file = open_append(&path)?;
+        let size = file.metadata()?.len();
+        Ok(LogFile { path, file: Some(file), size, max_size, keep })
+    }
+
+    pub fn set_limits(&mut self, max_size: u64, keep: u32) {
+        self.max_size = max_size;
+        self.keep = keep;
+    }
+
+    pub fn write(&mut self, data: &[u8]) {
+        if self.size + data.len() as u64 > self.max_size && self.size > 0 {
+            self.rotate();
+        }
+        if let Some(f) = &mut self.file
+            && f.write_all(data).is_ok()
+        {
+            self.size += data.len() as u64;
+        }
+    }
+
+    /// name.log -> name.log.1 -> … -> name.log.KEEP (dropped).
+    fn rotate(&mut self) {
+        self.file = None;
+        let nth = |n: u32| PathBuf::from(format!("{}.{n}", self.path.display()));
+        if self.keep == 0 {
+            let _ = std::fs::remove_file(&self.path);
+        } else {
+            let _ = std::fs::remove_file(nth(self.keep));
+            for n in (1..self.keep).rev() {
+                let _ = std::fs::rename(nth(n), nth(n + 1));
+            }
+            let _ = std::fs::rename(&self.path, nth(1));
+        }
+        self.file = open_append(&self.path).ok();
+        self.size = 0;
+    }
+}
+
+/// Lines to echo on drover's stdout, handed to one thread so that a slow
+/// or stuck stdout never stalls the supervisor.
+#[derive(Clone)]
+pub struct Echo {
+    tx: SyncSender<Vec<u8>>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Echo {
+    pub fn start() -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4096);
+        std::thread::Builder::new()
+            .name("drover-echo".into())
+            .spawn(move || {
+                let stdout = io::stdout();
+                while let Ok(line) = rx.recv() {
+                    let mut out = stdout.lock();
+                    let _ = out.write_all(&line);
+                    // Flush when nothing else is waiting, so output is live.
+                    if let Ok(next) = rx.try_recv() {
+                        let _ = out.write_all(&next);
+                    }
+                    let _ = out.flush();
+                }
+            })
+            .expect("spawn echo thread");
+        Echo { tx, dropped: Arc::default() }
+    }
+
+    fn send(&self, line: Vec<u8>) {
+        if let Err(TrySendError::Full(_)) = self.tx.try_send(line) {
+            self.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// Where one worker's output goes.
+pub struct Sink {
+    pub name: String,
+    pub file: Mutex<LogFile>,
+    pub echo: Option<Echo>,
+}
+
+impl Sink {
+    fn line(&self, index: u32, stream: &str, text: &[u8]) {
+        let ts = humantime::format_rfc3339_millis(SystemTime::now());
+        let mut rec = Vec::with_capacity(text.len() + 40);
+        let _ = write!(rec, "{ts} {index} {stream} ");
+        rec.extend_from_slice(text);
+        rec.push(b'\n');
+        self.file.lock().unwrap_or_else(|e| e.into_inner()).write(&rec);
+        if let Some(echo) = &self.echo {
+            let mut e = Vec::with_capacity(text.len() + self.name.len() + 8);
+            let _ = write!(e, "{}.{index} | ", self.name);
+            e.extend_from_slice(text);
+            e.push(b'\n');
+            echo.send(e);
+        }
+    }
+}
+
+/// Reads one stream of one instance until it closes, writing whole lines.
+pub async fn pump(
+    sink: Arc<Sink>,
+    index: u32,
+    stream: &'static str,
+    mut pipe: tokio::net::unix::pipe::Receiver,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        let n = match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut chunk = &buf[..n];
+        while let Some(pos) = chunk.iter().position(|&b| b == b'\n') {
+            let (line, rest) = chunk.split_at(pos);
+            if pending.is_empty() {
+                sink.line(index, stream, line);
+            } else {
+                pending.extend_from_slice(line);
+                emit_capped(&sink, index, stream, &pending);
+                pending.clear();
+            }
+            chunk = &rest[1..];
+        }
+        pending.extend_from_slice(chunk);
+        // A line without end: write it in pieces rather than hold it all.
+        while pending.len() >= MAX_LINE {
+            sink.line(index, stream, &pending[..MAX_LINE]);
+            pending.drain(..MAX_LINE);
+        }
+    }
+    if !pending.is_empty() {
+        sink.line(index, stream, &pending);
+    }
+}
+
+fn emit_capped(sink: &Sink, index: u32, stream: &str, line: &[u8]) {
+    for piece in line.chunks(MAX_LINE) {
+        sink.line(index, stream, piece);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_keeps_a_bounded_number_of_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("w.log");
+        let mut f = LogFile::open(p.clone(), 100, 2).unwrap();
+        for _ in 0..50 {
+            f.write(&[b'x'; 30]);
+        }
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["w.log", "w.log.1", "w.log.2"]);
+        for n in &names {
+            assert!(std::fs::metadata(dir.path().join(n)).unwrap().len() <= 100);
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! The running supervisor: the actor that owns all state, the pure
+//! decisions it takes (`policy`, `reconcile`), and its outside world
+//! (control socket, logs, worktrees, start-up and recovery).
+
+pub mod actor;
+pub mod control;
+pub mod logs;
+pub mod policy;
+pub mod protocol;
+pub mod reconcile;
+pub mod runtime;
+pub mod worktree;

@@ -1,0 +1,101 @@
+//! The control protocol: one JSON request per line from the client, one
+//! JSON response per line from the supervisor. The same types serve the
+//! CLI and the daemon, and the status report doubles as the state file.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::os::reaper::Exit;
+
+/// Longest request line the supervisor reads; longer ones are refused.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Status {
+        name: Option<String>,
+    },
+    Stop,
+    Reload,
+    Restart {
+        name: String,
+    },
+    Unpark {
+        name: String,
+    },
+    /// Where a worker's log is (the client reads the file itself).
+    LogPath {
+        name: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Response {
+    Status(Box<StatusReport>),
+    Ok { message: String },
+    Error { message: String },
+    LogPath { path: PathBuf },
+}
+
+/// `status --json`, and the state file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub supervisor: SupervisorStatus,
+    pub workers: Vec<WorkerStatus>,
+    #[serde(default)]
+    pub sessions: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub runs: Vec<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SupervisorStatus {
+    /// "running", "stopped" or "stale".
+    pub state: String,
+    pub pid: Option<i32>,
+    /// The supervisor process's start time in clock ticks since boot, so
+    /// a reused pid is not taken for it.
+    #[serde(default)]
+    pub pid_start_ticks: Option<u64>,
+    pub config: Option<PathBuf>,
+    pub started_at: Option<String>,
+    pub generation: u64,
+    pub last_reload: Option<ReloadStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReloadStatus {
+    pub at: String,
+    pub ok: bool,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub name: String,
+    pub capacity: u32,
+    pub state: String,
+    pub instances: Vec<InstanceStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    pub index: u32,
+    pub pid: Option<i32>,
+    /// The process group drover signals to stop this instance.
+    pub pgid: Option<i32>,
+    #[serde(default)]
+    pub start_ticks: Option<u64>,
+    /// starting, running, backoff, parked, stopping, stopped.
+    pub state: String,
+    pub restarts: u32,
+    pub started_at: Option<String>,
+    pub last_exit: Option<Exit>,
+    /// Why it is parked, or why it could not be started.
+    pub error: Option<String>,
+    /// When a restart in backoff is due.
+    pub next_start_at: Option<String>,
+}

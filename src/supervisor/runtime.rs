@@ -1,0 +1,237 @@
+//! Bringing a supervisor up and down: the state_dir lock, recovery from a
+//! supervisor that was killed, the socket, signals, and readiness.
+
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::Signal;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+
+use super::actor::{Event, Options, Supervisor};
+use super::control;
+use super::protocol::StatusReport;
+use crate::config::Loaded;
+use crate::os::fsutil::{ensure_private_dir, libc_o_nofollow};
+use crate::os::proc;
+use crate::os::reaper::Reaper;
+
+pub fn lock_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("drover.lock")
+}
+
+pub fn state_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("state.json")
+}
+
+/// The exclusive lock on a state_dir, held for the supervisor's life.
+pub struct StateLock {
+    _lock: Flock<File>,
+}
+
+/// Takes the state_dir lock, or says which pid holds it.
+pub fn acquire_lock(state_dir: &Path) -> Result<StateLock, String> {
+    let path = lock_path(state_dir);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc_o_nofollow())
+        .open(&path)
+        .map_err(|e| format!("cannot open the lock {}: {e}", path.display()))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(mut lock) => {
+            let _ = lock.set_len(0);
+            let _ = lock.rewind();
+            let _ = writeln!(lock, "{}", std::process::id());
+            let _ = lock.sync_data();
+            Ok(StateLock { _lock: lock })
+        }
+        Err((mut file, _)) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            Err(format!(
+                "another supervisor (pid {}) already runs with state_dir {}",
+                pid.trim(),
+                state_dir.display()
+            ))
+        }
+    }
+}
+
+/// Blocks until no supervisor holds the lock of `state_dir` (it exited).
+pub fn wait_unlocked(state_dir: &Path) {
+    if let Ok(file) =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc_o_nofollow()).open(lock_path(state_dir))
+    {
+        let _ = Flock::lock(file, FlockArg::LockShared);
+    }
+}
+
+/// Reads the state file, if there is a readable one.
+pub fn read_state(state_dir: &Path) -> Option<StatusReport> {
+    let text = std::fs::read(state_path(state_dir)).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// Whether the supervisor a state file names is still alive (same pid and
+/// same start time: a reused pid is not it).
+pub fn recorded_supervisor_alive(report: &StatusReport) -> bool {
+    match (report.supervisor.pid, report.supervisor.pid_start_ticks) {
+        (Some(pid), Some(ticks)) => proc::start_ticks(pid) == Some(ticks),
+        (Some(pid), None) => proc::pid_alive(pid),
+        _ => false,
+    }
+}
+
+/// Stops what a supervisor that died without stopping (SIGKILL, crash)
+/// left running. Called with the lock held, so that supervisor is gone.
+/// Returns how many process groups were killed.
+pub fn clean_up_after_dead_supervisor(state_dir: &Path) -> usize {
+    let Some(report) = read_state(state_dir) else { return 0 };
+    if report.supervisor.state == "stopped" {
+        return 0;
+    }
+    let mut killed = 0;
+    for w in &report.workers {
+        for inst in &w.instances {
+            let Some(pgid) = inst.pgid else { continue };
+            // Linux never hands out a pid that is still some group's id, so
+            // a live group `pgid` is the one recorded, unless its leader
+            // pid now belongs to a different process (then the old group
+            // emptied and the number was reused: leave it alone).
+            let leader_ok = match (proc::start_ticks(pgid), inst.start_ticks) {
+                (Some(now), Some(then)) => now == then,
+                (Some(_), None) => true,
+                (None, _) => true,
+            };
+            if leader_ok && proc::group_alive(pgid) {
+                tracing::warn!(worker = %w.name, instance = inst.index, pgid, "killing what a dead supervisor left running");
+                let _ = proc::signal_group(pgid, Signal::SIGKILL);
+                killed += 1;
+            }
+        }
+    }
+    killed
+}
+
+/// Where `start --detach` reports readiness: the write end of a pipe to
+/// the waiting parent.
+pub struct Ready(pub Option<File>);
+
+impl Ready {
+    pub fn send(&mut self, msg: &str) {
+        if let Some(mut f) = self.0.take() {
+            let _ = f.write_all(msg.as_bytes());
+        }
+    }
+}
+
+/// Tells systemd (Type=notify) that drover is ready or stopping.
+pub fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let bytes = path.as_encoded_bytes();
+    let msg = format!("{state}\nMAINPID={}", std::process::id());
+    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|addr| sock.send_to_addr(msg.as_bytes(), &addr))
+    } else {
+        sock.send_to(msg.as_bytes(), Path::new(&path))
+    };
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// Runs the supervisor until it has stopped. Errors are start-up failures.
+pub async fn serve(
+    loaded: Loaded,
+    overrides: crate::config::Overrides,
+    echo: bool,
+    ready: &mut Ready,
+) -> Result<(), String> {
+    let state_dir = loaded.config.supervisor.state_dir.clone();
+    ensure_private_dir(&state_dir)
+        .map_err(|e| format!("cannot use state_dir {}: {e}", state_dir.display()))?;
+    ensure_private_dir(&state_dir.join("logs"))
+        .map_err(|e| format!("cannot use {}/logs: {e}", state_dir.display()))?;
+    let _lock = acquire_lock(&state_dir)?;
+
+    let killed = clean_up_after_dead_supervisor(&state_dir);
+    if killed > 0 {
+        tracing::warn!(groups = killed, "stopped what the previous supervisor left running");
+    }
+
+    proc::raise_fd_limit();
+    if let Err(e) = Reaper::become_subreaper() {
+        tracing::warn!(error = %e, "cannot become a child subreaper; orphaned grandchildren go to init");
+    }
+    // Signals first: from here on SIGTERM means a clean stop, not death.
+    let mut sigchld = signal(SignalKind::child()).map_err(|e| e.to_string())?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+
+    let (tx, rx) = mpsc::unbounded_channel();
+    let reaper = Arc::new(Reaper::default());
+    {
+        let (reaper, tx) = (reaper.clone(), tx.clone());
+        tokio::spawn(async move {
+            loop {
+                let found = reaper.reap();
+                if !found.is_empty() && tx.send(Event::Reaped(found)).is_err() {
+                    break;
+                }
+                if sigchld.recv().await.is_none() {
+                    break;
+                }
+            }
+        });
+    }
+    {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    _ = sigterm.recv() => Event::Shutdown,
+                    _ = sigint.recv() => Event::Shutdown,
+                    _ = sighup.recv() => Event::Reload(None),
+                };
+                if tx.send(ev).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    let sock = control::socket_path(&state_dir);
+    if std::fs::symlink_metadata(&sock).is_ok() {
+        std::fs::remove_file(&sock)
+            .map_err(|e| format!("cannot remove the old socket {}: {e}", sock.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(&sock)
+        .map_err(|e| format!("cannot listen on {}: {e}", sock.display()))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())?;
+
+    let opts = Options { config_path: loaded.path.clone(), overrides, echo };
+    let mut sup = Supervisor::new(opts, loaded.config, reaper, tx.clone());
+    sup.boot();
+    tokio::spawn(control::serve(listener, tx.clone()));
+    tracing::info!(pid = std::process::id(), state_dir = %state_dir.display(), "ready");
+    sd_notify("READY=1");
+    ready.send("ready\n");
+    sup.run(rx).await;
+    sd_notify("STOPPING=1");
+    Ok(())
+}
