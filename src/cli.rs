@@ -59,6 +59,13 @@ pub enum Command {
     },
     /// Re-read the config file now and apply what changed.
     Reload,
+    /// Show what applying the config file on disk would change, without
+    /// applying it: exit 0 with no changes, 1 with changes (or errors).
+    Plan {
+        /// Print the changes as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Restart every instance of a worker, one at a time.
     Restart { name: String },
     /// Give a parked worker's instances another start.

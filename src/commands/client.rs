@@ -313,3 +313,41 @@ fn follow_file(path: &Path, offset: &mut u64) -> u8 {
         }
     }
 }
+
+pub fn plan(ctx: &Ctx, json: bool) -> u8 {
+    use crate::supervisor::reconcile::Change;
+    let dir = ctx.state_dir();
+    let path = std::path::absolute(ctx.config).unwrap_or_else(|_| ctx.config.to_path_buf());
+    let (generation, changes) = match ask(&dir, &Request::Plan { path: Some(path) }) {
+        Ok(Some(Response::Plan { generation, changes })) => (generation, changes),
+        Ok(Some(other)) => return unexpected(&other),
+        Ok(None) => return no_supervisor(&dir),
+        Err(code) => return code,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&changes).expect("plan serializes"));
+    } else if changes.is_empty() {
+        println!("no changes: the running generation {generation} matches the file");
+    } else {
+        println!("changes against the running generation {generation}:");
+        for c in &changes {
+            let line = match c {
+                Change::Start { worker, capacity } => format!("+ start    {worker} (capacity {capacity})"),
+                Change::Stop { worker } => format!("- stop     {worker}"),
+                Change::Restart { worker, fields } => {
+                    format!("~ restart  {worker} (changed: {}; one instance at a time)", fields.join(", "))
+                }
+                Change::Update { worker, fields, from_capacity, to_capacity } => {
+                    let mut s = format!("~ update   {worker} (changed: {}", fields.join(", "));
+                    if from_capacity != to_capacity {
+                        s.push_str(&format!("; scale {from_capacity} -> {to_capacity}"));
+                    }
+                    s.push_str("; running processes kept)");
+                    s
+                }
+            };
+            println!("{line}");
+        }
+    }
+    if changes.is_empty() { exit::OK } else { exit::FAILED }
+}

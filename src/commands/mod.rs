@@ -38,6 +38,7 @@ pub fn run(cli: Cli) -> u8 {
         Command::Start { detach } => start::start(&cli.config, overrides.clone(), detach, cli.log_format),
         Command::Stop => client::stop(&ctx),
         Command::Status { json, name } => client::status(&ctx, json, name),
+        Command::Plan { json } => client::plan(&ctx, json),
         Command::Reload => client::simple(&ctx, crate::supervisor::protocol::Request::Reload),
         Command::Restart { name } => {
             client::simple(&ctx, crate::supervisor::protocol::Request::Restart { name })

@@ -271,7 +271,8 @@ pub fn load_text(path: &Path, text: String, overrides: &Overrides) -> Result<Loa
         sort_dedup(&mut diags);
         diags
     })?;
-    Ok(Loaded { config, path: path.to_path_buf(), text })
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    Ok(Loaded { config, path, text })
 }
 
 /// The state_dir a config names, read leniently: commands that only talk

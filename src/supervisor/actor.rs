@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal as NixSignal;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::logs::{Echo, LogFile, Sink, log_path, pump};
 use super::policy::{AfterExit, Counters, after_exit};
@@ -18,6 +18,7 @@ use super::protocol::{
     InstanceStatus, ReloadStatus, Request, Response, StatusReport, SupervisorStatus, WorkerStatus,
 };
 use super::reconcile::{Change, plan};
+use super::watch::WatchSettings;
 use super::worktree;
 use crate::config::model::{Config, SpawnMode, Worker};
 use crate::config::{Overrides, load};
@@ -174,6 +175,8 @@ pub struct Supervisor {
     echo: Option<Echo>,
     state_path: PathBuf,
     dirty: bool,
+    applied_at: SystemTime,
+    watch: Option<watch::Sender<WatchSettings>>,
     shutting_down: bool,
     stop_waiters: Vec<oneshot::Sender<Response>>,
 }
@@ -199,9 +202,21 @@ impl Supervisor {
             echo,
             state_path,
             dirty: true,
+            applied_at: SystemTime::now(),
+            watch: None,
             shutting_down: false,
             stop_waiters: Vec::new(),
         }
+    }
+
+    /// The config watcher's settings, kept in step with the config.
+    pub fn watch_settings(&self) -> WatchSettings {
+        let s = &self.config.supervisor;
+        WatchSettings { enabled: s.reload, debounce: s.debounce.0 }
+    }
+
+    pub fn set_watch(&mut self, tx: watch::Sender<WatchSettings>) {
+        self.watch = Some(tx);
     }
 
     /// Starts every worker of the initial config (generation 1).
@@ -590,10 +605,19 @@ impl Supervisor {
         for i in idle {
             self.spawn(name, i);
         }
-        let Some(w) = self.workers.get_mut(name) else { return };
-        for inst in w.instances.values_mut().filter(|i| i.needs_restart && i.phase == Phase::Stopped) {
-            inst.needs_restart = false;
+        // A stopped instance (it finished under on-failure or never)
+        // runs again with the new settings.
+        let Some(w) = self.workers.get(name) else { return };
+        let stopped: Vec<u32> = w
+            .instances
+            .iter()
+            .filter(|(_, i)| i.needs_restart && i.phase == Phase::Stopped)
+            .map(|(k, _)| *k)
+            .collect();
+        for i in stopped {
+            self.spawn(name, i);
         }
+        let Some(w) = self.workers.get_mut(name) else { return };
         let next =
             w.instances.iter().find(|(_, i)| i.needs_restart && i.phase == Phase::Running).map(|(k, _)| *k);
         if let Some(i) = next {
@@ -601,28 +625,47 @@ impl Supervisor {
         }
     }
 
+    fn actual(&self) -> BTreeMap<&str, &Worker> {
+        self.workers.iter().filter(|(_, w)| !w.removed).map(|(k, w)| (k.as_str(), &w.spec)).collect()
+    }
+
     fn reload(&mut self) -> Response {
+        if self.shutting_down {
+            return Response::Error { message: "the supervisor is stopping".into() };
+        }
         let at = rfc3339(SystemTime::now());
         match load(&self.opts.config_path, &self.opts.overrides) {
             Ok(loaded) => {
-                let actual: BTreeMap<&str, &Worker> = self
-                    .workers
-                    .iter()
-                    .filter(|(_, w)| !w.removed)
-                    .map(|(k, w)| (k.as_str(), &w.spec))
-                    .collect();
-                let changes = plan(&loaded.config.workers, &actual);
-                if loaded.config == self.config {
-                    self.last_reload = Some(ReloadStatus { at, ok: true, error: None });
-                    self.dirty = true;
-                    return Response::Ok { message: format!("no change (generation {})", self.generation) };
-                }
-                self.config = loaded.config;
-                self.generation += 1;
-                tracing::info!(generation = self.generation, changes = %serde_json::to_string(&changes).unwrap_or_default(), "config applied");
-                self.apply(changes);
                 self.last_reload = Some(ReloadStatus { at, ok: true, error: None });
                 self.dirty = true;
+                if loaded.config == self.config {
+                    return Response::Ok { message: format!("no change (generation {})", self.generation) };
+                }
+                let changes = plan(&loaded.config.workers, &self.actual());
+                self.config = loaded.config;
+                self.generation += 1;
+                self.applied_at = SystemTime::now();
+                let names = |f: fn(&Change) -> bool| -> Vec<&str> {
+                    changes.iter().filter(|c| f(c)).map(Change::worker).collect()
+                };
+                tracing::info!(
+                    generation = self.generation,
+                    started = ?names(|c| matches!(c, Change::Start { .. })),
+                    stopped = ?names(|c| matches!(c, Change::Stop { .. })),
+                    restarted = ?names(|c| matches!(c, Change::Restart { .. })),
+                    updated = ?names(|c| matches!(c, Change::Update { .. })),
+                    "config applied"
+                );
+                self.apply(changes);
+                if let Some(w) = &self.watch {
+                    w.send_if_modified(|cur| {
+                        let new = WatchSettings {
+                            enabled: self.config.supervisor.reload,
+                            debounce: self.config.supervisor.debounce.0,
+                        };
+                        std::mem::replace(cur, new) != new
+                    });
+                }
                 Response::Ok { message: format!("applied generation {}", self.generation) }
             }
             Err(diags) => {
@@ -632,6 +675,19 @@ impl Supervisor {
                 self.dirty = true;
                 Response::Error { message: error }
             }
+        }
+    }
+
+    fn plan_for(&self, path: Option<PathBuf>) -> Response {
+        let path = path.unwrap_or_else(|| self.opts.config_path.clone());
+        match load(&path, &self.opts.overrides) {
+            Ok(loaded) => Response::Plan {
+                generation: self.generation,
+                changes: plan(&loaded.config.workers, &self.actual()),
+            },
+            Err(diags) => Response::Error {
+                message: diags.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n"),
+            },
         }
     }
 
@@ -657,6 +713,7 @@ impl Supervisor {
                 return;
             }
             Request::Reload => self.reload(),
+            Request::Plan { path } => self.plan_for(path),
             Request::Restart { name } => self.restart(&name),
             Request::Unpark { name } => self.unpark(&name),
             Request::LogPath { name } => {
@@ -768,6 +825,7 @@ impl Supervisor {
                 config: Some(self.opts.config_path.clone()),
                 started_at: Some(rfc3339(self.started_at)),
                 generation: self.generation,
+                applied_at: Some(rfc3339(self.applied_at)),
                 last_reload: self.last_reload.clone(),
             },
             workers: self

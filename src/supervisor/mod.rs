@@ -9,4 +9,5 @@ pub mod policy;
 pub mod protocol;
 pub mod reconcile;
 pub mod runtime;
+pub mod watch;
 pub mod worktree;

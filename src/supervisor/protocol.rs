@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::reconcile::Change;
 use crate::os::reaper::Exit;
 
 /// Longest request line the supervisor reads; longer ones are refused.
@@ -29,6 +30,11 @@ pub enum Request {
     LogPath {
         name: String,
     },
+    /// What applying the config at `path` (default: the running one's
+    /// path) would change, without applying it.
+    Plan {
+        path: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -38,6 +44,7 @@ pub enum Response {
     Ok { message: String },
     Error { message: String },
     LogPath { path: PathBuf },
+    Plan { generation: u64, changes: Vec<Change> },
 }
 
 /// `status --json`, and the state file.
@@ -63,6 +70,9 @@ pub struct SupervisorStatus {
     pub config: Option<PathBuf>,
     pub started_at: Option<String>,
     pub generation: u64,
+    /// When the current generation was applied.
+    #[serde(default)]
+    pub applied_at: Option<String>,
     pub last_reload: Option<ReloadStatus>,
 }
 

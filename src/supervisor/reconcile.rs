@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::model::Worker;
 
@@ -17,7 +17,7 @@ pub type Actual<'a> = BTreeMap<&'a str, &'a Worker>;
 /// capacity) applies to the running processes as they are.
 pub const RESTART_FIELDS: &[&str] = &["command", "dir", "env", "spawn_mode", "stop_signal"];
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Change {
     /// A new worker: start `capacity` instances.
@@ -25,9 +25,9 @@ pub enum Change {
     /// A removed worker: stop every instance.
     Stop { worker: String },
     /// Launch settings changed: replace instances one at a time.
-    Restart { worker: String, fields: Vec<&'static str> },
+    Restart { worker: String, fields: Vec<String> },
     /// Only live settings (maybe capacity) changed: running processes stay.
-    Update { worker: String, fields: Vec<&'static str>, from_capacity: u32, to_capacity: u32 },
+    Update { worker: String, fields: Vec<String>, from_capacity: u32, to_capacity: u32 },
 }
 
 impl Change {
@@ -42,11 +42,11 @@ impl Change {
 }
 
 /// The fields of `a` and `b` that differ, by name.
-pub fn changed_fields(a: &Worker, b: &Worker) -> Vec<&'static str> {
+pub fn changed_fields(a: &Worker, b: &Worker) -> Vec<String> {
     let mut out = Vec::new();
     let mut check = |name: &'static str, differs: bool| {
         if differs {
-            out.push(name);
+            out.push(name.to_string());
         }
     };
     check("command", a.command != b.command);
@@ -74,7 +74,7 @@ pub fn plan(desired: &BTreeMap<String, Worker>, actual: &Actual<'_>) -> Vec<Chan
                 if fields.is_empty() {
                     continue;
                 }
-                if fields.iter().any(|f| RESTART_FIELDS.contains(f)) {
+                if fields.iter().any(|f| RESTART_FIELDS.contains(&f.as_str())) {
                     changes.push(Change::Restart { worker: name.clone(), fields });
                 } else {
                     changes.push(Change::Update {
@@ -132,11 +132,11 @@ mod tests {
         assert_eq!(
             p,
             [
-                Change::Restart { worker: "cmd".into(), fields: vec!["command"] },
+                Change::Restart { worker: "cmd".into(), fields: vec!["command".into()] },
                 Change::Start { worker: "fresh".into(), capacity: 3 },
                 Change::Update {
                     worker: "scale".into(),
-                    fields: vec!["capacity"],
+                    fields: vec!["capacity".into()],
                     from_capacity: 1,
                     to_capacity: 4
                 },
@@ -155,7 +155,119 @@ mod tests {
         );
         new.get_mut("a").unwrap().env.insert("K".into(), "v".into());
         assert!(
-            matches!(&plan(&new, &actual(&old))[0], Change::Restart { fields, .. } if fields.contains(&"env"))
+            matches!(&plan(&new, &actual(&old))[0], Change::Restart { fields, .. } if fields.contains(&"env".to_string()))
         );
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::config::model::{Settings, SpawnMode};
+    use crate::config::types::HumanDuration;
+
+    /// A small space of workers, so that equal and different settings both
+    /// come up often.
+    fn worker() -> impl Strategy<Value = Worker> {
+        (0..2u8, 1..4u32, 0..2u8, 0..2u8, 0..2u8).prop_map(|(cmd, capacity, grace, env, restart)| {
+            let mut w = Worker::new(
+                vec![format!("cmd{cmd}")],
+                "/".into(),
+                capacity,
+                SpawnMode::SameDir,
+                Settings::default(),
+            );
+            w.stop_grace = HumanDuration::from_secs(grace.into());
+            if env == 1 {
+                w.env.insert("K".into(), "v".into());
+            }
+            if restart == 1 {
+                w.restart = crate::config::model::RestartPolicy::Never;
+            }
+            w
+        })
+    }
+
+    fn workers() -> impl Strategy<Value = BTreeMap<String, Worker>> {
+        proptest::collection::btree_map(
+            prop::sample::select(vec!["a", "b", "c", "d"]).prop_map(String::from),
+            worker(),
+            0..4,
+        )
+    }
+
+    /// What the supervisor ends up running after a plan: each worker's
+    /// settings and its instance indices.
+    fn apply(
+        changes: &[Change],
+        actual: &BTreeMap<String, Worker>,
+        desired: &BTreeMap<String, Worker>,
+    ) -> BTreeMap<String, (Worker, BTreeSet<u32>)> {
+        let mut state: BTreeMap<String, (Worker, BTreeSet<u32>)> =
+            actual.iter().map(|(k, w)| (k.clone(), (w.clone(), (0..w.capacity).collect()))).collect();
+        for c in changes {
+            let name = c.worker().to_string();
+            match c {
+                Change::Stop { .. } => {
+                    state.remove(&name);
+                }
+                Change::Start { capacity, .. } => {
+                    state.insert(name.clone(), (desired[&name].clone(), (0..*capacity).collect()));
+                }
+                Change::Restart { .. } | Change::Update { .. } => {
+                    let w = desired[&name].clone();
+                    let entry = state.get_mut(&name).expect("restart or update of a running worker");
+                    // Scale from the top: keep low indices, add or drop high ones.
+                    entry.1.retain(|&i| i < w.capacity);
+                    entry.1.extend(0..w.capacity);
+                    entry.0 = w;
+                }
+            }
+        }
+        state
+    }
+
+    fn as_actual(m: &BTreeMap<String, Worker>) -> Actual<'_> {
+        m.iter().map(|(k, v)| (k.as_str(), v)).collect()
+    }
+
+    proptest! {
+        #[test]
+        fn applying_a_plan_reaches_the_desired_state(actual in workers(), desired in workers()) {
+            let changes = plan(&desired, &as_actual(&actual));
+            let reached = apply(&changes, &actual, &desired);
+            let want: BTreeMap<_, _> =
+                desired.iter().map(|(k, w)| (k.clone(), (w.clone(), (0..w.capacity).collect()))).collect();
+            prop_assert_eq!(reached, want);
+            for c in &changes {
+                match c {
+                    Change::Restart { fields, .. } => {
+                        prop_assert!(fields.iter().any(|f| RESTART_FIELDS.contains(&f.as_str())))
+                    }
+                    Change::Update { fields, .. } => {
+                        prop_assert!(!fields.is_empty());
+                        prop_assert!(fields.iter().all(|f| !RESTART_FIELDS.contains(&f.as_str())))
+                    }
+                    _ => {}
+                }
+            }
+        }
+
+        #[test]
+        fn a_config_reconciled_with_itself_plans_nothing(desired in workers()) {
+            prop_assert!(plan(&desired, &as_actual(&desired)).is_empty());
+        }
+
+        #[test]
+        fn unchanged_workers_are_not_touched(actual in workers(), desired in workers()) {
+            for c in plan(&desired, &as_actual(&actual)) {
+                let name = c.worker();
+                prop_assert!(actual.get(name) != desired.get(name));
+            }
+        }
     }
 }

@@ -1,0 +1,167 @@
+//! Watching the config file so that edits apply while drover runs.
+//!
+//! A watch on the file itself goes quiet after an editor's atomic save
+//! (the watched inode is replaced), so the watch is on the directory that
+//! holds the config path, plus the directory of whatever a symlinked path
+//! resolves to (a Kubernetes ConfigMap re-points `..data`). Events are
+//! filtered by name and coalesced for `debounce`; the actor then re-reads
+//! the file and does nothing if the result did not change.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::{EventKind, RecursiveMode, Watcher};
+use tokio::sync::{mpsc, watch};
+
+use super::actor::Event;
+
+/// What the watcher needs from the config, updated on every reload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WatchSettings {
+    pub enabled: bool,
+    pub debounce: Duration,
+}
+
+/// The directories to watch and the file names in them that matter.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Targets {
+    dirs: BTreeSet<PathBuf>,
+    names: BTreeSet<String>,
+}
+
+fn targets(config: &Path) -> Targets {
+    let mut t = Targets::default();
+    let mut add = |p: &Path| {
+        if let (Some(dir), Some(name)) = (p.parent(), p.file_name()) {
+            let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+            t.dirs.insert(dir.to_path_buf());
+            t.names.insert(name.to_string_lossy().into_owned());
+        }
+    };
+    add(config);
+    // Follow the chain of links one by one: each hop's directory can be
+    // where the swap happens.
+    let mut cur = config.to_path_buf();
+    for _ in 0..8 {
+        match std::fs::read_link(&cur) {
+            Ok(target) => {
+                let next = cur.parent().unwrap_or(Path::new("/")).join(target);
+                add(&next);
+                cur = next;
+            }
+            Err(_) => break,
+        }
+    }
+    if let Ok(real) = std::fs::canonicalize(config) {
+        add(&real);
+    }
+    t
+}
+
+/// Whether an event concerns the config: its name, a link on its way, or
+/// a `..`-prefixed name (Kubernetes writes `..data`, `..data_tmp` and
+/// `..2026_…` directories beside the file).
+fn relevant(ev: &notify::Event, t: &Targets) -> bool {
+    if matches!(ev.kind, EventKind::Access(_)) {
+        return false;
+    }
+    if ev.need_rescan() {
+        return true;
+    }
+    ev.paths.iter().any(|p| {
+        p.file_name()
+            .map(|n| n.to_string_lossy())
+            .is_some_and(|n| t.names.contains(n.as_ref()) || n.starts_with(".."))
+    })
+}
+
+/// Runs the watcher until the actor goes away. It sleeps on its channel:
+/// no timer runs unless a change is waiting out its debounce.
+pub async fn run(
+    config: PathBuf,
+    mut settings: watch::Receiver<WatchSettings>,
+    tx: mpsc::UnboundedSender<Event>,
+) {
+    let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<notify::Result<notify::Event>>();
+    let mut watcher = match notify::recommended_watcher(move |ev| {
+        let _ = raw_tx.send(ev);
+    }) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch the config file; use `drover reload` or SIGHUP");
+            return;
+        }
+    };
+    let mut watched = Targets::default();
+    let rewatch = |watcher: &mut notify::RecommendedWatcher, watched: &mut Targets, on: bool| {
+        let want = if on { targets(&config) } else { Targets::default() };
+        for d in watched.dirs.difference(&want.dirs) {
+            let _ = watcher.unwatch(d);
+        }
+        for d in want.dirs.difference(&watched.dirs) {
+            if let Err(e) = watcher.watch(d, RecursiveMode::NonRecursive) {
+                tracing::warn!(dir = %d.display(), error = %e, "cannot watch directory");
+            }
+        }
+        *watched = want;
+    };
+    rewatch(&mut watcher, &mut watched, settings.borrow().enabled);
+
+    loop {
+        // Wait for the first relevant event (or a settings change).
+        tokio::select! {
+            ev = raw_rx.recv() => match ev {
+                None => return,
+                Some(Ok(ev)) if !relevant(&ev, &watched) => continue,
+                Some(Err(e)) => tracing::warn!(error = %e, "watch error; reloading to be safe"),
+                Some(Ok(_)) => {}
+            },
+            changed = settings.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let on = settings.borrow().enabled;
+                rewatch(&mut watcher, &mut watched, on);
+                continue;
+            }
+        }
+        if !settings.borrow().enabled {
+            continue;
+        }
+        // Coalesce: wait until the directory has been quiet for `debounce`.
+        let debounce = settings.borrow().debounce;
+        loop {
+            match tokio::time::timeout(debounce, raw_rx.recv()).await {
+                Err(_) => break,
+                Ok(None) => return,
+                Ok(Some(_)) => continue,
+            }
+        }
+        if tx.send(Event::Reload(None)).is_err() {
+            return;
+        }
+        // A symlink swap may have moved the file to another directory.
+        rewatch(&mut watcher, &mut watched, true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_follow_symlink_chains() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("..2026_01")).unwrap();
+        std::fs::write(d.join("..2026_01/daemon.toml"), "").unwrap();
+        std::os::unix::fs::symlink("..2026_01", d.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/daemon.toml", d.join("daemon.toml")).unwrap();
+        let t = targets(&d.join("daemon.toml"));
+        assert!(t.dirs.contains(d));
+        assert!(t.names.contains("daemon.toml"));
+        let real = std::fs::canonicalize(d.join("..2026_01")).unwrap();
+        assert!(t.dirs.contains(&real), "{t:?}");
+    }
+}
