@@ -209,13 +209,16 @@ pub fn load_text(path: &Path, text: String, overrides: &Overrides) -> Result<Loa
         }]
     })?;
     let locate = Locator { path, lines: Lines::new(&text), doc: &doc, overrides };
-    let table: toml::Table = toml::from_str(&text)
-        .map_err(|e| vec![locate.diag(&[], false, format!("invalid TOML: {}", e.message()))])?;
+    // One parse serves both the spans and the values.
+    let table = edit_table(doc.as_table());
 
     // No config key takes a date or time: say so, rather than let one
     // pass as a string.
     let mut dates = Vec::new();
-    find_datetimes(&toml::Value::Table(table.clone()), &mut Vec::new(), &mut dates);
+    for (k, v) in &table {
+        find_datetimes(v, &mut vec![k.clone()], &mut dates);
+    }
+
     for o in &overrides.layers {
         find_datetimes(&o.value, &mut o.path.clone(), &mut dates);
     }
@@ -395,6 +398,36 @@ fn find_datetimes(v: &toml::Value, path: &mut Vec<String>, out: &mut Vec<Vec<Str
             }
         }
         _ => {}
+    }
+}
+
+fn edit_table<'t>(t: impl IntoIterator<Item = (&'t str, &'t toml_edit::Item)>) -> toml::Table {
+    t.into_iter().filter_map(|(k, item)| Some((k.to_string(), edit_item(item)?))).collect()
+}
+
+fn edit_item(item: &toml_edit::Item) -> Option<toml::Value> {
+    match item {
+        toml_edit::Item::None => None,
+        toml_edit::Item::Value(v) => Some(edit_value(v)),
+        toml_edit::Item::Table(t) => Some(toml::Value::Table(edit_table(t.iter()))),
+        toml_edit::Item::ArrayOfTables(a) => {
+            Some(toml::Value::Array(a.iter().map(|t| toml::Value::Table(edit_table(t.iter()))).collect()))
+        }
+    }
+}
+
+fn edit_value(v: &toml_edit::Value) -> toml::Value {
+    use toml_edit::Value as V;
+    match v {
+        V::String(s) => toml::Value::String(s.value().clone()),
+        V::Integer(i) => toml::Value::Integer(*i.value()),
+        V::Float(f) => toml::Value::Float(*f.value()),
+        V::Boolean(b) => toml::Value::Boolean(*b.value()),
+        V::Datetime(d) => toml::Value::Datetime(*d.value()),
+        V::Array(a) => toml::Value::Array(a.iter().map(edit_value).collect()),
+        V::InlineTable(t) => {
+            toml::Value::Table(t.iter().map(|(k, v)| (k.to_string(), edit_value(v))).collect())
+        }
     }
 }
 
