@@ -11,8 +11,6 @@ use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use tokio::io::AsyncReadExt;
-
 use crate::os::fsutil::open_append;
 
 /// Longest line kept whole; longer ones are split into pieces this long.
@@ -135,40 +133,54 @@ impl Sink {
 }
 
 /// Reads one stream of one instance until it closes, writing whole lines.
-pub async fn pump(
-    sink: Arc<Sink>,
-    index: u32,
-    stream: &'static str,
-    mut pipe: tokio::net::unix::pipe::Receiver,
-) {
-    let mut buf = vec![0u8; 64 * 1024];
+/// The read buffer lives on the stack and only between awaits, so an idle
+/// instance costs no buffer at all; only a partial line is kept, capped at
+/// [`MAX_LINE`].
+pub async fn pump(sink: Arc<Sink>, index: u32, stream: &'static str, pipe: tokio::net::unix::pipe::Receiver) {
     let mut pending: Vec<u8> = Vec::new();
-    loop {
-        let n = match pipe.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        let mut chunk = &buf[..n];
-        while let Some(pos) = chunk.iter().position(|&b| b == b'\n') {
-            let (line, rest) = chunk.split_at(pos);
-            if pending.is_empty() {
-                sink.line(index, stream, line);
-            } else {
-                pending.extend_from_slice(line);
-                emit_capped(&sink, index, stream, &pending);
-                pending.clear();
-            }
-            chunk = &rest[1..];
+    'outer: loop {
+        if pipe.readable().await.is_err() {
+            break;
         }
-        pending.extend_from_slice(chunk);
-        // A line without end: write it in pieces rather than hold it all.
-        while pending.len() >= MAX_LINE {
-            sink.line(index, stream, &pending[..MAX_LINE]);
-            pending.drain(..MAX_LINE);
+        // Drain what is there now; yield after a bounded amount so one
+        // flooding worker cannot hold a runtime thread.
+        for _ in 0..16 {
+            let mut buf = [0u8; 16 * 1024];
+            let n = match pipe.try_read(&mut buf) {
+                Ok(0) => break 'outer,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue 'outer,
+                Err(_) => break 'outer,
+            };
+            split_lines(&sink, index, stream, &mut pending, &buf[..n]);
         }
+        tokio::task::yield_now().await;
     }
     if !pending.is_empty() {
         sink.line(index, stream, &pending);
+    }
+}
+
+fn split_lines(sink: &Sink, index: u32, stream: &str, pending: &mut Vec<u8>, mut chunk: &[u8]) {
+    while let Some(pos) = chunk.iter().position(|&b| b == b'\n') {
+        let (line, rest) = chunk.split_at(pos);
+        if pending.is_empty() {
+            emit_capped(sink, index, stream, line);
+        } else {
+            pending.extend_from_slice(line);
+            emit_capped(sink, index, stream, pending);
+            pending.clear();
+        }
+        chunk = &rest[1..];
+    }
+    pending.extend_from_slice(chunk);
+    // A line without end: write it in pieces rather than hold it all.
+    while pending.len() >= MAX_LINE {
+        sink.line(index, stream, &pending[..MAX_LINE]);
+        pending.drain(..MAX_LINE);
+    }
+    if pending.is_empty() && pending.capacity() > MAX_LINE {
+        *pending = Vec::new();
     }
 }
 
@@ -181,6 +193,27 @@ fn emit_capped(sink: &Sink, index: u32, stream: &str, line: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_lines_are_split_and_partial_lines_joined() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("w.log");
+        let sink = Sink {
+            name: "w".into(),
+            file: Mutex::new(LogFile::open(p.clone(), u64::MAX, 0).unwrap()),
+            echo: None,
+        };
+        let mut pending = Vec::new();
+        split_lines(&sink, 0, "out", &mut pending, b"hel");
+        split_lines(&sink, 0, "out", &mut pending, b"lo\nwor");
+        split_lines(&sink, 0, "out", &mut pending, &[b'x'; 40_000]);
+        split_lines(&sink, 0, "out", &mut pending, b"\n");
+        assert!(pending.is_empty());
+        let text = std::fs::read_to_string(&p).unwrap();
+        let bodies: Vec<usize> = text.lines().map(|l| l.splitn(4, ' ').nth(3).unwrap().len()).collect();
+        assert_eq!(bodies, [5, MAX_LINE, MAX_LINE, 40_003 - 2 * MAX_LINE]);
+        assert!(text.lines().next().unwrap().ends_with(" 0 out hello"));
+    }
 
     #[test]
     fn rotation_keeps_a_bounded_number_of_files() {
