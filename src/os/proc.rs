@@ -66,6 +66,29 @@ pub fn members_of_group(pgid: i32) -> Vec<i32> {
         .collect()
 }
 
+/// The direct children of this process (of all its threads).
+pub fn own_children() -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return Vec::new() };
+    let mut out = Vec::new();
+    for t in tasks.flatten() {
+        if let Ok(list) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(list.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// The value of variable `name` in the environment `pid` started with.
+pub fn environ_var(pid: i32, name: &str) -> Option<String> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    env.split(|&b| b == 0).find_map(|kv| {
+        let rest = kv.strip_prefix(name.as_bytes())?.strip_prefix(b"=")?;
+        Some(String::from_utf8_lossy(rest).into_owned())
+    })
+}
+
 /// Raises the soft limit on open files to the hard limit: every instance
 /// holds two pipe ends, and 1000 workers exceed the usual soft limit of 1024.
 pub fn raise_fd_limit() {
@@ -89,5 +112,17 @@ mod tests {
         assert_eq!(pgid_of(me), Some(nix::unistd::getpgrp().as_raw()));
         assert!(rss_bytes(me).unwrap() > 0);
         assert!(!pid_alive(0));
+    }
+
+    #[test]
+    fn children_and_environ() {
+        let mut child =
+            std::process::Command::new("sleep").arg("5").env("DROVER_TEST_MARK", "x1").spawn().unwrap();
+        let pid = child.id() as i32;
+        assert!(own_children().contains(&pid));
+        assert_eq!(environ_var(pid, "DROVER_TEST_MARK").as_deref(), Some("x1"));
+        assert_eq!(environ_var(pid, "DROVER_TEST_MAR"), None);
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 }

@@ -406,8 +406,37 @@ impl Supervisor {
         self.dirty = true;
     }
 
+    /// Kills what drover adopted from an instance: processes that left its
+    /// group (`setsid`) and were re-parented to drover when their parent
+    /// died. They are found by the worker and instance in their
+    /// environment; with `None`, every child drover does not track goes.
+    fn kill_escapees(&self, of: Option<(&str, u32)>) {
+        for pid in proc::own_children() {
+            if self.by_pid.contains_key(&pid) || proc::is_zombie(pid) {
+                continue;
+            }
+            if let Some((name, index)) = of {
+                let ours = proc::environ_var(pid, "DROVER_WORKER").as_deref() == Some(name)
+                    && proc::environ_var(pid, "DROVER_INSTANCE") == Some(index.to_string());
+                if !ours {
+                    continue;
+                }
+            }
+            tracing::warn!(pid, worker = ?of.map(|o| o.0), "killing a process that left its worker's process group");
+            // It may lead a group of its own by now.
+            if proc::pgid_of(pid) == Some(pid) {
+                let _ = proc::signal_group(pid, NixSignal::SIGKILL);
+            } else {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), NixSignal::SIGKILL);
+            }
+        }
+    }
+
     /// The instance has no process left: act on its `then`.
     fn settle(&mut self, name: &str, index: u32) {
+        if self.workers.get(name).and_then(|w| w.instances.get(&index)).is_some_and(|i| i.pgid.is_some()) {
+            self.kill_escapees(Some((name, index)));
+        }
         let Some(w) = self.workers.get_mut(name) else { return };
         let Some(inst) = w.instances.get_mut(&index) else { return };
         inst.pid = None;
@@ -700,7 +729,8 @@ impl Supervisor {
                     Response::Error { message: format!("no worker named {n:?}") }
                 }
                 _ => {
-                    let mut r = self.report("running");
+                    let mut r = self.report(if self.shutting_down { "stopping" } else { "running" });
+
                     if let Some(n) = name {
                         r.workers.retain(|w| w.name == n);
                     }
@@ -709,7 +739,9 @@ impl Supervisor {
             },
             Request::Stop => {
                 self.stop_waiters.push(reply);
-                self.shutdown();
+                if !self.shutting_down {
+                    self.shutdown();
+                }
                 return;
             }
             Request::Reload => self.reload(),
@@ -797,6 +829,7 @@ impl Supervisor {
     }
 
     fn finish_shutdown(&mut self) {
+        self.kill_escapees(None);
         for w in self.workers.values() {
             for inst in w.instances.values() {
                 if let Some(wt) = &inst.worktree {

@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -76,12 +77,20 @@ impl LogFile {
 #[derive(Clone)]
 pub struct Echo {
     tx: SyncSender<Vec<u8>>,
-    dropped: Arc<std::sync::atomic::AtomicU64>,
+    /// Bytes waiting for the echo thread: the queue is bounded by bytes,
+    /// not only by lines, since one line can be 16 KiB.
+    queued: Arc<AtomicUsize>,
+    dropped: Arc<AtomicU64>,
 }
+
+/// Most bytes of echo output held while stdout is slow.
+const ECHO_MAX_QUEUED: usize = 1024 * 1024;
 
 impl Echo {
     pub fn start() -> Self {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4096);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let q = queued.clone();
         std::thread::Builder::new()
             .name("drover-echo".into())
             .spawn(move || {
@@ -89,20 +98,30 @@ impl Echo {
                 while let Ok(line) = rx.recv() {
                     let mut out = stdout.lock();
                     let _ = out.write_all(&line);
+                    q.fetch_sub(line.len(), Ordering::Relaxed);
+                    drop(line);
                     // Flush when nothing else is waiting, so output is live.
-                    if let Ok(next) = rx.try_recv() {
+                    while let Ok(next) = rx.try_recv() {
                         let _ = out.write_all(&next);
+                        q.fetch_sub(next.len(), Ordering::Relaxed);
                     }
                     let _ = out.flush();
                 }
             })
             .expect("spawn echo thread");
-        Echo { tx, dropped: Arc::default() }
+        Echo { tx, queued, dropped: Arc::default() }
     }
 
     fn send(&self, line: Vec<u8>) {
-        if let Err(TrySendError::Full(_)) = self.tx.try_send(line) {
-            self.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let len = line.len();
+        if self.queued.fetch_add(len, Ordering::Relaxed) + len > ECHO_MAX_QUEUED {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(line) {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

@@ -5,4 +5,10 @@ mod harness;
 
 mod check;
 mod config_cmd;
+mod control;
+mod output;
 mod schema;
+mod state;
+mod stopping;
+mod supervise;
+mod worktree;

@@ -1,0 +1,320 @@
+//! Worker output: the log file format, `drover logs`, rotation, and
+//! drover's memory while a worker floods output.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::harness::{SUPERVISOR, Sandbox, Supervisor, instance, rss_kib, sh, wait_until};
+
+const SECS_10: Duration = Duration::from_secs(10);
+const RSS_LIMIT_KIB: u64 = 60 * 1024;
+const MIB: u64 = 1024 * 1024;
+
+/// Samples the RSS of `pid` every 5 ms until dropped; `max_kib()` is the peak.
+struct RssWatch {
+    peak: Arc<AtomicU64>,
+    done: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RssWatch {
+    fn new(pid: i32) -> Self {
+        let (peak, done) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+        let (p, d) = (peak.clone(), done.clone());
+        let thread = std::thread::spawn(move || {
+            while !d.load(Ordering::Relaxed) {
+                if let Some(kib) = rss_kib(pid) {
+                    p.fetch_max(kib, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        RssWatch { peak, done, thread: Some(thread) }
+    }
+
+    fn max_kib(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for RssWatch {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The sizes of `name.log`, `name.log.1`, … that exist.
+fn log_files(sb: &Sandbox, name: &str) -> Vec<(String, u64)> {
+    let logs = sb.state_dir().join("logs");
+    let mut out: Vec<(String, u64)> = std::fs::read_dir(&logs)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{name}.log")))
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().unwrap().len()))
+        .collect();
+    out.sort();
+    out
+}
+
+fn assert_rotated(sb: &Sandbox, name: &str) {
+    let files = log_files(sb, name);
+    let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+    let want = [format!("{name}.log"), format!("{name}.log.1"), format!("{name}.log.2")];
+    assert_eq!(names, want, "log_keep = 2 keeps the current file and two old ones");
+    for (n, size) in &files {
+        assert!(*size <= MIB, "{n} is {size} bytes, over log_max_size");
+    }
+}
+
+#[test]
+fn logs_prints_the_last_lines_of_a_workers_output() {
+    let sb = Sandbox::new();
+    let script = format!(
+        "echo one; echo two >&2; echo three; echo up >> {}; exec sleep 1000",
+        sb.path("up").display()
+    );
+    sb.write("daemon.toml", format!("{SUPERVISOR}\n[workers.talker]\ncommand = {}\n", sh(&script)));
+    let _sup = Supervisor::start(&sb);
+    sb.wait_lines("up", 1, SECS_10);
+    let log = sb.state_dir().join("logs/talker.log");
+    wait_until("three lines in the log", SECS_10, || {
+        (std::fs::read_to_string(&log).unwrap_or_default().lines().count() == 3).then_some(())
+    });
+
+    let r = sb.cli(&["logs", "talker", "-n", "2"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", r.stdout);
+    // stdout and stderr are read apart, so only each stream keeps its order.
+    let mut rest: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            let (time, rest) = l.split_once(' ').unwrap();
+            humantime::parse_rfc3339(time).unwrap_or_else(|e| panic!("{time}: {e}"));
+            rest.to_string()
+        })
+        .collect();
+    rest.sort();
+    let all = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        all.contains(" 0 out one\n") && all.contains(" 0 err two\n") && all.contains(" 0 out three\n"),
+        "{all}"
+    );
+    let last_two: Vec<String> = {
+        let mut v: Vec<String> =
+            all.lines().skip(1).map(|l| l.split_once(' ').unwrap().1.to_string()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(rest, last_two);
+    assert!(rest.contains(&"0 out three".to_string()), "{rest:?}");
+
+    let r = sb.cli(&["logs", "talker"]);
+    assert_eq!(r.stdout.lines().count(), 3, "{}", r.stdout);
+
+    // In the foreground, drover echoes each line as NAME.INSTANCE | TEXT.
+    wait_until("the echo", SECS_10, || {
+        let out = std::fs::read_to_string(sb.path("drover.out")).unwrap_or_default();
+        ["talker.0 | one", "talker.0 | two", "talker.0 | three"]
+            .iter()
+            .all(|l| out.lines().any(|o| o == *l))
+            .then_some(())
+    });
+
+    let r = sb.cli(&["logs", "unknownworker"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains("unknownworker"), "{}", r.stderr);
+}
+
+#[test]
+fn a_worker_flooding_lines_leaves_drover_small_and_responsive() {
+    let sb = Sandbox::new();
+    sb.write(
+        "daemon.toml",
+        format!(
+            "{SUPERVISOR}log_max_size = \"1MiB\"\nlog_keep = 2\n\n\
+             [workers.yes]\nstop_grace = \"300ms\"\ncommand = [\"yes\", \"a flood of output\"]\n"
+        ),
+    );
+    let sup = Supervisor::start(&sb);
+    let rss = RssWatch::new(sup.pid);
+    // Until several MiB went through (rotated twice at least), status
+    // keeps answering promptly.
+    let t = Instant::now();
+    while log_files(&sb, "yes").len() < 3 || t.elapsed() < Duration::from_millis(500) {
+        let asked = Instant::now();
+        sup.status();
+        assert!(
+            asked.elapsed() < Duration::from_secs(2),
+            "status took {:?} during the flood",
+            asked.elapsed()
+        );
+        assert!(t.elapsed() < Duration::from_secs(20), "the log did not rotate: {:?}", log_files(&sb, "yes"));
+    }
+    assert!(rss.max_kib() < RSS_LIMIT_KIB, "drover's RSS reached {} KiB", rss.max_kib());
+    let r = sb.cli(&["stop"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert_rotated(&sb, "yes");
+    // Every line in the log is whole.
+    let log = std::fs::read_to_string(sb.state_dir().join("logs/yes.log.1")).unwrap();
+    for l in log.lines() {
+        assert!(l.ends_with(" 0 out a flood of output"), "{l:?}");
+    }
+}
+
+/// A worker writes 50 MB with no newline at all, then a marker line.
+fn no_newline_flood(sb: &Sandbox) {
+    let script = format!(
+        "head -c 50000000 /dev/zero | tr '\\0' x; echo; echo flood-done; echo done >> {}",
+        sb.path("done").display()
+    );
+    sb.write(
+        "daemon.toml",
+        format!(
+            "{SUPERVISOR}log_max_size = \"1MiB\"\nlog_keep = 2\n\n\
+             [workers.flood]\nrestart = \"never\"\ncommand = {}\n",
+            sh(&script)
+        ),
+    );
+}
+
+#[test]
+fn a_line_without_end_is_split_and_memory_stays_bounded() {
+    let sb = Sandbox::new();
+    no_newline_flood(&sb);
+    let sup = Supervisor::start(&sb);
+    let rss = RssWatch::new(sup.pid);
+    sup.wait_for("the flood to end", Duration::from_secs(30), |v| {
+        instance(v, "flood", 0)["state"] == "stopped"
+    });
+    let log = sb.state_dir().join("logs/flood.log");
+    wait_until("the marker in the log", SECS_10, || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains(" 0 out flood-done\n").then_some(())
+    });
+    assert!(rss.max_kib() < RSS_LIMIT_KIB, "drover's RSS reached {} KiB", rss.max_kib());
+    assert_rotated(&sb, "flood");
+    // Pieces of at most 16 KiB, each a log line of its own.
+    let old = std::fs::read_to_string(sb.state_dir().join("logs/flood.log.1")).unwrap();
+    for l in old.lines() {
+        let text = l.splitn(4, ' ').nth(3).unwrap();
+        assert!(text.len() <= 16 * 1024 && text.bytes().all(|b| b == b'x'), "a line of {} bytes", text.len());
+    }
+}
+
+#[test]
+fn a_stalled_terminal_does_not_make_drover_buffer_without_bound() {
+    // drover in the foreground echoes worker output to its stdout; here
+    // that is a pipe nobody reads (a stuck terminal). The README: echoed
+    // lines are dropped rather than stall, and memory stays bounded.
+    let sb = Sandbox::new();
+    no_newline_flood(&sb);
+    let mut sup = Supervisor::start_with(&sb, |c| {
+        c.stdout(Stdio::piped());
+    });
+    let rss = RssWatch::new(sup.pid);
+    sup.wait_for("the flood to end", Duration::from_secs(30), |v| {
+        instance(v, "flood", 0)["state"] == "stopped"
+    });
+    sb.wait_lines("done", 1, SECS_10);
+    let peak = rss.max_kib();
+    // Unblock drover's stdout so that it can shut down.
+    drop(sup.take_stdout());
+    // Echoed lines may be dropped; log lines never are.
+    let log = std::fs::read_to_string(sb.state_dir().join("logs/flood.log")).unwrap();
+    assert!(log.contains(" 0 out flood-done\n"), "the log lost lines");
+    assert!(peak < RSS_LIMIT_KIB, "drover's RSS reached {peak} KiB with its stdout stalled");
+}
+
+#[test]
+fn logs_follow_prints_new_lines_across_rotations() {
+    let sb = Sandbox::new();
+    // ~120-byte lines, 150 of them, paced: the 4 KiB log rotates often.
+    let script = "i=0; while [ $i -lt 150 ]; do i=$((i+1)); echo \"seq $i $(printf '%0100d' 0)\"; sleep 0.005; done; \
+                  echo final; exec sleep 1000";
+    sb.write(
+        "daemon.toml",
+        format!(
+            "{SUPERVISOR}log_max_size = \"4KiB\"\nlog_keep = 3\n\n[workers.ticker]\nstop_grace = \"300ms\"\ncommand = {}\n",
+            sh(script)
+        ),
+    );
+    let _sup = Supervisor::start(&sb);
+    let mut follower = sb
+        .drover()
+        .args(["-c", "daemon.toml", "logs", "ticker", "-f", "-n", "5"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = follower.stdout.take().unwrap();
+    let _guard = Kill(follower);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stdout).lines() {
+            if tx.send(l.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.ends_with(" 0 out final")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => seen.push(l),
+            Err(_) => {
+                panic!("logs -f did not print the last line; it printed {} lines: {seen:#?}", seen.len())
+            }
+        }
+    }
+    // Whole lines only, in order; some may be missed across a rotation.
+    let mut last = 0;
+    for l in &seen {
+        let parts: Vec<&str> = l.splitn(4, ' ').collect();
+        assert!(parts.len() == 4 && parts[1] == "0" && parts[2] == "out", "malformed line {l:?}");
+        humantime::parse_rfc3339(parts[0]).unwrap_or_else(|e| panic!("{l:?}: {e}"));
+        if let Some(rest) = parts[3].strip_prefix("seq ") {
+            let (n, pad) = rest.split_once(' ').unwrap_or_else(|| panic!("malformed line {l:?}"));
+            let n: u32 = n.parse().unwrap();
+            assert!(n > last, "out of order: {n} after {last}");
+            assert_eq!(pad.len(), 100, "a partial line: {l:?}");
+            last = n;
+        }
+    }
+    assert!(seen.len() > 50, "logs -f saw only {} lines", seen.len());
+}
+
+#[test]
+fn drovers_own_log_can_be_json() {
+    let sb = Sandbox::new();
+    sb.write("daemon.toml", format!("{SUPERVISOR}\n[workers.w]\ncommand = [\"sleep\", \"1000\"]\n"));
+    let mut sup = Supervisor::start_with(&sb, |c| {
+        c.args(["--log-format", "json"]);
+    });
+    let r = sb.cli(&["stop"]);
+    assert_eq!(r.code, Some(0));
+    assert!(sup.wait_exit(SECS_10).is_some());
+    let err = sup.stderr();
+    let records: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(records.iter().any(|r| r["fields"]["message"] == "ready"), "{err}");
+    assert!(
+        records.iter().any(|r| r["fields"]["message"] == "started" && r["fields"]["worker"] == "w"),
+        "{err}"
+    );
+}
