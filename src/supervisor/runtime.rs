@@ -228,7 +228,7 @@ pub async fn serve(
     let mut sup = Supervisor::new(opts, loaded.config, reaper, tx.clone());
     let (watch_tx, watch_rx) = tokio::sync::watch::channel(sup.watch_settings());
     sup.set_watch(watch_tx);
-    tokio::spawn(super::watch::run(loaded.path.clone(), watch_rx, tx.clone()));
+    super::watch::start(loaded.path.clone(), &loaded.text, watch_rx, tx.clone());
     sup.boot();
     tokio::spawn(control::serve(listener, tx.clone()));
     tracing::info!(pid = std::process::id(), state_dir = %state_dir.display(), "ready");

@@ -76,14 +76,18 @@ fn relevant(ev: &notify::Event, t: &Targets) -> bool {
     })
 }
 
-/// Runs the watcher until the actor goes away. It sleeps on its channel:
-/// no timer runs unless a change is waiting out its debounce.
-pub async fn run(
+/// Sets up the watches now (so that no change made after drover reports
+/// ready can be missed), then runs the watcher in the background until
+/// the actor goes away. `loaded_text` is what the running config was read
+/// from: if the file already differs once the watch is armed, a reload is
+/// asked for at once.
+pub fn start(
     config: PathBuf,
-    mut settings: watch::Receiver<WatchSettings>,
+    loaded_text: &str,
+    settings: watch::Receiver<WatchSettings>,
     tx: mpsc::UnboundedSender<Event>,
 ) {
-    let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<notify::Result<notify::Event>>();
+    let (raw_tx, raw_rx) = mpsc::unbounded_channel::<notify::Result<notify::Event>>();
     let mut watcher = match notify::recommended_watcher(move |ev| {
         let _ = raw_tx.send(ev);
     }) {
@@ -94,20 +98,37 @@ pub async fn run(
         }
     };
     let mut watched = Targets::default();
-    let rewatch = |watcher: &mut notify::RecommendedWatcher, watched: &mut Targets, on: bool| {
-        let want = if on { targets(&config) } else { Targets::default() };
-        for d in watched.dirs.difference(&want.dirs) {
-            let _ = watcher.unwatch(d);
-        }
-        for d in want.dirs.difference(&watched.dirs) {
-            if let Err(e) = watcher.watch(d, RecursiveMode::NonRecursive) {
-                tracing::warn!(dir = %d.display(), error = %e, "cannot watch directory");
-            }
-        }
-        *watched = want;
-    };
-    rewatch(&mut watcher, &mut watched, settings.borrow().enabled);
+    let enabled = settings.borrow().enabled;
+    rewatch(&config, &mut watcher, &mut watched, enabled);
+    if enabled && std::fs::read_to_string(&config).ok().as_deref() != Some(loaded_text) {
+        let _ = tx.send(Event::Reload(None));
+    }
+    tokio::spawn(run(config, watcher, watched, raw_rx, settings, tx));
+}
 
+fn rewatch(config: &Path, watcher: &mut notify::RecommendedWatcher, watched: &mut Targets, on: bool) {
+    let want = if on { targets(config) } else { Targets::default() };
+    for d in watched.dirs.difference(&want.dirs) {
+        let _ = watcher.unwatch(d);
+    }
+    for d in want.dirs.difference(&watched.dirs) {
+        if let Err(e) = watcher.watch(d, RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %d.display(), error = %e, "cannot watch directory");
+        }
+    }
+    *watched = want;
+}
+
+/// The watcher's loop. It sleeps on its channel: no timer runs unless a
+/// change is waiting out its debounce.
+async fn run(
+    config: PathBuf,
+    mut watcher: notify::RecommendedWatcher,
+    mut watched: Targets,
+    mut raw_rx: mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
+    mut settings: watch::Receiver<WatchSettings>,
+    tx: mpsc::UnboundedSender<Event>,
+) {
     loop {
         // Wait for the first relevant event (or a settings change).
         tokio::select! {
@@ -122,7 +143,7 @@ pub async fn run(
                     return;
                 }
                 let on = settings.borrow().enabled;
-                rewatch(&mut watcher, &mut watched, on);
+                rewatch(&config, &mut watcher, &mut watched, on);
                 continue;
             }
         }
@@ -142,7 +163,7 @@ pub async fn run(
             return;
         }
         // A symlink swap may have moved the file to another directory.
-        rewatch(&mut watcher, &mut watched, true);
+        rewatch(&config, &mut watcher, &mut watched, true);
     }
 }
 

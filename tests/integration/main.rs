@@ -7,6 +7,7 @@ mod check;
 mod config_cmd;
 mod control;
 mod output;
+mod reload;
 mod schema;
 mod state;
 mod stopping;
