@@ -6,5 +6,6 @@
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod ledger;
 pub mod os;
 pub mod supervisor;
