@@ -206,6 +206,19 @@ pub struct RawJob {
     pub on_overlap: Option<OnOverlap>,
     /// A run still going after this long is stopped and fails.
     pub timeout: Option<HumanDuration>,
+    /// Spread scheduled starts: each tick is delayed by a fixed part of
+    /// this, the same for the job every time (derived from its name).
+    #[schemars(extend("default" = "0s"))]
+    pub jitter: Option<HumanDuration>,
+    /// With `on_overlap = "queue"`, how many runs may wait; beyond it a
+    /// tick or trigger is skipped.
+    #[schemars(extend("default" = 16), range(min = 1, max = 10000))]
+    pub queue_limit: Option<u32>,
+    /// Run once at start if a tick was missed while drover was down (never
+    /// more than once, however many were missed).
+    #[schemars(extend("default" = false))]
+    pub catch_up: Option<bool>,
+
     /// Terminal runs of this job kept in the ledger.
     #[schemars(extend("default" = 50), range(min = 1))]
     pub retain: Option<u32>,

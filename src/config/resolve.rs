@@ -175,6 +175,10 @@ fn resolve_job(
         capacity,
         on_overlap: j.on_overlap.unwrap_or(OnOverlap::Skip),
         timeout: j.timeout,
+        jitter: j.jitter.unwrap_or_default(),
+        queue_limit: j.queue_limit.unwrap_or(16).max(1),
+        catch_up: j.catch_up.unwrap_or(false),
+
         retain,
         dir: resolve_dir(p, &["jobs", name, "dir"], base_dir, j.dir.as_deref()),
         env,

@@ -88,43 +88,74 @@ pub fn start(
     tx: mpsc::UnboundedSender<Event>,
 ) {
     let (raw_tx, raw_rx) = mpsc::unbounded_channel::<notify::Result<notify::Event>>();
-    let mut watcher = match notify::recommended_watcher(move |ev| {
-        let _ = raw_tx.send(ev);
-    }) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch the config file; use `drover reload` or SIGHUP");
-            return;
-        }
-    };
-    let mut watched = Targets::default();
+    let mut w = Watch { config, watcher: None, watched: Targets::default(), raw_tx };
     let enabled = settings.borrow().enabled;
-    rewatch(&config, &mut watcher, &mut watched, enabled);
-    if enabled && std::fs::read_to_string(&config).ok().as_deref() != Some(loaded_text) {
+    w.set(enabled);
+    if enabled && std::fs::read_to_string(&w.config).ok().as_deref() != Some(loaded_text) {
         let _ = tx.send(Event::Reload(None));
     }
-    tokio::spawn(run(config, watcher, watched, raw_rx, settings, tx));
+    tokio::spawn(run(w, raw_rx, settings, tx));
 }
 
-fn rewatch(config: &Path, watcher: &mut notify::RecommendedWatcher, watched: &mut Targets, on: bool) {
-    let want = if on { targets(config) } else { Targets::default() };
-    for d in watched.dirs.difference(&want.dirs) {
-        let _ = watcher.unwatch(d);
-    }
-    for d in want.dirs.difference(&watched.dirs) {
-        if let Err(e) = watcher.watch(d, RecursiveMode::NonRecursive) {
-            tracing::warn!(dir = %d.display(), error = %e, "cannot watch directory");
+/// The inotify watch, made only while watching is on (an inotify instance
+/// is a limited resource: 128 per user by default).
+struct Watch {
+    config: PathBuf,
+    watcher: Option<notify::RecommendedWatcher>,
+    watched: Targets,
+    raw_tx: mpsc::UnboundedSender<notify::Result<notify::Event>>,
+}
+
+impl Watch {
+    fn set(&mut self, on: bool) {
+        if !on {
+            self.watcher = None;
+            self.watched = Targets::default();
+            return;
         }
+        if self.watcher.is_none() {
+            let tx = self.raw_tx.clone();
+            match notify::recommended_watcher(move |ev| {
+                let _ = tx.send(ev);
+            }) {
+                Ok(w) => self.watcher = Some(w),
+                Err(e) => {
+                    tracing::error!(error = %explain(&e), "cannot watch the config file; use `drover reload` or SIGHUP");
+                    return;
+                }
+            }
+        }
+        let Some(watcher) = self.watcher.as_mut() else { return };
+        let want = targets(&self.config);
+        for d in self.watched.dirs.difference(&want.dirs) {
+            let _ = watcher.unwatch(d);
+        }
+        for d in want.dirs.difference(&self.watched.dirs) {
+            if let Err(e) = watcher.watch(d, RecursiveMode::NonRecursive) {
+                tracing::warn!(dir = %d.display(), error = %explain(&e), "cannot watch directory");
+            }
+        }
+        self.watched = want;
     }
-    *watched = want;
+}
+
+/// Turns inotify's resource errors into what to do about them.
+fn explain(e: &notify::Error) -> String {
+    match &e.kind {
+        notify::ErrorKind::MaxFilesWatch => {
+            "the inotify watch limit is reached; raise fs.inotify.max_user_watches".into()
+        }
+        notify::ErrorKind::Io(io) if io.raw_os_error() == Some(24) => {
+            "too many inotify instances; raise fs.inotify.max_user_instances".into()
+        }
+        _ => e.to_string(),
+    }
 }
 
 /// The watcher's loop. It sleeps on its channel: no timer runs unless a
 /// change is waiting out its debounce.
 async fn run(
-    config: PathBuf,
-    mut watcher: notify::RecommendedWatcher,
-    mut watched: Targets,
+    mut w: Watch,
     mut raw_rx: mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
     mut settings: watch::Receiver<WatchSettings>,
     tx: mpsc::UnboundedSender<Event>,
@@ -134,7 +165,7 @@ async fn run(
         tokio::select! {
             ev = raw_rx.recv() => match ev {
                 None => return,
-                Some(Ok(ev)) if !relevant(&ev, &watched) => continue,
+                Some(Ok(ev)) if !relevant(&ev, &w.watched) => continue,
                 Some(Err(e)) => tracing::warn!(error = %e, "watch error; reloading to be safe"),
                 Some(Ok(_)) => {}
             },
@@ -143,27 +174,32 @@ async fn run(
                     return;
                 }
                 let on = settings.borrow().enabled;
-                rewatch(&config, &mut watcher, &mut watched, on);
+                w.set(on);
                 continue;
             }
         }
         if !settings.borrow().enabled {
             continue;
         }
-        // Coalesce: wait until the directory has been quiet for `debounce`.
+        // Coalesce: wait until the config has been quiet for `debounce`.
+        // Only relevant events count: reads of the file (every `drover
+        // status` reads it) and writes to neighbours must not hold it off.
         let debounce = settings.borrow().debounce;
+        let mut deadline = tokio::time::Instant::now() + debounce;
         loop {
-            match tokio::time::timeout(debounce, raw_rx.recv()).await {
+            match tokio::time::timeout_at(deadline, raw_rx.recv()).await {
                 Err(_) => break,
                 Ok(None) => return,
-                Ok(Some(_)) => continue,
+                Ok(Some(Ok(ev))) if !relevant(&ev, &w.watched) => {}
+                Ok(Some(_)) => deadline = tokio::time::Instant::now() + debounce,
             }
         }
+
         if tx.send(Event::Reload(None)).is_err() {
             return;
         }
         // A symlink swap may have moved the file to another directory.
-        rewatch(&config, &mut watcher, &mut watched, true);
+        w.set(true);
     }
 }
 
