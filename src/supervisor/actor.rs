@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::sys::signal::Signal as NixSignal;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::jobs::{JobRt, RunProc, RunTimer, SessionDirs};
 use super::logs::{Echo, LogFile, Sink, log_path, pump};
 use super::policy::{AfterExit, Counters, after_exit};
 use super::protocol::{
@@ -22,6 +23,7 @@ use super::watch::WatchSettings;
 use super::worktree;
 use crate::config::model::{Config, SpawnMode, Worker};
 use crate::config::{Overrides, load};
+use crate::ledger::{Kind, Ledger, Owner};
 use crate::os::fsutil::write_atomic;
 use crate::os::proc;
 use crate::os::reaper::{Exit, Reaped, Reaper};
@@ -36,11 +38,29 @@ pub enum Event {
         epoch: u64,
         kind: TimerKind,
     },
+    /// A job's scheduled tick is due.
+    JobTick {
+        job: String,
+        epoch: u64,
+    },
+    /// A run's timeout or stop grace is over.
+    RunTimer {
+        run: i64,
+        epoch: u64,
+        kind: RunTimer,
+    },
     Control(Request, oneshot::Sender<Response>),
     /// SIGTERM / SIGINT; a second one while stopping kills at once.
     Shutdown,
     /// SIGHUP, `drover reload`, or the file watcher.
     Reload(Option<oneshot::Sender<Response>>),
+}
+
+/// Whose process a pid is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Proc {
+    Instance(String, u32),
+    Run(i64),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,20 +184,26 @@ pub struct Options {
 
 pub struct Supervisor {
     opts: Options,
-    config: Config,
+    pub(super) config: Config,
     generation: u64,
     last_reload: Option<ReloadStatus>,
     started_at: SystemTime,
     workers: BTreeMap<String, WorkerRt>,
-    by_pid: HashMap<i32, (String, u32)>,
-    reaper: Arc<Reaper>,
-    tx: mpsc::UnboundedSender<Event>,
-    echo: Option<Echo>,
+    pub(super) by_pid: HashMap<i32, Proc>,
+    pub(super) reaper: Arc<Reaper>,
+    pub(super) tx: mpsc::UnboundedSender<Event>,
+    pub(super) echo: Option<Echo>,
     state_path: PathBuf,
-    dirty: bool,
+    pub(super) dirty: bool,
+    pub(super) ledger: Option<Ledger>,
+    /// This supervisor incarnation, stamped on the runs it claims.
+    pub(super) owner: Owner,
+    pub(super) jobs: BTreeMap<String, JobRt>,
+    pub(super) runs: HashMap<i64, RunProc>,
+    pub(super) session_dirs: SessionDirs,
     applied_at: SystemTime,
     watch: Option<watch::Sender<WatchSettings>>,
-    shutting_down: bool,
+    pub(super) shutting_down: bool,
     stop_waiters: Vec<oneshot::Sender<Response>>,
 }
 
@@ -202,6 +228,14 @@ impl Supervisor {
             echo,
             state_path,
             dirty: true,
+            ledger: None,
+            owner: Owner {
+                pid: std::process::id() as i32,
+                start_ticks: proc::start_ticks(std::process::id() as i32).unwrap_or(0),
+            },
+            jobs: BTreeMap::new(),
+            runs: HashMap::new(),
+            session_dirs: SessionDirs::new(),
             applied_at: SystemTime::now(),
             watch: None,
             shutting_down: false,
@@ -222,6 +256,13 @@ impl Supervisor {
     /// Starts every worker of the initial config (generation 1).
     pub fn boot(&mut self) {
         self.generation = 1;
+        let state_dir = self.config.supervisor.state_dir.clone();
+        let _ = crate::os::fsutil::ensure_private_dir(&state_dir.join("runs"));
+        match Ledger::open(&crate::ledger::path_in(&state_dir)) {
+            Ok(l) => self.ledger = Some(l),
+            Err(e) => tracing::error!(error = %e, "cannot open the run ledger; jobs will not run"),
+        }
+        self.boot_jobs();
         let changes = plan(&self.config.workers, &BTreeMap::new());
         self.apply(changes);
         self.flush_state();
@@ -259,6 +300,8 @@ impl Supervisor {
                 }
             }
             Event::Timer { worker, index, epoch, kind } => self.on_timer(&worker, index, epoch, kind),
+            Event::JobTick { job, epoch } => self.on_job_tick(&job, epoch),
+            Event::RunTimer { run, epoch, kind } => self.on_run_timer(run, epoch, kind),
             Event::Control(req, reply) => self.on_request(req, reply),
             Event::Shutdown => self.shutdown(),
             Event::Reload(reply) => {
@@ -338,7 +381,7 @@ impl Supervisor {
                         tokio::spawn(pump(w.sink.clone(), index, stream, rx));
                     }
                 }
-                self.by_pid.insert(pid, (name.to_string(), index));
+                self.by_pid.insert(pid, Proc::Instance(name.to_string(), index));
                 tracing::info!(worker = name, instance = index, pid, "started");
             }
             Err(msg) => {
@@ -353,7 +396,11 @@ impl Supervisor {
     }
 
     fn on_exit(&mut self, pid: i32, exit: Exit) {
-        let Some((name, index)) = self.by_pid.remove(&pid) else { return };
+        let (name, index) = match self.by_pid.remove(&pid) {
+            Some(Proc::Instance(name, index)) => (name, index),
+            Some(Proc::Run(id)) => return self.on_run_exit(id, exit),
+            None => return,
+        };
         let Some(inst) = self.workers.get_mut(&name).and_then(|w| w.instances.get_mut(&index)) else {
             return;
         };
@@ -686,6 +733,7 @@ impl Supervisor {
                     "config applied"
                 );
                 self.apply(changes);
+                self.apply_jobs();
                 if let Some(w) = &self.watch {
                     w.send_if_modified(|cur| {
                         let new = WatchSettings {
@@ -746,6 +794,35 @@ impl Supervisor {
             }
             Request::Reload => self.reload(),
             Request::Plan { path } => self.plan_for(path),
+            Request::Trigger { job } => match self.trigger(&job) {
+                Ok(id) => Response::Run { id },
+                Err(message) => Response::Error { message },
+            },
+            Request::Cancel { id } => match self.cancel(id, "cancelled by drover runs cancel") {
+                Ok(message) => Response::Ok { message },
+                Err(message) => Response::Error { message },
+            },
+            Request::Resume { id } => match self.resume(id) {
+                Ok(id) => Response::Run { id },
+                Err(message) => Response::Error { message },
+            },
+            Request::Bg { name, command, dir } => match self.start_session(name, command, dir) {
+                Ok(id) => Response::Run { id },
+                Err(message) => Response::Error { message },
+            },
+            Request::Kill { key } => match self.find_run(&key).and_then(|r| {
+                if r.kind != Kind::Session {
+                    return Err(format!("run {} is not a session; use drover runs cancel", r.id));
+                }
+                self.cancel(r.id, "killed by drover kill")
+            }) {
+                Ok(message) => Response::Ok { message },
+                Err(message) => Response::Error { message },
+            },
+            Request::RunInfo { key } => match self.find_run(&key) {
+                Ok(run) => Response::RunInfo(Box::new(run)),
+                Err(message) => Response::Error { message },
+            },
             Request::Restart { name } => self.restart(&name),
             Request::Unpark { name } => self.unpark(&name),
             Request::LogPath { name } => {
@@ -813,6 +890,11 @@ impl Supervisor {
                     }
                 }
             }
+            for r in self.runs.values() {
+                if let Some(pgid) = r.pgid {
+                    let _ = proc::signal_group(pgid, NixSignal::SIGKILL);
+                }
+            }
             return;
         }
         tracing::info!("stopping every worker");
@@ -822,10 +904,12 @@ impl Supervisor {
         for (n, i) in all {
             self.stop_instance(&n, i, Then::Stop);
         }
+        self.stop_all_runs();
     }
 
     fn all_stopped(&self) -> bool {
-        self.workers.values().all(|w| w.instances.values().all(|i| !i.has_processes()))
+        self.runs.is_empty()
+            && self.workers.values().all(|w| w.instances.values().all(|i| !i.has_processes()))
     }
 
     fn finish_shutdown(&mut self) {
@@ -850,6 +934,7 @@ impl Supervisor {
 
     fn report(&self, state: &str) -> StatusReport {
         let me = std::process::id() as i32;
+        let active = self.active_runs();
         StatusReport {
             supervisor: SupervisorStatus {
                 state: state.into(),
@@ -871,8 +956,9 @@ impl Supervisor {
                     instances: w.instances.iter().map(|(i, inst)| instance_status(*i, inst)).collect(),
                 })
                 .collect(),
-            sessions: Vec::new(),
-            runs: Vec::new(),
+            jobs: self.jobs_status(),
+            sessions: active.iter().filter(|r| r.kind == Kind::Session).cloned().collect(),
+            runs: active.into_iter().filter(|r| r.kind != Kind::Session).collect(),
         }
     }
 

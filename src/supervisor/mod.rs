@@ -4,6 +4,7 @@
 
 pub mod actor;
 pub mod control;
+pub mod jobs;
 pub mod logs;
 pub mod policy;
 pub mod protocol;

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::jobs::JobStatus;
 use super::reconcile::Change;
+use crate::ledger::Run;
+
 use crate::os::reaper::Exit;
 
 /// Longest request line the supervisor reads; longer ones are refused.
@@ -35,16 +38,54 @@ pub enum Request {
     Plan {
         path: Option<PathBuf>,
     },
+    /// Queue a run of a job now.
+    Trigger {
+        job: String,
+    },
+    Cancel {
+        id: i64,
+    },
+    Resume {
+        id: i64,
+    },
+    /// Start a background session.
+    Bg {
+        name: Option<String>,
+        command: Vec<String>,
+        dir: PathBuf,
+    },
+    /// Stop a session, by id or name.
+    Kill {
+        key: String,
+    },
+    /// A run or session, by id (or a session by name).
+    RunInfo {
+        key: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Response {
     Status(Box<StatusReport>),
-    Ok { message: String },
-    Error { message: String },
-    LogPath { path: PathBuf },
-    Plan { generation: u64, changes: Vec<Change> },
+    Ok {
+        message: String,
+    },
+    Error {
+        message: String,
+    },
+    LogPath {
+        path: PathBuf,
+    },
+    Plan {
+        generation: u64,
+        changes: Vec<Change>,
+    },
+    /// The id of a run that was started or queued.
+    Run {
+        id: i64,
+    },
+    RunInfo(Box<Run>),
 }
 
 /// `status --json`, and the state file.
@@ -53,9 +94,13 @@ pub struct StatusReport {
     pub supervisor: SupervisorStatus,
     pub workers: Vec<WorkerStatus>,
     #[serde(default)]
-    pub sessions: Vec<serde_json::Value>,
+    pub jobs: Vec<JobStatus>,
+    /// Active background sessions.
     #[serde(default)]
-    pub runs: Vec<serde_json::Value>,
+    pub sessions: Vec<Run>,
+    /// Active job runs and flows (queued, running, waiting).
+    #[serde(default)]
+    pub runs: Vec<Run>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
