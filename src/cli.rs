@@ -26,6 +26,21 @@ pub struct Cli {
     pub command: Command,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum RunsAction {
+    /// A run with its steps, times, exit and log.
+    Show {
+        id: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a queued, waiting or running run, flow or session.
+    Cancel { id: i64 },
+    /// Continue a waiting flow, or restart a failed or cancelled one from
+    /// its first step that did not succeed (a new run, linked to the old).
+    Resume { id: i64 },
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -70,7 +85,40 @@ pub enum Command {
     Restart { name: String },
     /// Give a parked worker's instances another start.
     Unpark { name: String },
-    /// Print a worker's output.
+    /// Queue a run of a job now; prints the run id.
+    Trigger { job: String },
+    /// The run ledger: list runs (newest first), or act on one.
+    Runs {
+        #[command(subcommand)]
+        action: Option<RunsAction>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Only this job's runs.
+        #[arg(long)]
+        job: Option<String>,
+        /// Only runs in this state (queued, running, waiting, succeeded, failed, cancelled).
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many runs.
+        #[arg(short = 'n', long = "limit", default_value_t = 20)]
+        limit: usize,
+    },
+    /// Start a transient background session; prints its id.
+    Bg {
+        /// A name to address the session by.
+        #[arg(long)]
+        name: Option<String>,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Print a session's output from its start and follow it until it
+    /// ends; exits with the session's exit code. Ctrl-C detaches.
+    Attach { id: String },
+    /// Stop a session (stop signal, grace, then SIGKILL).
+    Kill { id: String },
+    /// Print a worker's (or a session's) output.
     Logs {
         name: String,
         /// Keep printing new output as it comes.

@@ -1,8 +1,20 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use drover::cli::{Cli, Command};
 
 fn main() -> ExitCode {
-    let cli = drover::cli::Cli::parse();
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Start { .. }) {
+        // A client piped into `head` should end quietly, as other tools
+        // do; the supervisor keeps Rust's default (EPIPE as an error).
+        // SAFETY: single-threaded here, before anything else runs.
+        unsafe {
+            let _ = nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            );
+        }
+    }
     ExitCode::from(drover::commands::run(cli))
 }

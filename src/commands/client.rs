@@ -19,14 +19,14 @@ pub struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn state_dir(&self) -> PathBuf {
+    pub(super) fn state_dir(&self) -> PathBuf {
         state_dir_of(self.config, self.overrides)
     }
 }
 
 const TIMEOUT: Option<Duration> = Some(Duration::from_secs(30));
 
-fn no_supervisor(state_dir: &Path) -> u8 {
+pub(super) fn no_supervisor(state_dir: &Path) -> u8 {
     eprintln!("drover: no supervisor is running (state_dir {})", state_dir.display());
     exit::NO_SUPERVISOR
 }
@@ -38,7 +38,7 @@ fn failed(e: ClientError) -> u8 {
 
 /// Sends `req`; an error answer or a failure to talk is printed here and
 /// turned into the exit code. `Ok(None)`: no supervisor answers.
-fn ask(dir: &Path, req: &Request) -> Result<Option<Response>, u8> {
+pub(super) fn ask(dir: &Path, req: &Request) -> Result<Option<Response>, u8> {
     match request(dir, req, TIMEOUT) {
         Ok(Some(Response::Error { message })) => {
             eprintln!("drover: {message}");
@@ -54,7 +54,7 @@ fn ask(dir: &Path, req: &Request) -> Result<Option<Response>, u8> {
     }
 }
 
-fn unexpected(resp: &Response) -> u8 {
+pub(super) fn unexpected(resp: &Response) -> u8 {
     eprintln!("drover: unexpected answer: {resp:?}");
     exit::FAILED
 }
@@ -161,44 +161,86 @@ pub fn render_status(r: &StatusReport, state_dir: &Path) -> String {
             )),
         }
     }
-    if r.workers.is_empty() {
-        return out;
+    if !r.workers.is_empty() {
+        let mut rows = vec![
+            ["WORKER", "INST", "STATE", "PID", "UPTIME", "RESTARTS", "LAST EXIT", "NOTE"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        for w in &r.workers {
+            for i in &w.instances {
+                let running = i.state == "running";
+                rows.push(vec![
+                    w.name.clone(),
+                    i.index.to_string(),
+                    i.state.clone(),
+                    i.pid.map_or("-".into(), |p| p.to_string()),
+                    if running { i.started_at.as_deref().map_or("-".into(), since) } else { "-".into() },
+                    i.restarts.to_string(),
+                    i.last_exit.as_ref().map_or("-".into(), |e| e.to_string()),
+                    match (&i.error, &i.next_start_at) {
+                        (Some(e), _) => e.clone(),
+                        (None, Some(t)) => format!("next start at {t}"),
+                        _ => String::new(),
+                    },
+                ]);
+            }
+            if w.instances.is_empty() {
+                rows.push(vec![w.name.clone(), "-".into(), w.state.clone()]);
+            }
+        }
+        out.push_str(&table(rows));
     }
-    let mut rows =
-        vec![["WORKER", "INST", "STATE", "PID", "UPTIME", "RESTARTS", "LAST EXIT", "NOTE"].map(String::from)];
-    for w in &r.workers {
-        for i in &w.instances {
-            let running = i.state == "running";
-            rows.push([
-                w.name.clone(),
-                i.index.to_string(),
-                i.state.clone(),
-                i.pid.map_or("-".into(), |p| p.to_string()),
-                if running { i.started_at.as_deref().map_or("-".into(), since) } else { "-".into() },
-                i.restarts.to_string(),
-                i.last_exit.as_ref().map_or("-".into(), |e| e.to_string()),
-                match (&i.error, &i.next_start_at) {
-                    (Some(e), _) => e.clone(),
-                    (None, Some(t)) => format!("next start at {t}"),
-                    _ => String::new(),
-                },
+    if !r.jobs.is_empty() {
+        let mut rows = vec![
+            ["JOB", "TRIGGER", "NEXT TICK", "ACTIVE", "QUEUED", "SKIPS", "LAST RUN"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        for j in &r.jobs {
+            let active: Vec<String> = j.active.iter().map(|id| id.to_string()).collect();
+            rows.push(vec![
+                j.name.clone(),
+                j.trigger.clone(),
+                j.next_tick.clone().unwrap_or_else(|| "-".into()),
+                if active.is_empty() { "-".into() } else { active.join(",") },
+                j.queued.to_string(),
+                j.skips.to_string(),
+                j.last_run.as_ref().map_or("-".into(), |l| format!("{} {}", l.id, l.state.as_str())),
             ]);
         }
-        if w.instances.is_empty() {
-            rows.push([
-                w.name.clone(),
-                "-".into(),
-                w.state.clone(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                String::new(),
+        out.push('\n');
+        out.push_str(&table(rows));
+    }
+    let active: Vec<&crate::ledger::Run> = r.runs.iter().chain(&r.sessions).collect();
+    if !active.is_empty() {
+        let mut rows =
+            vec![["RUN", "JOB/SESSION", "STATE", "STEP", "PID", "STARTED"].map(String::from).to_vec()];
+        for run in active {
+            rows.push(vec![
+                run.id.to_string(),
+                run.job.clone().or_else(|| run.name.clone()).unwrap_or_else(|| "session".into()),
+                run.state.as_str().into(),
+                run.step.map_or("-".into(), |i| {
+                    run.steps.get(i as usize).map_or(i.to_string(), |s| s.name.clone())
+                }),
+                run.pid.map_or("-".into(), |p| p.to_string()),
+                run.started_at.clone().unwrap_or_else(|| "-".into()),
             ]);
         }
+        out.push('\n');
+        out.push_str(&table(rows));
     }
-    let widths: Vec<usize> =
-        (0..8).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    out
+}
+
+/// Left-aligned columns, two spaces apart.
+pub(super) fn table(rows: Vec<Vec<String>>) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|v| v.chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
     for row in rows {
         let line: Vec<String> =
             row.iter().enumerate().map(|(c, v)| format!("{v:<w$}", w = widths[c])).collect();
@@ -229,11 +271,11 @@ pub fn logs(ctx: &Ctx, name: &str, follow: bool, lines: usize) -> u8 {
         return exit::OK;
     }
     drop(out);
-    follow_file(&path, &mut offset)
+    follow_file(&path, &mut offset, None, || None)
 }
 
 /// Prints the last `n` lines of `path`; returns the offset read up to.
-fn print_tail(path: &Path, n: usize, out: &mut impl Write) -> std::io::Result<u64> {
+pub(super) fn print_tail(path: &Path, n: usize, out: &mut impl Write) -> std::io::Result<u64> {
     let mut f = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
@@ -265,8 +307,15 @@ fn print_tail(path: &Path, n: usize, out: &mut impl Write) -> std::io::Result<u6
 }
 
 /// Prints what is appended to `path`, following it across rotations,
-/// until interrupted. Woken by inotify, not by a timer.
-fn follow_file(path: &Path, offset: &mut u64) -> u8 {
+/// until interrupted or until `done` gives an exit code (checked after
+/// each wake-up). Woken by inotify on the log's directory and on
+/// `also_watch` (where the ledger changes), not by a timer.
+pub(super) fn follow_file(
+    path: &Path,
+    offset: &mut u64,
+    also_watch: Option<&Path>,
+    mut done: impl FnMut() -> Option<u8>,
+) -> u8 {
     use notify::{RecursiveMode, Watcher};
     let (tx, rx) = std::sync::mpsc::channel();
     let mut watcher = match notify::recommended_watcher(move |ev| {
@@ -279,12 +328,16 @@ fn follow_file(path: &Path, offset: &mut u64) -> u8 {
         }
     };
     let Some(parent) = path.parent() else { return exit::FAILED };
-    if let Err(e) = watcher.watch(parent, RecursiveMode::NonRecursive) {
-        eprintln!("drover: cannot follow {}: {e}", path.display());
-        return exit::FAILED;
+    for dir in std::iter::once(parent).chain(also_watch) {
+        if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+            eprintln!("drover: cannot follow {}: {e}", path.display());
+            return exit::FAILED;
+        }
     }
     let stdout = std::io::stdout();
     loop {
+        // Ask first, print after: what was written before the end is shown.
+        let finished = done();
         if let Ok(mut f) = std::fs::File::open(path) {
             let len = f.metadata().map(|m| m.len()).unwrap_or(0);
             if len < *offset {
@@ -307,6 +360,9 @@ fn follow_file(path: &Path, offset: &mut u64) -> u8 {
                 }
                 let _ = out.flush();
             }
+        }
+        if let Some(code) = finished {
+            return code;
         }
         if rx.recv().is_err() {
             return exit::OK;

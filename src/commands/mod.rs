@@ -3,9 +3,12 @@
 
 mod client;
 mod config_cmds;
+mod runs;
 mod start;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, RunsAction};
+use crate::supervisor::protocol::Request;
+
 use crate::config::Overrides;
 
 /// Exit codes, as DESIGN.md fixes them.
@@ -39,13 +42,19 @@ pub fn run(cli: Cli) -> u8 {
         Command::Stop => client::stop(&ctx),
         Command::Status { json, name } => client::status(&ctx, json, name),
         Command::Plan { json } => client::plan(&ctx, json),
-        Command::Reload => client::simple(&ctx, crate::supervisor::protocol::Request::Reload),
-        Command::Restart { name } => {
-            client::simple(&ctx, crate::supervisor::protocol::Request::Restart { name })
-        }
-        Command::Unpark { name } => {
-            client::simple(&ctx, crate::supervisor::protocol::Request::Unpark { name })
-        }
+        Command::Reload => client::simple(&ctx, Request::Reload),
+        Command::Restart { name } => client::simple(&ctx, Request::Restart { name }),
+        Command::Unpark { name } => client::simple(&ctx, Request::Unpark { name }),
         Command::Logs { name, follow, lines } => client::logs(&ctx, &name, follow, lines),
+        Command::Trigger { job } => runs::trigger(&ctx, &job),
+        Command::Runs { action, json, job, state, limit } => match action {
+            None => runs::list(&ctx, json, job.as_deref(), state.as_deref(), limit),
+            Some(RunsAction::Show { id, json }) => runs::show(&ctx, id, json),
+            Some(RunsAction::Cancel { id }) => client::simple(&ctx, Request::Cancel { id }),
+            Some(RunsAction::Resume { id }) => runs::resume(&ctx, id),
+        },
+        Command::Bg { name, command } => runs::bg(&ctx, name, command),
+        Command::Attach { id } => runs::attach(&ctx, &id),
+        Command::Kill { id } => client::simple(&ctx, Request::Kill { key: id }),
     }
 }

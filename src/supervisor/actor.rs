@@ -826,10 +826,13 @@ impl Supervisor {
             Request::Restart { name } => self.restart(&name),
             Request::Unpark { name } => self.unpark(&name),
             Request::LogPath { name } => {
+                let state_dir = &self.config.supervisor.state_dir;
                 if self.workers.contains_key(&name) {
-                    Response::LogPath { path: log_path(&self.config.supervisor.state_dir, &name) }
+                    Response::LogPath { path: log_path(state_dir, &name) }
+                } else if let Ok(run) = self.find_run(&name) {
+                    Response::LogPath { path: super::jobs::run_log_path(state_dir, run.id) }
                 } else {
-                    Response::Error { message: format!("no worker named {name:?}") }
+                    Response::Error { message: format!("no worker, run or session named {name:?}") }
                 }
             }
         };

@@ -56,6 +56,7 @@ pub struct RunProc {
     pub env: Vec<(String, String)>,
     pub stop_signal: Signal,
     pub stop_grace: Duration,
+    pub timeout: Option<Duration>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -396,6 +397,7 @@ impl Supervisor {
             env,
             stop_signal,
             stop_grace,
+            timeout,
         };
         self.runs.insert(run.id, rp);
         if let Some(t) = timeout {
@@ -601,14 +603,11 @@ impl Supervisor {
         let Some(rp) = self.runs.get(&id) else { return };
         match kind {
             RunTimer::Timeout => {
-                let t = rp.started.elapsed();
+                let t = rp.timeout.unwrap_or_else(|| rp.started.elapsed());
                 self.stop_run(
                     id,
                     RunState::Failed,
-                    format!(
-                        "timeout after {}",
-                        humantime::format_duration(Duration::from_secs(t.as_secs().max(1)))
-                    ),
+                    format!("timeout after {}", humantime::format_duration(t)),
                 );
             }
             RunTimer::Kill => {
