@@ -281,20 +281,20 @@ impl Ledger {
     /// Records a new queued run and returns its id.
     pub fn create(&mut self, new: &NewRun) -> Result<i64> {
         let tx = self.conn.transaction()?;
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO runs (job, kind, source, state, created_at, parent, name, command, step)
              VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8)",
-            params![
-                new.job,
-                new.kind.as_str(),
-                new.source.as_str(),
-                now(),
-                new.parent,
-                new.name,
-                serde_json::to_string(new.command).expect("argv serializes"),
-                (new.kind == Kind::Flow).then_some(new.first_step),
-            ],
-        )?;
+        )?
+        .execute(params![
+            new.job,
+            new.kind.as_str(),
+            new.source.as_str(),
+            now(),
+            new.parent,
+            new.name,
+            serde_json::to_string(new.command).expect("argv serializes"),
+            (new.kind == Kind::Flow).then_some(new.first_step),
+        ])?;
         let id = tx.last_insert_rowid();
         for (i, name) in new.steps.iter().enumerate() {
             // Steps before the first one to run were done by the parent.
@@ -328,7 +328,8 @@ impl Ledger {
         );
         let mut all: Vec<&dyn rusqlite::ToSql> = vec![&id];
         all.extend_from_slice(args);
-        Ok(self.conn.execute(&sql, all.as_slice())? == 1)
+        // The same few statements over and over: parse each once.
+        Ok(self.conn.prepare_cached(&sql)?.execute(all.as_slice())? == 1)
     }
 
     /// queued -> running, stamped with its owner. A process may be started
@@ -352,10 +353,11 @@ impl Ledger {
         pid_start: Option<u64>,
         log: &Path,
     ) -> Result<()> {
-        self.conn.execute(
-            "UPDATE runs SET pid = ?2, pgid = ?3, pid_start = ?4, log = ?5 WHERE id = ?1 AND state = 'running'",
-            params![id, pid, pgid, pid_start.map(|t| t as i64), log.to_string_lossy()],
-        )?;
+        self.conn
+            .prepare_cached(
+                "UPDATE runs SET pid = ?2, pgid = ?3, pid_start = ?4, log = ?5 WHERE id = ?1 AND state = 'running'",
+            )?
+            .execute(params![id, pid, pgid, pid_start.map(|t| t as i64), log.to_string_lossy()])?;
         Ok(())
     }
 
@@ -429,7 +431,7 @@ impl Ledger {
 
     pub fn get(&self, id: i64) -> Result<Option<Run>> {
         let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1");
-        let run = self.conn.query_row(&sql, [id], row_to_run).optional()?;
+        let run = self.conn.prepare_cached(&sql)?.query_row([id], row_to_run).optional()?;
         match run {
             Some(mut r) => {
                 r.steps = self.steps_of(id)?;
@@ -485,7 +487,7 @@ impl Ledger {
         let tx = self.conn.transaction()?;
         let mut logs = Vec::new();
         {
-            let mut stmt = tx.prepare(
+            let mut stmt = tx.prepare_cached(
                 "SELECT id, log FROM runs
                  WHERE job IS ?1 AND kind = ?2 AND state IN ('succeeded', 'failed', 'cancelled')
                  ORDER BY id DESC LIMIT -1 OFFSET ?3",

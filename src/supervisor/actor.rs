@@ -777,7 +777,7 @@ impl Supervisor {
                     Response::Error { message: format!("no worker named {n:?}") }
                 }
                 _ => {
-                    let mut r = self.report(if self.shutting_down { "stopping" } else { "running" });
+                    let mut r = self.report(if self.shutting_down { "stopping" } else { "running" }, true);
 
                     if let Some(n) = name {
                         r.workers.retain(|w| w.name == n);
@@ -924,7 +924,7 @@ impl Supervisor {
                 }
             }
         }
-        let report = self.report("stopped");
+        let report = self.report("stopped", false);
         self.write_state(&report);
         let _ = std::fs::remove_file(self.config.supervisor.state_dir.join("drover.sock"));
         for w in self.stop_waiters.drain(..) {
@@ -935,9 +935,12 @@ impl Supervisor {
 
     // ----- state -----
 
-    fn report(&self, state: &str) -> StatusReport {
+    /// The status report; `with_runs` adds jobs, runs and sessions from
+    /// the ledger (the state file leaves them out: they are the ledger's,
+    /// and recovery needs only the workers' processes).
+    fn report(&self, state: &str, with_runs: bool) -> StatusReport {
         let me = std::process::id() as i32;
-        let active = self.active_runs();
+        let active = if with_runs { self.active_runs() } else { Vec::new() };
         StatusReport {
             supervisor: SupervisorStatus {
                 state: state.into(),
@@ -959,7 +962,7 @@ impl Supervisor {
                     instances: w.instances.iter().map(|(i, inst)| instance_status(*i, inst)).collect(),
                 })
                 .collect(),
-            jobs: self.jobs_status(),
+            jobs: if with_runs { self.jobs_status() } else { Vec::new() },
             sessions: active.iter().filter(|r| r.kind == Kind::Session).cloned().collect(),
             runs: active.into_iter().filter(|r| r.kind != Kind::Session).collect(),
         }
@@ -968,7 +971,7 @@ impl Supervisor {
     fn flush_state(&mut self) {
         if self.dirty {
             self.dirty = false;
-            let report = self.report(if self.shutting_down { "stopping" } else { "running" });
+            let report = self.report(if self.shutting_down { "stopping" } else { "running" }, false);
             self.write_state(&report);
         }
     }

@@ -355,9 +355,6 @@ impl Supervisor {
             file: Mutex::new(file),
             echo: self.echo.clone(),
         });
-        if let Some(l) = &self.ledger {
-            let _ = l.set_log(run.id, &log);
-        }
         let (steps, dir, env, stop_signal, stop_grace, timeout) =
             match run.job.as_deref().and_then(|j| self.jobs.get(j)) {
                 Some(job) => {
@@ -516,7 +513,7 @@ impl Supervisor {
             tracing::info!(run = id, step = %rp.steps[next as usize].name, "flow waiting for approval");
             let job = rp.job.clone();
             self.runs.remove(&id);
-            self.dirty = true;
+            // Runs live in the ledger, not in the state file.
             if let Some(j) = job {
                 self.start_queued(&j);
             }
@@ -535,7 +532,7 @@ impl Supervisor {
             }
         }
         tracing::info!(run = id, state = state.as_str(), error = ?error, "run ended");
-        self.dirty = true;
+
         let job = rp.as_ref().and_then(|r| r.job.clone());
         let kind = rp.as_ref().map_or(Kind::Job, |r| r.kind);
         self.prune(job.as_deref(), kind);
