@@ -117,7 +117,7 @@ impl Override {
         let mut value = parse_value(raw);
         // `…__ENV__PORT=9000` means the string "9000": where the schema
         // wants a string, a bare scalar is taken as written.
-        let wants_string = schema::node_at(&schema::validator().0, &path)
+        let wants_string = schema::node_at(schema::cached(), &path)
             .and_then(|n| n.get("type"))
             .is_some_and(|t| t == "string");
         if wants_string
@@ -280,21 +280,20 @@ pub fn load_text(path: &Path, text: String, overrides: &Overrides) -> Result<Loa
 
 /// The state_dir a config names, read leniently: commands that only talk
 /// to a running supervisor must find it even when the file on disk has
-/// since become invalid (that is when `status` matters most).
+/// since become invalid (that is when `status` matters most). Resolved as
+/// `load` resolves it: relative to the config file's directory.
 pub fn state_dir_of(path: &Path, overrides: &Overrides) -> PathBuf {
-    if let Ok(loaded) = load(path, overrides) {
-        return loaded.config.supervisor.state_dir;
-    }
+    // Only this one key is needed: no schema, no validation, so a client
+    // command costs little more than its round trip to the supervisor.
     let from_file = read_text(path)
         .ok()
         .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
         .and_then(|t| t.get("supervisor")?.get("state_dir")?.as_str().map(PathBuf::from));
-    let overridden = overrides
-        .layers
-        .iter()
-        .rev()
-        .find(|o| o.path == ["supervisor", "state_dir"])
-        .and_then(|o| o.value.as_str().map(PathBuf::from));
+    let overridden = overrides.layers.iter().rev().find_map(|o| match o.path.as_slice() {
+        [s, d] if s == "supervisor" && d == "state_dir" => o.value.as_str().map(PathBuf::from),
+        [s] if s == "supervisor" => o.value.get("state_dir")?.as_str().map(PathBuf::from),
+        _ => None,
+    });
     base_dir(path).join(overridden.or(from_file).unwrap_or_else(|| ".drover".into()))
 }
 
@@ -674,6 +673,21 @@ mod tests {
         assert_eq!(errs.len(), 1);
         assert!(matches!(errs[0].origin, Origin::File { line: Some(2), .. }), "{:?}", errs[0]);
         assert!(errs[0].message.starts_with("invalid TOML"));
+    }
+
+    #[test]
+    fn state_dir_is_found_leniently_with_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("daemon.toml");
+        std::fs::write(&p, "[supervisor]\nstate_dir = \"st\"\n[workers.x]\ncapacity = \"broken\"\n").unwrap();
+        let none = Overrides::default();
+        assert_eq!(state_dir_of(&p, &none), dir.path().join("st"));
+        let env = Overrides::new([("DROVER_SUPERVISOR__STATE_DIR".into(), "/abs".into())], &[]).unwrap();
+        assert_eq!(state_dir_of(&p, &env), Path::new("/abs"));
+        let set = Overrides::new(Vec::new(), &["supervisor={ state_dir = \"s2\" }".into()]).unwrap();
+        assert_eq!(state_dir_of(&p, &set), dir.path().join("s2"));
+        std::fs::write(&p, "").unwrap();
+        assert_eq!(state_dir_of(&p, &none), dir.path().join(".drover"));
     }
 
     #[test]

@@ -57,17 +57,26 @@ pub fn schema_text() -> String {
     text
 }
 
-/// The schema (as a value, for looking up keys) and its compiled validator.
-pub fn validator() -> &'static (Value, jsonschema::Validator) {
-    static V: OnceLock<(Value, jsonschema::Validator)> = OnceLock::new();
-    V.get_or_init(|| {
-        let s = schema();
-        let v = jsonschema::options()
-            .should_validate_formats(false)
-            .build(&s)
-            .expect("the generated schema compiles");
-        (s, v)
-    })
+/// The schema, generated once, for looking up keys.
+pub fn cached() -> &'static Value {
+    static S: OnceLock<Value> = OnceLock::new();
+    S.get_or_init(schema)
+}
+
+/// The schema and its validator, compiled once (only loading a config
+/// needs it).
+pub fn validator() -> (&'static Value, &'static jsonschema::Validator) {
+    static V: OnceLock<jsonschema::Validator> = OnceLock::new();
+    let s = cached();
+    (
+        s,
+        V.get_or_init(|| {
+            jsonschema::options()
+                .should_validate_formats(false)
+                .build(s)
+                .expect("the generated schema compiles")
+        }),
+    )
 }
 
 /// The schema node that describes the value at `path` in a document,
@@ -102,8 +111,7 @@ fn deref<'a>(root: &'a Value, mut node: &'a Value) -> &'a Value {
 
 /// The keys a table at `path` accepts, for "did you mean" hints.
 pub fn keys_at(path: &[String]) -> Vec<String> {
-    let (root, _) = validator();
-    node_at(root, path)
+    node_at(cached(), path)
         .and_then(|n| n.get("properties"))
         .and_then(Value::as_object)
         .map(|m| m.keys().cloned().collect())
