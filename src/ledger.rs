@@ -429,6 +429,16 @@ impl Ledger {
         Ok(())
     }
 
+    /// Ends whatever step of run `id` is still marked running (after a
+    /// crash, nothing else will).
+    pub fn fail_running_steps(&self, id: i64, error: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE steps SET state = 'failed', ended_at = ?2, error = ?3 WHERE run = ?1 AND state = 'running'",
+            params![id, now(), error],
+        )?;
+        Ok(())
+    }
+
     pub fn get(&self, id: i64) -> Result<Option<Run>> {
         let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1");
         let run = self.conn.prepare_cached(&sql)?.query_row([id], row_to_run).optional()?;

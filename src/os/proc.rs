@@ -66,6 +66,20 @@ pub fn members_of_group(pgid: i32) -> Vec<i32> {
         .collect()
 }
 
+/// SIGKILLs group `pgid`, recorded (with its leader's start time) by a
+/// supervisor that has died, if it is still that group. Linux never hands
+/// out a pid that is still some group's id, so a live group whose leader
+/// is gone is the recorded one; a live leader must match the recorded
+/// start time, else the number was reused and the group is left alone.
+pub fn kill_recorded_group(pgid: i32, recorded_start: Option<u64>) -> bool {
+    let same = match (start_ticks(pgid), recorded_start) {
+        (Some(now), Some(then)) => now == then,
+        (Some(_), None) => false,
+        (None, _) => true,
+    };
+    same && group_alive(pgid) && signal_group(pgid, Signal::SIGKILL).is_ok()
+}
+
 /// The direct children of this process (of all its threads).
 pub fn own_children() -> Vec<i32> {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return Vec::new() };
@@ -120,6 +134,12 @@ mod tests {
             std::process::Command::new("sleep").arg("5").env("DROVER_TEST_MARK", "x1").spawn().unwrap();
         let pid = child.id() as i32;
         assert!(own_children().contains(&pid));
+        // Right after the spawn the child may still be in exec, with an
+        // empty environ: wait for it, with a deadline.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while environ_var(pid, "DROVER_TEST_MARK").is_none() && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
         assert_eq!(environ_var(pid, "DROVER_TEST_MARK").as_deref(), Some("x1"));
         assert_eq!(environ_var(pid, "DROVER_TEST_MAR"), None);
         child.kill().unwrap();

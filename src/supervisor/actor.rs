@@ -46,8 +46,15 @@ pub enum Event {
     /// A run's timeout or stop grace is over.
     RunTimer {
         run: i64,
+        inc: u64,
         epoch: u64,
         kind: RunTimer,
+    },
+    /// One output stream of a run's step reached its end.
+    RunOutputClosed {
+        run: i64,
+        inc: u64,
+        step: u32,
     },
     Control(Request, oneshot::Sender<Response>),
     /// SIGTERM / SIGINT; a second one while stopping kills at once.
@@ -301,7 +308,8 @@ impl Supervisor {
             }
             Event::Timer { worker, index, epoch, kind } => self.on_timer(&worker, index, epoch, kind),
             Event::JobTick { job, epoch } => self.on_job_tick(&job, epoch),
-            Event::RunTimer { run, epoch, kind } => self.on_run_timer(run, epoch, kind),
+            Event::RunTimer { run, inc, epoch, kind } => self.on_run_timer(run, inc, epoch, kind),
+            Event::RunOutputClosed { run, inc, step } => self.on_run_output_closed(run, inc, step),
             Event::Control(req, reply) => self.on_request(req, reply),
             Event::Shutdown => self.shutdown(),
             Event::Reload(reply) => {
@@ -378,7 +386,7 @@ impl Supervisor {
                     if let Some(fd) = pipe
                         && let Ok(rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
                     {
-                        tokio::spawn(pump(w.sink.clone(), index, stream, rx));
+                        tokio::spawn(pump(w.sink.clone(), index, stream, rx, None));
                     }
                 }
                 self.by_pid.insert(pid, Proc::Instance(name.to_string(), index));

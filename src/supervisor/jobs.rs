@@ -57,12 +57,30 @@ pub struct RunProc {
     pub stop_signal: Signal,
     pub stop_grace: Duration,
     pub timeout: Option<Duration>,
+    /// Which start of this run this is (a held flow is started again on
+    /// resume): timers of an earlier start are ignored.
+    pub inc: u64,
+    /// Output streams of the current step still open.
+    pub open_streams: u8,
+    /// The step's end, kept until its output is all written.
+    pub pending_end: Option<(Option<Exit>, Option<String>)>,
+    /// The approval step that `runs resume` approved.
+    pub approved: Option<u32>,
 }
+
+/// Numbers the starts of runs, for [`RunProc::inc`].
+static NEXT_INC: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// How long a step's output may stay open after its process ended (a
+/// process that left the group can hold the pipe) before the run ends anyway.
+const DRAIN: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RunTimer {
     Timeout,
     Kill,
+    /// The step's output did not close within [`DRAIN`].
+    Drain,
 }
 
 /// A job's line in `status`.
@@ -138,17 +156,12 @@ impl Supervisor {
                 for r in runs {
                     match r.state {
                         RunState::Running => {
-                            if let (Some(pgid), Some(start)) = (r.pgid, r.pid_start)
-                                && proc::start_ticks(pgid) == Some(start)
-                            {
-                                let _ = proc::signal_group(pgid, NixSignal::SIGKILL);
+                            if let Some(pgid) = r.pgid {
+                                proc::kill_recorded_group(pgid, r.pid_start);
                             }
-                            let _ = ledger.finish(
-                                r.id,
-                                RunState::Failed,
-                                None,
-                                Some("supervisor exited while the run was active"),
-                            );
+                            let why = "supervisor exited while the run was active";
+                            let _ = ledger.fail_running_steps(r.id, why);
+                            let _ = ledger.finish(r.id, RunState::Failed, None, Some(why));
                         }
                         RunState::Queued => {
                             let _ = ledger.finish(
@@ -283,7 +296,12 @@ impl Supervisor {
         }
         let job = self.jobs.get_mut(name).expect("checked above");
         if spec.on_overlap == OnOverlap::Replace {
-            job.queue.push_front(id);
+            // Only the newest replacement waits: earlier ones never start.
+            let superseded: Vec<i64> = job.queue.drain(..).collect();
+            job.queue.push_back(id);
+            for old in superseded {
+                self.finalize(old, RunState::Cancelled, None, Some(format!("replaced by run {id}")));
+            }
             // The new run starts once the oldest active one is gone.
             if let Some(&oldest) = active.first() {
                 self.stop_run(oldest, RunState::Cancelled, format!("replaced by run {id}"));
@@ -338,11 +356,11 @@ impl Supervisor {
                 return;
             }
         }
-        self.start_claimed(run);
+        self.start_claimed(run, None);
     }
 
     /// Starts the current step of a run that is ours (claimed or released).
-    fn start_claimed(&mut self, run: Run) {
+    fn start_claimed(&mut self, run: Run, approved: Option<u32>) {
         let state_dir = self.config.supervisor.state_dir.clone();
         let log = run_log_path(&state_dir, run.id);
         let sup = &self.config.supervisor;
@@ -395,10 +413,15 @@ impl Supervisor {
             stop_signal,
             stop_grace,
             timeout,
+            inc: NEXT_INC.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            open_streams: 0,
+            pending_end: None,
+            approved,
         };
+        let inc = rp.inc;
         self.runs.insert(run.id, rp);
         if let Some(t) = timeout {
-            self.run_timer(run.id, 0, RunTimer::Timeout, t);
+            self.run_timer(run.id, inc, 0, RunTimer::Timeout, t);
         }
         self.spawn_step(run.id);
     }
@@ -407,6 +430,22 @@ impl Supervisor {
         let state_dir = self.config.supervisor.state_dir.clone();
         let Some(rp) = self.runs.get_mut(&id) else { return };
         let step = rp.steps[rp.step as usize].clone();
+        if step.approve && rp.approved != Some(rp.step) {
+            // Held before an approval step: the run keeps no process and
+            // no slot until `runs resume`.
+            if let Some(l) = &self.ledger {
+                let _ = l.hold(id, rp.step);
+            }
+            tracing::info!(run = id, step = %step.name, "flow waiting for approval");
+            let job = rp.job.clone();
+            self.runs.remove(&id);
+            if let Some(j) = job {
+                self.start_queued(&j);
+            }
+            return;
+        }
+        rp.pending_end = None;
+        rp.open_streams = 0;
         let mut cmd = std::process::Command::new(&step.command[0]);
         cmd.args(&step.command[1..])
             .current_dir(&rp.dir)
@@ -437,7 +476,13 @@ impl Supervisor {
                     if let Some(fd) = pipe
                         && let Ok(rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
                     {
-                        tokio::spawn(pump(rp.sink.clone(), rp.step, stream, rx));
+                        // The run ends only once its output is all written.
+                        let (tx, inc, step) = (self.tx.clone(), rp.inc, rp.step);
+                        let on_close: Box<dyn FnOnce() + Send> = Box::new(move || {
+                            let _ = tx.send(Event::RunOutputClosed { run: id, inc, step });
+                        });
+                        rp.open_streams += 1;
+                        tokio::spawn(pump(rp.sink.clone(), rp.step, stream, rx, Some(on_close)));
                     }
                 }
                 self.by_pid.insert(pid, Proc::Run(id));
@@ -466,7 +511,27 @@ impl Supervisor {
         {
             let _ = proc::signal_group(pgid, NixSignal::SIGKILL);
         }
-        self.step_ended(id, Some(exit), None);
+        if rp.open_streams == 0 {
+            self.step_ended(id, Some(exit), None);
+        } else {
+            rp.pending_end = Some((Some(exit), None));
+            rp.epoch += 1;
+            let (inc, epoch) = (rp.inc, rp.epoch);
+            self.run_timer(id, inc, epoch, RunTimer::Drain, DRAIN);
+        }
+    }
+
+    pub(super) fn on_run_output_closed(&mut self, id: i64, inc: u64, step: u32) {
+        let Some(rp) = self.runs.get_mut(&id) else { return };
+        if rp.inc != inc || rp.step != step {
+            return;
+        }
+        rp.open_streams = rp.open_streams.saturating_sub(1);
+        if rp.open_streams == 0
+            && let Some((exit, error)) = rp.pending_end.take()
+        {
+            self.step_ended(id, exit, error);
+        }
     }
 
     /// The current step's process ended (or never started: `error`).
@@ -504,21 +569,6 @@ impl Supervisor {
             return;
         }
         rp.step = next;
-        if rp.steps[next as usize].approve {
-            // Held before an approval step: the run keeps no process and
-            // no slot until `runs resume`.
-            if let Some(l) = &self.ledger {
-                let _ = l.hold(id, next);
-            }
-            tracing::info!(run = id, step = %rp.steps[next as usize].name, "flow waiting for approval");
-            let job = rp.job.clone();
-            self.runs.remove(&id);
-            // Runs live in the ledger, not in the state file.
-            if let Some(j) = job {
-                self.start_queued(&j);
-            }
-            return;
-        }
         self.spawn_step(id);
     }
 
@@ -587,7 +637,8 @@ impl Supervisor {
             Some(pgid) => {
                 let _ = proc::signal_group(pgid, sig);
                 let _ = proc::signal_group(pgid, NixSignal::SIGCONT);
-                self.run_timer(id, epoch, RunTimer::Kill, grace);
+                let inc = rp.inc;
+                self.run_timer(id, inc, epoch, RunTimer::Kill, grace);
             }
             None => {
                 let (state, why) = rp.stopping.clone().expect("just set");
@@ -596,9 +647,20 @@ impl Supervisor {
         }
     }
 
-    pub(super) fn on_run_timer(&mut self, id: i64, epoch: u64, kind: RunTimer) {
-        let Some(rp) = self.runs.get(&id) else { return };
+    pub(super) fn on_run_timer(&mut self, id: i64, inc: u64, epoch: u64, kind: RunTimer) {
+        let Some(rp) = self.runs.get_mut(&id) else { return };
+        if rp.inc != inc {
+            return; // set for an earlier start of this run
+        }
         match kind {
+            RunTimer::Drain => {
+                if rp.epoch == epoch
+                    && let Some((exit, error)) = rp.pending_end.take()
+                {
+                    tracing::warn!(run = id, "output still open after the step ended; ending the run anyway");
+                    self.step_ended(id, exit, error);
+                }
+            }
             RunTimer::Timeout => {
                 let t = rp.timeout.unwrap_or_else(|| rp.started.elapsed());
                 self.stop_run(
@@ -618,11 +680,11 @@ impl Supervisor {
         }
     }
 
-    fn run_timer(&self, id: i64, epoch: u64, kind: RunTimer, after: Duration) {
+    fn run_timer(&self, id: i64, inc: u64, epoch: u64, kind: RunTimer, after: Duration) {
         let tx = self.tx.clone();
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
-            let _ = tx.send(Event::RunTimer { run: id, epoch, kind });
+            let _ = tx.send(Event::RunTimer { run: id, inc, epoch, kind });
         });
     }
 
@@ -664,15 +726,22 @@ impl Supervisor {
         }
         match run.state {
             RunState::Waiting => {
-                if !self.jobs.contains_key(&job) {
+                let Some(capacity) = self.jobs.get(&job).map(|j| j.spec.capacity) else {
                     return Err(format!("job {job} is no longer in the config"));
+                };
+                let running = self.running_of(&job).len() as u32;
+                if running >= capacity {
+                    return Err(format!(
+                        "job {job} is at capacity ({running} running); resume run {id} when one ends"
+                    ));
                 }
                 let ledger = self.ledger.as_ref().ok_or("the run ledger is not available")?;
                 if !ledger.release(id, self.owner).map_err(|e| e.to_string())? {
                     return Err(format!("run {id} is no longer waiting"));
                 }
                 let run = ledger.get(id).map_err(|e| e.to_string())?.ok_or("run vanished")?;
-                self.start_claimed(run);
+                let approved = run.step;
+                self.start_claimed(run, approved);
                 Ok(id)
             }
             RunState::Failed | RunState::Cancelled => {

@@ -155,7 +155,13 @@ impl Sink {
 /// The read buffer lives on the stack and only between awaits, so an idle
 /// instance costs no buffer at all; only a partial line is kept, capped at
 /// [`MAX_LINE`].
-pub async fn pump(sink: Arc<Sink>, index: u32, stream: &'static str, pipe: tokio::net::unix::pipe::Receiver) {
+pub async fn pump(
+    sink: Arc<Sink>,
+    index: u32,
+    stream: &'static str,
+    pipe: tokio::net::unix::pipe::Receiver,
+    on_close: Option<Box<dyn FnOnce() + Send>>,
+) {
     let mut pending: Vec<u8> = Vec::new();
     'outer: loop {
         if pipe.readable().await.is_err() {
@@ -177,6 +183,9 @@ pub async fn pump(sink: Arc<Sink>, index: u32, stream: &'static str, pipe: tokio
     }
     if !pending.is_empty() {
         sink.line(index, stream, &pending);
+    }
+    if let Some(f) = on_close {
+        f();
     }
 }
 

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nix::fcntl::{Flock, FlockArg};
-use nix::sys::signal::Signal;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
@@ -102,18 +101,8 @@ pub fn clean_up_after_dead_supervisor(state_dir: &Path) -> usize {
     for w in &report.workers {
         for inst in &w.instances {
             let Some(pgid) = inst.pgid else { continue };
-            // Linux never hands out a pid that is still some group's id, so
-            // a live group `pgid` is the one recorded, unless its leader
-            // pid now belongs to a different process (then the old group
-            // emptied and the number was reused: leave it alone).
-            let leader_ok = match (proc::start_ticks(pgid), inst.start_ticks) {
-                (Some(now), Some(then)) => now == then,
-                (Some(_), None) => true,
-                (None, _) => true,
-            };
-            if leader_ok && proc::group_alive(pgid) {
-                tracing::warn!(worker = %w.name, instance = inst.index, pgid, "killing what a dead supervisor left running");
-                let _ = proc::signal_group(pgid, Signal::SIGKILL);
+            if proc::kill_recorded_group(pgid, inst.start_ticks) {
+                tracing::warn!(worker = %w.name, instance = inst.index, pgid, "killed what a dead supervisor left running");
                 killed += 1;
             }
         }
