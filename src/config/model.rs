@@ -144,6 +144,8 @@ impl Serialize for Job {
             #[serde(skip_serializing_if = "Option::is_none")]
             schedule: Option<&'a str>,
             #[serde(skip_serializing_if = "Option::is_none")]
+            timezone: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
             every: Option<HumanDuration>,
             capacity: u32,
             on_overlap: OnOverlap,
@@ -162,7 +164,11 @@ impl Serialize for Job {
             command: (!self.flow).then(|| self.steps[0].command.as_slice()),
             steps: self.flow.then_some(self.steps.as_slice()),
             schedule: match &self.trigger {
-                Trigger::Schedule(c) => Some(c),
+                Trigger::Schedule { cron, .. } => Some(cron),
+                _ => None,
+            },
+            timezone: match &self.trigger {
+                Trigger::Schedule { timezone, .. } => timezone.as_deref(),
                 _ => None,
             },
             every: match self.trigger {
@@ -196,8 +202,12 @@ pub struct Step {
 /// What starts a job's runs besides `drover trigger`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Trigger {
-    /// A five-field cron expression, checked when the config was loaded.
-    Schedule(String),
+    /// A five-field cron expression, checked when the config was loaded,
+    /// in `timezone` (an IANA name) or else in local time.
+    Schedule {
+        cron: String,
+        timezone: Option<String>,
+    },
     Every(HumanDuration),
     /// Only `drover trigger`.
     Manual,

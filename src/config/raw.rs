@@ -196,6 +196,9 @@ pub struct RawJob {
     pub steps: Option<Vec<RawStep>>,
     /// A five-field cron expression ("*/15 * * * *"), in local time.
     pub schedule: Option<String>,
+    /// The IANA time zone `schedule` is read in ("Europe/Paris", "UTC"),
+    /// from the system's time zone database. Default: local time.
+    pub timezone: Option<String>,
     /// Run at this fixed interval instead of a cron schedule.
     pub every: Option<HumanDuration>,
     /// Concurrent runs of this job.

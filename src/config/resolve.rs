@@ -144,15 +144,39 @@ fn resolve_job(
             if let Err(e) = parse_cron(expr) {
                 p.add(&["jobs", name, "schedule"], e);
             }
-            Trigger::Schedule(expr.clone())
+            if let Some(tz) = &j.timezone {
+                // A zone name, never a path out of the zone database.
+                let plain =
+                    !tz.starts_with('/') && !tz.split('/').any(|part| part.is_empty() || part == "..");
+                match tzfile::Tz::named(tz) {
+                    Ok(_) if plain => {}
+                    Ok(_) => p.add(&["jobs", name, "timezone"], format!("invalid time zone name {tz:?}")),
+                    Err(e) => p.add(&["jobs", name, "timezone"], format!("unknown time zone {tz:?}: {e}")),
+                }
+            }
+            Trigger::Schedule { cron: expr.clone(), timezone: j.timezone.clone() }
         }
         (None, Some(every)) => {
+            if j.timezone.is_some() {
+                p.add(
+                    &["jobs", name, "timezone"],
+                    "a time zone applies to a cron `schedule`, not to `every`",
+                );
+            }
             if every.0.is_zero() {
                 p.add(&["jobs", name, "every"], "must be longer than 0s");
             }
             Trigger::Every(every)
         }
-        (None, None) => Trigger::Manual,
+        (None, None) => {
+            if j.timezone.is_some() {
+                p.add(
+                    &["jobs", name, "timezone"],
+                    "a time zone applies to a cron `schedule`; this job has none",
+                );
+            }
+            Trigger::Manual
+        }
     };
     if j.timeout.is_some_and(|t| t.0.is_zero()) {
         p.add(&["jobs", name, "timeout"], "must be longer than 0s");

@@ -112,10 +112,17 @@ pub fn next_tick(trigger: &Trigger, after: SystemTime) -> Option<SystemTime> {
     match trigger {
         Trigger::Manual => None,
         Trigger::Every(d) => Some(after + d.0),
-        Trigger::Schedule(expr) => {
-            let cron = parse_cron(expr).ok()?;
+        Trigger::Schedule { cron, timezone: None } => {
+            let cron = parse_cron(cron).ok()?;
             let start: chrono::DateTime<chrono::Local> = after.into();
             cron.find_next_occurrence(&start, false).ok().map(SystemTime::from)
+        }
+        Trigger::Schedule { cron, timezone: Some(tz) } => {
+            let cron = parse_cron(cron).ok()?;
+            let tz = tzfile::Tz::named(tz).ok()?;
+            let start = chrono::DateTime::<chrono::Utc>::from(after).with_timezone(&&tz);
+            let next = cron.find_next_occurrence(&start, false).ok()?;
+            Some(SystemTime::from(next.with_timezone(&chrono::Utc)))
         }
     }
 }
@@ -875,7 +882,8 @@ impl Supervisor {
                     name: name.clone(),
                     kind: if j.spec.flow { Kind::Flow } else { Kind::Job },
                     trigger: match &j.spec.trigger {
-                        Trigger::Schedule(c) => format!("schedule {c}"),
+                        Trigger::Schedule { cron, timezone: None } => format!("schedule {cron}"),
+                        Trigger::Schedule { cron, timezone: Some(tz) } => format!("schedule {cron} ({tz})"),
                         Trigger::Every(d) => format!("every {d}"),
                         Trigger::Manual => "manual".into(),
                     },
@@ -912,11 +920,24 @@ mod tests {
             Some(t0 + Duration::from_secs(10))
         );
         assert_eq!(next_tick(&Trigger::Manual, t0), None);
-        let next = next_tick(&Trigger::Schedule("*/15 * * * *".into()), t0).unwrap();
+        let next = next_tick(&Trigger::Schedule { cron: "*/15 * * * *".into(), timezone: None }, t0).unwrap();
         let gap = next.duration_since(t0).unwrap();
         assert!(gap > Duration::ZERO && gap <= Duration::from_secs(15 * 60), "{gap:?}");
         let secs = next.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
         assert_eq!(secs % 60, 0, "cron ticks fall on whole minutes");
+    }
+
+    #[test]
+    fn a_schedule_runs_in_its_time_zone() {
+        // 09:00 in Tokyo (UTC+9, no daylight saving) is 00:00 UTC.
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let tokyo = Trigger::Schedule { cron: "0 9 * * *".into(), timezone: Some("Asia/Tokyo".into()) };
+        let next = next_tick(&tokyo, t0).unwrap();
+        let secs = next.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+        assert_eq!(secs % 86_400, 0, "midnight UTC");
+        assert!(next > t0 && next.duration_since(t0).unwrap() <= Duration::from_secs(86_400));
+        let bad = Trigger::Schedule { cron: "0 9 * * *".into(), timezone: Some("Mars/Olympus".into()) };
+        assert_eq!(next_tick(&bad, t0), None);
     }
 
     #[test]
