@@ -29,21 +29,28 @@ pub struct LogFile {
     size: u64,
     max_size: u64,
     keep: u32,
+    opened: bool,
 }
 
 impl LogFile {
     pub fn open(path: PathBuf, max_size: u64, keep: u32) -> io::Result<Self> {
         let file = open_append(&path)?;
         let size = file.metadata()?.len();
-        Ok(LogFile { path, file: Some(file), size, max_size, keep })
+        Ok(LogFile { path, file: Some(file), size, max_size, keep, opened: true })
     }
 
-    pub fn set_limits(&mut self, max_size: u64, keep: u32) {
-        self.max_size = max_size;
-        self.keep = keep;
+    /// A log made on its first line: a run that prints nothing costs no
+    /// file (runs come and go by the thousand).
+    pub fn lazy(path: PathBuf, max_size: u64, keep: u32) -> Self {
+        LogFile { path, file: None, size: 0, max_size, keep, opened: false }
     }
 
     pub fn write(&mut self, data: &[u8]) {
+        if !self.opened {
+            self.opened = true;
+            self.file = open_append(&self.path).ok();
+            self.size = self.file.as_ref().and_then(|f| f.metadata().ok()).map_or(0, |m| m.len());
+        }
         if self.size + data.len() as u64 > self.max_size && self.size > 0 {
             self.rotate();
         }
