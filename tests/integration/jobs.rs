@@ -945,12 +945,15 @@ fn retention_never_prunes_an_active_run() {
         format!(
             "{SUPERVISOR}\n[jobs.mixed]\nretain = 1\ncapacity = 2\ncommand = {}\n",
             // The first run to take the lock stays; the others end at once.
-            sh("if mkdir lock 2>/dev/null; then exec sleep 30; fi; echo quick $DROVER_RUN")
+            sh("if mkdir lock 2>/dev/null; then echo long; exec sleep 30; fi; echo quick $DROVER_RUN")
         ),
     );
     let _sup = Supervisor::start(&sb);
     let long = trigger(&sb, "mixed");
     assert_eq!(show(&sb, long)["state"], "running");
+    // A run's log is made with its first line of output.
+    let long_log = sb.state_dir().join("runs").join(format!("{long}.log"));
+    wait_until("the long run's log", SECS_10, || long_log.exists().then_some(()));
     let mut quick = Vec::new();
     for _ in 0..4 {
         let id = trigger(&sb, "mixed");
@@ -964,10 +967,7 @@ fn retention_never_prunes_an_active_run() {
     let ids: Vec<i64> = left.iter().map(id_of).collect();
     assert_eq!(ids, [quick[3], long], "the newest terminal run and the active one: {left:#?}");
     assert_eq!(left[1]["state"], "running", "{left:#?}");
-    assert!(
-        sb.state_dir().join("runs").join(format!("{long}.log")).exists(),
-        "the active run's log was pruned"
-    );
+    assert!(long_log.exists(), "the active run's log was pruned");
 }
 
 // ------------------------------------------------------------ 11. catch-up
