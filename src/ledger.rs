@@ -361,12 +361,6 @@ impl Ledger {
         Ok(())
     }
 
-    /// Sets the log path of a run before it has a process.
-    pub fn set_log(&self, id: i64, log: &Path) -> Result<()> {
-        self.conn.execute("UPDATE runs SET log = ?2 WHERE id = ?1", params![id, log.to_string_lossy()])?;
-        Ok(())
-    }
-
     /// Any active state -> a terminal one.
     pub fn finish(&self, id: i64, to: RunState, exit: Option<&Exit>, error: Option<&str>) -> Result<bool> {
         assert!(to.is_terminal(), "finish needs a terminal state");

@@ -99,10 +99,6 @@ impl Overrides {
             sets,
         )
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.layers.is_empty()
-    }
 }
 
 impl Override {

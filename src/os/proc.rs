@@ -50,22 +50,6 @@ fn stat_fields(pid: i32) -> Option<Vec<String>> {
     Some(rest.split_whitespace().map(str::to_string).collect())
 }
 
-/// Resident set size of `pid` in bytes.
-pub fn rss_bytes(pid: i32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-/// The pids of all processes in group `pgid`, by a scan of /proc.
-pub fn members_of_group(pgid: i32) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| pgid_of(pid) == Some(pgid))
-        .collect()
-}
-
 /// SIGKILLs group `pgid`, recorded (with its leader's start time) by a
 /// supervisor that has died, if it is still that group. Linux never hands
 /// out a pid that is still some group's id, so a live group whose leader
@@ -124,7 +108,6 @@ mod tests {
         assert!(pid_alive(me));
         assert!(start_ticks(me).is_some());
         assert_eq!(pgid_of(me), Some(nix::unistd::getpgrp().as_raw()));
-        assert!(rss_bytes(me).unwrap() > 0);
         assert!(!pid_alive(0));
     }
 

@@ -7,7 +7,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -87,7 +87,6 @@ pub struct Echo {
     /// Bytes waiting for the echo thread: the queue is bounded by bytes,
     /// not only by lines, since one line can be 16 KiB.
     queued: Arc<AtomicUsize>,
-    dropped: Arc<AtomicU64>,
 }
 
 /// Most bytes of echo output held while stdout is slow.
@@ -116,19 +115,17 @@ impl Echo {
                 }
             })
             .expect("spawn echo thread");
-        Echo { tx, queued, dropped: Arc::default() }
+        Echo { tx, queued }
     }
 
     fn send(&self, line: Vec<u8>) {
         let len = line.len();
-        if self.queued.fetch_add(len, Ordering::Relaxed) + len > ECHO_MAX_QUEUED {
+        // Over the cap, or the channel full: the line is dropped (the log
+        // file has it).
+        if self.queued.fetch_add(len, Ordering::Relaxed) + len > ECHO_MAX_QUEUED
+            || matches!(self.tx.try_send(line), Err(TrySendError::Full(_) | TrySendError::Disconnected(_)))
+        {
             self.queued.fetch_sub(len, Ordering::Relaxed);
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(line) {
-            self.queued.fetch_sub(len, Ordering::Relaxed);
-            self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
