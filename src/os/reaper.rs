@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::io;
 use std::process::{Child, Command};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use nix::errno::Errno;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
@@ -51,6 +51,10 @@ pub enum Reaped {
 #[derive(Default)]
 pub struct Reaper {
     tracked: Mutex<HashSet<i32>>,
+    /// Spawns hold it shared (several may run at once, from several
+    /// threads); the reaper holds it exclusively, so it never reaps a child
+    /// whose spawn has not yet recorded its pid.
+    spawning: RwLock<()>,
 }
 
 impl Reaper {
@@ -62,9 +66,9 @@ impl Reaper {
 
     /// Spawns `cmd`, recording its pid before the reaper can see it exit.
     pub fn spawn(&self, cmd: &mut Command) -> io::Result<Child> {
-        let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
+        let _spawning = self.spawning.read().unwrap_or_else(|e| e.into_inner());
         let child = cmd.spawn()?;
-        tracked.insert(child.id() as i32);
+        self.tracked.lock().unwrap_or_else(|e| e.into_inner()).insert(child.id() as i32);
         Ok(child)
     }
 
@@ -72,13 +76,14 @@ impl Reaper {
     /// The reaper is held off meanwhile, so it cannot take the exit status
     /// that the helper's own wait needs; keep such commands brief.
     pub fn run_to_end(&self, cmd: &mut Command) -> io::Result<std::process::Output> {
-        let _tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
+        let _spawning = self.spawning.read().unwrap_or_else(|e| e.into_inner());
         cmd.output()
     }
 
     /// Reaps every child that has ended, without blocking.
     pub fn reap(&self) -> Vec<Reaped> {
         let mut out = Vec::new();
+        let _reaping = self.spawning.write().unwrap_or_else(|e| e.into_inner());
         loop {
             let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
             let (pid, exit) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {

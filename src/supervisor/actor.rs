@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::sys::signal::Signal as NixSignal;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::jobs::{JobRt, RunProc, RunTimer, SessionDirs};
+use super::jobs::{JobRt, RunProc, RunTimer, SessionDirs, SpawnedProc};
 use super::logs::{Echo, LogFile, Sink, log_path, pump};
 use super::policy::{AfterExit, Counters, after_exit};
 use super::protocol::{
@@ -49,6 +49,13 @@ pub enum Event {
         inc: u64,
         epoch: u64,
         kind: RunTimer,
+    },
+    /// A run step's process was spawned (off the event loop).
+    RunSpawned {
+        run: i64,
+        inc: u64,
+        step: u32,
+        result: Result<SpawnedProc, String>,
     },
     /// One output stream of a run's step reached its end.
     RunOutputClosed {
@@ -208,6 +215,13 @@ pub struct Supervisor {
     pub(super) jobs: BTreeMap<String, JobRt>,
     pub(super) runs: HashMap<i64, RunProc>,
     pub(super) session_dirs: SessionDirs,
+    /// Run spawns handed to a blocking thread and not yet reported.
+    pub(super) spawns_in_flight: usize,
+    /// Exits of run processes reaped before their spawn was reported.
+    pub(super) early_exits: HashMap<i32, Exit>,
+    /// Processes of runs cancelled while they were being spawned: their
+    /// exit is of no interest.
+    pub(super) discarded: std::collections::HashSet<i32>,
     applied_at: SystemTime,
     watch: Option<watch::Sender<WatchSettings>>,
     pub(super) shutting_down: bool,
@@ -243,6 +257,9 @@ impl Supervisor {
             jobs: BTreeMap::new(),
             runs: HashMap::new(),
             session_dirs: SessionDirs::new(),
+            spawns_in_flight: 0,
+            early_exits: HashMap::new(),
+            discarded: std::collections::HashSet::new(),
             applied_at: SystemTime::now(),
             watch: None,
             shutting_down: false,
@@ -310,6 +327,7 @@ impl Supervisor {
             Event::JobTick { job, epoch } => self.on_job_tick(&job, epoch),
             Event::RunTimer { run, inc, epoch, kind } => self.on_run_timer(run, inc, epoch, kind),
             Event::RunOutputClosed { run, inc, step } => self.on_run_output_closed(run, inc, step),
+            Event::RunSpawned { run, inc, step, result } => self.on_run_spawned(run, inc, step, result),
             Event::Control(req, reply) => self.on_request(req, reply),
             Event::Shutdown => self.shutdown(),
             Event::Reload(reply) => {
@@ -407,7 +425,13 @@ impl Supervisor {
         let (name, index) = match self.by_pid.remove(&pid) {
             Some(Proc::Instance(name, index)) => (name, index),
             Some(Proc::Run(id)) => return self.on_run_exit(id, exit),
-            None => return,
+            // A run step whose spawn the actor has not heard of yet.
+            None => {
+                if !self.discarded.remove(&pid) {
+                    self.early_exits.insert(pid, exit);
+                }
+                return;
+            }
         };
         let Some(inst) = self.workers.get_mut(&name).and_then(|w| w.instances.get_mut(&index)) else {
             return;
@@ -920,6 +944,7 @@ impl Supervisor {
 
     fn all_stopped(&self) -> bool {
         self.runs.is_empty()
+            && self.spawns_in_flight == 0
             && self.workers.values().all(|w| w.instances.values().all(|i| !i.has_processes()))
     }
 

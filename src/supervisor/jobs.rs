@@ -83,6 +83,14 @@ pub enum RunTimer {
     Drain,
 }
 
+/// A step's process, handed from the spawning thread to the actor.
+#[derive(Debug)]
+pub struct SpawnedProc {
+    pub pid: i32,
+    pub stdout: Option<std::os::fd::OwnedFd>,
+    pub stderr: Option<std::os::fd::OwnedFd>,
+}
+
 /// A job's line in `status`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobStatus {
@@ -469,38 +477,79 @@ impl Supervisor {
         {
             let _ = l.step(id, rp.step, RunState::Running, None, None);
         }
-        match self.reaper.spawn(&mut cmd) {
-            Ok(mut child) => {
-                let pid = child.id() as i32;
-                rp.pid = Some(pid);
-                rp.pgid = Some(pid);
-                for (stream, pipe) in [
-                    ("out", child.stdout.take().map(std::os::fd::OwnedFd::from)),
-                    ("err", child.stderr.take().map(std::os::fd::OwnedFd::from)),
-                ] {
-                    if let Some(fd) = pipe
-                        && let Ok(rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
-                    {
-                        // The run ends only once its output is all written.
-                        let (tx, inc, step) = (self.tx.clone(), rp.inc, rp.step);
-                        let on_close: Box<dyn FnOnce() + Send> = Box::new(move || {
-                            let _ = tx.send(Event::RunOutputClosed { run: id, inc, step });
-                        });
-                        rp.open_streams += 1;
-                        tokio::spawn(pump(rp.sink.clone(), rp.step, stream, rx, Some(on_close)));
-                    }
+        // The spawn happens off the event loop: each one blocks its thread
+        // until the child has exec'd, and runs come by the hundred.
+        let (reaper, tx, inc, step_index) = (self.reaper.clone(), self.tx.clone(), rp.inc, rp.step);
+        let program = step.command[0].clone();
+        self.spawns_in_flight += 1;
+        tokio::task::spawn_blocking(move || {
+            let result = reaper
+                .spawn(&mut cmd)
+                .map(|mut child| SpawnedProc {
+                    pid: child.id() as i32,
+                    stdout: child.stdout.take().map(std::os::fd::OwnedFd::from),
+                    stderr: child.stderr.take().map(std::os::fd::OwnedFd::from),
+                })
+                .map_err(|e| format!("cannot start {program:?}: {e}"));
+            let _ = tx.send(Event::RunSpawned { run: id, inc, step: step_index, result });
+        });
+    }
+
+    /// A step's process was spawned (or could not be).
+    pub(super) fn on_run_spawned(
+        &mut self,
+        id: i64,
+        inc: u64,
+        step: u32,
+        result: Result<SpawnedProc, String>,
+    ) {
+        self.spawns_in_flight -= 1;
+        let current =
+            self.runs.get(&id).is_some_and(|rp| rp.inc == inc && rp.step == step && rp.stopping.is_none());
+        let sp = match result {
+            Err(msg) => {
+                if current {
+                    self.step_ended(id, None, Some(msg));
                 }
-                self.by_pid.insert(pid, Proc::Run(id));
-                if let Some(l) = &self.ledger {
-                    let log = run_log_path(&state_dir, id);
-                    let _ = l.set_process(id, pid, pid, proc::start_ticks(pid), &log);
-                }
-                tracing::info!(run = id, job = ?rp.job, step = %step.name, pid, "run step started");
+                return;
             }
-            Err(e) => {
-                let msg = format!("cannot start {:?}: {e}", step.command[0]);
-                self.step_ended(id, None, Some(msg));
+            Ok(sp) => sp,
+        };
+        let pid = sp.pid;
+        if !current {
+            // Cancelled while it was being spawned: it must not run on.
+            let _ = proc::signal_group(pid, NixSignal::SIGKILL);
+            if self.early_exits.remove(&pid).is_none() {
+                self.discarded.insert(pid);
             }
+            return;
+        }
+        let state_dir = self.config.supervisor.state_dir.clone();
+        let rp = self.runs.get_mut(&id).expect("checked above");
+        rp.pid = Some(pid);
+        rp.pgid = Some(pid);
+        for (stream, pipe) in [("out", sp.stdout), ("err", sp.stderr)] {
+            if let Some(fd) = pipe
+                && let Ok(rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
+            {
+                // The run ends only once its output is all written.
+                let (tx, inc, step) = (self.tx.clone(), rp.inc, rp.step);
+                let on_close: Box<dyn FnOnce() + Send> = Box::new(move || {
+                    let _ = tx.send(Event::RunOutputClosed { run: id, inc, step });
+                });
+                rp.open_streams += 1;
+                tokio::spawn(pump(rp.sink.clone(), rp.step, stream, rx, Some(on_close)));
+            }
+        }
+        tracing::info!(run = id, job = ?rp.job, step = %rp.steps[step as usize].name, pid, "run step started");
+        self.by_pid.insert(pid, Proc::Run(id));
+        if let Some(l) = &self.ledger {
+            let _ = l.set_process(id, pid, pid, proc::start_ticks(pid), &run_log_path(&state_dir, id));
+        }
+        // It may have ended before this event was handled.
+        if let Some(exit) = self.early_exits.remove(&pid) {
+            self.by_pid.remove(&pid);
+            self.on_run_exit(id, exit);
         }
     }
 
