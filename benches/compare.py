@@ -65,6 +65,29 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def supervisord_header(tmp, n) -> str:
+    """supervisord.conf up to its programs: socket, logs, limits for n workers."""
+    return f"""\
+[unix_http_server]
+file={tmp}/supervisor.sock
+
+[supervisord]
+nodaemon=true
+logfile={tmp}/supervisord.log
+pidfile={tmp}/supervisord.pid
+childlogdir={tmp}/logs
+loglevel=warn
+minfds={4 * n + 256}
+minprocs={2 * n + 256}
+
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+
+[supervisorctl]
+serverurl=unix://{tmp}/supervisor.sock
+"""
+
+
 class Failed(Exception):
     """A measurement that could not be taken; its message goes in the cell."""
 
@@ -380,25 +403,7 @@ class Supervisord(System):
         super().prepare(n, tmp)
         (tmp / "logs").mkdir()
         self.conf = tmp / "supervisord.conf"
-        self.conf.write_text(f"""\
-[unix_http_server]
-file={tmp}/supervisor.sock
-
-[supervisord]
-nodaemon=true
-logfile={tmp}/supervisord.log
-pidfile={tmp}/supervisord.pid
-childlogdir={tmp}/logs
-loglevel=warn
-minfds={4 * n + 256}
-minprocs={2 * n + 256}
-
-[rpcinterface:supervisor]
-supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
-
-[supervisorctl]
-serverurl=unix://{tmp}/supervisor.sock
-
+        self.conf.write_text(supervisord_header(tmp, n) + f"""
 [program:w]
 command={SLEEP} {" ".join(WORKER_ARGS)}
 numprocs={n}

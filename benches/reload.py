@@ -315,25 +315,7 @@ class SupervisordR(ReloadMixin, C.Supervisord):
 
     def render(self) -> str:
         tmp, n = self.tmp, self.n
-        out = [f"""\
-[unix_http_server]
-file={tmp}/supervisor.sock
-
-[supervisord]
-nodaemon=true
-logfile={tmp}/supervisord.log
-pidfile={tmp}/supervisord.pid
-childlogdir={tmp}/logs
-loglevel=warn
-minfds={4 * n + 256}
-minprocs={2 * n + 256}
-
-[rpcinterface:supervisor]
-supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
-
-[supervisorctl]
-serverurl=unix://{tmp}/supervisor.sock
-"""]
+        out = [C.supervisord_header(tmp, n)]
         for i in range(n):
             out.append(self.program(f"w{i}", [SLEEP, *C.WORKER_ARGS]))
         for i in self.extra:
