@@ -192,7 +192,15 @@ const RUN_COLUMNS: &str = "id, job, kind, source, state, created_at, started_at,
 impl Ledger {
     /// Opens (creating and migrating) the ledger for the supervisor.
     pub fn open(path: &Path) -> Result<Self> {
-        let conn = Connection::open(path)?;
+        // 0600 from birth; SQLite gives its -wal and -shm files the same mode.
+        crate::os::fsutil::create_private(path).map_err(|e| {
+            let code = rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN);
+            rusqlite::Error::SqliteFailure(code, Some(e.to_string()))
+        })?;
+
+        let flags = OpenFlags::default() | OpenFlags::SQLITE_OPEN_NOFOLLOW;
+        let conn = Connection::open_with_flags(path, flags)?;
+
         // WAL: readers (`drover runs`) never block the supervisor; a crash
         // at any point leaves the last committed state. NORMAL sync is
         // enough against a crash of drover itself.

@@ -102,10 +102,11 @@ pub fn show_config(path: &Path, overrides: &Overrides, json: bool) -> u8 {
             return exit::FAILED;
         }
     };
+    let config = loaded.config.redacted();
     let text = if json {
-        serde_json::to_string_pretty(&loaded.config).expect("config serializes") + "\n"
+        serde_json::to_string_pretty(&config).expect("config serializes") + "\n"
     } else {
-        match toml::to_string_pretty(&loaded.config) {
+        match toml::to_string_pretty(&config) {
             Ok(t) => t,
             Err(e) => {
                 eprintln!("drover: cannot print the config as TOML: {e}");

@@ -164,13 +164,22 @@ pub fn read_text(path: &Path) -> Result<String, Diagnostic> {
         .take(MAX_CONFIG_BYTES + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| fail(format!("cannot read: {e}")))?;
+    text_from_bytes(path, bytes, meta.len())
+}
+
+/// The config text in `bytes` read from `path` (whose size on disk is
+/// `size`): at most 4 MiB of UTF-8.
+pub fn text_from_bytes(path: &Path, bytes: Vec<u8>, size: u64) -> Result<String, Diagnostic> {
     if bytes.len() as u64 > MAX_CONFIG_BYTES {
-        let size = meta.len().max(bytes.len() as u64);
-        return Err(fail(format!(
-            "file is {:.1} MiB; a config may be at most {} MiB",
-            size as f64 / (1 << 20) as f64,
-            MAX_CONFIG_BYTES >> 20
-        )));
+        let size = size.max(bytes.len() as u64);
+        return Err(Diagnostic::file(
+            path,
+            format!(
+                "file is {:.1} MiB; a config may be at most {} MiB",
+                size as f64 / (1 << 20) as f64,
+                MAX_CONFIG_BYTES >> 20
+            ),
+        ));
     }
     String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();
@@ -521,7 +530,7 @@ fn unknown_key_message(key: &str, allowed: &[String]) -> String {
     msg
 }
 
-fn edit_distance(a: &str, b: &str) -> usize {
+pub(super) fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut prev: Vec<usize> = (0..=b.len()).collect();
     for (i, ca) in a.chars().enumerate() {

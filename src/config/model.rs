@@ -2,7 +2,7 @@
 //! in, every path absolute, every rule checked. Serializing it gives
 //! `drover config --json`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use serde::Serialize;
@@ -16,6 +16,35 @@ pub struct Config {
     pub defaults: Settings,
     pub workers: BTreeMap<String, Worker>,
     pub jobs: BTreeMap<String, Job>,
+}
+
+/// What `drover config` prints in place of a secret value.
+pub const REDACTED: &str = "(secret)";
+
+impl Config {
+    /// This config with the value of every key marked secret anywhere
+    /// replaced by [`REDACTED`], in every env table: safe to print.
+    pub fn redacted(&self) -> Config {
+        let secret: BTreeSet<&String> = self
+            .defaults
+            .secret_env
+            .iter()
+            .chain(self.workers.values().flat_map(|w| &w.secret_env))
+            .chain(self.jobs.values().flat_map(|j| &j.secret_env))
+            .collect();
+        let hide = |env: &mut BTreeMap<String, String>| {
+            for (k, v) in env.iter_mut() {
+                if secret.contains(k) {
+                    *v = REDACTED.to_string();
+                }
+            }
+        };
+        let mut c = self.clone();
+        hide(&mut c.defaults.env);
+        c.workers.values_mut().for_each(|w| hide(&mut w.env));
+        c.jobs.values_mut().for_each(|j| hide(&mut j.env));
+        c
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -50,6 +79,8 @@ pub struct Settings {
     pub stop_signal: Signal,
     pub stop_grace: HumanDuration,
     pub env: BTreeMap<String, String>,
+    /// Keys of `env` never printed: this table's and every table's above it.
+    pub secret_env: BTreeSet<String>,
 }
 
 impl Default for Settings {
@@ -67,6 +98,7 @@ impl Default for Settings {
             stop_signal: Signal::SIGTERM,
             stop_grace: HumanDuration::from_secs(30),
             env: BTreeMap::new(),
+            secret_env: BTreeSet::new(),
         }
     }
 }
@@ -84,6 +116,7 @@ pub struct Worker {
     pub stop_signal: Signal,
     pub stop_grace: HumanDuration,
     pub env: BTreeMap<String, String>,
+    pub secret_env: BTreeSet<String>,
 }
 
 impl Worker {
@@ -107,6 +140,7 @@ impl Worker {
             stop_signal: s.stop_signal,
             stop_grace: s.stop_grace,
             env: s.env,
+            secret_env: s.secret_env,
         }
     }
 }
@@ -127,6 +161,7 @@ pub struct Job {
     pub retain: u32,
     pub dir: PathBuf,
     pub env: BTreeMap<String, String>,
+    pub secret_env: BTreeSet<String>,
     pub stop_signal: Signal,
     pub stop_grace: HumanDuration,
 }
@@ -159,6 +194,7 @@ impl Serialize for Job {
             stop_signal: Signal,
             stop_grace: HumanDuration,
             env: &'a BTreeMap<String, String>,
+            secret_env: &'a BTreeSet<String>,
         }
         View {
             command: (!self.flow).then(|| self.steps[0].command.as_slice()),
@@ -187,6 +223,7 @@ impl Serialize for Job {
             stop_signal: self.stop_signal,
             stop_grace: self.stop_grace,
             env: &self.env,
+            secret_env: &self.secret_env,
         }
         .serialize(s)
     }

@@ -150,6 +150,9 @@ pub struct RawSettings {
     pub stop_grace: Option<HumanDuration>,
     /// Environment variables, over drover's own environment.
     pub env: Option<BTreeMap<String, String>>,
+    /// Keys of `env` whose values are secret: `drover config` shows them as
+    /// "(secret)". A worker's or job's list adds to this one.
+    pub secret_env: Option<Vec<String>>,
 }
 
 /// A long-running process kept running `capacity` times.
@@ -182,6 +185,8 @@ pub struct RawWorker {
     pub stop_grace: Option<HumanDuration>,
     /// Environment variables (merged over `defaults.env`).
     pub env: Option<BTreeMap<String, String>>,
+    /// Keys of `env` whose values are secret (added to `defaults.secret_env`).
+    pub secret_env: Option<Vec<String>>,
 }
 
 /// A job: one command, or a flow of steps, run on a schedule or on trigger.
@@ -230,6 +235,8 @@ pub struct RawJob {
     pub dir: Option<PathBuf>,
     /// Environment variables (merged over `defaults.env`).
     pub env: Option<BTreeMap<String, String>>,
+    /// Keys of `env` whose values are secret (added to `defaults.secret_env`).
+    pub secret_env: Option<Vec<String>>,
     /// Signal sent to stop a run (overrides `defaults.stop_signal`).
     pub stop_signal: Option<Signal>,
     /// Grace before SIGKILL (overrides `defaults.stop_grace`).

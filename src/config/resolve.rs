@@ -67,6 +67,7 @@ pub fn resolve(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
             stop_signal: w.stop_signal,
             stop_grace: w.stop_grace,
             env: w.env.clone(),
+            secret_env: w.secret_env.clone(),
         };
         let s = overlay(&defaults, &own);
         check_settings(&mut p, &at, &s, &own);
@@ -88,7 +89,32 @@ pub fn resolve(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
         }
     }
 
+    // A `[defaults]` secret may be set only by the workers and jobs.
+    for (i, key) in raw_defaults.secret_env.iter().flatten().enumerate() {
+        let set_somewhere = defaults.env.contains_key(key)
+            || workers.values().any(|w| w.env.contains_key(key))
+            || jobs.values().any(|j| j.env.contains_key(key));
+        if !set_somewhere {
+            let known =
+                workers.values().flat_map(|w| w.env.keys()).chain(jobs.values().flat_map(|j| j.env.keys()));
+            p.add(&["defaults", "secret_env", &i.to_string()], unset_secret_message(key, known));
+        }
+    }
+
     if p.0.is_empty() { Ok(Config { supervisor, defaults, workers, jobs }) } else { Err(p.0) }
+}
+
+/// A `secret_env` key no env sets is most likely a typo, which would leave
+/// the real secret printable.
+fn unset_secret_message<'a>(key: &str, known: impl Iterator<Item = &'a String>) -> String {
+    let mut msg = format!("{key:?} is not set in any env this applies to; secret_env names keys of env");
+    if let Some(near) = known
+        .min_by_key(|k| super::load::edit_distance(key, k))
+        .filter(|k| super::load::edit_distance(key, k) <= 2)
+    {
+        msg.push_str(&format!("; did you mean {near:?}?"));
+    }
+    msg
 }
 
 fn resolve_job(
@@ -192,6 +218,9 @@ fn resolve_job(
     let mut env = defaults.env.clone();
     env.extend(j.env.clone().unwrap_or_default());
     check_env(p, &["jobs", name, "env"], j.env.as_ref());
+    let mut secret_env = defaults.secret_env.clone();
+    secret_env.extend(j.secret_env.iter().flatten().cloned());
+    check_secrets(p, &["jobs", name], &env, j.secret_env.as_ref());
     Some(Job {
         steps,
         flow,
@@ -206,6 +235,7 @@ fn resolve_job(
         retain,
         dir: resolve_dir(p, &["jobs", name, "dir"], base_dir, j.dir.as_deref()),
         env,
+        secret_env,
         stop_signal: j.stop_signal.unwrap_or(defaults.stop_signal),
         stop_grace: j.stop_grace.unwrap_or(defaults.stop_grace),
     })
@@ -217,6 +247,8 @@ fn overlay(base: &Settings, own: &RawSettings) -> Settings {
     let c = own.crash_loop.clone().unwrap_or_default();
     let mut env = base.env.clone();
     env.extend(own.env.clone().unwrap_or_default());
+    let mut secret_env = base.secret_env.clone();
+    secret_env.extend(own.secret_env.iter().flatten().cloned());
     Settings {
         restart: own.restart.unwrap_or(base.restart),
         backoff: Backoff {
@@ -235,6 +267,7 @@ fn overlay(base: &Settings, own: &RawSettings) -> Settings {
         stop_signal: own.stop_signal.unwrap_or(base.stop_signal),
         stop_grace: own.stop_grace.unwrap_or(base.stop_grace),
         env,
+        secret_env,
     }
 }
 
@@ -269,6 +302,18 @@ fn check_settings(p: &mut Problems, at: &[&str], s: &Settings, own: &RawSettings
         p.add(&path("permanent_exit_codes"), format!("exit codes are 0 to 255, found {bad}"));
     }
     check_env(p, &path("env"), own.env.as_ref());
+    if at.first() != Some(&"defaults") {
+        check_secrets(p, at, &s.env, own.secret_env.as_ref());
+    }
+}
+
+/// Each key a worker or job marks secret must be one its env sets.
+fn check_secrets(p: &mut Problems, at: &[&str], env: &BTreeMap<String, String>, own: Option<&Vec<String>>) {
+    for (i, key) in own.into_iter().flatten().enumerate() {
+        if !env.contains_key(key) {
+            p.add(&[at, &["secret_env", &i.to_string()]].concat(), unset_secret_message(key, env.keys()));
+        }
+    }
 }
 
 fn check_env(p: &mut Problems, at: &[&str], env: Option<&BTreeMap<String, String>>) {

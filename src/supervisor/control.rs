@@ -47,7 +47,10 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Event>) {
     }
 }
 
-async fn read_request(r: tokio::net::unix::OwnedReadHalf) -> Result<Request, String> {
+/// Reads one request line from a client: at most [`MAX_REQUEST`] bytes,
+/// within [`READ_TIMEOUT`]. Any input gives a request or an error to send
+/// back, never a panic (fuzzed by `fuzz/fuzz_targets/control.rs`).
+pub async fn read_request<R: tokio::io::AsyncRead + Unpin>(r: R) -> Result<Request, String> {
     let mut reader = tokio::io::BufReader::new(r.take(MAX_REQUEST as u64 + 1));
     let mut line = Vec::new();
     match tokio::time::timeout(READ_TIMEOUT, reader.read_until(b'\n', &mut line)).await {

@@ -819,6 +819,15 @@ impl Supervisor {
         if command.is_empty() || command[0].is_empty() {
             return Err("a session needs a command".into());
         }
+        // Names show up in status and as keys; keep them to what worker
+        // names allow, so none carries a path, a newline or an escape.
+        if let Some(n) = name.as_deref().filter(|n| !crate::config::types::is_valid_name(n)) {
+            return Err(format!(
+                "session name {n:?} is not allowed: use lowercase letters, digits, '-' and '_' ({})",
+                crate::config::types::NAME_PATTERN
+            ));
+        }
+
         let ledger = self.ledger.as_mut().ok_or("the run ledger is not available")?;
         let id = ledger
             .create(&NewRun {

@@ -15,7 +15,7 @@ use super::actor::{Event, Options, Supervisor};
 use super::control;
 use super::protocol::StatusReport;
 use crate::config::Loaded;
-use crate::os::fsutil::{ensure_private_dir, libc_o_nofollow};
+use crate::os::fsutil::{ensure_private_dir, libc_o_nofollow, refuse_link};
 use crate::os::proc;
 use crate::os::reaper::Reaper;
 
@@ -43,7 +43,7 @@ pub fn acquire_lock(state_dir: &Path) -> Result<StateLock, String> {
         .mode(0o600)
         .custom_flags(libc_o_nofollow())
         .open(&path)
-        .map_err(|e| format!("cannot open the lock {}: {e}", path.display()))?;
+        .map_err(|e| format!("cannot open the lock {}: {}", path.display(), refuse_link(&path, e)))?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(mut lock) => {
             let _ = lock.set_len(0);
@@ -209,8 +209,12 @@ pub async fn serve(
         std::fs::remove_file(&sock)
             .map_err(|e| format!("cannot remove the old socket {}: {e}", sock.display()))?;
     }
-    let listener = tokio::net::UnixListener::bind(&sock)
-        .map_err(|e| format!("cannot listen on {}: {e}", sock.display()))?;
+    // The socket is born 0600 (no window in which a permissive umask leaves
+    // it open); no worker has been spawned yet to inherit this umask.
+    let umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = tokio::net::UnixListener::bind(&sock);
+    nix::sys::stat::umask(umask);
+    let listener = bound.map_err(|e| format!("cannot listen on {}: {e}", sock.display()))?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())?;
 
     let opts = Options { config_path: loaded.path.clone(), overrides, echo };

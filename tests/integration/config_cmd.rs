@@ -51,7 +51,8 @@ fn defaults_are_filled_in() {
         "permanent_exit_codes": [78],
         "stop_signal": "SIGTERM",
         "stop_grace": "30s",
-        "env": {}
+        "env": {},
+        "secret_env": []
     });
     assert_eq!(c["defaults"], settings);
     assert_eq!(c["defaults"]["stop_grace"], "30s");

@@ -10,6 +10,7 @@ mod jobs;
 mod output;
 mod reload;
 mod schema;
+mod security;
 mod sessions;
 mod state;
 mod stopping;
