@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod chaos;
 mod check;
 mod config_cmd;
 mod control;
