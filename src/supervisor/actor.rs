@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::sys::signal::Signal as NixSignal;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::control::Reply;
 use super::jobs::{JobRt, RunProc, RunTimer, SessionDirs, SpawnedProc};
 use super::logs::{Echo, LogFile, Sink, log_path, pump};
 use super::policy::{AfterExit, Counters, after_exit};
@@ -63,7 +64,7 @@ pub enum Event {
         inc: u64,
         step: u32,
     },
-    Control(Request, oneshot::Sender<Response>),
+    Control(Request, oneshot::Sender<Reply>),
     /// SIGTERM / SIGINT; a second one while stopping kills at once.
     Shutdown,
     /// SIGHUP, `drover reload`, or the file watcher.
@@ -225,7 +226,10 @@ pub struct Supervisor {
     applied_at: SystemTime,
     watch: Option<watch::Sender<WatchSettings>>,
     pub(super) shutting_down: bool,
-    stop_waiters: Vec<oneshot::Sender<Response>>,
+    stop_waiters: Vec<oneshot::Sender<Reply>>,
+    /// The full status reply, encoded, until the next event that is not a
+    /// status request: concurrent `status` calls share one encoding.
+    status_cache: Option<Arc<Vec<u8>>>,
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -264,6 +268,7 @@ impl Supervisor {
             watch: None,
             shutting_down: false,
             stop_waiters: Vec::new(),
+            status_cache: None,
         }
     }
 
@@ -310,6 +315,10 @@ impl Supervisor {
     }
 
     fn handle(&mut self, ev: Event) {
+        // Any other event may change what status reports.
+        if !matches!(&ev, Event::Control(Request::Status { name: None }, _)) {
+            self.status_cache = None;
+        }
         match ev {
             Event::Reaped(list) => {
                 let mut stray = false;
@@ -802,8 +811,22 @@ impl Supervisor {
 
     // ----- control -----
 
-    fn on_request(&mut self, req: Request, reply: oneshot::Sender<Response>) {
+    fn on_request(&mut self, req: Request, reply: oneshot::Sender<Reply>) {
         let resp = match req {
+            Request::Status { name: None } => {
+                let line = match &self.status_cache {
+                    Some(line) => line.clone(),
+                    None => {
+                        let state = if self.shutting_down { "stopping" } else { "running" };
+                        let resp = Response::Status(Box::new(self.report(state, true)));
+                        let line = Arc::new(super::control::encode(&resp));
+                        self.status_cache = Some(line.clone());
+                        line
+                    }
+                };
+                let _ = reply.send(Reply::Encoded(line));
+                return;
+            }
             Request::Status { name } => match &name {
                 Some(n) if !self.workers.contains_key(n) => {
                     Response::Error { message: format!("no worker named {n:?}") }
@@ -868,7 +891,7 @@ impl Supervisor {
                 }
             }
         };
-        let _ = reply.send(resp);
+        let _ = reply.send(Reply::Response(resp));
     }
 
     fn restart(&mut self, name: &str) -> Response {
@@ -961,7 +984,7 @@ impl Supervisor {
         self.write_state(&report);
         let _ = std::fs::remove_file(self.config.supervisor.state_dir.join("drover.sock"));
         for w in self.stop_waiters.drain(..) {
-            let _ = w.send(Response::Ok { message: "stopped".into() });
+            let _ = w.send(Reply::Response(Response::Ok { message: "stopped".into() }));
         }
         tracing::info!("stopped");
     }

@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
@@ -21,6 +22,21 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
 /// A client that sends nothing for this long is dropped.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What the actor answers a request with: a response, or one it encoded
+/// already (a cached status report, shared by every client that asks).
+#[derive(Debug)]
+pub enum Reply {
+    Response(Response),
+    Encoded(Arc<Vec<u8>>),
+}
+
+/// A response as it goes on the wire: one JSON line.
+pub fn encode(resp: &Response) -> Vec<u8> {
+    let mut line = serde_json::to_vec(resp).expect("response serializes");
+    line.push(b'\n');
+    line
+}
+
 /// Accepts connections until the actor goes away.
 pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Event>) {
     loop {
@@ -28,21 +44,23 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Event>) {
         let tx = tx.clone();
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
-            let resp = match read_request(r).await {
+            let gone =
+                || Reply::Response(Response::Error { message: "the supervisor is shutting down".into() });
+            let reply = match read_request(r).await {
                 Ok(req) => {
                     let (otx, orx) = oneshot::channel();
                     if tx.send(Event::Control(req, otx)).is_err() {
-                        Response::Error { message: "the supervisor is shutting down".into() }
+                        gone()
                     } else {
-                        orx.await
-                            .unwrap_or(Response::Error { message: "the supervisor is shutting down".into() })
+                        orx.await.unwrap_or_else(|_| gone())
                     }
                 }
-                Err(message) => Response::Error { message },
+                Err(message) => Reply::Response(Response::Error { message }),
             };
-            let mut line = serde_json::to_vec(&resp).expect("response serializes");
-            line.push(b'\n');
-            let _ = w.write_all(&line).await;
+            let _ = match reply {
+                Reply::Response(resp) => w.write_all(&encode(&resp)).await,
+                Reply::Encoded(line) => w.write_all(&line).await,
+            };
         });
     }
 }

@@ -260,7 +260,8 @@ fn chaos_keeps_every_promise() {
                 let job = *rng.pick(&["tick", "slow", "flow"]).unwrap();
                 log.say(&format!("trigger {job}"));
                 let r = sb.cli(&["trigger", job]);
-                if r.code != Some(0) {
+                // At capacity, "skip" refuses the run: that is the config speaking.
+                if r.code != Some(0) && !r.stderr.contains("skipped") {
                     log.fail(&format!("trigger {job}: {}", r.stderr));
                 }
             }

@@ -13,6 +13,7 @@ mod reload;
 mod schema;
 mod security;
 mod sessions;
+mod soak;
 mod state;
 mod stopping;
 mod supervise;

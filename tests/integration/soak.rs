@@ -1,0 +1,129 @@
+//! Soak: a worker that exits every 10 ms (restarted with no backoff) and a
+//! job every 100 ms, while drover's RSS, open file descriptors and ledger
+//! size are sampled. After a warm-up they must stay flat: RSS and ledger
+//! growth under 1 MiB, not one more file descriptor.
+//!
+//! `cargo test` runs one minute. The hour (samples each minute, 5 minutes
+//! of warm-up) is run by hand:
+//!
+//!     DROVER_SOAK_SECS=3600 cargo test --release --test integration soak -- --nocapture
+
+use std::time::{Duration, Instant};
+
+use crate::harness::{SUPERVISOR, Sandbox, Supervisor, rss_kib, sh};
+
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    at: Duration,
+    rss_kib: u64,
+    fds: usize,
+    ledger_bytes: u64,
+    restarts: u64,
+    runs: i64,
+}
+
+/// The fewest descriptors seen over a few quick looks: a spawn in progress
+/// holds pipes for a moment, which is not a leak.
+fn settled_fds(pid: i32) -> usize {
+    (0..5)
+        .map(|_| {
+            let n = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(usize::MAX);
+            std::thread::sleep(Duration::from_millis(20));
+            n
+        })
+        .min()
+        .unwrap()
+}
+
+fn ledger_count(sb: &Sandbox, query: &str) -> i64 {
+    let conn = rusqlite::Connection::open_with_flags(
+        sb.state_dir().join("ledger.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open the ledger");
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.query_row(query, [], |r| r.get::<_, Option<i64>>(0)).unwrap().unwrap_or(0)
+}
+
+fn ledger_bytes(sb: &Sandbox) -> u64 {
+    ["ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(sb.state_dir().join(f)).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+#[test]
+fn soak_keeps_memory_descriptors_and_ledger_flat() {
+    let secs: u64 = std::env::var("DROVER_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    let (interval, warm_up) = if secs >= 600 {
+        (Duration::from_secs(60), Duration::from_secs(300))
+    } else {
+        (Duration::from_secs(secs.div_ceil(12)), Duration::from_secs(secs / 4))
+    };
+    let sb = Sandbox::new();
+    sb.write(
+        "daemon.toml",
+        format!(
+            "{SUPERVISOR}log_max_size = \"64KiB\"\nlog_keep = 1\n\
+             [workers.flash]\ncommand = {}\n\
+             backoff = {{ initial = \"0s\", max = \"0s\" }}\ncrash_loop = {{ min_uptime = \"0s\" }}\n\
+             [jobs.tick]\ncommand = {}\nevery = \"100ms\"\nretain = 50\n",
+            sh("echo up; sleep 0.01"),
+            sh("echo tick")
+        ),
+    );
+    let sup = Supervisor::start(&sb);
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    eprintln!("soak: {secs} s, a sample every {interval:?}, warm-up {warm_up:?}");
+    eprintln!(
+        "{:>8} {:>10} {:>5} {:>12} {:>9} {:>7}",
+        "at", "rss KiB", "fds", "ledger B", "restarts", "last run"
+    );
+    while start.elapsed() < Duration::from_secs(secs) {
+        let next = start + interval * (samples.len() as u32 + 1);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        let v = sup.status();
+        let s = Sample {
+            at: start.elapsed(),
+            rss_kib: rss_kib(sup.pid).expect("drover's RSS"),
+            fds: settled_fds(sup.pid),
+            ledger_bytes: ledger_bytes(&sb),
+            restarts: v["workers"][0]["instances"][0]["restarts"].as_u64().unwrap_or(0),
+            runs: ledger_count(&sb, "SELECT max(id) FROM runs"),
+        };
+        eprintln!(
+            "{:>7}s {:>10} {:>5} {:>12} {:>9} {:>7}",
+            s.at.as_secs(),
+            s.rss_kib,
+            s.fds,
+            s.ledger_bytes,
+            s.restarts,
+            s.runs
+        );
+        samples.push(s);
+    }
+
+    let after: Vec<&Sample> = samples.iter().filter(|s| s.at >= warm_up).collect();
+    let (base, last) = (after.first().expect("a sample after warm-up"), samples.last().unwrap());
+    // The load really ran: ~100 restarts a second, a run every 100 ms.
+    let per_sec = |n: u64| n as f64 / last.at.as_secs_f64();
+    assert!(per_sec(last.restarts) > 20.0, "only {} restarts in {:?}", last.restarts, last.at);
+    assert!(per_sec(last.runs as u64) > 3.0, "only {} runs in {:?}", last.runs, last.at);
+    let kept = ledger_count(&sb, "SELECT count(*) FROM runs");
+    assert!((40..=51).contains(&kept), "{kept} runs kept; retain = 50");
+    for s in &after {
+        assert!(
+            s.rss_kib < base.rss_kib + 1024,
+            "RSS grew {} KiB after warm-up: {samples:#?}",
+            s.rss_kib - base.rss_kib
+        );
+        assert!(s.fds <= base.fds, "descriptors grew from {} to {}: {samples:#?}", base.fds, s.fds);
+        assert!(
+            s.ledger_bytes < base.ledger_bytes + (1 << 20),
+            "the ledger grew {} bytes after warm-up: {samples:#?}",
+            s.ledger_bytes - base.ledger_bytes
+        );
+    }
+}
