@@ -87,6 +87,36 @@ pub fn environ_var(pid: i32, name: &str) -> Option<String> {
     })
 }
 
+/// The processes that carry `DROVER_STATE_DIR=state_dir` and the mark of a
+/// worker instance or a run in their environment: whatever a supervisor of
+/// this state_dir started, even what its state file and ledger never got to
+/// record (a spawn just before it was SIGKILLed). This process and its
+/// ancestors are left out.
+pub fn marked_processes(state_dir: &std::path::Path) -> Vec<i32> {
+    let mut spared = vec![std::process::id() as i32];
+    while let Some(parent) = stat_fields(*spared.last().unwrap()).and_then(|f| f.get(1)?.parse::<i32>().ok())
+    {
+        if parent <= 1 || spared.contains(&parent) {
+            break;
+        }
+        spared.push(parent);
+    }
+    let want = state_dir.as_os_str().as_encoded_bytes();
+    let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| !spared.contains(pid))
+        .filter(|&pid| {
+            let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { return false };
+            let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
+            let has = |name: &[u8]| vars.iter().any(|kv| kv.starts_with(name));
+            vars.iter().any(|kv| kv.strip_prefix(b"DROVER_STATE_DIR=") == Some(want))
+                && (has(b"DROVER_WORKER=") || has(b"DROVER_RUN="))
+        })
+        .collect()
+}
+
 /// Raises the soft limit on open files to the hard limit: every instance
 /// holds two pipe ends, and 1000 workers exceed the usual soft limit of 1024.
 pub fn raise_fd_limit() {
@@ -127,5 +157,36 @@ mod tests {
         assert_eq!(environ_var(pid, "DROVER_TEST_MAR"), None);
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    #[test]
+    fn marked_processes_are_found_by_state_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let spawn = |sd: &std::path::Path, mark: &str| {
+            std::process::Command::new("sleep")
+                .arg("5")
+                .env("DROVER_STATE_DIR", sd)
+                .env(mark, "1")
+                .spawn()
+                .unwrap()
+        };
+        let mut ours = spawn(dir.path(), "DROVER_WORKER");
+        let mut run = spawn(dir.path(), "DROVER_RUN");
+        let mut other_dir = spawn(&dir.path().join("x"), "DROVER_WORKER");
+        let mut unmarked = spawn(dir.path(), "DROVER_TEST_MARK");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut found = marked_processes(dir.path());
+        while found.len() < 2 && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+            found = marked_processes(dir.path());
+        }
+        found.sort_unstable();
+        let mut want = vec![ours.id() as i32, run.id() as i32];
+        want.sort_unstable();
+        assert_eq!(found, want);
+        for c in [&mut ours, &mut run, &mut other_dir, &mut unmarked] {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
     }
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::Signal;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
@@ -93,18 +94,31 @@ pub fn recorded_supervisor_alive(report: &StatusReport) -> bool {
 /// left running. Called with the lock held, so that supervisor is gone.
 /// Returns how many process groups were killed.
 pub fn clean_up_after_dead_supervisor(state_dir: &Path) -> usize {
-    let Some(report) = read_state(state_dir) else { return 0 };
-    if report.supervisor.state == "stopped" {
-        return 0;
-    }
     let mut killed = 0;
-    for w in &report.workers {
-        for inst in &w.instances {
-            let Some(pgid) = inst.pgid else { continue };
-            if proc::kill_recorded_group(pgid, inst.start_ticks) {
-                tracing::warn!(worker = %w.name, instance = inst.index, pgid, "killed what a dead supervisor left running");
-                killed += 1;
+    if let Some(report) = read_state(state_dir).filter(|r| r.supervisor.state != "stopped") {
+        for w in &report.workers {
+            for inst in &w.instances {
+                let Some(pgid) = inst.pgid else { continue };
+                if proc::kill_recorded_group(pgid, inst.start_ticks) {
+                    tracing::warn!(worker = %w.name, instance = inst.index, pgid, "killed what a dead supervisor left running");
+                    killed += 1;
+                }
             }
+        }
+    }
+    // The state file lags a spawn by one write: a supervisor killed in
+    // between leaves a process only its environment names. With the lock
+    // held, every process marked with this state_dir is a leftover.
+    let own_group = nix::unistd::getpgrp().as_raw();
+    for pid in proc::marked_processes(state_dir) {
+        let group = proc::pgid_of(pid).filter(|&g| g != own_group && g > 1);
+        let sent = match group {
+            Some(g) => proc::signal_group(g, Signal::SIGKILL).is_ok(),
+            None => nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).is_ok(),
+        };
+        if sent {
+            tracing::warn!(pid, pgid = ?group, "killed a process a dead supervisor started but never recorded");
+            killed += 1;
         }
     }
     killed

@@ -250,46 +250,44 @@ fn recorded_pids_are_checked_against_their_start_times() {
     sup.wait_for("its own worker", SECS_10, |v| instance(v, "sleeper", 0)["state"] == "running");
 }
 
+/// Regression (found by the chaos test): a supervisor SIGKILLed between a
+/// spawn and the next state write leaves a process no file records. Its
+/// environment still names the state_dir, and the next supervisor stops it.
 #[test]
-fn symlinks_planted_in_the_state_dir_are_not_followed() {
-    use std::os::unix::fs::symlink;
+fn processes_a_killed_supervisor_never_recorded_are_stopped_too() {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
     let sb = Sandbox::new();
-    sb.write(
-        "daemon.toml",
-        format!(
-            "{SUPERVISOR}\n[workers.w]\nstop_grace = \"300ms\"\ncommand = {}\n",
-            sh(&format!("echo hello; echo up >> {}; exec sleep 1000", sb.path("up").display()))
-        ),
-    );
-    let victims = ["victim-log", "victim-state"].map(|n| sb.write(n, "original\n"));
-    std::fs::create_dir_all(sb.state_dir().join("logs")).unwrap();
-    symlink(&victims[0], sb.state_dir().join("logs/w.log")).unwrap();
-    symlink(&victims[1], sb.state_dir().join("state.json")).unwrap();
+    sb.write("daemon.toml", sleeper(&sb));
+    let sd = sb.state_dir();
+    let leftover = |mark: &str| {
+        std::process::Command::new("sleep")
+            .arg("1000")
+            .env("DROVER_STATE_DIR", &sd)
+            .env(mark, "w")
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    };
+    let mut worker = leftover("DROVER_WORKER");
+    let mut run = leftover("DROVER_RUN");
+    // Another state_dir's process is not ours to stop.
+    let mut other = std::process::Command::new("sleep")
+        .arg("1000")
+        .env("DROVER_STATE_DIR", sb.path("elsewhere"))
+        .env("DROVER_WORKER", "w")
+        .process_group(0)
+        .spawn()
+        .unwrap();
 
-    let mut sup = Supervisor::start(&sb);
-    sb.wait_lines("up", 1, SECS_10);
-    let r = sb.cli(&["stop"]);
-    assert_eq!(r.code, Some(0), "{}", r.stderr);
-    assert!(sup.wait_exit(Duration::from_secs(5)).is_some());
-    for v in &victims {
-        assert_eq!(
-            std::fs::read_to_string(v).unwrap(),
-            "original\n",
-            "{} was written through a symlink",
-            v.display()
-        );
+    let _sup = Supervisor::start(&sb);
+    for (what, child) in [("worker", &mut worker), ("run", &mut run)] {
+        let st =
+            wait_until(&format!("the unrecorded {what} to be killed"), SECS_10, || child.try_wait().unwrap());
+        assert_eq!(st.signal(), Some(9), "{what}");
     }
-    let state = sb.state_dir().join("state.json");
-    assert!(!std::fs::symlink_metadata(&state).unwrap().file_type().is_symlink());
-
-    // A symlink in place of the lock: drover may refuse to start, but must
-    // not write through it.
-    let victim = sb.write("victim-lock", "original\n");
-    std::fs::remove_file(sb.state_dir().join("drover.lock")).unwrap();
-    symlink(&victim, sb.state_dir().join("drover.lock")).unwrap();
-    let _ = run_within(sb.drover().args(["-c", "daemon.toml", "start", "--detach"]), SECS_10);
-    let _ = sb.cli(&["stop"]);
-    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "original\n");
+    assert!(other.try_wait().unwrap().is_none(), "a process of another state_dir was killed");
+    other.kill().unwrap();
+    other.wait().unwrap();
 }
 
 #[test]
