@@ -318,3 +318,30 @@ fn drovers_own_log_can_be_json() {
         "{err}"
     );
 }
+
+/// A worker that answers SIGTERM with megabytes of output: all of it is
+/// written, rotations included, before drover reports the stop done, and
+/// its last words end the current log.
+#[test]
+fn a_workers_last_words_reach_its_log_before_drover_exits() {
+    let sb = Sandbox::new();
+    sb.write(
+        "daemon.toml",
+        format!(
+            "{SUPERVISOR}log_max_size = \"1MiB\"\nlog_keep = 2\n[workers.talker]\nstop_grace = \"10s\"\ncommand = {}\n",
+            sh(&format!(
+                "trap 'seq 1 300000; echo last-words; exit 0' TERM; echo up >> {}; while :; do sleep 0.05; done",
+                sb.path("up").display()
+            ))
+        ),
+    );
+    let mut sup = Supervisor::start(&sb);
+    sb.wait_lines("up", 1, SECS_10);
+    let r = sb.cli(&["stop"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(sup.wait_exit(Duration::from_secs(10)).is_some());
+    assert_rotated(&sb, "talker");
+    let log = std::fs::read_to_string(sb.state_dir().join("logs/talker.log")).unwrap();
+    let last = log.lines().last().unwrap_or_default();
+    assert!(last.ends_with(" 0 out last-words"), "the log ends with {last:?}");
+}
