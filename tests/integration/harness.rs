@@ -272,11 +272,16 @@ impl<'a> Supervisor<'a> {
             if let Some(st) = s.try_wait() {
                 panic!("drover exited during start-up ({st}); stderr:\n{}", s.stderr());
             }
-            let (code, v) = sb.status_json();
-            if code == Some(0) && v["supervisor"]["pid"] == pid {
+            // Not `status_json`: until drover answers, a failed status is
+            // no reason to stop waiting (an exit is caught above, with its
+            // stderr).
+            let out = sb.cli(&["status", "--json"]);
+            let v: Value = serde_json::from_str(&out.stdout).unwrap_or(Value::Null);
+            if out.code == Some(0) && v["supervisor"]["pid"] == pid {
                 s.record(&v);
                 return s;
             }
+
             if Instant::now() > deadline {
                 panic!("drover not ready after 10 s; stderr:\n{}", s.stderr());
             }
