@@ -4,7 +4,7 @@
 //! Workers crash at random, exit 78, ignore SIGTERM, fork grandchildren and
 //! flood output; jobs tick fast. Meanwhile the test rewrites the config
 //! (valid and invalid, atomically and in place), sends SIGHUP, calls
-//! `reload`, `restart`, `unpark`, `trigger`, `runs cancel`, SIGKILLs worker
+//! `reload`, `restart`, `unpark`, `trigger`, `bg`, `runs cancel`, SIGKILLs worker
 //! processes, and SIGKILLs drover itself and starts a new one. After each
 //! step it checks: the workers and instances are what the last valid config
 //! asks for; no instance runs twice; no process of the test is outside a
@@ -279,10 +279,20 @@ fn chaos_keeps_every_promise() {
                     let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
                 }
             }
-            86..92 => {
+            86..89 => {
                 log.say("SIGHUP, nothing changed");
                 sup.signal(Signal::SIGHUP);
             }
+            89..92 => {
+                let script =
+                    format!("echo \"$DROVER_RUN session\" >> {}; sleep 1", sb.path("markers").display());
+                log.say("bg session");
+                let r = sb.cli(&["bg", "--", "sh", "-c", &script]);
+                if r.code != Some(0) {
+                    log.fail(&format!("bg: {}", r.stderr));
+                }
+            }
+
             _ => {
                 log.say(&format!("SIGKILL drover (pid {}) and start a new one", sup.pid));
                 sup.sigkill();
