@@ -21,6 +21,22 @@ pub struct Config {
 /// What `drover config` prints in place of a secret value.
 pub const REDACTED: &str = "(secret)";
 
+/// The values of `env` under the keys in `secret`, as bytes to mask in
+/// output. Values shorter than 3 bytes are left out: masking every "1" in a
+/// log would hide far more than the secret.
+pub fn secret_values(env: &BTreeMap<String, String>, secret: &BTreeSet<String>) -> Vec<Vec<u8>> {
+    let mut v: Vec<Vec<u8>> = secret
+        .iter()
+        .filter_map(|k| env.get(k))
+        .filter(|v| v.len() >= 3)
+        .map(|v| v.as_bytes().to_vec())
+        .collect();
+    // Longest first, so a secret that contains another is masked whole.
+    v.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    v.dedup();
+    v
+}
+
 impl Config {
     /// This config with the value of every key marked secret anywhere
     /// replaced by [`REDACTED`], in every env table: safe to print.

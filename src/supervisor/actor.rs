@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal as NixSignal;
@@ -22,7 +22,7 @@ use super::protocol::{
 use super::reconcile::{Change, plan};
 use super::watch::WatchSettings;
 use super::worktree;
-use crate::config::model::{Config, SpawnMode, Worker};
+use crate::config::model::{Config, SpawnMode, Worker, secret_values};
 use crate::config::{Overrides, load};
 use crate::ledger::{Kind, Ledger, Owner};
 use crate::os::fsutil::write_atomic;
@@ -357,7 +357,9 @@ impl Supervisor {
             tracing::warn!(worker = name, error = %e, "cannot open log file; output is discarded");
             LogFile::open("/dev/null".into(), u64::MAX, 0).expect("/dev/null opens")
         });
-        Arc::new(Sink { name: name.to_string(), file: Mutex::new(file), echo: self.echo.clone() })
+        let secrets =
+            self.config.workers.get(name).map(|w| secret_values(&w.env, &w.secret_env)).unwrap_or_default();
+        Arc::new(Sink::new(name.to_string(), file, self.echo.clone(), secrets))
     }
 
     fn spawn(&mut self, name: &str, index: u32) {
@@ -667,8 +669,10 @@ impl Supervisor {
                 }
                 (change @ (Change::Restart { .. } | Change::Update { .. }), Some(spec)) => {
                     let Some(w) = self.workers.get_mut(&name) else { continue };
+                    w.sink.set_secrets(secret_values(&spec.env, &spec.secret_env));
                     w.spec = spec;
                     w.removed = false;
+
                     let restart = matches!(change, Change::Restart { .. });
                     for inst in w.instances.values_mut() {
                         inst.needs_restart |= restart;

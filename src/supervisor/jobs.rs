@@ -8,7 +8,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal as NixSignal;
@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::actor::{Event, Proc, Supervisor};
 use super::logs::{LogFile, Sink, pump};
-use crate::config::model::{Job, OnOverlap, Step, Trigger};
+use crate::config::model::{Job, OnOverlap, Step, Trigger, secret_values};
 use crate::config::resolve::parse_cron;
 use crate::config::types::Signal;
 use crate::ledger::{Kind, NewRun, Run, RunState, Source};
@@ -381,11 +381,14 @@ impl Supervisor {
         let sup = &self.config.supervisor;
         let file = LogFile::lazy(log.clone(), sup.log_max_size.0, 1);
         let label = run.job.clone().or(run.name.clone()).unwrap_or_else(|| format!("run-{}", run.id));
-        let sink = Arc::new(Sink {
-            name: format!("{label}#{}", run.id),
-            file: Mutex::new(file),
-            echo: self.echo.clone(),
-        });
+        let secrets = run
+            .job
+            .as_deref()
+            .and_then(|j| self.jobs.get(j))
+            .map(|j| secret_values(&j.spec.env, &j.spec.secret_env))
+            .unwrap_or_default();
+        let sink = Arc::new(Sink::new(format!("{label}#{}", run.id), file, self.echo.clone(), secrets));
+
         let (steps, dir, env, stop_signal, stop_grace, timeout) =
             match run.job.as_deref().and_then(|j| self.jobs.get(j)) {
                 Some(job) => {

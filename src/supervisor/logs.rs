@@ -4,12 +4,13 @@
 //! drover's stdout. Memory stays bounded: a line longer than
 //! [`MAX_LINE`] is split, and the echo drops lines rather than block.
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use crate::os::fsutil::open_append;
@@ -135,10 +136,51 @@ pub struct Sink {
     pub name: String,
     pub file: Mutex<LogFile>,
     pub echo: Option<Echo>,
+    /// Values of the env keys marked secret: masked in every line written.
+    pub secrets: RwLock<Vec<Vec<u8>>>,
+}
+
+/// What a secret value is replaced with in the output.
+const MASK: &[u8] = b"(secret)";
+
+/// `text` with every occurrence of any of `secrets` replaced by [`MASK`].
+fn mask<'t>(text: &'t [u8], secrets: &[Vec<u8>]) -> Cow<'t, [u8]> {
+    let mut out: Cow<[u8]> = Cow::Borrowed(text);
+    for s in secrets.iter().filter(|s| !s.is_empty()) {
+        let Some(first) = find(&out, s) else { continue };
+        let mut masked = Vec::with_capacity(out.len());
+        let mut rest: &[u8] = &out;
+        let mut at = Some(first);
+        while let Some(i) = at {
+            masked.extend_from_slice(&rest[..i]);
+            masked.extend_from_slice(MASK);
+            rest = &rest[i + s.len()..];
+            at = find(rest, s);
+        }
+        masked.extend_from_slice(rest);
+        out = Cow::Owned(masked);
+    }
+    out
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 impl Sink {
+    pub fn new(name: String, file: LogFile, echo: Option<Echo>, secrets: Vec<Vec<u8>>) -> Self {
+        Sink { name, file: Mutex::new(file), echo, secrets: RwLock::new(secrets) }
+    }
+
+    /// After a reload: the secret values to mask from now on.
+    pub fn set_secrets(&self, secrets: Vec<Vec<u8>>) {
+        *self.secrets.write().unwrap_or_else(|e| e.into_inner()) = secrets;
+    }
+
     fn line(&self, index: u32, stream: &str, text: &[u8]) {
+        let secrets = self.secrets.read().unwrap_or_else(|e| e.into_inner());
+        let text = &*mask(text, &secrets);
+        drop(secrets);
         let ts = humantime::format_rfc3339_millis(SystemTime::now());
         let mut rec = Vec::with_capacity(text.len() + 40);
         let _ = write!(rec, "{ts} {index} {stream} ");
@@ -227,14 +269,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn secrets_are_masked_wherever_they_occur() {
+        let s = |v: &str| v.as_bytes().to_vec();
+        let secrets = vec![s("hunter2-long"), s("hunter2")];
+        let m = |t: &str| String::from_utf8(mask(t.as_bytes(), &secrets).into_owned()).unwrap();
+        assert_eq!(m("no secret here"), "no secret here");
+        assert!(matches!(mask(b"plain", &secrets), Cow::Borrowed(_)), "no copy without a secret");
+        assert_eq!(m("pw=hunter2;again hunter2"), "pw=(secret);again (secret)");
+        assert_eq!(m("hunter2-long"), "(secret)");
+        assert_eq!(m("hunter2hunter2"), "(secret)(secret)");
+    }
+
+    #[test]
     fn long_lines_are_split_and_partial_lines_joined() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("w.log");
-        let sink = Sink {
-            name: "w".into(),
-            file: Mutex::new(LogFile::open(p.clone(), u64::MAX, 0).unwrap()),
-            echo: None,
-        };
+        let sink = Sink::new("w".into(), LogFile::open(p.clone(), u64::MAX, 0).unwrap(), None, Vec::new());
+
         let mut pending = Vec::new();
         split_lines(&sink, 0, "out", &mut pending, b"hel");
         split_lines(&sink, 0, "out", &mut pending, b"lo\nwor");

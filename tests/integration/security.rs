@@ -225,8 +225,14 @@ fn secret_env_values_are_never_printed() {
         format!(
             "{SUPERVISOR}[defaults]\nsecret_env = [\"DB_PASSWORD\"]\nenv = {{ DB_PASSWORD = \"pw-s3cr3t-db\" }}\n\
              [workers.web]\nsecret_env = [\"API_TOKEN\"]\nenv = {{ API_TOKEN = \"{token}\", PORT = \"8000\" }}\n\
-             command = {}\n",
-            sh(&format!("echo \"$API_TOKEN $DB_PASSWORD\" > {}; exec sleep 1000", got.display()))
+             command = {}\n\
+             [jobs.report]\nenv = {{ S3_KEY = \"s3cr3t-key\" }}\nsecret_env = [\"S3_KEY\"]\ncommand = {}\n",
+            sh(&format!(
+                "echo \"$API_TOKEN $DB_PASSWORD\" > {}; echo \"token=$API_TOKEN db=$DB_PASSWORD port=$PORT\"; \
+                 exec sleep 1000",
+                got.display()
+            )),
+            sh("echo \"key=$S3_KEY db=$DB_PASSWORD\"")
         )
     };
     sb.write("daemon.toml", config("tok-s3cr3t-1"));
@@ -249,6 +255,15 @@ fn secret_env_values_are_never_printed() {
         std::fs::read_to_string(&got).ok().filter(|s| !s.is_empty())
     });
     assert_eq!(seen.trim(), "tok-s3cr3t-1 pw-s3cr3t-db");
+    // What the worker prints of them is masked in its log.
+    let line = crate::harness::wait_until("the worker's line", SECS_10, || {
+        sb.lines(".drover/logs/web.log").into_iter().find(|l| l.contains("token="))
+    });
+    assert!(line.ends_with("token=(secret) db=(secret) port=8000"), "{line}");
+    let id = sb.cli(&["trigger", "report"]).stdout.trim().to_string();
+    let out = sb.cli(&["attach", &id]).stdout;
+    assert!(out.contains("key=(secret) db=(secret)"), "a job's output is masked too: {out}");
+    clean("attach", &out);
 
     sb.write("daemon.toml", config("tok-s3cr3t-2"));
     let plan = sb.cli(&["plan"]);
@@ -261,6 +276,12 @@ fn secret_env_values_are_never_printed() {
     for args in [&["status"][..], &["status", "--json"], &["status", "web"]] {
         clean(&format!("{args:?}"), &sb.cli(args).stdout);
     }
+    // After the reload, the new value is the one masked.
+    sb.wait_lines(".drover/logs/web.log", 2, SECS_10);
+    let logs = sb.cli(&["logs", "web"]);
+    clean("logs", &logs.stdout);
+    assert_eq!(logs.stdout.matches("token=(secret) db=(secret)").count(), 2, "{}", logs.stdout);
+
     drop(sup);
     clean("drover's own log", &std::fs::read_to_string(sb.path("drover.err")).unwrap());
     clean("the state file", &std::fs::read_to_string(sb.state_dir().join("state.json")).unwrap());
