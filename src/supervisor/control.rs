@@ -39,8 +39,26 @@ pub fn encode(resp: &Response) -> Vec<u8> {
 
 /// Accepts connections until the actor goes away.
 pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Event>) {
+    let mut failing = false;
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                failing = false;
+                stream
+            }
+            Err(e) => {
+                // Out of descriptors (EMFILE) the connection stays queued
+                // and accept fails again at once: pause instead of spinning,
+                // and say so once, not ten times a second.
+                if !failing {
+                    tracing::warn!(error = %e, "cannot accept a control connection; retrying every 100 ms");
+                }
+                failing = true;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+
         let tx = tx.clone();
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();

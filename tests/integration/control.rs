@@ -233,3 +233,49 @@ fn status_json_has_every_field_of_the_contract() {
     assert_eq!(i["pgid"], i["pid"], "the instance leads its own process group");
     humantime::parse_rfc3339(i["started_at"].as_str().unwrap()).unwrap();
 }
+
+/// drover's CPU time so far (utime + stime), in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Regression (found in review): out of descriptors, `accept` failed at
+/// once, forever, and the accept loop spun a core. Now it pauses, and
+/// answers again as soon as descriptors are free.
+#[test]
+fn out_of_descriptors_the_control_socket_waits_instead_of_spinning() {
+    use std::os::unix::process::CommandExt;
+    let sb = Sandbox::new();
+    sb.write("daemon.toml", sleeper());
+    let sup = Supervisor::start_with(&sb, |cmd| unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 48, 48)?;
+            Ok(())
+        });
+    });
+    let sock = sb.state_dir().join("drover.sock");
+    // Silent clients hold a descriptor each in drover until it runs out.
+    let hogs: Vec<UnixStream> = (0..80).filter_map(|_| UnixStream::connect(&sock).ok()).collect();
+    crate::harness::wait_until("drover to run out of descriptors", Duration::from_secs(10), || {
+        let open = std::fs::read_dir(format!("/proc/{}/fd", sup.pid)).map(|d| d.count()).unwrap_or(0);
+        (open >= 47).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let before = cpu_ticks(sup.pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(sup.pid) - before;
+    // A spinning loop burns ~100 ticks a second; waiting, next to none.
+    assert!(used < 30, "drover used {used} ticks of CPU in 1 s while out of descriptors");
+    let err = std::fs::read_to_string(sb.path("drover.err")).unwrap();
+    assert!(
+        err.contains("cannot accept a control connection") && err.contains("Too many open files"),
+        "{err}"
+    );
+
+    drop(hogs);
+    let v = sup
+        .wait_for("status to answer again", Duration::from_secs(10), |v| v["supervisor"]["pid"] == sup.pid);
+    assert_eq!(v["workers"][0]["state"], "running");
+}
