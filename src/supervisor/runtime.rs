@@ -45,25 +45,47 @@ pub fn acquire_lock(state_dir: &Path) -> Result<StateLock, String> {
         .custom_flags(libc_o_nofollow())
         .open(&path)
         .map_err(|e| format!("cannot open the lock {}: {}", path.display(), refuse_link(&path, e)))?;
-    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(mut lock) => {
-            let _ = lock.set_len(0);
-            let _ = lock.rewind();
-            let _ = writeln!(lock, "{}", std::process::id());
-            let _ = lock.sync_data();
-            Ok(StateLock { _lock: lock })
-        }
-        Err((mut file, _)) => {
-            let mut pid = String::new();
-            let _ = file.read_to_string(&mut pid);
-            Err(format!(
-                "another supervisor (pid {}) already runs with state_dir {}",
-                pid.trim(),
-                state_dir.display()
-            ))
+    // A supervisor SIGKILLed while a child of it was between fork and exec
+    // leaves that child holding the lock until it execs (the descriptor is
+    // close-on-exec): when the pid in the lock is gone, wait a moment.
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let mut file = file;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(mut lock) => {
+                let _ = lock.set_len(0);
+                let _ = lock.rewind();
+                let _ = writeln!(lock, "{}", std::process::id());
+                let _ = lock.sync_data();
+                return Ok(StateLock { _lock: lock });
+            }
+            Err((mut held, _)) => {
+                let mut pid = String::new();
+                let _ = held.rewind();
+                let _ = held.read_to_string(&mut pid);
+                let pid = pid.trim().to_string();
+                let holder_alive =
+                    pid.parse::<i32>().is_ok_and(|p| proc::pid_alive(p) && !proc::is_zombie(p));
+                if holder_alive || std::time::Instant::now() > deadline {
+                    let also = if holder_alive {
+                        ""
+                    } else {
+                        " (it has exited; a process it started holds the lock)"
+                    };
+                    return Err(format!(
+                        "another supervisor (pid {pid}) already runs with state_dir {}{also}",
+                        state_dir.display()
+                    ));
+                }
+                file = held;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
         }
     }
 }
+
+/// How long a lock held by a dead supervisor's half-spawned child is waited for.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Blocks until no supervisor holds the lock of `state_dir` (it exited).
 pub fn wait_unlocked(state_dir: &Path) {

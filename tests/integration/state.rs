@@ -302,3 +302,29 @@ fn a_corrupt_state_file_is_no_obstacle() {
     let sup = Supervisor::start(&sb);
     sup.wait_for("the worker", SECS_10, |v| instance(v, "sleeper", 0)["state"] == "running");
 }
+
+/// Regression (found by the chaos test): a supervisor SIGKILLed while a
+/// child was between fork and exec left that child holding the lock for a
+/// moment, and the next supervisor refused to start ("another supervisor
+/// (pid N) already runs") although N was dead. Now it waits for the lock
+/// while the pid in it is gone, and refuses at once while it lives.
+#[test]
+fn a_lock_held_briefly_after_its_supervisor_died_is_waited_for() {
+    let sb = Sandbox::new();
+    sb.write("daemon.toml", sleeper(&sb));
+    std::fs::create_dir_all(sb.state_dir()).unwrap();
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = gone.id();
+    gone.wait().unwrap();
+    let lock_file = sb.state_dir().join("drover.lock");
+    std::fs::write(&lock_file, format!("{dead_pid}\n")).unwrap();
+    let held =
+        Flock::lock(std::fs::File::open(&lock_file).unwrap(), FlockArg::LockExclusiveNonblock).unwrap();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(held);
+    });
+    let sup = Supervisor::start(&sb);
+    release.join().unwrap();
+    assert_eq!(sup.status()["supervisor"]["state"], "running");
+}
