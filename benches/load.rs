@@ -5,6 +5,7 @@
 //!
 //!     cargo bench --bench load                      # 1000 workers, 100 clients, 20 s
 //!     cargo bench --bench load -- --workers 1000 --clients 100 --secs 20 --out benches/results/load.md
+//!     cargo bench --bench load -- --drover /path/to/another/drover   # measure another build
 //!
 //! Goal (issue 6): p99 under 50 ms.
 
@@ -23,10 +24,18 @@ struct Args {
     clients: usize,
     secs: u64,
     out: Option<PathBuf>,
+    /// Another drover binary to measure (an older build, say).
+    drover: PathBuf,
 }
 
 fn args() -> Args {
-    let mut a = Args { workers: 1000, clients: 100, secs: 20, out: None };
+    let mut a = Args {
+        workers: 1000,
+        clients: 100,
+        secs: 20,
+        out: None,
+        drover: env!("CARGO_BIN_EXE_drover").into(),
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut val = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -35,6 +44,7 @@ fn args() -> Args {
             "--clients" => a.clients = val().parse().expect("--clients N"),
             "--secs" => a.secs = val().parse().expect("--secs N"),
             "--out" => a.out = Some(val().into()),
+            "--drover" => a.drover = val().into(),
             "--bench" => {}
             other => panic!("unknown flag {other}"),
         }
@@ -100,7 +110,7 @@ fn main() {
         toml.push_str(&format!("[workers.w{i:04}]\ncommand = [\"sleep\", \"3600\"]\n"));
     }
     std::fs::write(dir.path().join("daemon.toml"), toml).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_drover"))
+    let child = Command::new(&a.drover)
         .args(["-c", "daemon.toml", "start"])
         .current_dir(dir.path())
         .stdin(Stdio::null())
@@ -179,8 +189,13 @@ fn main() {
     if let Some(out) = &a.out {
         let text = format!(
             "# Load: status under {} concurrent clients\n\n\
-             `cargo bench --bench load -- --workers {} --clients {} --secs {}` ({} s of load; latency from connect to the last byte of the reply; every reply checked: parsed whole, or equal byte for byte to one that was)\n\n{table}",
-            a.clients, a.workers, a.clients, a.secs, a.secs
+             `cargo bench --bench load -- --workers {} --clients {} --secs {}` ({} s of load; latency from connect to the last byte of the reply; every reply checked: parsed whole, or equal byte for byte to one that was), drover binary {}\n\n{table}",
+            a.clients,
+            a.workers,
+            a.clients,
+            a.secs,
+            a.secs,
+            a.drover.display()
         );
         std::fs::write(out, text).expect("write --out");
     }
