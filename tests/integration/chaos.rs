@@ -424,7 +424,7 @@ fn check(sb: &Sandbox, sup: &Supervisor, desired: &Desired, terminal: &mut BTree
 
     // 3. No process of the test outside a group drover knows. A process
     //    caught between two reports (just started, or just stopped) is
-    //    looked at again a moment later.
+    //    polled until it is gone or its group is known (2 s at most).
     let before = known_groups(sb, sup);
     let procs = sb.processes();
     let after = known_groups(sb, sup);
@@ -434,16 +434,22 @@ fn check(sb: &Sandbox, sup: &Supervisor, desired: &Desired, terminal: &mut BTree
         .filter_map(|(p, _)| stat(*p).map(|s| (*p, s.start, s.pgid)))
         .filter(|(_, _, g)| !before.contains(g) && !after.contains(g))
         .collect();
-    if !suspects.is_empty() {
-        std::thread::sleep(Duration::from_millis(500));
-        let now = known_groups(sb, sup);
-        for (pid, start, pgid) in suspects {
-            if stat(pid).is_some_and(|s| s.start == start && s.state != 'Z') && !now.contains(&pgid) {
+    // Each suspect must be gone or in a known group within 2 s.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    for (pid, start, pgid) in suspects {
+        loop {
+            let alive = stat(pid).is_some_and(|s| s.start == start && s.state != 'Z');
+            let known = known_groups(sb, sup);
+            if !alive || known.contains(&pgid) {
+                break;
+            }
+            if Instant::now() > deadline {
                 log.fail(&format!(
-                    "process {pid} ({}) in group {pgid}, which drover does not know; known: {now:?}",
+                    "process {pid} ({}) in group {pgid}, which drover does not know; known: {known:?}",
                     crate::harness::cmdline(pid)
                 ));
             }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

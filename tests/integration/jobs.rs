@@ -835,8 +835,11 @@ fn crash_a_flow_at_step_two(sb: &Sandbox) -> (Supervisor<'_>, i64) {
     let mut sup = Supervisor::start(sb);
     let id = trigger(sb, "f");
     sb.wait_lines("trail", 2, SECS_10);
+    // Until step two's spawn is recorded, the run still shows step one's pid.
+    wait_run(sb, id, "step two's process to be recorded", |r| r["step"] == 1 && r["pid"].is_i64());
     let p = process_of(sb, id);
     sup.sigkill();
+
     drop(sup);
     let sup = Supervisor::start(sb);
     wait_gone(p, "step two's process to be killed by the new drover");
