@@ -93,14 +93,7 @@ pub fn environ_var(pid: i32, name: &str) -> Option<String> {
 /// record (a spawn just before it was SIGKILLed). This process and its
 /// ancestors are left out.
 pub fn marked_processes(state_dir: &std::path::Path) -> Vec<i32> {
-    let mut spared = vec![std::process::id() as i32];
-    while let Some(parent) = stat_fields(*spared.last().unwrap()).and_then(|f| f.get(1)?.parse::<i32>().ok())
-    {
-        if parent <= 1 || spared.contains(&parent) {
-            break;
-        }
-        spared.push(parent);
-    }
+    let spared = self_and_ancestors();
     let want = state_dir.as_os_str().as_encoded_bytes();
     let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
     procs
@@ -115,6 +108,18 @@ pub fn marked_processes(state_dir: &std::path::Path) -> Vec<i32> {
                 && (has(b"DROVER_WORKER=") || has(b"DROVER_RUN="))
         })
         .collect()
+}
+
+/// This process, its parent, and so on up to (not including) init.
+pub fn self_and_ancestors() -> Vec<i32> {
+    let mut chain = vec![std::process::id() as i32];
+    while let Some(parent) = stat_fields(*chain.last().unwrap()).and_then(|f| f.get(1)?.parse::<i32>().ok()) {
+        if parent <= 1 || chain.contains(&parent) {
+            break;
+        }
+        chain.push(parent);
+    }
+    chain
 }
 
 /// Raises the soft limit on open files to the hard limit: every instance

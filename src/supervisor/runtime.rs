@@ -131,9 +131,12 @@ pub fn clean_up_after_dead_supervisor(state_dir: &Path) -> usize {
     // The state file lags a spawn by one write: a supervisor killed in
     // between leaves a process only its environment names. With the lock
     // held, every process marked with this state_dir is a leftover.
-    let own_group = nix::unistd::getpgrp().as_raw();
+    // Never a group this process or one of its ancestors is in (drover
+    // started from a shell that is itself a leftover, say).
+    let spared: Vec<i32> = proc::self_and_ancestors().into_iter().filter_map(proc::pgid_of).collect();
     for pid in proc::marked_processes(state_dir) {
-        let group = proc::pgid_of(pid).filter(|&g| g != own_group && g > 1);
+        let group = proc::pgid_of(pid).filter(|g| !spared.contains(g) && *g > 1);
+
         let sent = match group {
             Some(g) => proc::signal_group(g, Signal::SIGKILL).is_ok(),
             None => nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).is_ok(),

@@ -328,3 +328,42 @@ fn a_lock_held_briefly_after_its_supervisor_died_is_waited_for() {
     release.join().unwrap();
     assert_eq!(sup.status()["supervisor"]["state"], "running");
 }
+
+/// drover started from a shell that is itself a leftover (it carries the
+/// marks of an instance of this state_dir): the leftover beside it is
+/// killed, but not by its process group, which drover's own parent shares.
+#[test]
+fn the_leftover_scan_spares_drovers_own_ancestors_and_their_group() {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    let sb = Sandbox::new();
+    sb.write("daemon.toml", sleeper(&sb));
+    let script = format!(
+        // drover in a session and group of its own, its parents in the
+        // leftover's group.
+        "sleep 1000 & echo $! > {}; setsid -w {} -c daemon.toml start; wait",
+        sb.path("sibling").display(),
+        crate::harness::DROVER
+    );
+    let mut shell = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .current_dir(sb.dir.path())
+        .env("DROVER_STATE_DIR", sb.state_dir())
+        .env("DROVER_WORKER", "w")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let sibling: i32 = wait_until("the sibling's pid", SECS_10, || {
+        std::fs::read_to_string(sb.path("sibling")).ok()?.trim().parse().ok()
+    });
+    wait_until("drover to answer", SECS_10, || (sb.cli(&["status", "--json"]).code == Some(0)).then_some(()));
+    let sibling_gone = !stat(sibling).is_some_and(|s| s.state != 'Z');
+    let shell_alive = shell.try_wait().unwrap().is_none();
+    let stop = sb.cli(&["stop"]);
+    let ended = wait_until("the shell to end", SECS_10, || shell.try_wait().unwrap());
+    assert!(sibling_gone, "the leftover beside drover's parent still runs");
+    assert!(shell_alive, "drover's own parent shell was killed");
+    assert_eq!(stop.code, Some(0), "{}", stop.stderr);
+    assert_eq!(ended.signal(), None, "the shell ended by a signal: {ended:?}");
+}
