@@ -831,19 +831,17 @@ impl Supervisor {
                 let _ = reply.send(Reply::Encoded(line));
                 return;
             }
-            Request::Status { name } => match &name {
-                Some(n) if !self.workers.contains_key(n) => {
+            // The full status (no name) is answered from the cache above.
+            Request::Status { name: Some(n) } => {
+                if self.workers.contains_key(&n) {
+                    let mut r = self.report(if self.shutting_down { "stopping" } else { "running" }, true);
+                    r.workers.retain(|w| w.name == n);
+                    Response::Status(Box::new(r))
+                } else {
                     Response::Error { message: format!("no worker named {n:?}") }
                 }
-                _ => {
-                    let mut r = self.report(if self.shutting_down { "stopping" } else { "running" }, true);
+            }
 
-                    if let Some(n) = name {
-                        r.workers.retain(|w| w.name == n);
-                    }
-                    Response::Status(Box::new(r))
-                }
-            },
             Request::Stop => {
                 self.stop_waiters.push(reply);
                 if !self.shutting_down {
