@@ -9,7 +9,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
-    let reply = match rt.block_on(read_request(data)) {
+    let reply = match rt.block_on(read_request(data, &tokio::sync::Semaphore::new(1))) {
         // A request that parses must survive a round trip unchanged.
         Ok(req) => {
             let again = serde_json::to_vec(&req).expect("request serializes");

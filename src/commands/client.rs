@@ -8,10 +8,10 @@ use std::time::{Duration, SystemTime};
 
 use super::exit;
 use crate::config::Overrides;
-use crate::config::load::state_dir_of;
+use crate::config::load::{read_text, state_dir_in, state_dir_of};
 use crate::supervisor::control::{ClientError, request};
 use crate::supervisor::protocol::{Request, Response, StatusReport};
-use crate::supervisor::runtime::{read_state, recorded_supervisor_alive, wait_unlocked};
+use crate::supervisor::runtime::{lock_held, read_state, recorded_supervisor_alive, wait_unlocked};
 
 pub struct Ctx<'a> {
     pub config: &'a Path,
@@ -21,6 +21,11 @@ pub struct Ctx<'a> {
 impl Ctx<'_> {
     pub(super) fn state_dir(&self) -> PathBuf {
         state_dir_of(self.config, self.overrides)
+    }
+
+    /// Whether the config file is not there at all.
+    fn config_missing(&self) -> bool {
+        std::fs::symlink_metadata(self.config).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
     }
 }
 
@@ -75,7 +80,7 @@ pub fn simple(ctx: &Ctx, req: Request) -> u8 {
 
 pub fn stop(ctx: &Ctx) -> u8 {
     let dir = ctx.state_dir();
-    match request(&dir, &Request::Stop, None) {
+    match request(&dir, &Request::Stop {}, None) {
         Ok(Some(Response::Error { message })) => {
             eprintln!("drover: {message}");
             exit::FAILED
@@ -97,6 +102,17 @@ pub fn status(ctx: &Ctx, json: bool, name: Option<String>) -> u8 {
     let (report, code) = match ask(&dir, &Request::Status { name: name.clone() }) {
         Ok(Some(Response::Status(r))) => (*r, exit::OK),
         Ok(Some(other)) => return unexpected(&other),
+        Ok(None) if ctx.config_missing() => {
+            // Not "stopped": nothing says a supervisor ever ran for this
+            // file, and the likelier mistake is where drover looked.
+            eprintln!(
+                "drover: {}: no such file, and no supervisor answers at state_dir {}; \
+                 name the config with -c FILE or DROVER_CONFIG",
+                ctx.config.display(),
+                dir.display()
+            );
+            return exit::FAILED;
+        }
         Ok(None) => (offline_report(&dir, name.as_deref()), exit::NO_SUPERVISOR),
         Err(code) => return code,
     };
@@ -109,7 +125,9 @@ pub fn status(ctx: &Ctx, json: bool, name: Option<String>) -> u8 {
 }
 
 /// The report when no supervisor answers: from the state file, marked
-/// stopped (it stopped cleanly, or never ran) or stale (it died).
+/// stopped (it stopped cleanly, or never ran) or stale (it died). A stale
+/// report's workers and instances are `unknown`: what the dead supervisor
+/// last recorded is kept, but nobody watches those processes any more.
 fn offline_report(state_dir: &Path, name: Option<&str>) -> StatusReport {
     let Some(mut r) = read_state(state_dir) else {
         let mut r = StatusReport::default();
@@ -117,11 +135,31 @@ fn offline_report(state_dir: &Path, name: Option<&str>) -> StatusReport {
         return r;
     };
     let was_up = r.supervisor.state != "stopped";
-    r.supervisor.state = if was_up && !recorded_supervisor_alive(&r) { "stale" } else { "stopped" }.into();
+    // A zombie keeps its pid and start time but no longer holds the lock.
+    let dead = !recorded_supervisor_alive(&r) || !lock_held(state_dir);
+    if was_up && dead {
+        mark_stale(&mut r);
+    } else {
+        r.supervisor.state = "stopped".into();
+    }
     if let Some(n) = name {
         r.workers.retain(|w| w.name == n);
     }
     r
+}
+
+/// What a state file left by a dead supervisor can honestly say.
+fn mark_stale(r: &mut StatusReport) {
+    r.supervisor.state = "stale".into();
+    for w in &mut r.workers {
+        w.state = "unknown".into();
+        for i in &mut w.instances {
+            if i.state != "stopped" {
+                i.error = Some(format!("last recorded {}; the supervisor died", i.state));
+                i.state = "unknown".into();
+            }
+        }
+    }
 }
 
 fn since(rfc: &str) -> String {
@@ -136,7 +174,14 @@ pub fn render_status(r: &StatusReport, state_dir: &Path) -> String {
     let mut out = String::new();
     let s = &r.supervisor;
     let mut head = format!("drover: {}", s.state);
-    if let Some(pid) = s.pid {
+    if s.state == "stale" {
+        head.push_str(&format!(
+            " (pid {} died without stopping; generation {})\n\
+             what it started may still be running, unwatched, until the next `drover start` stops it",
+            s.pid.map_or("?".into(), |p| p.to_string()),
+            s.generation
+        ));
+    } else if let Some(pid) = s.pid {
         head.push_str(&format!(" (pid {pid}"));
         if s.state == "running"
             && let Some(t) = &s.started_at
@@ -372,9 +417,18 @@ pub(super) fn follow_file(
 
 pub fn plan(ctx: &Ctx, json: bool) -> u8 {
     use crate::supervisor::reconcile::Change;
-    let dir = ctx.state_dir();
+    // Read here, with the loader's limits, and sent whole: the supervisor
+    // never opens a path a client names. One read serves the state_dir too.
+    let text = match read_text(ctx.config) {
+        Ok(t) => t,
+        Err(d) => {
+            eprintln!("{d}");
+            return exit::FAILED;
+        }
+    };
+    let dir = state_dir_in(ctx.config, Some(&text), ctx.overrides);
     let path = std::path::absolute(ctx.config).unwrap_or_else(|_| ctx.config.to_path_buf());
-    let (generation, changes) = match ask(&dir, &Request::Plan { path: Some(path) }) {
+    let (generation, changes) = match ask(&dir, &Request::Plan { path, text }) {
         Ok(Some(Response::Plan { generation, changes })) => (generation, changes),
         Ok(Some(other)) => return unexpected(&other),
         Ok(None) => return no_supervisor(&dir),

@@ -42,7 +42,7 @@ pub fn run(cli: Cli) -> u8 {
         Command::Stop => client::stop(&ctx),
         Command::Status { json, name } => client::status(&ctx, json, name),
         Command::Plan { json } => client::plan(&ctx, json),
-        Command::Reload => client::simple(&ctx, Request::Reload),
+        Command::Reload => client::simple(&ctx, Request::Reload {}),
         Command::Restart { name } => client::simple(&ctx, Request::Restart { name }),
         Command::Unpark { name } => client::simple(&ctx, Request::Unpark { name }),
         Command::Logs { name, follow, lines } => client::logs(&ctx, &name, follow, lines),

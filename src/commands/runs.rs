@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use super::client::{Ctx, ask, follow_file, no_supervisor, print_tail, table, unexpected};
 use super::exit;
 use crate::ledger::{Ledger, Run, RunState, path_in};
+use crate::supervisor::control::trusted_state_dir;
 use crate::supervisor::jobs::run_log_path;
 use crate::supervisor::protocol::{Request, Response};
 
@@ -39,6 +40,10 @@ pub fn bg(ctx: &Ctx, name: Option<String>, command: Vec<String>) -> u8 {
 }
 
 fn open_ledger(state_dir: &Path) -> Result<Option<Ledger>, u8> {
+    if let Err(e) = trusted_state_dir(state_dir) {
+        eprintln!("drover: {e}");
+        return Err(exit::FAILED);
+    }
     let path = path_in(state_dir);
     if !path.exists() {
         return Ok(None);

@@ -7,7 +7,7 @@ use std::path::Path;
 use super::exit;
 use crate::cli::LogFormat;
 use crate::config::{Overrides, load};
-use crate::os::fsutil::{ensure_private_dir, open_append};
+use crate::os::fsutil::{ensure_state_dir, open_append};
 use crate::supervisor::runtime::{Ready, serve};
 
 pub fn start(config: &Path, overrides: Overrides, detach: bool, log_format: LogFormat) -> u8 {
@@ -26,9 +26,17 @@ pub fn start(config: &Path, overrides: Overrides, detach: bool, log_format: LogF
     }
 
     let state_dir = loaded.config.supervisor.state_dir.clone();
-    if let Err(e) = ensure_private_dir(&state_dir) {
-        eprintln!("drover: cannot use state_dir {}: {e}", state_dir.display());
-        return exit::FAILED;
+    match ensure_state_dir(&state_dir) {
+        Ok(None) => {}
+        // The detached supervisor finds it private already: say it here.
+        Ok(Some(mode)) => eprintln!(
+            "drover: state_dir {} was mode {mode:o}: made it 0700 (owner only)",
+            state_dir.display()
+        ),
+        Err(e) => {
+            eprintln!("drover: cannot use state_dir {}: {e}", state_dir.display());
+            return exit::FAILED;
+        }
     }
     let (read_end, write_end) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
         Ok(p) => p,
@@ -102,9 +110,15 @@ fn run(loaded: crate::config::Loaded, overrides: Overrides, echo: bool, mut read
     match rt.block_on(serve(loaded, overrides, echo, &mut ready)) {
         Ok(()) => exit::OK,
         Err(e) => {
-            tracing::error!(error = %e, "cannot start");
-            eprintln!("drover: {e}");
-            ready.send(&format!("error: {e}\n"));
+            // One line where the user looks: the terminal in the
+            // foreground (where the log is the terminal too), the log and
+            // the waiting parent when detached.
+            if echo {
+                eprintln!("drover: {e}");
+            } else {
+                tracing::error!(error = %e, "cannot start");
+                ready.send(&format!("error: {e}\n"));
+            }
             exit::FAILED
         }
     }

@@ -145,19 +145,33 @@ pub struct Loaded {
 }
 
 /// Reads a config file, refusing what is not a small UTF-8 text file.
+/// Only a regular file: a FIFO, a terminal or a device could block the
+/// reader for ever (and the supervisor re-reads its config on its event
+/// loop), so it is opened without blocking and refused after a look.
 pub fn read_text(path: &Path) -> Result<String, Diagnostic> {
+    use std::os::unix::fs::OpenOptionsExt;
     let fail = |msg: String| Diagnostic::file(path, msg);
-    let mut file = std::fs::File::open(path).map_err(|e| {
-        fail(match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                "no such file (name another with -c FILE or DROVER_CONFIG)".to_string()
-            }
-            _ => format!("cannot open: {e}"),
-        })
-    })?;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)
+        .map_err(|e| {
+            fail(match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    "no such file (name another with -c FILE or DROVER_CONFIG)".to_string()
+                }
+                _ => format!("cannot open: {e}"),
+            })
+        })?;
     let meta = file.metadata().map_err(|e| fail(format!("cannot read: {e}")))?;
     if meta.is_dir() {
         return Err(fail("is a directory, not a config file".into()));
+    }
+    if !meta.is_file() {
+        return Err(fail(
+            "is not a regular file (a FIFO, a terminal or a device); write the config to a file and name that"
+                .into(),
+        ));
     }
     let mut bytes = Vec::new();
     (&mut file)
@@ -288,12 +302,17 @@ pub fn load_text(path: &Path, text: String, overrides: &Overrides) -> Result<Loa
 /// since become invalid (that is when `status` matters most). Resolved as
 /// `load` resolves it: relative to the config file's directory.
 pub fn state_dir_of(path: &Path, overrides: &Overrides) -> PathBuf {
+    state_dir_in(path, read_text(path).ok().as_deref(), overrides)
+}
+
+/// [`state_dir_of`] for text already read from `path` (None: unreadable).
+pub fn state_dir_in(path: &Path, text: Option<&str>, overrides: &Overrides) -> PathBuf {
     // Only this one key is needed: no schema, no validation, so a client
     // command costs little more than its round trip to the supervisor.
-    let from_file = read_text(path)
-        .ok()
-        .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
-        .and_then(|t| t.get("supervisor")?.get("state_dir")?.as_str().map(PathBuf::from));
+    let from_file = text.and_then(|t| match toml::from_str::<toml::Table>(t) {
+        Ok(t) => t.get("supervisor")?.get("state_dir")?.as_str().map(PathBuf::from),
+        Err(_) => scan_state_dir(t),
+    });
     let overridden = overrides.layers.iter().rev().find_map(|o| match o.path.as_slice() {
         [s, d] if s == "supervisor" && d == "state_dir" => o.value.as_str().map(PathBuf::from),
         [s] if s == "supervisor" => o.value.get("state_dir")?.as_str().map(PathBuf::from),
@@ -302,10 +321,61 @@ pub fn state_dir_of(path: &Path, overrides: &Overrides) -> PathBuf {
     base_dir(path).join(overridden.or(from_file).unwrap_or_else(|| ".drover".into()))
 }
 
-/// The directory relative paths in the config are resolved against.
+/// The `[supervisor] state_dir` of a file that does not parse as a whole
+/// (a syntax error elsewhere in it): each line is read on its own, as
+/// TOML, in the table its last header opened. Also finds the dotted
+/// (`supervisor.state_dir = …`) and inline (`supervisor = { … }`) forms.
+fn scan_state_dir(text: &str) -> Option<PathBuf> {
+    let as_str = |v: Option<&toml::Value>| v?.get("state_dir")?.as_str().map(PathBuf::from);
+    // Before any header, keys belong to the root table.
+    let mut table = Some(Vec::new());
+    for line in text.lines().map(str::trim) {
+        let Ok(t) = toml::from_str::<toml::Table>(line) else {
+            if line.starts_with('[') {
+                table = None; // a broken header: what follows is in no known table
+            }
+            continue;
+        };
+        if line.starts_with('[') {
+            table = Some(header_path(&t));
+            continue;
+        }
+        let found = match table.as_deref() {
+            Some([]) => as_str(t.get("supervisor")),
+            Some([s]) if s == "supervisor" => as_str(Some(&toml::Value::Table(t))),
+            _ => None,
+        };
+        if found.is_some() {
+            return found;
+        }
+    }
+    None
+}
+
+/// The path a lone table header (`[a.b]`, parsed) names: its single chain
+/// of one-key tables. An array-of-tables header names no plain table.
+fn header_path(t: &toml::Table) -> Vec<String> {
+    let mut path = Vec::new();
+    let mut cur = t;
+    while let Some((k, v)) = cur.iter().next().filter(|_| cur.len() == 1) {
+        path.push(k.clone());
+        match v.as_table() {
+            Some(next) => cur = next,
+            None => return vec!["[[…]]".into()],
+        }
+    }
+    path
+}
+
+/// The directory relative paths in the config are resolved against: the
+/// real path of the file's directory, so that `-c ../app/daemon.toml` and
+/// `-c app/daemon.toml` (from elsewhere) name the same directories, and a
+/// `plan` from another cwd sees no change that is not there.
 pub fn base_dir(config_path: &Path) -> PathBuf {
     let parent = config_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf())
+    std::fs::canonicalize(parent)
+        .or_else(|_| std::path::absolute(parent))
+        .unwrap_or_else(|_| parent.to_path_buf())
 }
 
 fn sort_dedup(diags: &mut Vec<Diagnostic>) {
@@ -696,6 +766,28 @@ mod tests {
     }
 
     #[test]
+    fn state_dir_is_found_in_a_file_with_a_syntax_error() {
+        let base = Path::new("/cfg/daemon.toml");
+        let none = Overrides::default();
+        let dir = |text: &str| state_dir_in(base, Some(text), &none);
+        let broken = "\ncapacity = = 2\n";
+        for (text, want) in [
+            ("[supervisor]\nstate_dir = \"run/state\"\n[workers.a]\ncommand = [\"x\"]", "/cfg/run/state"),
+            ("supervisor.state_dir = \"/abs\"\n[workers.a]", "/abs"),
+            ("supervisor = { state_dir = \"in\" } # c\n", "/cfg/in"),
+            ("[ \"supervisor\" ]\n  state_dir = 'q'\n", "/cfg/q"),
+            // The key in another table, or under a broken header, is not it.
+            ("[workers.a]\nstate_dir = \"no\"\nsupervisor.state_dir = \"no\"\n", "/cfg/.drover"),
+            ("[supervisor\nstate_dir = \"no\"\n", "/cfg/.drover"),
+            ("[[jobs.a.steps]]\nstate_dir = \"no\"\n", "/cfg/.drover"),
+        ] {
+            assert_eq!(dir(&format!("{text}{broken}")), Path::new(want), "{text}");
+        }
+        let set = Overrides::new(Vec::new(), &["supervisor.state_dir=/over".into()]).unwrap();
+        assert_eq!(state_dir_in(base, Some(broken), &set), Path::new("/over"));
+    }
+
+    #[test]
     fn env_keeps_the_case_of_variable_names() {
         let c = load_str(BASE, &[("DROVER_WORKERS__WEB__ENV__PORT", "9000")], &[]).unwrap();
         assert_eq!(c.workers["web"].env["PORT"], "9000");
@@ -716,6 +808,15 @@ mod tests {
         let text = "[workers.web]\ncommand = [\"x\"]\ncapacity = 0\n[jobs.a]\ncommand = [\"true\"]\nschedule = \"bad\"\n";
         let keys: Vec<String> = load_str(text, &[], &[]).unwrap_err().into_iter().map(|d| d.key).collect();
         assert_eq!(keys, ["workers.web.capacity", "jobs.a.schedule"]);
+    }
+
+    #[test]
+    fn a_state_dir_with_a_nul_byte_is_refused_by_key() {
+        let errs = load_str("[supervisor]\nstate_dir = \"a\\u0000b\"\n", &[], &[]).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].key, "supervisor.state_dir");
+        assert!(errs[0].message.contains("NUL"), "{}", errs[0].message);
+        assert!(errs[0].to_string().contains(":2:"), "names the line: {}", errs[0]);
     }
 
     #[test]

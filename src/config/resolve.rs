@@ -45,6 +45,9 @@ pub fn resolve(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
         log_max_size: sup.log_max_size.unwrap_or(ByteSize(10 * ByteSize::MIB)),
         log_keep: sup.log_keep.unwrap_or(5),
     };
+    if supervisor.state_dir.as_os_str().as_encoded_bytes().contains(&0) {
+        p.add(&["supervisor", "state_dir"], "must not contain a NUL byte; write a plain directory path");
+    }
     if supervisor.log_max_size.0 < 4096 {
         p.add(&["supervisor", "log_max_size"], "must be at least 4KiB");
     }

@@ -48,8 +48,11 @@ pub fn refuse_link(path: &Path, e: io::Error) -> io::Error {
 
 /// Creates `dir` (and parents) owner-only, whatever the umask, and refuses
 /// a directory that other users could write to or that is someone else's:
-/// whoever can write there can plant files drover would trust.
-pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
+/// whoever can write there can plant files drover would trust. An existing
+/// directory of ours that others may read or enter (0755, say) is made
+/// 0700, since file names in it (runs, sessions, workers) are no one
+/// else's business: its old mode is returned, for the log.
+pub fn ensure_private_dir(dir: &Path) -> io::Result<Option<u32>> {
     fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     let meta = fs::symlink_metadata(dir)?;
     if meta.file_type().is_symlink() {
@@ -61,7 +64,7 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
     if !meta.is_dir() {
         return Err(io::Error::other(format!("{} is not a directory", dir.display())));
     }
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let me = nix::unistd::geteuid().as_raw();
     if meta.uid() != me {
         return Err(io::Error::other(format!(
@@ -78,6 +81,70 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
             meta.mode() & 0o7777,
             dir.display()
         )));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(None);
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode & 0o700))?;
+    Ok(Some(mode))
+}
+
+/// [`ensure_private_dir`] for a state_dir, which must also sit where no
+/// other user can swap it: every directory above it, up to `/`, belongs
+/// to this user or root and is not writable by others, except a sticky
+/// one such as /tmp (there, others cannot rename what is ours; what is
+/// below it is checked on its own). As ssh's StrictModes does: root
+/// running drover in `/home/u/proj` would otherwise trust whatever `u`
+/// put at `proj/.drover`. Checked before anything is created, and again
+/// after (a parent made meanwhile by someone else is caught).
+pub fn ensure_state_dir(dir: &Path) -> io::Result<Option<u32>> {
+    check_ancestors(dir)?;
+    let tightened = ensure_private_dir(dir)?;
+    check_ancestors(dir)?;
+    Ok(tightened)
+}
+
+/// Refuses `dir` when a directory above it is not trustworthy (see
+/// [`ensure_state_dir`]); directories not made yet are skipped.
+pub fn check_ancestors(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let abs = std::path::absolute(dir)?;
+    let Some(mut cur) = abs.parent() else { return Ok(()) };
+    while fs::symlink_metadata(cur).is_err() {
+        match cur.parent() {
+            Some(p) => cur = p,
+            None => return Ok(()),
+        }
+    }
+    // A link on the way is judged by where it leads: that is the
+    // directory whose owner could swap what is below.
+    let real = fs::canonicalize(cur)?;
+    let me = nix::unistd::geteuid().as_raw();
+    for d in real.ancestors() {
+        let meta = fs::metadata(d)?;
+        let refuse = |why: String| {
+            io::Error::other(format!(
+                "{} lies under {}, which {why}: whoever controls it could put their own state_dir in \
+                 its place. Choose a state_dir whose every parent only you or root can write",
+                dir.display(),
+                d.display()
+            ))
+        };
+        if meta.uid() != me && meta.uid() != 0 {
+            return Err(refuse(format!(
+                "belongs to uid {}, not to this user (uid {me}) or root",
+                meta.uid()
+            )));
+        }
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            let who = if mode & 0o002 != 0 { "every user" } else { "its group" };
+            return Err(refuse(format!(
+                "is writable by {who} (mode {mode:o}, run `chmod go-w {}` if it should not be)",
+                d.display()
+            )));
+        }
     }
     Ok(())
 }
@@ -136,10 +203,32 @@ mod tests {
             assert!(e.contains(who) && e.contains("chmod go-w"), "{e}");
         }
         fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
-        ensure_private_dir(&d).unwrap();
+        assert_eq!(ensure_private_dir(&d).unwrap(), Some(0o755), "tightened");
+        assert_eq!(fs::metadata(&d).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(ensure_private_dir(&d).unwrap(), None, "already private");
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&d, &link).unwrap();
         assert!(ensure_private_dir(&link).unwrap_err().to_string().contains("symbolic link"));
+    }
+
+    #[test]
+    fn a_state_dir_under_a_directory_others_can_write_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared");
+        let sd = shared.join("proj/.drover");
+        fs::create_dir_all(shared.join("proj")).unwrap();
+        for (mode, ok) in [(0o777, false), (0o775, false), (0o1777, true), (0o755, true)] {
+            fs::set_permissions(&shared, fs::Permissions::from_mode(mode)).unwrap();
+            match ensure_state_dir(&sd) {
+                Ok(_) => assert!(ok, "mode {mode:o} accepted"),
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(!ok, "mode {mode:o} refused: {e}");
+                    assert!(e.contains(&shared.display().to_string()) && e.contains("writable by"), "{e}");
+                    assert!(!sd.exists(), "nothing made under it");
+                }
+            }
+        }
     }
 
     #[test]

@@ -22,6 +22,7 @@ use super::protocol::{
 use super::reconcile::{Change, plan};
 use super::watch::WatchSettings;
 use super::worktree;
+use crate::config::load::load_text;
 use crate::config::model::{Config, SpawnMode, Worker, secret_values};
 use crate::config::{Overrides, load};
 use crate::ledger::{Kind, Ledger, Owner};
@@ -800,9 +801,10 @@ impl Supervisor {
         }
     }
 
-    fn plan_for(&self, path: Option<PathBuf>) -> Response {
-        let path = path.unwrap_or_else(|| self.opts.config_path.clone());
-        match load(&path, &self.opts.overrides) {
+    /// What `text` (the file at `path`, read by the client) would change.
+    /// Nothing here opens a file the client named.
+    fn plan_for(&self, path: PathBuf, text: String) -> Response {
+        match load_text(&path, text, &self.opts.overrides) {
             Ok(loaded) => Response::Plan {
                 generation: self.generation,
                 changes: plan(&loaded.config.workers, &self.actual()),
@@ -842,15 +844,15 @@ impl Supervisor {
                 }
             }
 
-            Request::Stop => {
+            Request::Stop {} => {
                 self.stop_waiters.push(reply);
                 if !self.shutting_down {
                     self.shutdown();
                 }
                 return;
             }
-            Request::Reload => self.reload(),
-            Request::Plan { path } => self.plan_for(path),
+            Request::Reload {} => self.reload(),
+            Request::Plan { path, text } => self.plan_for(path, text),
             Request::Trigger { job } => match self.trigger(&job) {
                 Ok(id) => Response::Run { id },
                 Err(message) => Response::Error { message },

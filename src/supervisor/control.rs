@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::actor::Event;
 use super::protocol::{MAX_REQUEST, Request, Response};
@@ -37,9 +37,34 @@ pub fn encode(resp: &Response) -> Vec<u8> {
     line
 }
 
+/// A client that does not take its reply within this long is dropped:
+/// a reply it never reads must not hold a descriptor for ever.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Control connections served at once. Beyond it a new connection gets
+/// one error line and is closed at once, so clients that never read (or
+/// never send) cannot take drover to its descriptor limit. Real clients
+/// hold a connection for one round trip; the load benchmark runs 100.
+pub const MAX_CLIENTS: usize = 256;
+
+/// Plans carry a config file: their request line may be this long (a
+/// 4 MiB file, escaped), read one at a time.
+pub const MAX_PLAN_REQUEST: usize = 9 * 1024 * 1024;
+
+/// What a connection beyond [`MAX_CLIENTS`] is told.
+fn busy_line() -> Vec<u8> {
+    encode(&Response::Error {
+        message: format!(
+            "the supervisor is serving {MAX_CLIENTS} control connections already (its limit); try again"
+        ),
+    })
+}
+
 /// Accepts connections until the actor goes away.
 pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Event>) {
     let mut failing = false;
+    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let big = Arc::new(Semaphore::new(1));
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => {
@@ -58,13 +83,20 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Event>) {
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Never wait on this client: a short line fits in an empty
+            // socket buffer, and if it does not, it is simply closed.
+            let _ = stream.try_write(&busy_line());
+            continue;
+        };
 
-        let tx = tx.clone();
+        let (tx, big) = (tx.clone(), big.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let (r, mut w) = stream.into_split();
             let gone =
                 || Reply::Response(Response::Error { message: "the supervisor is shutting down".into() });
-            let reply = match read_request(r).await {
+            let reply = match read_request(r, &big).await {
                 Ok(req) => {
                     let (otx, orx) = oneshot::channel();
                     if tx.send(Event::Control(req, otx)).is_err() {
@@ -75,36 +107,67 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Event>) {
                 }
                 Err(message) => Reply::Response(Response::Error { message }),
             };
-            let _ = match reply {
-                Reply::Response(resp) => w.write_all(&encode(&resp)).await,
-                Reply::Encoded(line) => w.write_all(&line).await,
+            let line = match reply {
+                Reply::Response(resp) => Arc::new(encode(&resp)),
+                Reply::Encoded(line) => line,
             };
+            // Timed out or failed: the connection is dropped either way.
+            let _ = tokio::time::timeout(WRITE_TIMEOUT, w.write_all(&line)).await;
         });
     }
 }
 
-/// Reads one request line from a client: at most [`MAX_REQUEST`] bytes,
+/// Reads one request line from a client: at most [`MAX_REQUEST`] bytes
+/// (a plan, at most [`MAX_PLAN_REQUEST`], holding `big` while it reads),
 /// within [`READ_TIMEOUT`]. Any input gives a request or an error to send
 /// back, never a panic (fuzzed by `fuzz/fuzz_targets/control.rs`).
-pub async fn read_request<R: tokio::io::AsyncRead + Unpin>(r: R) -> Result<Request, String> {
+pub async fn read_request<R: tokio::io::AsyncRead + Unpin>(r: R, big: &Semaphore) -> Result<Request, String> {
+    let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
+    let timed_out = || "timed out waiting for a request".to_string();
     let mut reader = tokio::io::BufReader::new(r.take(MAX_REQUEST as u64 + 1));
     let mut line = Vec::new();
-    match tokio::time::timeout(READ_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
-        Err(_) => return Err("timed out waiting for a request".into()),
+    match tokio::time::timeout_at(deadline, reader.read_until(b'\n', &mut line)).await {
+        Err(_) => return Err(timed_out()),
         Ok(Err(e)) => return Err(format!("cannot read the request: {e}")),
         Ok(Ok(_)) => {}
     }
+    let mut _permit = None;
     if line.len() > MAX_REQUEST {
-        return Err(format!("request longer than {MAX_REQUEST} bytes"));
+        if !line.starts_with(PLAN_PREFIX) {
+            return Err(format!("request longer than {MAX_REQUEST} bytes"));
+        }
+        // One long request at a time keeps memory bounded.
+        _permit = Some(
+            tokio::time::timeout_at(deadline, big.acquire())
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(|_| timed_out())?,
+        );
+        reader.get_mut().set_limit((MAX_PLAN_REQUEST - line.len()) as u64 + 1);
+        match tokio::time::timeout_at(deadline, reader.read_until(b'\n', &mut line)).await {
+            Err(_) => return Err(timed_out()),
+            Ok(Err(e)) => return Err(format!("cannot read the request: {e}")),
+            Ok(Ok(_)) => {}
+        }
+        if line.len() > MAX_PLAN_REQUEST {
+            return Err(format!("plan request longer than {MAX_PLAN_REQUEST} bytes"));
+        }
     }
     serde_json::from_slice(&line).map_err(|e| format!("malformed request: {e}"))
 }
+
+/// How a plan request starts on the wire (the tag comes first), which is
+/// what lets it be longer than other requests.
+const PLAN_PREFIX: &[u8] = br#"{"cmd":"plan","#;
 
 /// Why a request could not be answered.
 #[derive(Debug)]
 pub enum ClientError {
     /// Nothing listens on the socket: no supervisor runs.
     NoSupervisor,
+    /// The state_dir, its socket or the process answering is someone
+    /// else's: talking to it would let that user answer for drover.
+    Untrusted(String),
     Io(std::io::Error),
 }
 
@@ -112,24 +175,75 @@ impl std::fmt::Display for ClientError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ClientError::NoSupervisor => f.write_str("no supervisor is running"),
+            ClientError::Untrusted(why) => f.write_str(why),
             ClientError::Io(e) => write!(f, "cannot talk to the supervisor: {e}"),
         }
     }
 }
 
+/// Whether `path` (a state_dir or its socket) may be trusted by this user:
+/// it is this user's own and not a symlink. Ok(false): it does not exist.
+fn owned_by_me(path: &Path, what: &str) -> Result<bool, ClientError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(ClientError::Io(e)),
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    let refuse = |why: String| {
+        ClientError::Untrusted(format!(
+            "refusing to trust the {what} {}: {why}; someone else could answer for the supervisor. \
+             Remove it, or choose another state_dir",
+            path.display()
+        ))
+    };
+    if meta.file_type().is_symlink() {
+        return Err(refuse("it is a symbolic link".into()));
+    }
+    if meta.uid() != me {
+        return Err(refuse(format!("it belongs to uid {}, not to this user (uid {me})", meta.uid())));
+    }
+    Ok(true)
+}
+
+/// Checks that `state_dir`, if it exists, is this user's own: the files
+/// in it (state file, lock) are only read once it is. Ok(false): there
+/// is no state_dir.
+pub fn trusted_state_dir(state_dir: &Path) -> Result<bool, ClientError> {
+    owned_by_me(state_dir, "state_dir")
+}
+
 /// Sends one request and waits for its response. `None` means the
 /// supervisor closed the connection without answering (as it does when it
-/// exits after `stop`).
+/// exits after `stop`). The state_dir, the socket and the process that
+/// accepted the connection must all be this user's (see [`ClientError::Untrusted`]).
 pub fn request(
     state_dir: &Path,
     req: &Request,
     timeout: Option<Duration>,
 ) -> Result<Option<Response>, ClientError> {
     let path = socket_path(state_dir);
+    if !trusted_state_dir(state_dir)? || !owned_by_me(&path, "control socket")? {
+        return Err(ClientError::NoSupervisor);
+    }
     let mut stream = UnixStream::connect(&path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => ClientError::NoSupervisor,
         _ => ClientError::Io(e),
     })?;
+    // The socket could have been swapped since the look above: who
+    // accepted is what counts.
+    let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| ClientError::Io(e.into()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if peer.uid() != me {
+        return Err(ClientError::Untrusted(format!(
+            "refusing to talk to {}: the process answering (pid {}) runs as uid {}, not as this user (uid {me})",
+            path.display(),
+            peer.pid(),
+            peer.uid()
+        )));
+    }
     stream.set_read_timeout(timeout).map_err(ClientError::Io)?;
     let mut line = serde_json::to_vec(req).expect("request serializes");
     line.push(b'\n');

@@ -15,14 +15,17 @@ use crate::os::reaper::Exit;
 /// Longest request line the supervisor reads; longer ones are refused.
 pub const MAX_REQUEST: usize = 64 * 1024;
 
+/// Every variant is a struct, even with no fields: serde ignores unknown
+/// fields on a unit variant, and `{"cmd":"stop","x":1}` must be refused
+/// like any other malformed request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     Status {
         name: Option<String>,
     },
-    Stop,
-    Reload,
+    Stop {},
+    Reload {},
     Restart {
         name: String,
     },
@@ -33,10 +36,14 @@ pub enum Request {
     LogPath {
         name: String,
     },
-    /// What applying the config at `path` (default: the running one's
-    /// path) would change, without applying it.
+    /// What applying `text`, the config file at `path`, would change,
+    /// without applying it. The client reads the file: the supervisor
+    /// never opens a path a client names (it could be a FIFO, a device,
+    /// or its own stdin). `path` names the file in errors and is what
+    /// relative paths in it are resolved against.
     Plan {
-        path: Option<PathBuf>,
+        path: PathBuf,
+        text: String,
     },
     /// Queue a run of a job now.
     Trigger {
@@ -153,4 +160,28 @@ pub struct InstanceStatus {
     pub error: Option<String>,
     /// When a restart in backoff is due.
     pub next_start_at: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_request_refuses_unknown_fields() {
+        for req in [
+            r#"{"cmd":"stop"}"#,
+            r#"{"cmd":"reload"}"#,
+            r#"{"cmd":"status","name":null}"#,
+            r#"{"cmd":"restart","name":"a"}"#,
+            r#"{"cmd":"plan","path":"/d.toml","text":""}"#,
+            r#"{"cmd":"cancel","id":1}"#,
+        ] {
+            let parsed: Request = serde_json::from_str(req).unwrap_or_else(|e| panic!("{req}: {e}"));
+            let back = serde_json::to_string(&parsed).unwrap();
+            assert_eq!(serde_json::from_str::<Request>(&back).unwrap(), parsed);
+            let extra = format!("{},\"x\":1}}", &req[..req.len() - 1]);
+            let err = serde_json::from_str::<Request>(&extra).unwrap_err().to_string();
+            assert!(err.contains("unknown field `x`"), "{extra}: {err}");
+        }
+    }
 }

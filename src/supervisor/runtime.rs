@@ -16,7 +16,7 @@ use super::actor::{Event, Options, Supervisor};
 use super::control;
 use super::protocol::StatusReport;
 use crate::config::Loaded;
-use crate::os::fsutil::{ensure_private_dir, libc_o_nofollow, refuse_link};
+use crate::os::fsutil::{ensure_private_dir, ensure_state_dir, libc_o_nofollow, refuse_link};
 use crate::os::proc;
 use crate::os::reaper::Reaper;
 
@@ -94,6 +94,17 @@ pub fn wait_unlocked(state_dir: &Path) {
     {
         let _ = Flock::lock(file, FlockArg::LockShared);
     }
+}
+
+/// Whether some process holds the lock of `state_dir` (a supervisor, or
+/// for a moment a half-spawned child of a dead one).
+pub fn lock_held(state_dir: &Path) -> bool {
+    let Ok(file) =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc_o_nofollow()).open(lock_path(state_dir))
+    else {
+        return false;
+    };
+    Flock::lock(file, FlockArg::LockSharedNonblock).is_err()
 }
 
 /// Reads the state file, if there is a readable one.
@@ -190,10 +201,16 @@ pub async fn serve(
     ready: &mut Ready,
 ) -> Result<(), String> {
     let state_dir = loaded.config.supervisor.state_dir.clone();
-    ensure_private_dir(&state_dir)
+    let tightened = ensure_state_dir(&state_dir)
         .map_err(|e| format!("cannot use state_dir {}: {e}", state_dir.display()))?;
-    ensure_private_dir(&state_dir.join("logs"))
-        .map_err(|e| format!("cannot use {}/logs: {e}", state_dir.display()))?;
+    if let Some(mode) = tightened {
+        tracing::warn!(state_dir = %state_dir.display(), "state_dir was mode {mode:o}: made it 0700 (owner only)");
+    }
+    if let Some(mode) = ensure_private_dir(&state_dir.join("logs"))
+        .map_err(|e| format!("cannot use {}/logs: {e}", state_dir.display()))?
+    {
+        tracing::warn!(dir = %state_dir.join("logs").display(), "was mode {mode:o}: made it 0700 (owner only)");
+    }
     let _lock = acquire_lock(&state_dir)?;
 
     let killed = clean_up_after_dead_supervisor(&state_dir);

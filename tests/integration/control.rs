@@ -279,3 +279,184 @@ fn out_of_descriptors_the_control_socket_waits_instead_of_spinning() {
         .wait_for("status to answer again", Duration::from_secs(10), |v| v["supervisor"]["pid"] == sup.pid);
     assert_eq!(v["workers"][0]["state"], "running");
 }
+
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Regression: clients that sent `status` and never read their reply
+/// (larger than a socket buffer) each held a descriptor in drover for
+/// ever; enough of them took it to its descriptor limit and the socket
+/// stopped accepting. Now a reply not taken within 10 s is dropped, and
+/// connections beyond the cap are refused at once.
+#[test]
+fn clients_that_never_read_cannot_exhaust_descriptors() {
+    use std::os::unix::process::CommandExt;
+    let sb = Sandbox::new();
+    // 2000 trigger-only jobs make a status reply of about 500 KB, more
+    // than a Unix socket buffer holds, without 2000 processes.
+    let mut config = sleeper();
+    for j in 0..2000 {
+        config.push_str(&format!("[jobs.job-{j:04}-{}]\ncommand = [\"true\"]\n", "x".repeat(40)));
+    }
+    sb.write("daemon.toml", config);
+    let limit = 1024;
+    let sup = Supervisor::start_with(&sb, |cmd| unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, limit, limit)?;
+            Ok(())
+        });
+    });
+    let sock = sb.state_dir().join("drover.sock");
+    let baseline = open_fds(sup.pid);
+
+    // More than the limit: every one sends `status` and never reads.
+    let mut hogs = Vec::new();
+    let mut most = 0;
+    for _ in 0..1200 {
+        if let Ok(mut s) = UnixStream::connect(&sock) {
+            let _ = s.write_all(b"{\"cmd\":\"status\",\"name\":null}\n");
+            hogs.push(s);
+        }
+        most = most.max(open_fds(sup.pid));
+    }
+    assert!(hogs.len() > 1000, "only {} connections", hogs.len());
+
+    // A well-behaved client gets its answer (told to come back while the
+    // cap is full, until the hogs' replies time out).
+    let mut busy = 0;
+    let v = crate::harness::wait_until("a status reply beside the hogs", Duration::from_secs(40), || {
+        most = most.max(open_fds(sup.pid));
+        match exchange(&sock, b"{\"cmd\":\"status\",\"name\":null}\n", false) {
+            Answer::Reply(v) if v["reply"] == "status" => Some(v),
+            Answer::Reply(v) => {
+                assert!(v["message"].as_str().is_some_and(|m| m.contains("control connections")), "{v}");
+                busy += 1;
+                None
+            }
+            Answer::Closed => None,
+        }
+    });
+    assert_eq!(v["supervisor"]["pid"], sup.pid);
+    assert_eq!(v["jobs"].as_array().map(Vec::len), Some(2000));
+    // The cap (256) plus what drover holds anyway, far below the limit.
+    assert!(most <= baseline + 256 + 16, "drover held {most} descriptors (baseline {baseline})");
+    drop(hogs);
+    let v =
+        sup.wait_for("status after the hogs", Duration::from_secs(10), |v| v["supervisor"]["pid"] == sup.pid);
+    assert_eq!(v["workers"][0]["name"], "sleeper");
+    println!("busy answers before the reply: {busy}; most descriptors: {most} (baseline {baseline})");
+}
+
+/// Regression: extra fields on a request without arguments were ignored:
+/// `{"cmd":"stop","x":1}` stopped drover.
+#[test]
+fn unknown_fields_are_refused_on_every_request() {
+    let sb = Sandbox::new();
+    sb.write("daemon.toml", sleeper());
+    let mut sup = Supervisor::start(&sb);
+    let sock = sb.state_dir().join("drover.sock");
+    for req in [&b"{\"cmd\":\"stop\",\"x\":1}\n"[..], b"{\"cmd\":\"reload\",\"force\":true}\n"] {
+        match exchange(&sock, req, false) {
+            Answer::Reply(v) => {
+                assert_eq!(v["reply"], "error", "{v}");
+                assert!(v["message"].as_str().is_some_and(|m| m.contains("unknown field")), "{v}");
+            }
+            Answer::Closed => panic!("no answer to {}", String::from_utf8_lossy(req)),
+        }
+        assert!(sup.try_wait().is_none(), "drover exited after {}", String::from_utf8_lossy(req));
+        assert_eq!(sup.status()["supervisor"]["state"], "running");
+    }
+    // The plain forms still work.
+    match exchange(&sock, b"{\"cmd\":\"reload\"}\n", false) {
+        Answer::Reply(v) => assert_eq!(v["reply"], "ok", "{v}"),
+        Answer::Closed => panic!("no answer to reload"),
+    }
+    let r = sb.cli(&["stop"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(sup.wait_exit(Duration::from_secs(10)).is_some());
+}
+
+/// Regression: `plan` sent a path and the supervisor opened it on its
+/// event loop: `drover -c /dev/stdin plan` made a foreground drover read
+/// its own stdin (wedged: status timed out, SIGTERM unanswered), a FIFO
+/// did the same. Now the client reads the file and sends its text.
+#[test]
+fn plan_never_makes_the_supervisor_open_a_clients_path() {
+    let sb = Sandbox::new();
+    sb.write("daemon.toml", sleeper());
+    let mut sup = Supervisor::start_with(&sb, |cmd| {
+        // A terminal nobody types into: reading it blocks for ever.
+        cmd.stdin(std::process::Stdio::piped());
+    });
+    let sd = format!("supervisor.state_dir={}", sb.state_dir().display());
+    let fifo = sb.path("fifo.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    for config in ["/dev/stdin", fifo.to_str().unwrap()] {
+        let r = crate::harness::run_within(
+            sb.drover().args(["-c", config, "--set", &sd, "plan"]),
+            Duration::from_secs(15),
+        );
+        assert_eq!(r.code, Some(1), "{config}: {}{}", r.stdout, r.stderr);
+        assert!(r.stderr.contains(config) && r.stderr.contains("not a regular file"), "{}", r.stderr);
+        assert_eq!(sup.status()["supervisor"]["state"], "running", "after plan -c {config}");
+    }
+
+    // Spoken by hand, naming the FIFO: the text is planned, the path is
+    // only a name (were it opened, this would block).
+    let req = serde_json::json!({
+        "cmd": "plan",
+        "path": fifo,
+        "text": format!("{}[workers.extra]\ncommand = [\"sleep\", \"1\"]\n", sleeper()),
+    });
+    match exchange(&sb.state_dir().join("drover.sock"), format!("{req}\n").as_bytes(), false) {
+        Answer::Reply(v) => {
+            assert_eq!(v["reply"], "plan", "{v}");
+            assert_eq!(v["changes"].as_array().map(Vec::len), Some(1), "{v}");
+            assert_eq!(v["changes"][0]["worker"], "extra", "{v}");
+        }
+        Answer::Closed => panic!("no answer to a plan"),
+    }
+    assert_eq!(sup.status()["supervisor"]["state"], "running");
+    sup.signal(nix::sys::signal::Signal::SIGTERM);
+    let st = sup.wait_exit(Duration::from_secs(10)).expect("drover answers SIGTERM");
+    assert!(st.success(), "{st}");
+}
+
+/// `plan` resolves the file's relative paths against its own directory,
+/// whatever the cwd of the client or of the (detached) supervisor.
+#[test]
+fn plan_from_another_directory_plans_the_same() {
+    let sb = Sandbox::new();
+    std::fs::create_dir_all(sb.path("app/work")).unwrap();
+    std::fs::create_dir_all(sb.path("elsewhere")).unwrap();
+    let config = |cap: u32| {
+        format!(
+            "{SUPERVISOR}[workers.w]\ndir = \"work\"\ncapacity = {cap}\ncommand = [\"sleep\", \"1000\"]\n"
+        )
+    };
+    sb.write("app/daemon.toml", config(1));
+    let from = |cwd: &str, file: &str, args: &[&str]| {
+        crate::harness::run_within(
+            sb.drover().current_dir(sb.path(cwd)).args(["-c", file]).args(args),
+            Duration::from_secs(30),
+        )
+    };
+    let r = from("elsewhere", "../app/daemon.toml", &["start", "--detach"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let places = [(".", "app/daemon.toml"), ("app", "daemon.toml"), ("elsewhere", "../app/daemon.toml")];
+    for (cwd, file) in places {
+        let r = from(cwd, file, &["plan"]);
+        assert_eq!(r.code, Some(0), "from {cwd}: {}{}", r.stdout, r.stderr);
+        assert!(r.stdout.contains("no changes"), "from {cwd}: {}", r.stdout);
+    }
+    sb.write("app/daemon.toml", config(2));
+    for (cwd, file) in places {
+        let r = from(cwd, file, &["plan"]);
+        assert_eq!(r.code, Some(1), "from {cwd}: {}{}", r.stdout, r.stderr);
+        assert!(r.stdout.contains("~ update   w") && r.stdout.contains("scale 1 -> 2"), "{}", r.stdout);
+        assert!(!r.stdout.contains("- stop"), "{}", r.stdout);
+    }
+    let r = from("app", "daemon.toml", &["stop"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+}

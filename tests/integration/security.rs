@@ -286,3 +286,181 @@ fn secret_env_values_are_never_printed() {
     clean("drover's own log", &std::fs::read_to_string(sb.path("drover.err")).unwrap());
     clean("the state file", &std::fs::read_to_string(sb.state_dir().join("state.json")).unwrap());
 }
+
+fn config_with_state_dir(sd: &str) -> String {
+    format!(
+        "[supervisor]\nreload = false\nstate_dir = {sd:?}\n[workers.web]\ncommand = [\"sleep\", \"1000\"]\n"
+    )
+}
+
+const NOBODY: u32 = 65534;
+
+fn give_away(p: &Path) {
+    nix::unistd::chown(p, Some(nix::unistd::Uid::from_raw(NOBODY)), Some(nix::unistd::Gid::from_raw(NOBODY)))
+        .unwrap();
+}
+
+/// Regression: only the state_dir itself was checked, so one under a
+/// directory others can write (or own) could be swapped under drover.
+#[test]
+fn a_state_dir_under_a_directory_others_control_is_refused() {
+    let sb = Sandbox::new();
+    let shared = sb.path("shared");
+    std::fs::create_dir_all(shared.join("proj")).unwrap();
+    sb.write("daemon.toml", config_with_state_dir("shared/proj/.drover"));
+    for (m, who) in [(0o777, "every user"), (0o775, "its group")] {
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(m)).unwrap();
+        for args in [&["start"][..], &["start", "--detach"]] {
+            let r = sb.cli(args);
+            assert_eq!(r.code, Some(1), "mode {m:o} {args:?}: {}", r.stderr);
+            assert!(
+                r.stderr.contains(&format!("{}, which is writable by {who}", shared.display())),
+                "{}",
+                r.stderr
+            );
+            assert!(r.stderr.contains("chmod go-w"), "{}", r.stderr);
+            assert!(!shared.join("proj/.drover").exists(), "nothing was made under it");
+        }
+    }
+    // Sticky, as /tmp is: others cannot rename what is ours in it.
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let sup = Supervisor::start(&sb);
+    assert_eq!(sup.status()["supervisor"]["state"], "running");
+    drop(sup);
+
+    if !nix::unistd::geteuid().is_root() {
+        println!("not root: the case of a parent owned by another user is not tested here");
+        return;
+    }
+    // Root running drover in another user's project directory.
+    let theirs = sb.path("home-u/proj");
+    std::fs::create_dir_all(&theirs).unwrap();
+    give_away(&theirs);
+    sb.write("daemon.toml", config_with_state_dir("home-u/proj/.drover"));
+    let r = sb.cli(&["start"]);
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("{}, which belongs to uid {NOBODY}", theirs.display())),
+        "{}",
+        r.stderr
+    );
+    assert!(!theirs.join(".drover").exists());
+}
+
+/// Regression: the CLI trusted whatever socket it found: another user who
+/// could replace the state_dir answered root's `drover stop`.
+#[test]
+fn the_cli_talks_only_to_a_socket_and_state_dir_of_its_own_user() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("not root: cannot give a socket to another user here; skipped");
+        return;
+    }
+    let sb = Sandbox::new();
+    sb.write("daemon.toml", format!("{SUPERVISOR}[workers.web]\ncommand = [\"sleep\", \"1000\"]\n"));
+    let mut sup = Supervisor::start(&sb);
+    let sock = sb.state_dir().join("drover.sock");
+    for (what, path) in [("control socket", sock.clone()), ("state_dir", sb.state_dir())] {
+        give_away(&path);
+        // `runs` reads the ledger in the state_dir, not the socket.
+        let runs: &[&[&str]] = if what == "state_dir" { &[&["runs"]] } else { &[] };
+        for args in [&["status"][..], &["stop"], &["reload"]].into_iter().chain(runs.iter().copied()) {
+            let r = sb.cli(args);
+            assert_eq!(r.code, Some(1), "{what} {args:?}: {}{}", r.stdout, r.stderr);
+            assert!(
+                r.stderr.contains(&format!("refusing to trust the {what} {}", path.display())),
+                "{}",
+                r.stderr
+            );
+            assert!(r.stderr.contains(&format!("belongs to uid {NOBODY}")), "{}", r.stderr);
+        }
+        nix::unistd::chown(&path, Some(nix::unistd::Uid::from_raw(0)), Some(nix::unistd::Gid::from_raw(0)))
+            .unwrap();
+        assert!(sup.try_wait().is_none(), "drover was stopped through an untrusted path");
+    }
+    assert_eq!(sup.status()["supervisor"]["state"], "running");
+}
+
+/// Whoever accepted the connection must run as this user too: a socket
+/// file that is ours proves nothing if another user's process listens on
+/// it (the file was swapped after the look, or chowned).
+#[test]
+fn the_cli_refuses_a_supervisor_running_as_another_user() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("not root: cannot run a supervisor as another user here; skipped");
+        return;
+    }
+    let sb = Sandbox::new();
+    std::fs::set_permissions(sb.path(""), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let nob = sb.path("nob");
+    std::fs::create_dir(&nob).unwrap();
+    give_away(&nob);
+    sb.write("daemon.toml", "[supervisor]\nreload = false\nstate_dir = \"nob/.drover\"\n");
+    std::fs::set_permissions(sb.path("daemon.toml"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let child = sb
+        .drover()
+        .args(["-c", "daemon.toml", "start"])
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(sb.path("drover.err")).unwrap())
+        .spawn()
+        .unwrap();
+    // Stopped whatever happens: SIGTERM, then SIGKILL (and the sandbox
+    // kills anything of it left).
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = std::time::Instant::now() + SECS_10;
+            while self.0.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let guard = Stop(child);
+    let sd = nob.join(".drover");
+    let sock = sd.join("drover.sock");
+    crate::harness::wait_until("the other user's supervisor", SECS_10, || {
+        std::fs::read_to_string(sb.path("drover.err")).ok().filter(|e| e.contains("ready")).map(drop)
+    });
+    // Its files now look like ours: the process behind them does not.
+    for p in [&sd, &sock] {
+        nix::unistd::chown(p, Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
+    }
+    let r = sb.cli(&["stop"]);
+    assert_eq!(r.code, Some(1), "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains(&format!("runs as uid {NOBODY}, not as this user (uid 0)")), "{}", r.stderr);
+    drop(guard);
+}
+
+/// An existing state_dir that others may read or enter (0755) had its
+/// file names (workers, runs, sessions) open to every user: it is now
+/// made 0700, and the log says so.
+#[test]
+fn an_existing_state_dir_others_can_read_is_made_owner_only() {
+    let sb = Sandbox::new();
+    sb.write("daemon.toml", format!("{SUPERVISOR}[workers.web]\ncommand = [\"sleep\", \"1000\"]\n"));
+    let sd = sb.state_dir();
+    std::fs::create_dir(&sd).unwrap();
+    std::fs::set_permissions(&sd, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sup = Supervisor::start(&sb);
+    assert_eq!(mode(&sd), 0o700);
+    assert!(sup.stderr().contains("state_dir was mode 755: made it 0700"), "{}", sup.stderr());
+    drop(sup);
+
+    std::fs::set_permissions(&sd, std::fs::Permissions::from_mode(0o750)).unwrap();
+    let r = sb.cli(&["start", "--detach"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("state_dir {} was mode 750: made it 0700", sd.display())),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(mode(&sd), 0o700);
+    let r = sb.cli(&["stop"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+}

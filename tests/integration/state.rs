@@ -367,3 +367,132 @@ fn the_leftover_scan_spares_drovers_own_ancestors_and_their_group() {
     assert_eq!(stop.code, Some(0), "{}", stop.stderr);
     assert_eq!(ended.signal(), None, "the shell ended by a signal: {ended:?}");
 }
+
+/// Regression: after a SIGKILL of a detached drover (its zombie, never
+/// reaped, kept its pid and start time), `status` said "stopped" and
+/// listed the dead supervisor's workers as running, uptimes counting.
+#[test]
+fn after_a_sigkill_status_says_stale_and_vouches_for_nothing() {
+    let sb = Sandbox::new();
+    sb.write("daemon.toml", sleeper(&sb));
+    let r = sb.cli(&["start", "--detach"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let (_, v) = sb.status_json();
+    let pid = v["supervisor"]["pid"].as_i64().expect("a pid") as i32;
+    sb.wait_lines("pids.log", 1, SECS_10);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    // Gone, or a zombie: either way it no longer holds its lock.
+    wait_until("the lock to be free", SECS_10, || {
+        let f = std::fs::File::open(sb.state_dir().join("drover.lock")).ok()?;
+        Flock::lock(f, FlockArg::LockSharedNonblock).ok().map(drop)
+    });
+
+    let (code, v) = sb.status_json();
+    assert_eq!(code, Some(3), "{v}");
+    assert_eq!(v["supervisor"]["state"], "stale", "{v}");
+    let i = instance(&v, "sleeper", 0);
+    assert_eq!(i["state"], "unknown", "{v}");
+    assert!(i["error"].as_str().is_some_and(|e| e.contains("last recorded running")), "{v}");
+
+    let r = sb.cli(&["status"]);
+    assert_eq!(r.code, Some(3), "{}", r.stderr);
+    assert!(r.stdout.starts_with("drover: stale"), "{}", r.stdout);
+    assert!(r.stdout.contains("may still be running"), "{}", r.stdout);
+    assert!(r.stdout.contains("next `drover start`"), "{}", r.stdout);
+    let row = r.stdout.lines().find(|l| l.starts_with("sleeper ")).unwrap_or_else(|| panic!("{}", r.stdout));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cols[2], "unknown", "{row}");
+    assert_eq!(cols[4], "-", "no uptime for a process nobody watches: {row}");
+
+    // The next supervisor cleans up, as ever.
+    let old = sleepers(&sb);
+    let sup = Supervisor::start(&sb);
+    let v = sup.wait_for("a fresh worker", SECS_10, |v| instance(v, "sleeper", 0)["state"] == "running");
+    let new = instance(&v, "sleeper", 0)["pid"].as_i64().unwrap() as i32;
+    assert_eq!(sleepers(&sb), [new], "the dead supervisor's worker {old:?} was stopped");
+}
+
+/// Regression: with no config file, `status` said "stopped", as if the
+/// file were there and its supervisor down.
+#[test]
+fn status_without_a_config_file_names_the_file_it_looked_for() {
+    let sb = Sandbox::new();
+    let cases: [(&[&str], Option<&str>, &str); 3] = [
+        (&[], None, "daemon.toml"),
+        (&["-c", "other.toml"], None, "other.toml"),
+        (&[], Some("env.toml"), "env.toml"),
+    ];
+    for (args, env, file) in cases {
+        for json in [false, true] {
+            let mut cmd = sb.drover();
+            cmd.args(args).arg("status");
+            if json {
+                cmd.arg("--json");
+            }
+            if let Some(e) = env {
+                cmd.env("DROVER_CONFIG", e);
+            }
+            let r = run_within(&mut cmd, SECS_10);
+            assert_eq!(r.code, Some(1), "{args:?} {env:?}: {}{}", r.stdout, r.stderr);
+            assert!(r.stderr.contains(file) && r.stderr.contains("no such file"), "{}", r.stderr);
+            assert!(r.stderr.contains("-c FILE") && r.stderr.contains("DROVER_CONFIG"), "{}", r.stderr);
+            assert!(!r.stdout.contains("stopped"), "{}", r.stdout);
+        }
+    }
+}
+
+/// Regression: a foreground `start` beside a running supervisor printed
+/// the error twice (the log line and the message).
+#[test]
+fn a_foreground_start_beside_a_running_supervisor_prints_one_line() {
+    let sb = Sandbox::new();
+    sb.write("daemon.toml", sleeper(&sb));
+    let sup = Supervisor::start(&sb);
+    let r = sb.cli(&["start"]);
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    let lines: Vec<&str> = r.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{}", r.stderr);
+    assert!(lines[0].starts_with("drover: another supervisor (pid "), "{}", r.stderr);
+    assert!(lines[0].contains(&sup.pid.to_string()), "{}", r.stderr);
+    assert!(r.stdout.is_empty(), "{}", r.stdout);
+}
+
+/// Regression: a syntax error appended to a daemon.toml that sets
+/// state_dir made the CLI look in `.drover`: `status` said "stopped" and
+/// `stop` and `reload` found no supervisor.
+#[test]
+fn a_syntax_error_in_the_config_does_not_hide_the_running_supervisor() {
+    let sb = Sandbox::new();
+    let good = format!(
+        "[supervisor]\nstate_dir = \"run/state\"\nreload = false\n[workers.sleeper]\nstop_grace = \"300ms\"\ncommand = {}\n",
+        sh("exec sleep 1000")
+    );
+    sb.write("daemon.toml", &good);
+    let r = sb.cli(&["start", "--detach"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let sd = sb.root.join("run/state");
+    let (_, v) = sb.status_json();
+    let pid = v["supervisor"]["pid"].as_i64().expect("running");
+    sb.write("daemon.toml", format!("{good}capacity = = 2\n"));
+
+    let (code, v) = sb.status_json();
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["supervisor"]["state"], "running", "{v}");
+    assert_eq!(v["supervisor"]["pid"], pid, "{v}");
+
+    let r = sb.cli(&["reload"]);
+    assert_eq!(r.code, Some(1), "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("daemon.toml:7:"), "names the line: {}", r.stderr);
+    assert!(r.stderr.contains("invalid TOML"), "{}", r.stderr);
+
+    let r = sb.cli(&["status"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(r.stdout.starts_with(&format!("drover: running (pid {pid}")), "{}", r.stdout);
+    assert!(r.stdout.contains(&format!("state_dir: {}", sd.display())), "{}", r.stdout);
+    assert!(r.stdout.contains("FAILED") && r.stdout.contains("invalid TOML"), "{}", r.stdout);
+
+    let r = sb.cli(&["stop"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    wait_until("drover to exit", SECS_10, || stat(pid as i32).is_none_or(|s| s.state == 'Z').then_some(()));
+    assert!(sleepers(&sb).is_empty(), "stop stopped the workers");
+}
