@@ -84,9 +84,12 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Event>) {
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            // Never wait on this client: a short line fits in an empty
-            // socket buffer, and if it does not, it is simply closed.
-            let _ = stream.try_write(&busy_line());
+            // Never wait on this client: one write of a short line to an
+            // empty socket buffer (the std stream is non-blocking, and
+            // written at once, not when the reactor says so), then close.
+            if let Ok(mut s) = stream.into_std() {
+                let _ = std::io::Write::write(&mut s, &busy_line());
+            }
             continue;
         };
 
