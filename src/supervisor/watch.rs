@@ -91,7 +91,7 @@ pub fn start(
     let mut w = Watch { config, watcher: None, watched: Targets::default(), raw_tx };
     let enabled = settings.borrow().enabled;
     w.set(enabled);
-    if enabled && std::fs::read_to_string(&w.config).ok().as_deref() != Some(loaded_text) {
+    if enabled && crate::config::load::read_text(&w.config).ok().as_deref() != Some(loaded_text) {
         let _ = tx.send(Event::Reload(None));
     }
     tokio::spawn(run(w, raw_rx, settings, tx));
