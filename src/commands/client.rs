@@ -27,14 +27,22 @@ impl Ctx<'_> {
     fn config_missing(&self) -> bool {
         std::fs::symlink_metadata(self.config).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
     }
+
+    /// Says that no supervisor answers at `state_dir` and, when the config
+    /// file is missing too, that the wrong file may have been named.
+    pub(super) fn no_supervisor(&self, state_dir: &Path) -> u8 {
+        eprintln!("drover: no supervisor is running (state_dir {})", state_dir.display());
+        if self.config_missing() {
+            eprintln!(
+                "drover: and {} does not exist: name the config with -c FILE or DROVER_CONFIG",
+                self.config.display()
+            );
+        }
+        exit::NO_SUPERVISOR
+    }
 }
 
 const TIMEOUT: Option<Duration> = Some(Duration::from_secs(30));
-
-pub(super) fn no_supervisor(state_dir: &Path) -> u8 {
-    eprintln!("drover: no supervisor is running (state_dir {})", state_dir.display());
-    exit::NO_SUPERVISOR
-}
 
 fn failed(e: ClientError) -> u8 {
     eprintln!("drover: {e}");
@@ -73,7 +81,7 @@ pub fn simple(ctx: &Ctx, req: Request) -> u8 {
             exit::OK
         }
         Ok(Some(other)) => unexpected(&other),
-        Ok(None) => no_supervisor(&dir),
+        Ok(None) => ctx.no_supervisor(&dir),
         Err(code) => code,
     }
 }
@@ -92,7 +100,7 @@ pub fn stop(ctx: &Ctx) -> u8 {
             println!("stopped");
             exit::OK
         }
-        Err(ClientError::NoSupervisor) => no_supervisor(&dir),
+        Err(ClientError::NoSupervisor) => ctx.no_supervisor(&dir),
         Err(e) => failed(e),
     }
 }
@@ -300,7 +308,7 @@ pub fn logs(ctx: &Ctx, name: &str, follow: bool, lines: usize) -> u8 {
     let path = match ask(&dir, &Request::LogPath { name: name.into() }) {
         Ok(Some(Response::LogPath { path })) => path,
         Ok(Some(other)) => return unexpected(&other),
-        Ok(None) => return no_supervisor(&dir),
+        Ok(None) => return ctx.no_supervisor(&dir),
         Err(code) => return code,
     };
     let stdout = std::io::stdout();
@@ -431,7 +439,7 @@ pub fn plan(ctx: &Ctx, json: bool) -> u8 {
     let (generation, changes) = match ask(&dir, &Request::Plan { path, text }) {
         Ok(Some(Response::Plan { generation, changes })) => (generation, changes),
         Ok(Some(other)) => return unexpected(&other),
-        Ok(None) => return no_supervisor(&dir),
+        Ok(None) => return ctx.no_supervisor(&dir),
         Err(code) => return code,
     };
     if json {

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use super::client::{Ctx, ask, follow_file, no_supervisor, print_tail, table, unexpected};
+use super::client::{Ctx, ask, follow_file, print_tail, table, unexpected};
 use super::exit;
 use crate::ledger::{Ledger, Run, RunState, path_in};
 use crate::supervisor::control::trusted_state_dir;
@@ -21,7 +21,7 @@ fn print_id(ctx: &Ctx, req: Request) -> u8 {
             exit::OK
         }
         Ok(Some(other)) => unexpected(&other),
-        Ok(None) => no_supervisor(&dir),
+        Ok(None) => ctx.no_supervisor(&dir),
         Err(code) => code,
     }
 }
@@ -189,7 +189,7 @@ pub fn attach(ctx: &Ctx, key: &str) -> u8 {
     let run = match ask(&dir, &Request::RunInfo { key: key.into() }) {
         Ok(Some(Response::RunInfo(r))) => *r,
         Ok(Some(other)) => return unexpected(&other),
-        Ok(None) => return no_supervisor(&dir),
+        Ok(None) => return ctx.no_supervisor(&dir),
         Err(code) => return code,
     };
     let log = run.log.clone().unwrap_or_else(|| run_log_path(&dir, run.id));

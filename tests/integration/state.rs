@@ -439,6 +439,16 @@ fn status_without_a_config_file_names_the_file_it_looked_for() {
             assert!(!r.stdout.contains("stopped"), "{}", r.stdout);
         }
     }
+    // The other commands keep exit 3, and say which file was missing.
+    for args in [&["stop"][..], &["reload"]] {
+        let r = sb.cli(args);
+        assert_eq!(r.code, Some(3), "{args:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("no supervisor") && r.stderr.contains("daemon.toml does not exist"),
+            "{}",
+            r.stderr
+        );
+    }
 }
 
 /// Regression: a foreground `start` beside a running supervisor printed
