@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, SemaphorePermit, mpsc, oneshot};
 
 use super::actor::Event;
 use super::protocol::{MAX_REQUEST, Request, Response};
@@ -100,7 +100,9 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Event>) {
             let gone =
                 || Reply::Response(Response::Error { message: "the supervisor is shutting down".into() });
             let reply = match read_request(r, &big).await {
-                Ok(req) => {
+                // A long plan keeps its permit until it is answered: its
+                // text is in memory until then.
+                Ok((req, _permit)) => {
                     let (otx, orx) = oneshot::channel();
                     if tx.send(Event::Control(req, otx)).is_err() {
                         gone()
@@ -121,10 +123,14 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Event>) {
 }
 
 /// Reads one request line from a client: at most [`MAX_REQUEST`] bytes
-/// (a plan, at most [`MAX_PLAN_REQUEST`], holding `big` while it reads),
-/// within [`READ_TIMEOUT`]. Any input gives a request or an error to send
-/// back, never a panic (fuzzed by `fuzz/fuzz_targets/control.rs`).
-pub async fn read_request<R: tokio::io::AsyncRead + Unpin>(r: R, big: &Semaphore) -> Result<Request, String> {
+/// (a plan, at most [`MAX_PLAN_REQUEST`], with the one permit of `big`,
+/// returned to be held until the plan is answered), within
+/// [`READ_TIMEOUT`]. Any input gives a request or an error to send back,
+/// never a panic (fuzzed by `fuzz/fuzz_targets/control.rs`).
+pub async fn read_request<R: tokio::io::AsyncRead + Unpin>(
+    r: R,
+    big: &Semaphore,
+) -> Result<(Request, Option<SemaphorePermit<'_>>), String> {
     let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
     let timed_out = || "timed out waiting for a request".to_string();
     let mut reader = tokio::io::BufReader::new(r.take(MAX_REQUEST as u64 + 1));
@@ -134,13 +140,13 @@ pub async fn read_request<R: tokio::io::AsyncRead + Unpin>(r: R, big: &Semaphore
         Ok(Err(e)) => return Err(format!("cannot read the request: {e}")),
         Ok(Ok(_)) => {}
     }
-    let mut _permit = None;
+    let mut permit = None;
     if line.len() > MAX_REQUEST {
         if !line.starts_with(PLAN_PREFIX) {
             return Err(format!("request longer than {MAX_REQUEST} bytes"));
         }
         // One long request at a time keeps memory bounded.
-        _permit = Some(
+        permit = Some(
             tokio::time::timeout_at(deadline, big.acquire())
                 .await
                 .map_err(|_| timed_out())?
@@ -156,7 +162,8 @@ pub async fn read_request<R: tokio::io::AsyncRead + Unpin>(r: R, big: &Semaphore
             return Err(format!("plan request longer than {MAX_PLAN_REQUEST} bytes"));
         }
     }
-    serde_json::from_slice(&line).map_err(|e| format!("malformed request: {e}"))
+    let req = serde_json::from_slice(&line).map_err(|e| format!("malformed request: {e}"))?;
+    Ok((req, permit))
 }
 
 /// How a plan request starts on the wire (the tag comes first), which is

@@ -460,3 +460,20 @@ fn plan_from_another_directory_plans_the_same() {
     let r = from("app", "daemon.toml", &["stop"]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
 }
+
+/// A plan carries the whole file: one longer than the 64 KiB other
+/// requests are held to is still planned.
+#[test]
+fn a_plan_of_a_large_config_is_answered() {
+    let sb = Sandbox::new();
+    let padding = format!("# {}\n", "x".repeat(1000)).repeat(300);
+    sb.write("daemon.toml", format!("{}{padding}", sleeper()));
+    let _sup = Supervisor::start(&sb);
+    let r = sb.cli(&["plan"]);
+    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("no changes"), "{}", r.stdout);
+    sb.write("daemon.toml", format!("{}{padding}[workers.more]\ncommand = [\"sleep\", \"1\"]\n", sleeper()));
+    let r = sb.cli(&["plan"]);
+    assert_eq!(r.code, Some(1), "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("+ start    more"), "{}", r.stdout);
+}
