@@ -161,6 +161,9 @@ pub fn render_status(r: &StatusReport, state_dir: &Path) -> String {
             )),
         }
     }
+    if let Some(e) = &r.ledger_error {
+        out.push_str(&format!("ledger: {e}\n"));
+    }
     if !r.workers.is_empty() {
         let mut rows = vec![
             ["WORKER", "INST", "STATE", "PID", "UPTIME", "RESTARTS", "LAST EXIT", "NOTE"]

@@ -95,6 +95,10 @@ pub struct StatusReport {
     pub workers: Vec<WorkerStatus>,
     #[serde(default)]
     pub jobs: Vec<JobStatus>,
+    /// Why jobs are delayed (the ledger is locked by another process) or
+    /// disabled (it could not be opened); absent when all is well.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger_error: Option<String>,
     /// Active background sessions.
     #[serde(default)]
     pub sessions: Vec<Run>,

@@ -328,6 +328,75 @@ fn overlap_replace_while_a_replacement_is_pending_keeps_only_the_newest() {
     assert_eq!(markers(&sb, "marks"), [first, third]);
 }
 
+/// 200 triggers of a `replace` job with capacity 1, from four threads at
+/// once (so many land while the previous run's spawn is in flight). Each
+/// step logs "start PID" and, from its TERM trap or at its natural end,
+/// "end PID": no step may start while another is alive, and every
+/// replaced run that was started got its stop signal (it recorded an
+/// exit, never SIGKILL, since the grace is long).
+#[test]
+fn a_replace_storm_never_runs_two_steps_at_once_and_every_replaced_step_gets_term() {
+    let sb = Sandbox::new();
+    sb.write(
+        "daemon.toml",
+        format!(
+            "{SUPERVISOR}\n[jobs.r]\ncapacity = 1\non_overlap = \"replace\"\nstop_grace = \"10s\"\n\
+             retain = 1000\ncommand = {}\n",
+            sh("trap 'echo end $$ >> marks; exit 0' TERM; echo start $$ >> marks; sleep 0.05 & wait; \
+                echo end $$ >> marks")
+        ),
+    );
+    let _sup = Supervisor::start(&sb);
+    let ids: Vec<i64> = std::thread::scope(|s| {
+        let threads: Vec<_> =
+            (0..4).map(|_| s.spawn(|| (0..50).map(|_| trigger(&sb, "r")).collect::<Vec<i64>>())).collect();
+        threads.into_iter().flat_map(|t| t.join().expect("trigger thread")).collect()
+    });
+    assert_eq!(ids.len(), 200);
+    let newest = *ids.iter().max().unwrap();
+    wait_run(&sb, newest, "the newest run to end", is_terminal);
+    let all = wait_until("every run to end", SECS_10, || {
+        let all = runs_of(&sb, "r");
+        (all.len() == 200 && all.iter().all(is_terminal)).then_some(all)
+    });
+
+    let mut alive: BTreeSet<String> = BTreeSet::new();
+    let mut started = 0;
+    for line in sb.lines("marks") {
+        match line.split_once(' ') {
+            Some(("start", pid)) => {
+                assert!(
+                    alive.is_empty(),
+                    "step {pid} started while {alive:?} were alive:\n{:#?}",
+                    sb.lines("marks")
+                );
+                alive.insert(pid.to_string());
+                started += 1;
+            }
+            Some(("end", pid)) => {
+                alive.remove(pid);
+            }
+            _ => panic!("unexpected line {line:?} in marks"),
+        }
+    }
+    assert!(started >= 2, "only {started} steps started; the storm replaced nothing");
+    for r in &all {
+        if r["started_at"].is_string() {
+            assert!(
+                r["exit_code"].is_i64() || r["signal"].is_string(),
+                "run {} was claimed but its process's end was never seen (killed as its spawn landed?): {r:#}",
+                id_of(r)
+            );
+            assert_ne!(
+                r["signal"],
+                "SIGKILL",
+                "run {} was killed, not stopped with its signal: {r:#}",
+                id_of(r)
+            );
+        }
+    }
+}
+
 // ------------------------------------------------------------ 3. schedules
 
 #[test]
