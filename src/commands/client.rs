@@ -374,18 +374,26 @@ pub(super) fn follow_file(
 }
 
 pub fn plan(ctx: &Ctx, json: bool) -> u8 {
-    use crate::supervisor::reconcile::Change;
+    use crate::supervisor::reconcile::{Change, JobChange};
     let dir = ctx.state_dir();
     let path = std::path::absolute(ctx.config).unwrap_or_else(|_| ctx.config.to_path_buf());
-    let (generation, changes) = match ask(&dir, &Request::Plan { path: Some(path) }) {
-        Ok(Some(Response::Plan { generation, changes })) => (generation, changes),
+    let (generation, changes, jobs) = match ask(&dir, &Request::Plan { path: Some(path) }) {
+        Ok(Some(Response::Plan { generation, changes, jobs })) => (generation, changes, jobs),
         Ok(Some(other)) => return unexpected(&other),
         Ok(None) => return no_supervisor(&dir),
         Err(code) => return code,
     };
+    let nothing = changes.is_empty() && jobs.is_empty();
     if json {
-        println!("{}", serde_json::to_string_pretty(&changes).expect("plan serializes"));
-    } else if changes.is_empty() {
+        // One array: workers' changes, then jobs' (told apart by `action`).
+        let all: Vec<serde_json::Value> = changes
+            .iter()
+            .map(serde_json::to_value)
+            .chain(jobs.iter().map(serde_json::to_value))
+            .collect::<Result<_, _>>()
+            .expect("plan serializes");
+        println!("{}", serde_json::to_string_pretty(&all).expect("plan serializes"));
+    } else if nothing {
         println!("no changes: the running generation {generation} matches the file");
     } else {
         println!("changes against the running generation {generation}:");
@@ -407,6 +415,21 @@ pub fn plan(ctx: &Ctx, json: bool) -> u8 {
             };
             println!("{line}");
         }
+        for j in &jobs {
+            let line = match j {
+                JobChange::AddJob { job, trigger } => format!("+ add      job {job} ({trigger})"),
+                JobChange::RemoveJob { job } => {
+                    format!("- remove   job {job} (no more ticks; active runs finish)")
+                }
+                JobChange::ChangeJob { job, fields } => {
+                    format!(
+                        "~ change   job {job} (changed: {}; from its next tick or run)",
+                        fields.join(", ")
+                    )
+                }
+            };
+            println!("{line}");
+        }
     }
-    if changes.is_empty() { exit::OK } else { exit::FAILED }
+    if nothing { exit::OK } else { exit::FAILED }
 }

@@ -19,7 +19,7 @@ use super::policy::{AfterExit, Counters, after_exit};
 use super::protocol::{
     InstanceStatus, ReloadStatus, Request, Response, StatusReport, SupervisorStatus, WorkerStatus,
 };
-use super::reconcile::{Change, plan};
+use super::reconcile::{Change, plan, plan_jobs};
 use super::run_ledger::RunLedger;
 use super::watch::WatchSettings;
 use super::worktree;
@@ -814,6 +814,7 @@ impl Supervisor {
             Ok(loaded) => Response::Plan {
                 generation: self.generation,
                 changes: plan(&loaded.config.workers, &self.actual()),
+                jobs: plan_jobs(&loaded.config.jobs, &self.config.jobs),
             },
             Err(diags) => Response::Error {
                 message: diags.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n"),

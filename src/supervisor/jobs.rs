@@ -1073,12 +1073,7 @@ impl Supervisor {
                 JobStatus {
                     name: name.clone(),
                     kind: if j.spec.flow { Kind::Flow } else { Kind::Job },
-                    trigger: match &j.spec.trigger {
-                        Trigger::Schedule { cron, timezone: None } => format!("schedule {cron}"),
-                        Trigger::Schedule { cron, timezone: Some(tz) } => format!("schedule {cron} ({tz})"),
-                        Trigger::Every(d) => format!("every {d}"),
-                        Trigger::Manual => "manual".into(),
-                    },
+                    trigger: super::reconcile::trigger_text(&j.spec.trigger),
                     next_tick: j.next.map(|t| rfc3339(t + jitter_of(name, j.spec.jitter.0))),
                     active: self.running_of(name),
                     queued: j.queue.len(),

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::jobs::JobStatus;
-use super::reconcile::Change;
+use super::reconcile::{Change, JobChange};
 use crate::ledger::Run;
 
 use crate::os::reaper::Exit;
@@ -80,6 +80,9 @@ pub enum Response {
     Plan {
         generation: u64,
         changes: Vec<Change>,
+        /// Jobs added, removed or changed.
+        #[serde(default)]
+        jobs: Vec<JobChange>,
     },
     /// The id of a run that was started or queued.
     Run {

@@ -1265,3 +1265,53 @@ fn the_ledger_survives_sigkill_at_random_moments_of_a_busy_schedule() {
         .collect();
     assert!(left.is_empty(), "processes outlived recovery: {left:?}");
 }
+
+// ------------------------------------------------------------ plan
+
+#[test]
+fn plan_shows_jobs_added_removed_and_changed_with_their_fields() {
+    let sb = Sandbox::new();
+    let head = format!("{SUPERVISOR}\n[jobs.keep]\ncommand = [\"true\"]\n");
+    sb.write(
+        "daemon.toml",
+        format!(
+            "{head}[jobs.tick]\nevery = \"10m\"\ncommand = [\"true\"]\n\
+             [jobs.cron]\nschedule = \"0 * * * *\"\ncommand = [\"true\"]\n[jobs.old]\ncommand = [\"true\"]\n"
+        ),
+    );
+    let _sup = Supervisor::start(&sb);
+    let same = sb.cli(&["plan"]);
+    assert_eq!(same.code, Some(0), "{}{}", same.stdout, same.stderr);
+    assert!(same.stdout.contains("no changes"), "{}", same.stdout);
+
+    sb.write(
+        "daemon.toml",
+        format!(
+            "{head}[jobs.tick]\nevery = \"20m\"\ncommand = [\"true\"]\n\
+             [jobs.cron]\nschedule = \"5 * * * *\"\ncommand = [\"true\"]\n\
+             [jobs.nightly]\nschedule = \"0 3 * * *\"\ncommand = [\"true\"]\n"
+        ),
+    );
+    let plan = sb.cli(&["plan"]);
+    assert_eq!(plan.code, Some(1), "jobs changed: {}{}", plan.stdout, plan.stderr);
+    for want in [
+        "~ change   job cron (changed: schedule;",
+        "+ add      job nightly (schedule 0 3 * * *)",
+        "~ change   job tick (changed: every;",
+        "- remove   job old",
+    ] {
+        assert!(plan.stdout.contains(want), "no {want:?} in:\n{}", plan.stdout);
+    }
+    assert!(!plan.stdout.contains("keep"), "{}", plan.stdout);
+
+    let out = sb.cli(&["plan", "--json"]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    let v: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout));
+    let want = serde_json::json!([
+        {"action": "change_job", "job": "cron", "fields": ["schedule"]},
+        {"action": "add_job", "job": "nightly", "trigger": "schedule 0 3 * * *"},
+        {"action": "change_job", "job": "tick", "fields": ["every"]},
+        {"action": "remove_job", "job": "old"},
+    ]);
+    assert_eq!(v, want);
+}
