@@ -683,14 +683,28 @@ impl Ledger {
         rows.collect()
     }
 
-    /// Active (queued, running, waiting) runs, oldest first.
+    /// Active (queued, running, waiting) runs, oldest first; flows with
+    /// their steps (status names the step a flow is at).
     pub fn active(&self) -> Result<Vec<Run>> {
         let sql = format!(
             "SELECT {RUN_COLUMNS} FROM runs WHERE state IN ('queued', 'running', 'waiting') ORDER BY id"
         );
         let mut stmt = self.conn.prepare_cached(&sql)?;
-        let rows = stmt.query_map([], row_to_run)?;
-        rows.collect()
+        let mut runs: Vec<Run> = stmt.query_map([], row_to_run)?.collect::<Result<_>>()?;
+        for r in runs.iter_mut().filter(|r| r.kind == Kind::Flow) {
+            r.steps = self.steps_of(r.id)?;
+        }
+        Ok(runs)
+    }
+
+    /// What to do about a run waiting for approval, or None.
+    pub fn approval_hint(run: &Run) -> Option<String> {
+        if run.state != RunState::Waiting {
+            return None;
+        }
+        let step =
+            run.step.and_then(|i| run.steps.get(i as usize)).map(|s| format!(" before step {}", s.name));
+        Some(format!("waiting for approval{}: drover runs resume {}", step.unwrap_or_default(), run.id))
     }
 
     /// Deletes the terminal runs of `job` beyond the newest `retain` (never

@@ -217,8 +217,9 @@ pub fn render_status(r: &StatusReport, state_dir: &Path) -> String {
     }
     let active: Vec<&crate::ledger::Run> = r.runs.iter().chain(&r.sessions).collect();
     if !active.is_empty() {
-        let mut rows =
-            vec![["RUN", "JOB/SESSION", "STATE", "STEP", "PID", "STARTED"].map(String::from).to_vec()];
+        let mut rows = vec![
+            ["RUN", "JOB/SESSION", "STATE", "STEP", "PID", "STARTED", "NOTE"].map(String::from).to_vec(),
+        ];
         for run in active {
             rows.push(vec![
                 run.id.to_string(),
@@ -229,6 +230,7 @@ pub fn render_status(r: &StatusReport, state_dir: &Path) -> String {
                 }),
                 run.pid.map_or("-".into(), |p| p.to_string()),
                 run.started_at.clone().unwrap_or_else(|| "-".into()),
+                crate::ledger::Ledger::approval_hint(run).unwrap_or_default(),
             ]);
         }
         out.push('\n');

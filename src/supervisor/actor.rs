@@ -872,7 +872,7 @@ impl Supervisor {
                 Ok(id) => Response::Run { id },
                 Err(message) => Response::Error { message },
             },
-            Request::Bg { name, command, dir } => match self.start_session(name, command, dir) {
+            Request::Bg { name, command, dir, env } => match self.start_session(name, command, dir, env) {
                 Ok(id) => Response::Run { id },
                 Err(message) => Response::Error { message },
             },

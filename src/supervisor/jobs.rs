@@ -56,6 +56,9 @@ pub struct RunProc {
     pub sink: Arc<Sink>,
     pub dir: PathBuf,
     pub env: Vec<(String, String)>,
+    /// Start from an empty environment, not drover's: `env` is all of it
+    /// (a session started with its caller's environment).
+    pub clear_env: bool,
     pub stop_signal: Signal,
     pub stop_grace: Duration,
     pub timeout: Option<Duration>,
@@ -465,8 +468,6 @@ impl Supervisor {
             .and_then(|j| self.jobs.get(j))
             .map(|j| secret_values(&j.spec.env, &j.spec.secret_env))
             .unwrap_or_default();
-        let sink = Arc::new(Sink::new(format!("{label}#{}", run.id), file, self.echo.clone(), secrets));
-
         let (steps, dir, env, stop_signal, stop_grace, timeout) =
             match run.job.as_deref().and_then(|j| self.jobs.get(j)) {
                 Some(job) => {
@@ -489,7 +490,19 @@ impl Supervisor {
                     None,
                 ),
             };
-        let dir = self.session_dirs.remove(&run.id).unwrap_or(dir);
+        let step_names = steps.iter().map(|s| s.name.clone()).collect();
+        let sink = Arc::new(
+            Sink::new(format!("{label}#{}", run.id), file, self.echo.clone(), secrets)
+                .with_labels(step_names),
+        );
+        let (dir, env, clear_env) = match self.session_dirs.remove(&run.id) {
+            Some(SessionStart { dir, env: caller }) => {
+                let clear = caller.is_some();
+                (dir, self.session_env(caller), clear)
+            }
+            None if run.kind == Kind::Session => (dir, self.session_env(None), false),
+            None => (dir, env, false),
+        };
         let rp = RunProc {
             id: run.id,
             job: run.job.clone(),
@@ -504,6 +517,7 @@ impl Supervisor {
             sink,
             dir,
             env,
+            clear_env,
             stop_signal,
             stop_grace,
             timeout,
@@ -541,6 +555,9 @@ impl Supervisor {
         rp.pending_end = None;
         rp.open_streams = 0;
         let mut cmd = std::process::Command::new(&step.command[0]);
+        if rp.clear_env {
+            cmd.env_clear();
+        }
         cmd.args(&step.command[1..])
             .current_dir(&rp.dir)
             .envs(rp.env.iter().cloned())
@@ -558,6 +575,7 @@ impl Supervisor {
         // until the child has exec'd, and runs come by the hundred.
         let (reaper, tx, inc, step_index) = (self.reaper.clone(), self.tx.clone(), rp.inc, rp.step);
         let program = step.command[0].clone();
+        let dir = rp.dir.clone();
         let flow = rp.kind == Kind::Flow;
         self.spawns_in_flight += 1;
         if flow {
@@ -577,7 +595,18 @@ impl Supervisor {
                     stdout: child.stdout.take().map(std::os::fd::OwnedFd::from),
                     stderr: child.stderr.take().map(std::os::fd::OwnedFd::from),
                 })
-                .map_err(|e| format!("cannot start {program:?}: {e}"));
+                .map_err(|e| {
+                    // The OS says only "not found": tell the directory
+                    // from the program (this runs off the event loop).
+                    if !dir.is_dir() {
+                        format!(
+                            "cannot start {program:?}: its directory {} does not exist or is not a directory",
+                            dir.display()
+                        )
+                    } else {
+                        format!("cannot start {program:?} in {}: {e}", dir.display())
+                    }
+                });
             let _ = tx.send(Event::RunSpawned { run: id, inc, step: step_index, result });
         });
     }
@@ -917,6 +946,7 @@ impl Supervisor {
         name: Option<String>,
         command: Vec<String>,
         dir: PathBuf,
+        env: Option<Vec<(String, String)>>,
     ) -> Result<i64, String> {
         if self.shutting_down {
             return Err("the supervisor is stopping".into());
@@ -957,9 +987,18 @@ impl Supervisor {
             LedgerError::Failed(e) => format!("cannot record the session: {e}"),
             e => e.to_string(),
         })?;
-        self.session_dirs.insert(id, dir);
+        self.session_dirs.insert(id, SessionStart { dir, env });
         self.start_run(id);
         Ok(id)
+    }
+
+    /// A session's environment: `defaults.env`, with the caller's
+    /// environment over it (what a shell user expects of `bg`).
+    fn session_env(&self, caller: Option<Vec<(String, String)>>) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> =
+            self.config.defaults.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        env.extend(caller.into_iter().flatten());
+        env
     }
 
     /// The id of the live session named `name`, if one is (a session that
@@ -1090,8 +1129,14 @@ impl Supervisor {
     }
 }
 
-/// Session directories handed from a `bg` request to the run's start.
-pub type SessionDirs = HashMap<i64, PathBuf>;
+/// What a `bg` request hands to its session's start.
+pub struct SessionStart {
+    pub dir: PathBuf,
+    /// The caller's environment (None: an older client sent none).
+    pub env: Option<Vec<(String, String)>>,
+}
+
+pub type SessionDirs = HashMap<i64, SessionStart>;
 
 #[cfg(test)]
 mod tests {

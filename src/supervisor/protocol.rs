@@ -53,6 +53,10 @@ pub enum Request {
         name: Option<String>,
         command: Vec<String>,
         dir: PathBuf,
+        /// The caller's environment, which the session gets (over
+        /// `defaults.env`); absent from older clients.
+        #[serde(default)]
+        env: Option<Vec<(String, String)>>,
     },
     /// Stop a session, by id or name.
     Kill {

@@ -1315,3 +1315,87 @@ fn plan_shows_jobs_added_removed_and_changed_with_their_fields() {
     ]);
     assert_eq!(v, want);
 }
+
+// ------------------------------------------------------------ operator's view
+
+#[test]
+fn a_waiting_flow_says_how_to_approve_it_and_names_its_step() {
+    let sb = Sandbox::new();
+    sb.write(
+        "daemon.toml",
+        format!(
+            "{SUPERVISOR}\n{}",
+            flow_toml("release", &[("build", sh("true"), false), ("publish", sh("true"), true)])
+        ),
+    );
+    let _sup = Supervisor::start(&sb);
+    let id = trigger(&sb, "release");
+    wait_state(&sb, id, "waiting");
+    let hint = format!("drover runs resume {id}");
+    let status = sb.cli(&["status"]);
+    let row = status
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&format!("{id} ")))
+        .unwrap_or_else(|| panic!("no row for run {id}:\n{}", status.stdout));
+    assert!(row.contains("publish") && row.contains(&hint), "{row}");
+    for args in [vec!["runs"], vec!["runs", "show", &id.to_string()]] {
+        let out = sb.cli(&args);
+        assert!(out.stdout.contains(&hint), "drover {args:?}:\n{}", out.stdout);
+    }
+    let shown = sb.cli(&["runs", "show", &id.to_string()]);
+    assert!(shown.stdout.contains("waiting for approval before step publish"), "{}", shown.stdout);
+}
+
+#[test]
+fn a_cancelled_flow_shows_its_unstarted_steps_cancelled_and_its_log_names_steps() {
+    let sb = Sandbox::new();
+    sb.write(
+        "daemon.toml",
+        format!(
+            "{SUPERVISOR}\n{}",
+            flow_toml(
+                "deploy",
+                &[
+                    ("build", sh("echo built"), false),
+                    ("test", sh(&format!("echo testing >> trail; {}", until_exists("never"))), false),
+                    ("ship", sh("echo shipped"), false),
+                ]
+            )
+        ),
+    );
+    let _sup = Supervisor::start(&sb);
+    let id = trigger(&sb, "deploy");
+    sb.wait_lines("trail", 1, SECS_10);
+    let out = sb.cli(&["runs", "cancel", &id.to_string()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let r = wait_run(&sb, id, "the flow to end", is_terminal);
+    let states: Vec<&str> =
+        r["steps"].as_array().unwrap().iter().map(|s| s["state"].as_str().unwrap_or_default()).collect();
+    assert_eq!(states, ["succeeded", "cancelled", "cancelled"], "{r:#}");
+
+    let logs = sb.cli(&["logs", &id.to_string()]);
+    assert_eq!(logs.code, Some(0), "{}", logs.stderr);
+    let built =
+        logs.stdout.lines().find(|l| l.ends_with("built")).unwrap_or_else(|| panic!("{}", logs.stdout));
+    assert!(built.contains(" build out "), "the line names its step: {built}");
+}
+
+#[test]
+fn trigger_of_a_worker_or_an_unknown_name_lists_the_jobs() {
+    let sb = Sandbox::new();
+    sb.write(
+        "daemon.toml",
+        format!(
+            "{SUPERVISOR}\n[workers.api]\ncommand = [\"sleep\", \"30\"]\n\
+             [jobs.backup]\ncommand = [\"true\"]\n[jobs.report]\ncommand = [\"true\"]\n"
+        ),
+    );
+    let _sup = Supervisor::start(&sb);
+    let out = sb.cli(&["trigger", "api"]);
+    assert_eq!(out.code, Some(1), "{}", out.stdout);
+    assert!(out.stderr.contains("api is a worker, not a job; jobs: backup, report"), "{}", out.stderr);
+    let out = sb.cli(&["trigger", "nosuch"]);
+    assert_eq!(out.code, Some(1), "{}", out.stdout);
+    assert!(out.stderr.contains("no job named \"nosuch\"; jobs: backup, report"), "{}", out.stderr);
+}
