@@ -635,6 +635,7 @@ impl Supervisor {
         for (n, i) in done {
             self.settle(&n, i);
         }
+        self.recheck_run_groups();
     }
 
     fn timer(&self, name: &str, index: u32, epoch: u64, kind: TimerKind, after: Duration) {

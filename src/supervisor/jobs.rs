@@ -74,6 +74,9 @@ pub struct RunProc {
     /// The current step's spawn is in flight: a stop waits for it to land,
     /// then signals it like any other process.
     pub spawning: bool,
+    /// The step's process ended but its group, SIGKILLed, still had
+    /// processes: the step ends once the group is empty.
+    pub group_left: Option<i32>,
 }
 
 /// Numbers the starts of runs, for [`RunProc::inc`].
@@ -526,6 +529,7 @@ impl Supervisor {
             pending_end: None,
             approved,
             spawning: false,
+            group_left: None,
         };
         let inc = rp.inc;
         self.runs.insert(run.id, rp);
@@ -684,19 +688,44 @@ impl Supervisor {
         let Some(rp) = self.runs.get_mut(&id) else { return };
         rp.pid = None;
         // A step is done when its main process is; what it left behind in
-        // its group goes with it.
+        // its group goes with it, and the step ends (its slot frees) only
+        // once the group is empty.
         if let Some(pgid) = rp.pgid.take()
             && proc::group_alive(pgid)
         {
             let _ = proc::signal_group(pgid, NixSignal::SIGKILL);
+            rp.group_left = Some(pgid);
         }
-        if rp.open_streams == 0 {
-            self.step_ended(id, Some(exit), None);
-        } else {
-            rp.pending_end = Some((Some(exit), None));
+        rp.pending_end = Some((Some(exit), None));
+        if !self.try_end_step(id)
+            && let Some(rp) = self.runs.get_mut(&id)
+        {
             rp.epoch += 1;
             let (inc, epoch) = (rp.inc, rp.epoch);
             self.run_timer(id, inc, epoch, RunTimer::Drain, DRAIN);
+        }
+    }
+
+    /// Ends the current step if its process has ended, its output is all
+    /// written and its group is empty; returns whether it is over.
+    fn try_end_step(&mut self, id: i64) -> bool {
+        let Some(rp) = self.runs.get_mut(&id) else { return true };
+        if rp.open_streams > 0 || rp.group_left.is_some_and(proc::group_alive) {
+            return false;
+        }
+        rp.group_left = None;
+        if let Some((exit, error)) = rp.pending_end.take() {
+            self.step_ended(id, exit, error);
+        }
+        true
+    }
+
+    /// A stray process was reaped: steps waiting for their group to empty
+    /// may be over.
+    pub(super) fn recheck_run_groups(&mut self) {
+        let waiting: Vec<i64> = self.runs.values().filter(|r| r.group_left.is_some()).map(|r| r.id).collect();
+        for id in waiting {
+            self.try_end_step(id);
         }
     }
 
@@ -706,10 +735,8 @@ impl Supervisor {
             return;
         }
         rp.open_streams = rp.open_streams.saturating_sub(1);
-        if rp.open_streams == 0
-            && let Some((exit, error)) = rp.pending_end.take()
-        {
-            self.step_ended(id, exit, error);
+        if rp.open_streams == 0 {
+            self.try_end_step(id);
         }
     }
 
@@ -804,9 +831,10 @@ impl Supervisor {
             return;
         }
         rp.stopping = Some((state, why.clone()));
-        if rp.spawning {
-            // Its process is about to exist: it gets the stop signal and
-            // grace when the spawn lands, and keeps its slot until then.
+        if rp.spawning || rp.pending_end.is_some() {
+            // Its process is about to exist (it gets the stop signal and
+            // grace when the spawn lands), or has ended and the step is
+            // finishing: it keeps its slot until then.
             return;
         }
         if rp.pgid.is_some() {
@@ -838,7 +866,11 @@ impl Supervisor {
                 if rp.epoch == epoch
                     && let Some((exit, error)) = rp.pending_end.take()
                 {
-                    tracing::warn!(run = id, "output still open after the step ended; ending the run anyway");
+                    tracing::warn!(
+                        run = id,
+                        "output still open or group not empty after the step ended; ending the run anyway"
+                    );
+                    rp.group_left = None;
                     self.step_ended(id, exit, error);
                 }
             }
