@@ -213,6 +213,12 @@ pub struct OpenNotes {
     pub was_empty: bool,
 }
 
+/// What a look at an existing ledger file found wrong.
+enum Inspected {
+    Damaged(String),
+    Unreadable(String),
+}
+
 /// Why the supervisor has no ledger.
 #[derive(Debug)]
 pub enum OpenError {
@@ -276,37 +282,50 @@ impl Ledger {
                 return Err(OpenError::Newer { path: path.to_path_buf(), found: version });
             }
             Ok(_) => {}
-            Err(why) => {
+            Err(Inspected::Unreadable(e)) => {
+                return Err(other(format!("cannot read {}: {e}", path.display())));
+            }
+            Err(Inspected::Damaged(why)) => {
                 let moved = Self::move_aside(path).map_err(|e| {
                     other(format!("{} is damaged ({why}) and cannot be moved aside: {e}", path.display()))
                 })?;
                 notes.moved_aside = Some((moved, why));
             }
         }
-        let ledger = Self::open_with(path, SUPERVISOR_BUSY_TIMEOUT).map_err(|e| match e {
+        // At start-up nothing is supervised yet: a lock held a moment by
+        // another process is waited for; afterwards the wait is short.
+        let ledger = Self::open_with(path, std::time::Duration::from_secs(2)).map_err(|e| match e {
             rusqlite::Error::InvalidParameterName(m) => OpenError::Other(m),
             e => other(format!("cannot open {}: {e}", path.display())),
         })?;
+        ledger.conn.busy_timeout(SUPERVISOR_BUSY_TIMEOUT).map_err(other)?;
         Ok((ledger, notes))
     }
 
     /// The schema version of an existing file (0 for none or a new one),
-    /// or why it is damaged. Reads only.
-    fn inspect(path: &Path) -> std::result::Result<i64, String> {
+    /// or why it is damaged or cannot be read. Reads only.
+    fn inspect(path: &Path) -> std::result::Result<i64, Inspected> {
         if !std::fs::metadata(path).is_ok_and(|m| m.len() > 0) {
             return Ok(0);
         }
+        // Only what SQLite calls damage moves a file aside; a file that
+        // cannot be read (permissions, a lock) is left where it is.
+        let classify = |e: rusqlite::Error| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) => {
+                Inspected::Damaged(e.to_string())
+            }
+            _ => Inspected::Unreadable(e.to_string()),
+        };
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NOFOLLOW;
-        let conn = Connection::open_with_flags(path, flags).map_err(|e| e.to_string())?;
-        let _ = conn.busy_timeout(std::time::Duration::from_secs(1));
-        let version = Self::version_of(&conn).map_err(|e| e.to_string())?;
+        let conn = Connection::open_with_flags(path, flags).map_err(classify)?;
+        let _ = conn.busy_timeout(std::time::Duration::from_secs(2));
+        let version = Self::version_of(&conn).map_err(classify)?;
         if version > SCHEMA_VERSION {
             return Ok(version);
         }
-        let check: String =
-            conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0)).map_err(|e| e.to_string())?;
+        let check: String = conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0)).map_err(classify)?;
         if check != "ok" {
-            return Err(format!("integrity check: {check}"));
+            return Err(Inspected::Damaged(format!("integrity check: {check}")));
         }
         Ok(version)
     }

@@ -79,6 +79,25 @@ pub struct RunProc {
     pub group_left: Option<i32>,
 }
 
+/// Why a tick, trigger or resume started no run.
+#[derive(Debug)]
+pub(super) enum Refused {
+    /// At capacity, by `on_overlap`.
+    Skip(String),
+    /// The ledger could not record it (locked, or unavailable).
+    Ledger(LedgerError),
+    Other(String),
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Skip(m) | Refused::Other(m) => f.write_str(m),
+            Refused::Ledger(e) => e.fmt(f),
+        }
+    }
+}
+
 /// Numbers the starts of runs, for [`RunProc::inc`].
 static NEXT_INC: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -273,8 +292,13 @@ impl Supervisor {
         }
         let tick = job.next.unwrap_or_else(SystemTime::now);
         let trigger = job.spec.trigger.clone();
-        if let Err(msg) = self.admit(name, Source::Schedule, None, 0) {
-            if self.ledger.is_busy() {
+        let admitted = if self.ledger.is_busy() {
+            Err(Refused::Ledger(LedgerError::Busy("waiting writes".into())))
+        } else {
+            self.admit(name, Source::Schedule, None, 0)
+        };
+        if let Err(msg) = admitted {
+            if matches!(msg, Refused::Ledger(LedgerError::Busy(_))) {
                 // The tick is not lost: it fires again once the ledger
                 // can record its run (the schedule does not move on).
                 tracing::info!(job = name, reason = %msg, "tick delayed");
@@ -311,8 +335,8 @@ impl Supervisor {
         source: Source,
         parent: Option<i64>,
         first_step: u32,
-    ) -> Result<i64, String> {
-        let Some(job) = self.jobs.get(name) else { return Err(self.no_such_job(name)) };
+    ) -> Result<i64, Refused> {
+        let Some(job) = self.jobs.get(name) else { return Err(Refused::Other(self.no_such_job(name))) };
         let spec = job.spec.clone();
         let active = self.running_of(name);
         let decision = admission::admit(
@@ -325,7 +349,7 @@ impl Supervisor {
         );
         if let Admission::Skip(why) = decision {
             self.ledger_write(Write::CountSkip { job: name.into() });
-            return Err(why);
+            return Err(Refused::Skip(why));
         }
         let id = self.create_run(name, &spec, source, parent, first_step)?;
         let Some(job) = self.jobs.get_mut(name) else { return Ok(id) };
@@ -368,7 +392,7 @@ impl Supervisor {
         source: Source,
         parent: Option<i64>,
         first_step: u32,
-    ) -> Result<i64, String> {
+    ) -> Result<i64, Refused> {
         let step_names: Vec<String> =
             if spec.flow { spec.steps.iter().map(|s| s.name.clone()).collect() } else { Vec::new() };
         let new = NewRun {
@@ -384,8 +408,8 @@ impl Supervisor {
         let r = self.ledger.now(|l| l.create(&new));
         self.arm_ledger_retry();
         r.map_err(|e| match e {
-            LedgerError::Failed(e) => format!("cannot record the run: {e}"),
-            e => e.to_string(),
+            LedgerError::Failed(e) => Refused::Other(format!("cannot record the run: {e}")),
+            e => Refused::Ledger(e),
         })
     }
 
@@ -558,6 +582,7 @@ impl Supervisor {
         }
         rp.pending_end = None;
         rp.open_streams = 0;
+        rp.group_left = None;
         let mut cmd = std::process::Command::new(&step.command[0]);
         if rp.clear_env {
             cmd.env_clear();
@@ -912,7 +937,7 @@ impl Supervisor {
         {
             return Err(e.to_string());
         }
-        self.admit(job, Source::Trigger, None, 0)
+        self.admit(job, Source::Trigger, None, 0).map_err(|e| e.to_string())
     }
 
     /// Cancels a queued, waiting or running run, flow or session.
@@ -966,7 +991,7 @@ impl Supervisor {
             }
             RunState::Failed | RunState::Cancelled => {
                 let from = resume_point(&run);
-                self.admit(&job, Source::Resume, Some(id), from)
+                self.admit(&job, Source::Resume, Some(id), from).map_err(|e| e.to_string())
             }
             s => Err(format!("run {id} is {}; only waiting, failed or cancelled flows resume", s.as_str())),
         }
