@@ -396,6 +396,11 @@ impl Ledger {
         Ok(ledger)
     }
 
+    /// How long SQLite waits for another connection's lock.
+    pub fn set_busy_timeout(&self, d: std::time::Duration) -> Result<()> {
+        self.conn.busy_timeout(d)
+    }
+
     /// Opens the ledger read-only, for commands that only look.
     pub fn open_read_only(path: &Path) -> Result<Self> {
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;

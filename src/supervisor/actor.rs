@@ -985,6 +985,7 @@ impl Supervisor {
 
     fn finish_shutdown(&mut self) {
         self.kill_escapees(None);
+        self.ledger.flush_before_exit();
         for w in self.workers.values() {
             for inst in w.instances.values() {
                 if let Some(wt) = &inst.worktree {

@@ -252,6 +252,26 @@ impl RunLedger {
         true
     }
 
+    /// drover is exiting: the writes still waiting for the lock get one
+    /// longer wait (nothing is supervised any more), then are given up,
+    /// logged; the next start finalizes what they would have.
+    pub fn flush_before_exit(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        if let Some(l) = &self.ledger {
+            let _ = l.set_busy_timeout(std::time::Duration::from_secs(2));
+        }
+        if !self.retry() {
+            tracing::error!(
+                waiting = self.pending.len(),
+                reason = ?self.busy,
+                "the run ledger is still locked by another process; the runs' last changes are not recorded \
+                 (the next start finalizes runs left active)"
+            );
+        }
+    }
+
     /// After a batch of events: if something was written, checks that the
     /// WAL file is still the one SQLite writes (someone may have deleted
     /// it) and recovers what can be recovered. Costs one stat, and only
