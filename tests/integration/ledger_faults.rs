@@ -191,7 +191,7 @@ fn a_ledger_from_a_newer_drover_is_refused_untouched_and_jobs_say_why() {
 fn a_deleted_wal_is_noticed_and_the_runs_written_since_are_kept() {
     let sb = Sandbox::new();
     config(&sb, "");
-    let sup = Supervisor::start(&sb);
+    let mut sup = Supervisor::start(&sb);
     let first = trigger(&sb, "t");
     wait_run(&sb, first, "the first run", is_terminal);
     let wal = sb.state_dir().join("ledger.sqlite-wal");
@@ -210,6 +210,9 @@ fn a_deleted_wal_is_noticed_and_the_runs_written_since_are_kept() {
     // Recovered: the ledger reads again.
     let last = *ids.last().unwrap();
     wait_run(&sb, last, "the last run to end", is_terminal);
+    // Killed, drover closes nothing: what it wrote must be on disk already
+    // (before the fix, the unlinked WAL held all of it, even the schema).
+    sup.sigkill();
     drop(sup);
 
     let runs = runs_of(&sb, "t");
