@@ -397,6 +397,40 @@ fn a_replace_storm_never_runs_two_steps_at_once_and_every_replaced_step_gets_ter
     }
 }
 
+/// A replaced step leaves a process in its group that ignores SIGTERM
+/// (SIGKILLed when the step's main process ends): the replacement starts
+/// only once that group is empty. Each step looks for the previous step's
+/// group before recording its own.
+#[test]
+fn a_replacement_starts_only_once_the_replaced_steps_group_is_empty() {
+    let sb = Sandbox::new();
+    sb.write(
+        "daemon.toml",
+        format!(
+            "{SUPERVISOR}\n[jobs.r]\ncapacity = 1\non_overlap = \"replace\"\nstop_grace = \"10s\"\n\
+             retain = 1000\ncommand = {}\n",
+            sh("prev=$(cat last 2>/dev/null); \
+                if [ -n \"$prev\" ] && kill -0 -\"$prev\" 2>/dev/null; then echo overlap $prev >> marks; fi; \
+                echo $$ > last; echo start $$ >> marks; \
+                (trap '' TERM; sleep 30) & trap 'exit 0' TERM; sleep 30 & wait")
+        ),
+    );
+    let _sup = Supervisor::start(&sb);
+    let mut ids = Vec::new();
+    for i in 1..=15 {
+        ids.push(trigger(&sb, "r"));
+        sb.wait_lines("marks", i, SECS_10);
+    }
+    let out = sb.cli(&["runs", "cancel", &ids.last().unwrap().to_string()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    wait_until("every run to end", SECS_10, || runs_of(&sb, "r").iter().all(is_terminal).then_some(()));
+    let marks = sb.lines("marks");
+    assert!(
+        marks.iter().all(|l| l.starts_with("start ")),
+        "a step started beside the last one's group: {marks:#?}"
+    );
+}
+
 // ------------------------------------------------------------ 3. schedules
 
 #[test]
