@@ -328,6 +328,18 @@ fn overlap_replace_while_a_replacement_is_pending_keeps_only_the_newest() {
     assert_eq!(markers(&sb, "marks"), [first, third]);
 }
 
+/// A job `r` of capacity 1 that replaces, with a long grace, running `script`.
+fn replace_job(sb: &Sandbox, script: &str) {
+    sb.write(
+        "daemon.toml",
+        format!(
+            "{SUPERVISOR}\n[jobs.r]\ncapacity = 1\non_overlap = \"replace\"\nstop_grace = \"10s\"\n\
+             retain = 1000\ncommand = {}\n",
+            sh(script)
+        ),
+    );
+}
+
 /// 200 triggers of a `replace` job with capacity 1, from four threads at
 /// once (so many land while the previous run's spawn is in flight). Each
 /// step logs "start PID" and, from its TERM trap or at its natural end,
@@ -337,14 +349,10 @@ fn overlap_replace_while_a_replacement_is_pending_keeps_only_the_newest() {
 #[test]
 fn a_replace_storm_never_runs_two_steps_at_once_and_every_replaced_step_gets_term() {
     let sb = Sandbox::new();
-    sb.write(
-        "daemon.toml",
-        format!(
-            "{SUPERVISOR}\n[jobs.r]\ncapacity = 1\non_overlap = \"replace\"\nstop_grace = \"10s\"\n\
-             retain = 1000\ncommand = {}\n",
-            sh("trap 'echo end $$ >> marks; exit 0' TERM; echo start $$ >> marks; sleep 0.05 & wait; \
-                echo end $$ >> marks")
-        ),
+    replace_job(
+        &sb,
+        "trap 'echo end $$ >> marks; exit 0' TERM; echo start $$ >> marks; sleep 0.05 & wait; \
+            echo end $$ >> marks",
     );
     let _sup = Supervisor::start(&sb);
     let ids: Vec<i64> = std::thread::scope(|s| {
@@ -404,16 +412,12 @@ fn a_replace_storm_never_runs_two_steps_at_once_and_every_replaced_step_gets_ter
 #[test]
 fn a_replacement_starts_only_once_the_replaced_steps_group_is_empty() {
     let sb = Sandbox::new();
-    sb.write(
-        "daemon.toml",
-        format!(
-            "{SUPERVISOR}\n[jobs.r]\ncapacity = 1\non_overlap = \"replace\"\nstop_grace = \"10s\"\n\
-             retain = 1000\ncommand = {}\n",
-            sh("prev=$(cat last 2>/dev/null); \
+    replace_job(
+        &sb,
+        "prev=$(cat last 2>/dev/null); \
                 if [ -n \"$prev\" ] && kill -0 -\"$prev\" 2>/dev/null; then echo overlap $prev >> marks; fi; \
                 echo $$ > last; echo start $$ >> marks; \
-                (trap '' TERM; sleep 30) & trap 'exit 0' TERM; sleep 30 & wait")
-        ),
+            (trap '' TERM; sleep 30) & trap 'exit 0' TERM; sleep 30 & wait",
     );
     let _sup = Supervisor::start(&sb);
     let mut ids = Vec::new();
