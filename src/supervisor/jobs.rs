@@ -369,7 +369,8 @@ impl Supervisor {
                     self.stop_run(oldest, RunState::Cancelled, format!("replaced by run {id}"));
                 }
             }
-            Admission::Skip(_) => unreachable!("returned above"),
+            // Counted and returned above.
+            Admission::Skip(_) => {}
         }
         Ok(id)
     }
@@ -835,16 +836,17 @@ impl Supervisor {
         self.ledger_write(Write::Prune { job: job.map(String::from), kind, retain });
     }
 
-    /// A slot of `job` freed: start its next queued run.
+    /// Slots of `job` are free: start its queued runs into them (more
+    /// than one when claims waited for a locked ledger).
     fn start_queued(&mut self, job: &str) {
-        if self.shutting_down {
-            return;
-        }
-        let Some(j) = self.jobs.get(job) else { return };
-        if self.running_of(job).len() as u32 >= j.spec.capacity {
-            return;
-        }
-        if let Some(id) = self.jobs.get_mut(job).and_then(|j| j.queue.pop_front()) {
+        // A locked ledger cannot take the claim: the run would only go
+        // back to the head of the queue.
+        while !self.shutting_down && !self.ledger.is_busy() {
+            let Some(j) = self.jobs.get(job) else { return };
+            if self.running_of(job).len() as u32 >= j.spec.capacity {
+                return;
+            }
+            let Some(id) = self.jobs.get_mut(job).and_then(|j| j.queue.pop_front()) else { return };
             self.start_run(id);
         }
     }
