@@ -277,6 +277,9 @@ impl Ledger {
             was_empty: std::fs::metadata(path).is_ok_and(|m| m.len() == 0),
             ..OpenNotes::default()
         };
+        // A planted symlink is refused (with that reason) before anything
+        // opens the file; a missing ledger is made 0600 from birth.
+        crate::os::fsutil::create_private(path).map_err(other)?;
         match Self::inspect(path) {
             Ok(version) if version > SCHEMA_VERSION => {
                 return Err(OpenError::Newer { path: path.to_path_buf(), found: version });
