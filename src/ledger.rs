@@ -184,14 +184,192 @@ pub fn path_in(state_dir: &Path) -> PathBuf {
 
 pub struct Ledger {
     conn: Connection,
+    path: PathBuf,
+    /// The WAL file's (device, inode) as this connection knows it: a
+    /// different one, or none, means someone deleted or replaced it.
+    wal_id: Option<(u64, u64)>,
+}
+
+/// How long the supervisor's connection waits for another process's
+/// write lock before giving up: short, because the actor waits with it;
+/// work that finds the ledger locked is retried later instead.
+pub const SUPERVISOR_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Whether an error means another connection holds the lock (a retry
+/// later will do), not that the ledger is broken.
+pub fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+/// What opening the ledger for the supervisor found, beyond a good file.
+#[derive(Debug, Default)]
+pub struct OpenNotes {
+    /// The damaged file that was moved aside (a new ledger was started).
+    pub moved_aside: Option<(PathBuf, String)>,
+    /// The file existed but was empty (0 bytes), and was started anew.
+    pub was_empty: bool,
+}
+
+/// What a look at an existing ledger file found wrong.
+enum Inspected {
+    Damaged(String),
+    Unreadable(String),
+}
+
+/// Why the supervisor has no ledger.
+#[derive(Debug)]
+pub enum OpenError {
+    /// The file is from a newer drover: left untouched, jobs disabled.
+    Newer {
+        path: PathBuf,
+        found: i64,
+    },
+    Other(String),
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Newer { path, found } => write!(
+                f,
+                "{} has schema version {found}, newer than this drover's {SCHEMA_VERSION}; \
+                 it was left untouched: run the newer drover, or move the file aside to start a new ledger",
+                path.display()
+            ),
+            OpenError::Other(e) => f.write_str(e),
+        }
+    }
 }
 
 const RUN_COLUMNS: &str = "id, job, kind, source, state, created_at, started_at, ended_at, exit_code, signal, \
      error, owner_pid, owner_start, parent, name, command, step, pid, pgid, pid_start, log";
 
+/// A path with `suffix` appended to its file name (`ledger.sqlite-wal`).
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+fn other(e: impl std::fmt::Display) -> OpenError {
+    OpenError::Other(e.to_string())
+}
+
 impl Ledger {
     /// Opens (creating and migrating) the ledger for the supervisor.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, std::time::Duration::from_secs(5))
+    }
+
+    /// Opens the supervisor's ledger: a file that is not a database or
+    /// fails its integrity check is moved aside and a new one started; a
+    /// file from a newer drover is refused and left as it is.
+    pub fn open_for_supervisor(path: &Path) -> std::result::Result<(Self, OpenNotes), OpenError> {
+        let mut notes = OpenNotes {
+            was_empty: std::fs::metadata(path).is_ok_and(|m| m.len() == 0),
+            ..OpenNotes::default()
+        };
+        // A planted symlink is refused (with that reason) before anything
+        // opens the file; a missing ledger is made 0600 from birth.
+        crate::os::fsutil::create_private(path).map_err(other)?;
+        match Self::inspect(path) {
+            Ok(version) if version > SCHEMA_VERSION => {
+                return Err(OpenError::Newer { path: path.to_path_buf(), found: version });
+            }
+            Ok(_) => {}
+            Err(Inspected::Unreadable(e)) => {
+                return Err(other(format!("cannot read {}: {e}", path.display())));
+            }
+            Err(Inspected::Damaged(why)) => {
+                let moved = Self::move_aside(path).map_err(|e| {
+                    other(format!("{} is damaged ({why}) and cannot be moved aside: {e}", path.display()))
+                })?;
+                notes.moved_aside = Some((moved, why));
+            }
+        }
+        // At start-up nothing is supervised yet: a lock held a moment by
+        // another process is waited for; afterwards the wait is short.
+        let ledger = Self::open_with(path, std::time::Duration::from_secs(2)).map_err(|e| match e {
+            rusqlite::Error::InvalidParameterName(m) => OpenError::Other(m),
+            e => other(format!("cannot open {}: {e}", path.display())),
+        })?;
+        ledger.conn.busy_timeout(SUPERVISOR_BUSY_TIMEOUT).map_err(other)?;
+        Ok((ledger, notes))
+    }
+
+    /// The schema version of an existing file (0 for none or a new one),
+    /// or why it is damaged or cannot be read. Reads only.
+    fn inspect(path: &Path) -> std::result::Result<i64, Inspected> {
+        if !std::fs::metadata(path).is_ok_and(|m| m.len() > 0) {
+            return Ok(0);
+        }
+        // Only what SQLite calls damage moves a file aside; a file that
+        // cannot be read (permissions, a lock) is left where it is.
+        let classify = |e: rusqlite::Error| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) => {
+                Inspected::Damaged(e.to_string())
+            }
+            _ => Inspected::Unreadable(e.to_string()),
+        };
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NOFOLLOW;
+        let conn = Connection::open_with_flags(path, flags).map_err(classify)?;
+        let _ = conn.busy_timeout(std::time::Duration::from_secs(2));
+        let version = Self::version_of(&conn).map_err(classify)?;
+        if version > SCHEMA_VERSION {
+            return Ok(version);
+        }
+        let check: String = conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0)).map_err(classify)?;
+        if check != "ok" {
+            return Err(Inspected::Damaged(format!("integrity check: {check}")));
+        }
+        Ok(version)
+    }
+
+    /// `user_version`, or the version recorded in `meta` by older drovers.
+    fn version_of(conn: &Connection) -> Result<i64> {
+        let user: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if user != 0 {
+            return Ok(user);
+        }
+        let has_meta: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta')",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_meta {
+            return Ok(0);
+        }
+        Ok(conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get::<_, String>(0))
+            .optional()?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// Renames a damaged ledger (and its -wal and -shm, so that SQLite can
+    /// still open the copy) to `ledger.sqlite.corrupt-TIME`.
+    fn move_aside(path: &Path) -> std::io::Result<PathBuf> {
+        let stamp = humantime::format_rfc3339_seconds(SystemTime::now()).to_string().replace(':', "");
+        let moved = with_suffix(path, &format!(".corrupt-{stamp}"));
+        std::fs::rename(path, &moved)?;
+        for s in ["-wal", "-shm"] {
+            match std::fs::rename(with_suffix(path, s), with_suffix(&moved, s)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(moved)
+    }
+
+    fn open_with(path: &Path, busy: std::time::Duration) -> Result<Self> {
         // 0600 from birth; SQLite gives its -wal and -shm files the same mode.
         crate::os::fsutil::create_private(path).map_err(|e| {
             let code = rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN);
@@ -200,6 +378,14 @@ impl Ledger {
 
         let flags = OpenFlags::default() | OpenFlags::SQLITE_OPEN_NOFOLLOW;
         let conn = Connection::open_with_flags(path, flags)?;
+        conn.busy_timeout(busy)?;
+        // Refuse a newer file before anything is written to it.
+        let version = Self::version_of(&conn)?;
+        if version > SCHEMA_VERSION {
+            return Err(rusqlite::Error::InvalidParameterName(
+                OpenError::Newer { path: path.to_path_buf(), found: version }.to_string(),
+            ));
+        }
 
         // WAL: readers (`drover runs`) never block the supervisor; a crash
         // at any point leaves the last committed state. NORMAL sync is
@@ -207,36 +393,63 @@ impl Ledger {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", true)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let ledger = Ledger { conn };
-        ledger.migrate()?;
+        let mut ledger = Ledger { conn, path: path.to_path_buf(), wal_id: None };
+        ledger.migrate(version)?;
+        ledger.wal_id = file_id(&with_suffix(path, "-wal"));
         Ok(ledger)
+    }
+
+    /// How long SQLite waits for another connection's lock.
+    pub fn set_busy_timeout(&self, d: std::time::Duration) -> Result<()> {
+        self.conn.busy_timeout(d)
     }
 
     /// Opens the ledger read-only, for commands that only look.
     pub fn open_read_only(path: &Path) -> Result<Self> {
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        Ok(Ledger { conn })
+        Ok(Ledger { conn, path: path.to_path_buf(), wal_id: None })
     }
 
-    fn migrate(&self) -> Result<()> {
-        self.conn
-            .execute_batch("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);")?;
-        let version: i64 = self
-            .conn
-            .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get::<_, String>(0))
-            .optional()?
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        if version > SCHEMA_VERSION {
-            return Err(rusqlite::Error::InvalidParameterName(format!(
-                "the ledger has schema version {version}, newer than this drover ({SCHEMA_VERSION})"
-            )));
+    /// Whether the WAL file this connection writes is still the one on
+    /// disk. `None`: it is, or there is nothing to compare with yet.
+    pub fn wal_replaced(&mut self) -> Option<String> {
+        let wal = with_suffix(&self.path, "-wal");
+        let now = file_id(&wal);
+        match (self.wal_id, now) {
+            (None, now) => {
+                self.wal_id = now;
+                None
+            }
+            (Some(a), Some(b)) if a == b => None,
+            (Some(_), Some(_)) => Some(format!("{} was replaced by another file", wal.display())),
+            (Some(_), None) => Some(format!("{} was deleted", wal.display())),
         }
+    }
+
+    /// After the WAL was deleted or replaced: this connection still holds
+    /// the old one open, so a checkpoint copies what it holds into the
+    /// database file; then the connection is opened anew, on a new WAL.
+    pub fn recover_wal(&mut self) -> std::result::Result<(), String> {
+        let checkpoint: Result<(i64, i64, i64)> =
+            self.conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)));
+        let fresh = Self::open_with(&self.path, SUPERVISOR_BUSY_TIMEOUT).map_err(|e| e.to_string())?;
+        let old = std::mem::replace(self, fresh);
+        drop(old);
+        self.wal_id = file_id(&with_suffix(&self.path, "-wal"));
+        match checkpoint {
+            Ok((0, _, _)) => Ok(()),
+            Ok((busy, _, _)) => Err(format!("the checkpoint was incomplete (busy = {busy})")),
+            Err(e) => Err(format!("the checkpoint failed: {e}")),
+        }
+    }
+
+    fn migrate(&self, version: i64) -> Result<()> {
         if version < 1 {
             self.conn.execute_batch(
                 "BEGIN;
+                 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
                  CREATE TABLE runs (
                    id INTEGER PRIMARY KEY AUTOINCREMENT,
                    job TEXT,
@@ -280,8 +493,12 @@ impl Ledger {
                    skips INTEGER NOT NULL DEFAULT 0
                  );
                  INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', '1');
+                 PRAGMA user_version = 1;
                  COMMIT;",
             )?;
+        } else if self.conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? == 0 {
+            // Written by a drover that kept the version in `meta` only.
+            self.conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
         Ok(())
     }
@@ -372,13 +589,23 @@ impl Ledger {
     /// Any active state -> a terminal one.
     pub fn finish(&self, id: i64, to: RunState, exit: Option<&Exit>, error: Option<&str>) -> Result<bool> {
         assert!(to.is_terminal(), "finish needs a terminal state");
-        self.transition(
+        let t = now();
+        let done = self.transition(
             id,
             RunState::ACTIVE,
             to,
             ", ended_at = ?2, exit_code = ?3, signal = ?4, error = ?5, pid = NULL",
-            &[&now(), &exit.and_then(|e| e.code), &exit.and_then(|e| e.signal.clone()), &error],
-        )
+            &[&t, &exit.and_then(|e| e.code), &exit.and_then(|e| e.signal.clone()), &error],
+        )?;
+        if done && to == RunState::Cancelled {
+            // The steps it never reached will not run either.
+            self.conn
+                .prepare_cached(
+                    "UPDATE steps SET state = 'cancelled', ended_at = ?2 WHERE run = ?1 AND state = 'queued'",
+                )?
+                .execute(params![id, t])?;
+        }
+        Ok(done)
     }
 
     /// running -> waiting: a flow reached an approval step.
@@ -483,14 +710,28 @@ impl Ledger {
         rows.collect()
     }
 
-    /// Active (queued, running, waiting) runs, oldest first.
+    /// Active (queued, running, waiting) runs, oldest first; flows with
+    /// their steps (status names the step a flow is at).
     pub fn active(&self) -> Result<Vec<Run>> {
         let sql = format!(
             "SELECT {RUN_COLUMNS} FROM runs WHERE state IN ('queued', 'running', 'waiting') ORDER BY id"
         );
         let mut stmt = self.conn.prepare_cached(&sql)?;
-        let rows = stmt.query_map([], row_to_run)?;
-        rows.collect()
+        let mut runs: Vec<Run> = stmt.query_map([], row_to_run)?.collect::<Result<_>>()?;
+        for r in runs.iter_mut().filter(|r| r.kind == Kind::Flow) {
+            r.steps = self.steps_of(r.id)?;
+        }
+        Ok(runs)
+    }
+
+    /// What to do about a run waiting for approval, or None.
+    pub fn approval_hint(run: &Run) -> Option<String> {
+        if run.state != RunState::Waiting {
+            return None;
+        }
+        let step =
+            run.step.and_then(|i| run.steps.get(i as usize)).map(|s| format!(" before step {}", s.name));
+        Some(format!("waiting for approval{}: drover runs resume {}", step.unwrap_or_default(), run.id))
     }
 
     /// Deletes the terminal runs of `job` beyond the newest `retain` (never
@@ -591,7 +832,7 @@ fn row_to_run(r: &rusqlite::Row) -> Result<Run> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn ledger() -> (tempfile::TempDir, Ledger) {
@@ -602,7 +843,8 @@ mod tests {
 
     const ME: Owner = Owner { pid: 1, start_ticks: 1 };
 
-    fn job(l: &mut Ledger, name: &str) -> i64 {
+    /// Records a triggered run of job `name` running `true`.
+    pub(crate) fn new_job(l: &mut Ledger, name: &str) -> Result<i64> {
         let cmd = vec!["true".to_string()];
         l.create(&NewRun {
             job: Some(name),
@@ -614,7 +856,10 @@ mod tests {
             steps: &[],
             first_step: 0,
         })
-        .unwrap()
+    }
+
+    fn job(l: &mut Ledger, name: &str) -> i64 {
+        new_job(l, name).unwrap()
     }
 
     #[test]

@@ -214,6 +214,9 @@ pub fn render_status(r: &StatusReport, state_dir: &Path) -> String {
             )),
         }
     }
+    if let Some(e) = &r.ledger_error {
+        out.push_str(&format!("ledger: {e}\n"));
+    }
     if !r.workers.is_empty() {
         let mut rows = vec![
             ["WORKER", "INST", "STATE", "PID", "UPTIME", "RESTARTS", "LAST EXIT", "NOTE"]
@@ -267,8 +270,9 @@ pub fn render_status(r: &StatusReport, state_dir: &Path) -> String {
     }
     let active: Vec<&crate::ledger::Run> = r.runs.iter().chain(&r.sessions).collect();
     if !active.is_empty() {
-        let mut rows =
-            vec![["RUN", "JOB/SESSION", "STATE", "STEP", "PID", "STARTED"].map(String::from).to_vec()];
+        let mut rows = vec![
+            ["RUN", "JOB/SESSION", "STATE", "STEP", "PID", "STARTED", "NOTE"].map(String::from).to_vec(),
+        ];
         for run in active {
             rows.push(vec![
                 run.id.to_string(),
@@ -279,6 +283,7 @@ pub fn render_status(r: &StatusReport, state_dir: &Path) -> String {
                 }),
                 run.pid.map_or("-".into(), |p| p.to_string()),
                 run.started_at.clone().unwrap_or_else(|| "-".into()),
+                crate::ledger::Ledger::approval_hint(run).unwrap_or_default(),
             ]);
         }
         out.push('\n');
@@ -424,7 +429,7 @@ pub(super) fn follow_file(
 }
 
 pub fn plan(ctx: &Ctx, json: bool) -> u8 {
-    use crate::supervisor::reconcile::Change;
+    use crate::supervisor::reconcile::{Change, JobChange};
     // Read here, with the loader's limits, and sent whole: the supervisor
     // never opens a path a client names. One read serves the state_dir too.
     let text = match read_text(ctx.config) {
@@ -436,15 +441,23 @@ pub fn plan(ctx: &Ctx, json: bool) -> u8 {
     };
     let dir = state_dir_in(ctx.config, Some(&text), ctx.overrides);
     let path = std::path::absolute(ctx.config).unwrap_or_else(|_| ctx.config.to_path_buf());
-    let (generation, changes) = match ask(&dir, &Request::Plan { path, text }) {
-        Ok(Some(Response::Plan { generation, changes })) => (generation, changes),
+    let (generation, changes, jobs) = match ask(&dir, &Request::Plan { path, text }) {
+        Ok(Some(Response::Plan { generation, changes, jobs })) => (generation, changes, jobs),
         Ok(Some(other)) => return unexpected(&other),
         Ok(None) => return ctx.no_supervisor(&dir),
         Err(code) => return code,
     };
+    let nothing = changes.is_empty() && jobs.is_empty();
     if json {
-        println!("{}", serde_json::to_string_pretty(&changes).expect("plan serializes"));
-    } else if changes.is_empty() {
+        // One array: workers' changes, then jobs' (told apart by `action`).
+        let all: Vec<serde_json::Value> = changes
+            .iter()
+            .map(serde_json::to_value)
+            .chain(jobs.iter().map(serde_json::to_value))
+            .collect::<Result<_, _>>()
+            .expect("plan serializes");
+        println!("{}", serde_json::to_string_pretty(&all).expect("plan serializes"));
+    } else if nothing {
         println!("no changes: the running generation {generation} matches the file");
     } else {
         println!("changes against the running generation {generation}:");
@@ -466,6 +479,21 @@ pub fn plan(ctx: &Ctx, json: bool) -> u8 {
             };
             println!("{line}");
         }
+        for j in &jobs {
+            let line = match j {
+                JobChange::AddJob { job, trigger } => format!("+ add      job {job} ({trigger})"),
+                JobChange::RemoveJob { job } => {
+                    format!("- remove   job {job} (no more ticks; active runs finish)")
+                }
+                JobChange::ChangeJob { job, fields } => {
+                    format!(
+                        "~ change   job {job} (changed: {}; from its next tick or run)",
+                        fields.join(", ")
+                    )
+                }
+            };
+            println!("{line}");
+        }
     }
-    if changes.is_empty() { exit::OK } else { exit::FAILED }
+    if nothing { exit::OK } else { exit::FAILED }
 }

@@ -35,8 +35,24 @@ pub fn resume(ctx: &Ctx, id: i64) -> u8 {
 }
 
 pub fn bg(ctx: &Ctx, name: Option<String>, command: Vec<String>) -> u8 {
-    let dir = std::env::current_dir().unwrap_or_else(|_| "/".into());
-    print_id(ctx, Request::Bg { name, command, dir })
+    let dir = match std::env::current_dir() {
+        Ok(d) => d,
+        Err(e) => {
+            // The shell still knows which directory it was.
+            let which = std::env::var("PWD").map(|p| format!(" {p}")).unwrap_or_default();
+            eprintln!(
+                "drover: cannot start the session: the current directory{which} is unavailable ({e}); cd to an \
+                 existing directory and try again"
+            );
+            return exit::FAILED;
+        }
+    };
+    // The session runs with the caller's environment (non-UTF-8 entries
+    // cannot travel in the JSON request and are left out).
+    let env: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect();
+    print_id(ctx, Request::Bg { name, command, dir, env: Some(env) })
 }
 
 fn open_ledger(state_dir: &Path) -> Result<Option<Ledger>, u8> {
@@ -99,9 +115,10 @@ pub fn list(ctx: &Ctx, json: bool, job: Option<&str>, state: Option<&str>, limit
             r.created_at.clone(),
             took(r),
             exit_text(r),
-            match (&r.error, r.parent) {
-                (Some(e), _) => e.clone(),
-                (None, Some(p)) => format!("resumes run {p}"),
+            match (&r.error, r.parent, Ledger::approval_hint(r)) {
+                (_, _, Some(hint)) => hint,
+                (Some(e), _, _) => e.clone(),
+                (None, Some(p), _) => format!("resumes run {p}"),
                 _ => String::new(),
             },
         ]);
@@ -151,6 +168,9 @@ pub fn show(ctx: &Ctx, id: i64, json: bool) -> u8 {
     }
     let who = r.job.clone().map(|j| format!("job {j}")).or(r.name.clone().map(|n| format!("session {n}")));
     println!("run {}: {} ({})", r.id, r.state.as_str(), who.unwrap_or_else(|| "session".into()));
+    if let Some(hint) = Ledger::approval_hint(&r) {
+        println!("  {hint}");
+    }
     println!("  kind:     {}, from {}", word(r.kind), word(r.source));
     if let Some(p) = r.parent {
         println!("  resumes:  run {p}");

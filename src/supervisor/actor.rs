@@ -19,13 +19,14 @@ use super::policy::{AfterExit, Counters, after_exit};
 use super::protocol::{
     InstanceStatus, ReloadStatus, Request, Response, StatusReport, SupervisorStatus, WorkerStatus,
 };
-use super::reconcile::{Change, plan};
+use super::reconcile::{Change, plan, plan_jobs};
+use super::run_ledger::RunLedger;
 use super::watch::WatchSettings;
 use super::worktree;
 use crate::config::load::load_text;
 use crate::config::model::{Config, SpawnMode, Worker, secret_values};
 use crate::config::{Overrides, load};
-use crate::ledger::{Kind, Ledger, Owner};
+use crate::ledger::{Kind, Owner};
 use crate::os::fsutil::write_atomic;
 use crate::os::proc;
 use crate::os::reaper::{Exit, Reaped, Reaper};
@@ -65,6 +66,8 @@ pub enum Event {
         inc: u64,
         step: u32,
     },
+    /// Time to try a locked ledger again.
+    LedgerRetry,
     Control(Request, oneshot::Sender<Reply>),
     /// SIGTERM / SIGINT; a second one while stopping kills at once.
     Shutdown,
@@ -211,7 +214,11 @@ pub struct Supervisor {
     pub(super) echo: Option<Echo>,
     state_path: PathBuf,
     pub(super) dirty: bool,
-    pub(super) ledger: Option<Ledger>,
+    pub(super) ledger: RunLedger,
+    /// A retry of the locked ledger is due (one timer at a time).
+    pub(super) ledger_retry_armed: bool,
+    /// Runs without a job (sessions) whose claim waits for the ledger.
+    pub(super) unclaimed: Vec<i64>,
     /// This supervisor incarnation, stamped on the runs it claims.
     pub(super) owner: Owner,
     pub(super) jobs: BTreeMap<String, JobRt>,
@@ -254,7 +261,9 @@ impl Supervisor {
             echo,
             state_path,
             dirty: true,
-            ledger: None,
+            ledger: RunLedger::none(),
+            ledger_retry_armed: false,
+            unclaimed: Vec::new(),
             owner: Owner {
                 pid: std::process::id() as i32,
                 start_ticks: proc::start_ticks(std::process::id() as i32).unwrap_or(0),
@@ -288,10 +297,7 @@ impl Supervisor {
         self.generation = 1;
         let state_dir = self.config.supervisor.state_dir.clone();
         let _ = crate::os::fsutil::ensure_private_dir(&state_dir.join("runs"));
-        match Ledger::open(&crate::ledger::path_in(&state_dir)) {
-            Ok(l) => self.ledger = Some(l),
-            Err(e) => tracing::error!(error = %e, "cannot open the run ledger; jobs will not run"),
-        }
+        self.ledger = RunLedger::open(&state_dir);
         self.boot_jobs();
         let changes = plan(&self.config.workers, &BTreeMap::new());
         self.apply(changes);
@@ -308,6 +314,7 @@ impl Supervisor {
                 self.handle(ev);
             }
             self.flush_state();
+            self.ledger.check_wal();
             if self.shutting_down && self.all_stopped() {
                 break;
             }
@@ -335,6 +342,7 @@ impl Supervisor {
             }
             Event::Timer { worker, index, epoch, kind } => self.on_timer(&worker, index, epoch, kind),
             Event::JobTick { job, epoch } => self.on_job_tick(&job, epoch),
+            Event::LedgerRetry => self.on_ledger_retry(),
             Event::RunTimer { run, inc, epoch, kind } => self.on_run_timer(run, inc, epoch, kind),
             Event::RunOutputClosed { run, inc, step } => self.on_run_output_closed(run, inc, step),
             Event::RunSpawned { run, inc, step, result } => self.on_run_spawned(run, inc, step, result),
@@ -628,6 +636,7 @@ impl Supervisor {
         for (n, i) in done {
             self.settle(&n, i);
         }
+        self.recheck_run_groups();
     }
 
     fn timer(&self, name: &str, index: u32, epoch: u64, kind: TimerKind, after: Duration) {
@@ -808,6 +817,7 @@ impl Supervisor {
             Ok(loaded) => Response::Plan {
                 generation: self.generation,
                 changes: plan(&loaded.config.workers, &self.actual()),
+                jobs: plan_jobs(&loaded.config.jobs, &self.config.jobs),
             },
             Err(diags) => Response::Error {
                 message: diags.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n"),
@@ -865,7 +875,7 @@ impl Supervisor {
                 Ok(id) => Response::Run { id },
                 Err(message) => Response::Error { message },
             },
-            Request::Bg { name, command, dir } => match self.start_session(name, command, dir) {
+            Request::Bg { name, command, dir, env } => match self.start_session(name, command, dir, env) {
                 Ok(id) => Response::Run { id },
                 Err(message) => Response::Error { message },
             },
@@ -977,6 +987,7 @@ impl Supervisor {
 
     fn finish_shutdown(&mut self) {
         self.kill_escapees(None);
+        self.ledger.flush_before_exit();
         for w in self.workers.values() {
             for inst in w.instances.values() {
                 if let Some(wt) = &inst.worktree {
@@ -1023,6 +1034,7 @@ impl Supervisor {
                 })
                 .collect(),
             jobs: if with_runs { self.jobs_status() } else { Vec::new() },
+            ledger_error: self.ledger.problem(),
             sessions: active.iter().filter(|r| r.kind == Kind::Session).cloned().collect(),
             runs: active.into_iter().filter(|r| r.kind != Kind::Session).collect(),
         }
@@ -1041,6 +1053,10 @@ impl Supervisor {
         if let Err(e) = write_atomic(&self.state_path, &data) {
             tracing::error!(error = %e, path = %self.state_path.display(), "cannot write the state file");
         }
+    }
+
+    pub(super) fn is_worker(&self, name: &str) -> bool {
+        self.workers.contains_key(name)
     }
 
     pub fn state_dir(&self) -> &Path {

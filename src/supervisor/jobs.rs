@@ -15,8 +15,10 @@ use nix::sys::signal::Signal as NixSignal;
 use serde::{Deserialize, Serialize};
 
 use super::actor::{Event, Proc, Supervisor};
+use super::admission::{self, Admission};
 use super::logs::{LogFile, Sink, pump};
-use crate::config::model::{Job, OnOverlap, Step, Trigger, secret_values};
+use super::run_ledger::{LedgerError, Write};
+use crate::config::model::{Job, Step, Trigger, secret_values};
 use crate::config::resolve::parse_cron;
 use crate::config::types::Signal;
 use crate::ledger::{Kind, NewRun, Run, RunState, Source};
@@ -54,6 +56,9 @@ pub struct RunProc {
     pub sink: Arc<Sink>,
     pub dir: PathBuf,
     pub env: Vec<(String, String)>,
+    /// Start from an empty environment, not drover's: `env` is all of it
+    /// (a session started with its caller's environment).
+    pub clear_env: bool,
     pub stop_signal: Signal,
     pub stop_grace: Duration,
     pub timeout: Option<Duration>,
@@ -66,6 +71,31 @@ pub struct RunProc {
     pub pending_end: Option<(Option<Exit>, Option<String>)>,
     /// The approval step that `runs resume` approved.
     pub approved: Option<u32>,
+    /// The current step's spawn is in flight: a stop waits for it to land,
+    /// then signals it like any other process.
+    pub spawning: bool,
+    /// The step's process ended but its group, SIGKILLed, still had
+    /// processes: the step ends once the group is empty.
+    pub group_left: Option<i32>,
+}
+
+/// Why a tick, trigger or resume started no run.
+#[derive(Debug)]
+pub(super) enum Refused {
+    /// At capacity, by `on_overlap`.
+    Skip(String),
+    /// The ledger could not record it (locked, or unavailable).
+    Ledger(LedgerError),
+    Other(String),
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Skip(m) | Refused::Other(m) => f.write_str(m),
+            Refused::Ledger(e) => e.fmt(f),
+        }
+    }
 }
 
 /// Numbers the starts of runs, for [`RunProc::inc`].
@@ -165,33 +195,39 @@ impl Supervisor {
     /// Finalizes what a previous supervisor left active, then arms every
     /// schedule from its persisted last tick.
     pub(super) fn boot_jobs(&mut self) {
-        let Some(ledger) = &self.ledger else { return };
-        match ledger.active() {
-            Ok(runs) => {
-                for r in runs {
-                    match r.state {
-                        RunState::Running => {
-                            if let Some(pgid) = r.pgid {
-                                proc::kill_recorded_group(pgid, r.pid_start);
-                            }
-                            let why = "supervisor exited while the run was active";
-                            let _ = ledger.fail_running_steps(r.id, why);
-                            let _ = ledger.finish(r.id, RunState::Failed, None, Some(why));
-                        }
-                        RunState::Queued => {
-                            let _ = ledger.finish(
-                                r.id,
-                                RunState::Cancelled,
-                                None,
-                                Some("supervisor exited before the run started"),
-                            );
-                        }
-                        // A flow held for approval waits across restarts.
-                        _ => {}
-                    }
-                }
+        let active = match self.ledger.read().map(|l| l.active()) {
+            Ok(Ok(runs)) => runs,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot read the ledger's active runs");
+                Vec::new()
             }
-            Err(e) => tracing::error!(error = %e, "cannot read the ledger's active runs"),
+            // No ledger: the jobs are still listed, with the reason.
+            Err(_) => Vec::new(),
+        };
+        for r in active {
+            match r.state {
+                RunState::Running => {
+                    if let Some(pgid) = r.pgid {
+                        proc::kill_recorded_group(pgid, r.pid_start);
+                    }
+                    let why = "supervisor exited while the run was active";
+                    self.ledger_write(Write::FailRunningSteps { id: r.id, error: why.into() });
+                    self.ledger_write(Write::Finish {
+                        id: r.id,
+                        state: RunState::Failed,
+                        exit: None,
+                        error: Some(why.into()),
+                    });
+                }
+                RunState::Queued => self.ledger_write(Write::Finish {
+                    id: r.id,
+                    state: RunState::Cancelled,
+                    exit: None,
+                    error: Some("supervisor exited before the run started".into()),
+                }),
+                // A flow held for approval waits across restarts.
+                _ => {}
+            }
         }
         let names: Vec<String> = self.config.jobs.keys().cloned().collect();
         for name in names {
@@ -206,8 +242,12 @@ impl Supervisor {
     fn arm_schedule(&mut self, name: &str, at_start: bool) {
         let now = SystemTime::now();
         let Some(job) = self.jobs.get(name) else { return };
-        let last =
-            self.ledger.as_ref().and_then(|l| l.last_tick(name).ok().flatten()).and_then(|t| parse_time(&t));
+        let last = self
+            .ledger
+            .read()
+            .ok()
+            .and_then(|l| l.last_tick(name).ok().flatten())
+            .and_then(|t| parse_time(&t));
         let trigger = job.spec.trigger.clone();
         let catch_up = job.spec.catch_up;
         let mut next = match last {
@@ -221,10 +261,10 @@ impl Supervisor {
             // never a burst; the schedule moves on from now.
             if at_start && catch_up {
                 tracing::info!(job = name, "catching up a tick missed while drover was down");
-                if let Some(l) = &self.ledger {
-                    let _ = l.set_last_tick(name, &rfc3339(now));
+                if let Err(e) = self.admit(name, Source::CatchUp, None, 0) {
+                    tracing::warn!(job = name, reason = %e, "the missed tick was not caught up");
                 }
-                let _ = self.admit(name, Source::CatchUp, None, 0);
+                self.ledger_write(Write::SetLastTick { job: name.into(), tick: rfc3339(now) });
             }
             next = next_tick(&trigger, now);
         }
@@ -252,12 +292,26 @@ impl Supervisor {
         }
         let tick = job.next.unwrap_or_else(SystemTime::now);
         let trigger = job.spec.trigger.clone();
-        if let Some(l) = &self.ledger {
-            let _ = l.set_last_tick(name, &rfc3339(tick));
-        }
-        if let Err(msg) = self.admit(name, Source::Schedule, None, 0) {
+        let admitted = if self.ledger.is_busy() {
+            Err(Refused::Ledger(LedgerError::Busy("waiting writes".into())))
+        } else {
+            self.admit(name, Source::Schedule, None, 0)
+        };
+        if let Err(msg) = admitted {
+            if matches!(msg, Refused::Ledger(LedgerError::Busy(_))) {
+                // The tick is not lost: it fires again once the ledger
+                // can record its run (the schedule does not move on).
+                tracing::info!(job = name, reason = %msg, "tick delayed");
+                let (tx, job_name) = (self.tx.clone(), name.to_string());
+                tokio::spawn(async move {
+                    tokio::time::sleep(super::run_ledger::RETRY).await;
+                    let _ = tx.send(Event::JobTick { job: job_name, epoch });
+                });
+                return;
+            }
             tracing::info!(job = name, reason = %msg, "tick skipped");
         }
+        self.ledger_write(Write::SetLastTick { job: name.into(), tick: rfc3339(tick) });
         let now = SystemTime::now();
         let next = next_tick(&trigger, tick).filter(|n| *n > now).or_else(|| next_tick(&trigger, now));
         self.set_next(name, next);
@@ -281,50 +335,55 @@ impl Supervisor {
         source: Source,
         parent: Option<i64>,
         first_step: u32,
-    ) -> Result<i64, String> {
-        let Some(job) = self.jobs.get(name) else { return Err(format!("no job named {name:?}")) };
+    ) -> Result<i64, Refused> {
+        let Some(job) = self.jobs.get(name) else { return Err(Refused::Other(self.no_such_job(name))) };
         let spec = job.spec.clone();
         let active = self.running_of(name);
-        let at_capacity = active.len() as u32 >= spec.capacity;
-        let queued = job.queue.len() as u32;
-        let skip = |this: &mut Self, why: String| {
-            if let Some(l) = &this.ledger {
-                let _ = l.count_skip(name);
-            }
-            Err(why)
-        };
-        if at_capacity {
-            match spec.on_overlap {
-                OnOverlap::Skip => {
-                    return skip(self, format!("skipped: {name} is at capacity ({} active)", active.len()));
-                }
-                OnOverlap::Queue if queued >= spec.queue_limit => {
-                    return skip(self, format!("skipped: the queue of {name} is full ({queued} waiting)"));
-                }
-                _ => {}
-            }
+        let decision = admission::admit(
+            name,
+            active.len(),
+            job.queue.len(),
+            spec.capacity,
+            spec.on_overlap,
+            spec.queue_limit,
+        );
+        if let Admission::Skip(why) = decision {
+            self.ledger_write(Write::CountSkip { job: name.into() });
+            return Err(Refused::Skip(why));
         }
         let id = self.create_run(name, &spec, source, parent, first_step)?;
-        if !at_capacity {
-            self.start_run(id);
-            return Ok(id);
-        }
-        let job = self.jobs.get_mut(name).expect("checked above");
-        if spec.on_overlap == OnOverlap::Replace {
-            // Only the newest replacement waits: earlier ones never start.
-            let superseded: Vec<i64> = job.queue.drain(..).collect();
-            job.queue.push_back(id);
-            for old in superseded {
-                self.finalize(old, RunState::Cancelled, None, Some(format!("replaced by run {id}")));
+        let Some(job) = self.jobs.get_mut(name) else { return Ok(id) };
+        match decision {
+            Admission::Start => self.start_run(id),
+            Admission::Queue => job.queue.push_back(id),
+            Admission::Replace => {
+                // Only the newest replacement waits: earlier ones never
+                // start. It starts once the replaced run's process is
+                // gone (start_queued), so the job never exceeds capacity.
+                let superseded: Vec<i64> = job.queue.drain(..).collect();
+                job.queue.push_back(id);
+                for old in superseded {
+                    self.finalize(old, RunState::Cancelled, None, Some(format!("replaced by run {id}")));
+                }
+                if let Some(&oldest) = active.first() {
+                    self.stop_run(oldest, RunState::Cancelled, format!("replaced by run {id}"));
+                }
             }
-            // The new run starts once the oldest active one is gone.
-            if let Some(&oldest) = active.first() {
-                self.stop_run(oldest, RunState::Cancelled, format!("replaced by run {id}"));
-            }
-        } else {
-            job.queue.push_back(id);
+            // Counted and returned above.
+            Admission::Skip(_) => {}
         }
         Ok(id)
+    }
+
+    /// Why `name` cannot be triggered: a worker, or nothing; names the jobs.
+    fn no_such_job(&self, name: &str) -> String {
+        let jobs: Vec<&str> = self.jobs.keys().map(String::as_str).collect();
+        let list = if jobs.is_empty() { "none are configured".to_string() } else { jobs.join(", ") };
+        if self.is_worker(name) {
+            format!("{name} is a worker, not a job; jobs: {list}")
+        } else {
+            format!("no job named {name:?}; jobs: {list}")
+        }
     }
 
     fn create_run(
@@ -334,36 +393,50 @@ impl Supervisor {
         source: Source,
         parent: Option<i64>,
         first_step: u32,
-    ) -> Result<i64, String> {
-        let Some(ledger) = self.ledger.as_mut() else { return Err("the run ledger is not available".into()) };
+    ) -> Result<i64, Refused> {
         let step_names: Vec<String> =
             if spec.flow { spec.steps.iter().map(|s| s.name.clone()).collect() } else { Vec::new() };
-        ledger
-            .create(&NewRun {
-                job: Some(name),
-                kind: if spec.flow { Kind::Flow } else { Kind::Job },
-                source,
-                parent,
-                name: None,
-                command: &spec.steps[0].command,
-                steps: &step_names,
-                first_step,
-            })
-            .map_err(|e| format!("cannot record the run: {e}"))
+        let new = NewRun {
+            job: Some(name),
+            kind: if spec.flow { Kind::Flow } else { Kind::Job },
+            source,
+            parent,
+            name: None,
+            command: &spec.steps[0].command,
+            steps: &step_names,
+            first_step,
+        };
+        let r = self.ledger.now(|l| l.create(&new));
+        self.arm_ledger_retry();
+        r.map_err(|e| match e {
+            LedgerError::Failed(e) => Refused::Other(format!("cannot record the run: {e}")),
+            e => Refused::Ledger(e),
+        })
     }
 
     /// Claims a queued run (committed before anything starts) and starts
     /// its current step.
     fn start_run(&mut self, id: i64) {
-        let Some(ledger) = &self.ledger else { return };
-        let run = match ledger.get(id) {
-            Ok(Some(r)) => r,
+        let run = match self.ledger.read().map(|l| l.get(id)) {
+            Ok(Ok(Some(r))) => r,
             _ => return,
         };
-        match ledger.claim(id, self.owner) {
+        let owner = self.owner;
+        let claimed = self.ledger.now(|l| l.claim(id, owner));
+        self.arm_ledger_retry();
+        match claimed {
             Ok(true) => {}
             Ok(false) => {
                 tracing::warn!(run = id, "run is no longer claimable; dropped");
+                return;
+            }
+            Err(LedgerError::Busy(_)) => {
+                // Not claimed, so not started: it waits first in line
+                // until the ledger can record the claim.
+                match run.job.as_deref().and_then(|j| self.jobs.get_mut(j)) {
+                    Some(j) => j.queue.push_front(id),
+                    None => self.unclaimed.push(id),
+                }
                 return;
             }
             Err(e) => {
@@ -372,6 +445,42 @@ impl Supervisor {
             }
         }
         self.start_claimed(run, None);
+    }
+
+    /// Writes to the ledger, now or (it is locked) once it is free.
+    pub(super) fn ledger_write(&mut self, w: Write) {
+        self.ledger.write(w);
+        self.arm_ledger_retry();
+    }
+
+    /// While the ledger is locked, one timer tries it again.
+    pub(super) fn arm_ledger_retry(&mut self) {
+        if self.ledger_retry_armed || !self.ledger.is_busy() {
+            return;
+        }
+        self.ledger_retry_armed = true;
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(super::run_ledger::RETRY).await;
+            let _ = tx.send(Event::LedgerRetry);
+        });
+    }
+
+    /// The retry timer: waiting writes first, then the runs that waited
+    /// for their claim.
+    pub(super) fn on_ledger_retry(&mut self) {
+        self.ledger_retry_armed = false;
+        if !self.ledger.retry() {
+            self.arm_ledger_retry();
+            return;
+        }
+        for id in std::mem::take(&mut self.unclaimed) {
+            self.start_run(id);
+        }
+        let names: Vec<String> = self.jobs.keys().cloned().collect();
+        for name in names {
+            self.start_queued(&name);
+        }
     }
 
     /// Starts the current step of a run that is ours (claimed or released).
@@ -387,8 +496,6 @@ impl Supervisor {
             .and_then(|j| self.jobs.get(j))
             .map(|j| secret_values(&j.spec.env, &j.spec.secret_env))
             .unwrap_or_default();
-        let sink = Arc::new(Sink::new(format!("{label}#{}", run.id), file, self.echo.clone(), secrets));
-
         let (steps, dir, env, stop_signal, stop_grace, timeout) =
             match run.job.as_deref().and_then(|j| self.jobs.get(j)) {
                 Some(job) => {
@@ -411,7 +518,19 @@ impl Supervisor {
                     None,
                 ),
             };
-        let dir = self.session_dirs.remove(&run.id).unwrap_or(dir);
+        let step_names = steps.iter().map(|s| s.name.clone()).collect();
+        let sink = Arc::new(
+            Sink::new(format!("{label}#{}", run.id), file, self.echo.clone(), secrets)
+                .with_labels(step_names),
+        );
+        let (dir, env, clear_env) = match self.session_dirs.remove(&run.id) {
+            Some(SessionStart { dir, env: caller }) => {
+                let clear = caller.is_some();
+                (dir, self.session_env(caller), clear)
+            }
+            None if run.kind == Kind::Session => (dir, self.session_env(None), false),
+            None => (dir, env, false),
+        };
         let rp = RunProc {
             id: run.id,
             job: run.job.clone(),
@@ -426,6 +545,7 @@ impl Supervisor {
             sink,
             dir,
             env,
+            clear_env,
             stop_signal,
             stop_grace,
             timeout,
@@ -433,6 +553,8 @@ impl Supervisor {
             open_streams: 0,
             pending_end: None,
             approved,
+            spawning: false,
+            group_left: None,
         };
         let inc = rp.inc;
         self.runs.insert(run.id, rp);
@@ -449,12 +571,11 @@ impl Supervisor {
         if step.approve && rp.approved != Some(rp.step) {
             // Held before an approval step: the run keeps no process and
             // no slot until `runs resume`.
-            if let Some(l) = &self.ledger {
-                let _ = l.hold(id, rp.step);
-            }
-            tracing::info!(run = id, step = %step.name, "flow waiting for approval");
+            let at = rp.step;
+            tracing::info!(run = id, step = %step.name, "flow waiting for approval; approve with drover runs resume {id}");
             let job = rp.job.clone();
             self.runs.remove(&id);
+            self.ledger_write(Write::Hold { id, step: at });
             if let Some(j) = job {
                 self.start_queued(&j);
             }
@@ -462,7 +583,11 @@ impl Supervisor {
         }
         rp.pending_end = None;
         rp.open_streams = 0;
+        rp.group_left = None;
         let mut cmd = std::process::Command::new(&step.command[0]);
+        if rp.clear_env {
+            cmd.env_clear();
+        }
         cmd.args(&step.command[1..])
             .current_dir(&rp.dir)
             .envs(rp.env.iter().cloned())
@@ -475,16 +600,23 @@ impl Supervisor {
             cmd.env("DROVER_JOB", j).env("DROVER_STEP", &step.name);
         }
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        if rp.kind == Kind::Flow
-            && let Some(l) = &self.ledger
-        {
-            let _ = l.step(id, rp.step, RunState::Running, None, None);
-        }
+        rp.spawning = true;
         // The spawn happens off the event loop: each one blocks its thread
         // until the child has exec'd, and runs come by the hundred.
         let (reaper, tx, inc, step_index) = (self.reaper.clone(), self.tx.clone(), rp.inc, rp.step);
         let program = step.command[0].clone();
+        let dir = rp.dir.clone();
+        let flow = rp.kind == Kind::Flow;
         self.spawns_in_flight += 1;
+        if flow {
+            self.ledger_write(Write::Step {
+                id,
+                index: step_index,
+                state: RunState::Running,
+                exit: None,
+                error: None,
+            });
+        }
         tokio::task::spawn_blocking(move || {
             let result = reaper
                 .spawn(&mut cmd)
@@ -493,7 +625,18 @@ impl Supervisor {
                     stdout: child.stdout.take().map(std::os::fd::OwnedFd::from),
                     stderr: child.stderr.take().map(std::os::fd::OwnedFd::from),
                 })
-                .map_err(|e| format!("cannot start {program:?}: {e}"));
+                .map_err(|e| {
+                    // The OS says only "not found": tell the directory
+                    // from the program (this runs off the event loop).
+                    if !dir.is_dir() {
+                        format!(
+                            "cannot start {program:?}: its directory {} does not exist or is not a directory",
+                            dir.display()
+                        )
+                    } else {
+                        format!("cannot start {program:?} in {}: {e}", dir.display())
+                    }
+                });
             let _ = tx.send(Event::RunSpawned { run: id, inc, step: step_index, result });
         });
     }
@@ -506,9 +649,13 @@ impl Supervisor {
         step: u32,
         result: Result<SpawnedProc, String>,
     ) {
-        self.spawns_in_flight -= 1;
-        let current =
-            self.runs.get(&id).is_some_and(|rp| rp.inc == inc && rp.step == step && rp.stopping.is_none());
+        self.spawns_in_flight = self.spawns_in_flight.saturating_sub(1);
+        // A run asked to stop while this spawn was in flight is still
+        // current: its process gets the stop signal and grace below.
+        let current = self.runs.get(&id).is_some_and(|rp| rp.inc == inc && rp.step == step);
+        if current && let Some(rp) = self.runs.get_mut(&id) {
+            rp.spawning = false;
+        }
         let sp = match result {
             Err(msg) => {
                 if current {
@@ -520,7 +667,8 @@ impl Supervisor {
         };
         let pid = sp.pid;
         if !current {
-            // Cancelled while it was being spawned: it must not run on.
+            // Its run is gone (it cannot be: a run with a spawn in flight
+            // is kept until the spawn lands); it must not run on.
             let _ = proc::signal_group(pid, NixSignal::SIGKILL);
             if self.early_exits.remove(&pid).is_none() {
                 self.discarded.insert(pid);
@@ -528,7 +676,7 @@ impl Supervisor {
             return;
         }
         let state_dir = self.config.supervisor.state_dir.clone();
-        let rp = self.runs.get_mut(&id).expect("checked above");
+        let Some(rp) = self.runs.get_mut(&id) else { return };
         rp.pid = Some(pid);
         rp.pgid = Some(pid);
         for (stream, pipe) in [("out", sp.stdout), ("err", sp.stderr)] {
@@ -545,14 +693,18 @@ impl Supervisor {
             }
         }
         tracing::info!(run = id, job = ?rp.job, step = %rp.steps[step as usize].name, pid, "run step started");
+        let stop_now = rp.stopping.is_some();
         self.by_pid.insert(pid, Proc::Run(id));
-        if let Some(l) = &self.ledger {
-            let _ = l.set_process(id, pid, pid, proc::start_ticks(pid), &run_log_path(&state_dir, id));
-        }
+        let log = run_log_path(&state_dir, id);
+        self.ledger_write(Write::SetProcess { id, pid, pgid: pid, pid_start: proc::start_ticks(pid), log });
         // It may have ended before this event was handled.
         if let Some(exit) = self.early_exits.remove(&pid) {
             self.by_pid.remove(&pid);
             self.on_run_exit(id, exit);
+            return;
+        }
+        if stop_now {
+            self.signal_run_stop(id);
         }
     }
 
@@ -562,19 +714,44 @@ impl Supervisor {
         let Some(rp) = self.runs.get_mut(&id) else { return };
         rp.pid = None;
         // A step is done when its main process is; what it left behind in
-        // its group goes with it.
+        // its group goes with it, and the step ends (its slot frees) only
+        // once the group is empty.
         if let Some(pgid) = rp.pgid.take()
             && proc::group_alive(pgid)
         {
             let _ = proc::signal_group(pgid, NixSignal::SIGKILL);
+            rp.group_left = Some(pgid);
         }
-        if rp.open_streams == 0 {
-            self.step_ended(id, Some(exit), None);
-        } else {
-            rp.pending_end = Some((Some(exit), None));
+        rp.pending_end = Some((Some(exit), None));
+        if !self.try_end_step(id)
+            && let Some(rp) = self.runs.get_mut(&id)
+        {
             rp.epoch += 1;
             let (inc, epoch) = (rp.inc, rp.epoch);
             self.run_timer(id, inc, epoch, RunTimer::Drain, DRAIN);
+        }
+    }
+
+    /// Ends the current step if its process has ended, its output is all
+    /// written and its group is empty; returns whether it is over.
+    fn try_end_step(&mut self, id: i64) -> bool {
+        let Some(rp) = self.runs.get_mut(&id) else { return true };
+        if rp.open_streams > 0 || rp.group_left.is_some_and(proc::group_alive) {
+            return false;
+        }
+        rp.group_left = None;
+        if let Some((exit, error)) = rp.pending_end.take() {
+            self.step_ended(id, exit, error);
+        }
+        true
+    }
+
+    /// A stray process was reaped: steps waiting for their group to empty
+    /// may be over.
+    pub(super) fn recheck_run_groups(&mut self) {
+        let waiting: Vec<i64> = self.runs.values().filter(|r| r.group_left.is_some()).map(|r| r.id).collect();
+        for id in waiting {
+            self.try_end_step(id);
         }
     }
 
@@ -584,10 +761,8 @@ impl Supervisor {
             return;
         }
         rp.open_streams = rp.open_streams.saturating_sub(1);
-        if rp.open_streams == 0
-            && let Some((exit, error)) = rp.pending_end.take()
-        {
-            self.step_ended(id, exit, error);
+        if rp.open_streams == 0 {
+            self.try_end_step(id);
         }
     }
 
@@ -599,15 +774,23 @@ impl Supervisor {
         let step = rp.step;
         let step_name = rp.steps[step as usize].name.clone();
         let flow = rp.kind == Kind::Flow;
-        if flow && let Some(l) = &self.ledger {
-            let state = match (&rp.stopping, ok) {
+        let stopping = rp.stopping.clone();
+        if flow {
+            let state = match (&stopping, ok) {
                 (Some((s, _)), _) => *s,
                 (None, true) => RunState::Succeeded,
                 (None, false) => RunState::Failed,
             };
-            let _ = l.step(id, step, state, exit.as_ref(), error.as_deref());
+            self.ledger_write(Write::Step {
+                id,
+                index: step,
+                state,
+                exit: exit.clone(),
+                error: error.clone(),
+            });
         }
-        if let Some((state, why)) = rp.stopping.clone() {
+        let Some(rp) = self.runs.get_mut(&id) else { return };
+        if let Some((state, why)) = stopping {
             self.finalize(id, state, exit.as_ref(), Some(why));
             return;
         }
@@ -631,13 +814,7 @@ impl Supervisor {
 
     fn finalize(&mut self, id: i64, state: RunState, exit: Option<&Exit>, error: Option<String>) {
         let rp = self.runs.remove(&id);
-        if let Some(l) = &self.ledger {
-            match l.finish(id, state, exit, error.as_deref()) {
-                Ok(true) => {}
-                Ok(false) => tracing::warn!(run = id, "run was already final; left as it was"),
-                Err(e) => tracing::error!(run = id, error = %e, "cannot finalize the run"),
-            }
-        }
+        self.ledger_write(Write::Finish { id, state, exit: exit.cloned(), error: error.clone() });
         tracing::info!(run = id, state = state.as_str(), error = ?error, "run ended");
 
         let job = rp.as_ref().and_then(|r| r.job.clone());
@@ -655,28 +832,21 @@ impl Supervisor {
             None if job.is_none() => SESSION_RETAIN,
             None => return,
         };
-        let Some(l) = self.ledger.as_mut() else { return };
-        let kinds: &[Kind] = if job.is_none() { &[Kind::Session] } else { &[kind] };
-        for k in kinds {
-            if let Ok(logs) = l.prune(job, *k, retain) {
-                for log in logs {
-                    let _ = std::fs::remove_file(&log);
-                    let _ = std::fs::remove_file(format!("{}.1", log.display()));
-                }
-            }
-        }
+        let kind = if job.is_none() { Kind::Session } else { kind };
+        self.ledger_write(Write::Prune { job: job.map(String::from), kind, retain });
     }
 
-    /// A slot of `job` freed: start its next queued run.
+    /// Slots of `job` are free: start its queued runs into them (more
+    /// than one when claims waited for a locked ledger).
     fn start_queued(&mut self, job: &str) {
-        if self.shutting_down {
-            return;
-        }
-        let Some(j) = self.jobs.get(job) else { return };
-        if self.running_of(job).len() as u32 >= j.spec.capacity {
-            return;
-        }
-        if let Some(id) = self.jobs.get_mut(job).and_then(|j| j.queue.pop_front()) {
+        // A locked ledger cannot take the claim: the run would only go
+        // back to the head of the queue.
+        while !self.shutting_down && !self.ledger.is_busy() {
+            let Some(j) = self.jobs.get(job) else { return };
+            if self.running_of(job).len() as u32 >= j.spec.capacity {
+                return;
+            }
+            let Some(id) = self.jobs.get_mut(job).and_then(|j| j.queue.pop_front()) else { return };
             self.start_run(id);
         }
     }
@@ -687,21 +857,30 @@ impl Supervisor {
         if rp.stopping.is_some() {
             return;
         }
-        rp.stopping = Some((state, why));
-        rp.epoch += 1;
-        let (sig, grace, epoch) = (rp.stop_signal.to_nix(), rp.stop_grace, rp.epoch);
-        match rp.pgid {
-            Some(pgid) => {
-                let _ = proc::signal_group(pgid, sig);
-                let _ = proc::signal_group(pgid, NixSignal::SIGCONT);
-                let inc = rp.inc;
-                self.run_timer(id, inc, epoch, RunTimer::Kill, grace);
-            }
-            None => {
-                let (state, why) = rp.stopping.clone().expect("just set");
-                self.finalize(id, state, None, Some(why));
-            }
+        rp.stopping = Some((state, why.clone()));
+        if rp.spawning || rp.pending_end.is_some() {
+            // Its process is about to exist (it gets the stop signal and
+            // grace when the spawn lands), or has ended and the step is
+            // finishing: it keeps its slot until then.
+            return;
         }
+        if rp.pgid.is_some() {
+            self.signal_run_stop(id);
+        } else {
+            self.finalize(id, state, None, Some(why));
+        }
+    }
+
+    /// Sends a stopping run's process group its stop signal and arms the
+    /// SIGKILL after its grace.
+    fn signal_run_stop(&mut self, id: i64) {
+        let Some(rp) = self.runs.get_mut(&id) else { return };
+        let Some(pgid) = rp.pgid else { return };
+        rp.epoch += 1;
+        let (sig, grace, epoch, inc) = (rp.stop_signal.to_nix(), rp.stop_grace, rp.epoch, rp.inc);
+        let _ = proc::signal_group(pgid, sig);
+        let _ = proc::signal_group(pgid, NixSignal::SIGCONT);
+        self.run_timer(id, inc, epoch, RunTimer::Kill, grace);
     }
 
     pub(super) fn on_run_timer(&mut self, id: i64, inc: u64, epoch: u64, kind: RunTimer) {
@@ -714,7 +893,11 @@ impl Supervisor {
                 if rp.epoch == epoch
                     && let Some((exit, error)) = rp.pending_end.take()
                 {
-                    tracing::warn!(run = id, "output still open after the step ended; ending the run anyway");
+                    tracing::warn!(
+                        run = id,
+                        "output still open or group not empty after the step ended; ending the run anyway"
+                    );
+                    rp.group_left = None;
                     self.step_ended(id, exit, error);
                 }
             }
@@ -751,7 +934,12 @@ impl Supervisor {
         if self.shutting_down {
             return Err("the supervisor is stopping".into());
         }
-        self.admit(job, Source::Trigger, None, 0)
+        if self.jobs.contains_key(job)
+            && let Err(e) = self.ledger.read()
+        {
+            return Err(e.to_string());
+        }
+        self.admit(job, Source::Trigger, None, 0).map_err(|e| e.to_string())
     }
 
     /// Cancels a queued, waiting or running run, flow or session.
@@ -792,18 +980,20 @@ impl Supervisor {
                         "job {job} is at capacity ({running} running); resume run {id} when one ends"
                     ));
                 }
-                let ledger = self.ledger.as_ref().ok_or("the run ledger is not available")?;
-                if !ledger.release(id, self.owner).map_err(|e| e.to_string())? {
+                let owner = self.owner;
+                let released = self.ledger.now(|l| l.release(id, owner));
+                self.arm_ledger_retry();
+                if !released.map_err(|e| e.to_string())? {
                     return Err(format!("run {id} is no longer waiting"));
                 }
-                let run = ledger.get(id).map_err(|e| e.to_string())?.ok_or("run vanished")?;
+                let run = self.get_run(id)?;
                 let approved = run.step;
                 self.start_claimed(run, approved);
                 Ok(id)
             }
             RunState::Failed | RunState::Cancelled => {
                 let from = resume_point(&run);
-                self.admit(&job, Source::Resume, Some(id), from)
+                self.admit(&job, Source::Resume, Some(id), from).map_err(|e| e.to_string())
             }
             s => Err(format!("run {id} is {}; only waiting, failed or cancelled flows resume", s.as_str())),
         }
@@ -815,6 +1005,7 @@ impl Supervisor {
         name: Option<String>,
         command: Vec<String>,
         dir: PathBuf,
+        env: Option<Vec<(String, String)>>,
     ) -> Result<i64, String> {
         if self.shutting_down {
             return Err("the supervisor is stopping".into());
@@ -831,38 +1022,78 @@ impl Supervisor {
             ));
         }
 
-        let ledger = self.ledger.as_mut().ok_or("the run ledger is not available")?;
-        let id = ledger
-            .create(&NewRun {
-                job: None,
-                kind: Kind::Session,
-                source: Source::Bg,
-                parent: None,
-                name: name.as_deref(),
-                command: &command,
-                steps: &[],
-                first_step: 0,
-            })
-            .map_err(|e| format!("cannot record the session: {e}"))?;
-        self.session_dirs.insert(id, dir);
+        if let Some(n) = name.as_deref()
+            && let Some(holder) = self.active_session_named(n)
+        {
+            return Err(format!(
+                "a session named {n} is already running: id {holder}; choose another name, or stop it with \
+                 drover kill {holder}"
+            ));
+        }
+        let new = NewRun {
+            job: None,
+            kind: Kind::Session,
+            source: Source::Bg,
+            parent: None,
+            name: name.as_deref(),
+            command: &command,
+            steps: &[],
+            first_step: 0,
+        };
+        let created = self.ledger.now(|l| l.create(&new));
+        self.arm_ledger_retry();
+        let id = created.map_err(|e| match e {
+            LedgerError::Failed(e) => format!("cannot record the session: {e}"),
+            e => e.to_string(),
+        })?;
+        self.session_dirs.insert(id, SessionStart { dir, env });
         self.start_run(id);
         Ok(id)
     }
 
-    /// A run by id, or an active session by name.
+    /// A session's environment: `defaults.env`, with the caller's
+    /// environment over it (what a shell user expects of `bg`).
+    fn session_env(&self, caller: Option<Vec<(String, String)>>) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> =
+            self.config.defaults.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        env.extend(caller.into_iter().flatten());
+        env
+    }
+
+    /// The id of the live session named `name`, if one is (a session that
+    /// drover is running, or one the ledger still has active).
+    fn active_session_named(&self, name: &str) -> Option<i64> {
+        let live = self.runs.values().filter(|r| r.kind == Kind::Session).map(|r| r.id);
+        let waiting = self.unclaimed.iter().copied();
+        let named = |id: &i64| {
+            self.ledger
+                .read()
+                .ok()
+                .and_then(|l| l.get(*id).ok().flatten())
+                .is_some_and(|r| r.name.as_deref() == Some(name) && !r.state.is_terminal())
+        };
+        live.chain(waiting).filter(named).min()
+    }
+
+    /// A run by id, or a session by name: the active one with that name,
+    /// else the newest.
     pub(super) fn find_run(&self, key: &str) -> Result<Run, String> {
         if let Ok(id) = key.parse::<i64>() {
             return self.get_run(id);
         }
-        let ledger = self.ledger.as_ref().ok_or("the run ledger is not available")?;
+        if let Some(id) = self.active_session_named(key) {
+            return self.get_run(id);
+        }
+        let ledger = self.ledger.read().map_err(|e| e.to_string())?;
         let runs = ledger.list(None, None, 10_000).map_err(|e| e.to_string())?;
-        runs.into_iter()
-            .find(|r| r.kind == Kind::Session && r.name.as_deref() == Some(key))
-            .ok_or_else(|| format!("no run or session {key:?}"))
+        let named: Vec<Run> =
+            runs.into_iter().filter(|r| r.kind == Kind::Session && r.name.as_deref() == Some(key)).collect();
+        let active = named.iter().position(|r| !r.state.is_terminal()).unwrap_or(0);
+        named.into_iter().nth(active).ok_or_else(|| format!("no run or session {key:?}"))
     }
 
     fn get_run(&self, id: i64) -> Result<Run, String> {
-        let ledger = self.ledger.as_ref().ok_or("the run ledger is not available")?;
+        let ledger = self.ledger.read().map_err(|e| e.to_string())?;
         ledger.get(id).map_err(|e| e.to_string())?.ok_or_else(|| format!("no run {id}"))
     }
 
@@ -932,7 +1163,7 @@ impl Supervisor {
         self.jobs
             .iter()
             .map(|(name, j)| {
-                let ledger = self.ledger.as_ref();
+                let ledger = self.ledger.read().ok();
                 let last = ledger
                     .and_then(|l| l.list(Some(name), None, 20).ok())
                     .and_then(|runs| runs.into_iter().find(|r| r.state.is_terminal()))
@@ -940,12 +1171,7 @@ impl Supervisor {
                 JobStatus {
                     name: name.clone(),
                     kind: if j.spec.flow { Kind::Flow } else { Kind::Job },
-                    trigger: match &j.spec.trigger {
-                        Trigger::Schedule { cron, timezone: None } => format!("schedule {cron}"),
-                        Trigger::Schedule { cron, timezone: Some(tz) } => format!("schedule {cron} ({tz})"),
-                        Trigger::Every(d) => format!("every {d}"),
-                        Trigger::Manual => "manual".into(),
-                    },
+                    trigger: super::reconcile::trigger_text(&j.spec.trigger),
                     next_tick: j.next.map(|t| rfc3339(t + jitter_of(name, j.spec.jitter.0))),
                     active: self.running_of(name),
                     queued: j.queue.len(),
@@ -958,12 +1184,18 @@ impl Supervisor {
 
     /// Active runs and sessions, for `status`.
     pub(super) fn active_runs(&self) -> Vec<Run> {
-        self.ledger.as_ref().and_then(|l| l.active().ok()).unwrap_or_default()
+        self.ledger.read().ok().and_then(|l| l.active().ok()).unwrap_or_default()
     }
 }
 
-/// Session directories handed from a `bg` request to the run's start.
-pub type SessionDirs = HashMap<i64, PathBuf>;
+/// What a `bg` request hands to its session's start.
+pub struct SessionStart {
+    pub dir: PathBuf,
+    /// The caller's environment (None: an older client sent none).
+    pub env: Option<Vec<(String, String)>>,
+}
+
+pub type SessionDirs = HashMap<i64, SessionStart>;
 
 #[cfg(test)]
 mod tests {

@@ -138,6 +138,9 @@ pub struct Sink {
     pub echo: Option<Echo>,
     /// Values of the env keys marked secret: masked in every line written.
     pub secrets: RwLock<Vec<Vec<u8>>>,
+    /// What a line names its source by, for index i (a run's step names);
+    /// empty: the index itself (a worker's instance).
+    pub labels: Vec<String>,
 }
 
 /// What a secret value is replaced with in the output.
@@ -169,7 +172,13 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 impl Sink {
     pub fn new(name: String, file: LogFile, echo: Option<Echo>, secrets: Vec<Vec<u8>>) -> Self {
-        Sink { name, file: Mutex::new(file), echo, secrets: RwLock::new(secrets) }
+        Sink { name, file: Mutex::new(file), echo, secrets: RwLock::new(secrets), labels: Vec::new() }
+    }
+
+    /// Lines name their source by `labels[index]` instead of the index.
+    pub fn with_labels(mut self, labels: Vec<String>) -> Self {
+        self.labels = labels;
+        self
     }
 
     /// After a reload: the secret values to mask from now on.
@@ -182,6 +191,10 @@ impl Sink {
         let text = &*mask(text, &secrets);
         drop(secrets);
         let ts = humantime::format_rfc3339_millis(SystemTime::now());
+        let index: &dyn std::fmt::Display = match self.labels.get(index as usize) {
+            Some(label) => label,
+            None => &index,
+        };
         let mut rec = Vec::with_capacity(text.len() + 40);
         let _ = write!(rec, "{ts} {index} {stream} ");
         rec.extend_from_slice(text);

@@ -3,12 +3,14 @@
 //! (control socket, logs, worktrees, start-up and recovery).
 
 pub mod actor;
+pub mod admission;
 pub mod control;
 pub mod jobs;
 pub mod logs;
 pub mod policy;
 pub mod protocol;
 pub mod reconcile;
+pub mod run_ledger;
 pub mod runtime;
 pub mod watch;
 pub mod worktree;

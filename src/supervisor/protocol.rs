@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::jobs::JobStatus;
-use super::reconcile::Change;
+use super::reconcile::{Change, JobChange};
 use crate::ledger::Run;
 
 use crate::os::reaper::Exit;
@@ -60,6 +60,10 @@ pub enum Request {
         name: Option<String>,
         command: Vec<String>,
         dir: PathBuf,
+        /// The caller's environment, which the session gets (over
+        /// `defaults.env`); absent from older clients.
+        #[serde(default)]
+        env: Option<Vec<(String, String)>>,
     },
     /// Stop a session, by id or name.
     Kill {
@@ -87,6 +91,9 @@ pub enum Response {
     Plan {
         generation: u64,
         changes: Vec<Change>,
+        /// Jobs added, removed or changed.
+        #[serde(default)]
+        jobs: Vec<JobChange>,
     },
     /// The id of a run that was started or queued.
     Run {
@@ -102,6 +109,10 @@ pub struct StatusReport {
     pub workers: Vec<WorkerStatus>,
     #[serde(default)]
     pub jobs: Vec<JobStatus>,
+    /// Why jobs are delayed (the ledger is locked by another process) or
+    /// disabled (it could not be opened); absent when all is well.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger_error: Option<String>,
     /// Active background sessions.
     #[serde(default)]
     pub sessions: Vec<Run>,

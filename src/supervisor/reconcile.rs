@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::model::Worker;
+use crate::config::model::{Job, Trigger, Worker};
 
 /// What the supervisor runs now, as far as planning is concerned: each
 /// worker's applied settings.
@@ -43,24 +43,24 @@ impl Change {
 
 /// The fields of `a` and `b` that differ, by name.
 pub fn changed_fields(a: &Worker, b: &Worker) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut check = |name: &'static str, differs: bool| {
-        if differs {
-            out.push(name.to_string());
-        }
-    };
-    check("command", a.command != b.command);
-    check("dir", a.dir != b.dir);
-    check("env", a.env != b.env);
-    check("spawn_mode", a.spawn_mode != b.spawn_mode);
-    check("stop_signal", a.stop_signal != b.stop_signal);
-    check("capacity", a.capacity != b.capacity);
-    check("restart", a.restart != b.restart);
-    check("backoff", a.backoff != b.backoff);
-    check("crash_loop", a.crash_loop != b.crash_loop);
-    check("permanent_exit_codes", a.permanent_exit_codes != b.permanent_exit_codes);
-    check("stop_grace", a.stop_grace != b.stop_grace);
-    out
+    differing(&[
+        ("command", a.command != b.command),
+        ("dir", a.dir != b.dir),
+        ("env", a.env != b.env),
+        ("spawn_mode", a.spawn_mode != b.spawn_mode),
+        ("stop_signal", a.stop_signal != b.stop_signal),
+        ("capacity", a.capacity != b.capacity),
+        ("restart", a.restart != b.restart),
+        ("backoff", a.backoff != b.backoff),
+        ("crash_loop", a.crash_loop != b.crash_loop),
+        ("permanent_exit_codes", a.permanent_exit_codes != b.permanent_exit_codes),
+        ("stop_grace", a.stop_grace != b.stop_grace),
+    ])
+}
+
+/// The names whose flag is set.
+fn differing(checks: &[(&str, bool)]) -> Vec<String> {
+    checks.iter().filter(|(_, d)| *d).map(|(n, _)| n.to_string()).collect()
 }
 
 /// The changes that take `actual` to `desired`, by worker name.
@@ -91,6 +91,83 @@ pub fn plan(desired: &BTreeMap<String, Worker>, actual: &Actual<'_>) -> Vec<Chan
         if !desired.contains_key(*name) {
             changes.push(Change::Stop { worker: name.to_string() });
         }
+    }
+    changes
+}
+
+/// How `drover plan` sees a job change. Jobs have no processes to
+/// replace: a changed job takes its new settings from its next tick or
+/// run, a removed one stops ticking while its active runs finish.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum JobChange {
+    AddJob { job: String, trigger: String },
+    RemoveJob { job: String },
+    ChangeJob { job: String, fields: Vec<String> },
+}
+
+/// A trigger as the file writes it: `schedule "…"`, `every 10m`, `manual`.
+pub fn trigger_text(t: &Trigger) -> String {
+    match t {
+        Trigger::Schedule { cron, timezone: None } => format!("schedule {cron}"),
+        Trigger::Schedule { cron, timezone: Some(tz) } => format!("schedule {cron} ({tz})"),
+        Trigger::Every(d) => format!("every {d}"),
+        Trigger::Manual => "manual".into(),
+    }
+}
+
+/// The keys of a job that differ between `a` and `b`, named as the file
+/// names them.
+pub fn changed_job_fields(a: &Job, b: &Job) -> Vec<String> {
+    let steps_key = if a.flow || b.flow { "steps" } else { "command" };
+    let (every, schedule, timezone) = match (&a.trigger, &b.trigger) {
+        (Trigger::Every(x), Trigger::Every(y)) => (x != y, false, false),
+        (Trigger::Schedule { cron: c1, timezone: t1 }, Trigger::Schedule { cron: c2, timezone: t2 }) => {
+            (false, c1 != c2, t1 != t2)
+        }
+        (Trigger::Manual, Trigger::Manual) => (false, false, false),
+        (x, y) => {
+            let is_every = |t: &Trigger| matches!(t, Trigger::Every(_));
+            let is_schedule = |t: &Trigger| matches!(t, Trigger::Schedule { .. });
+            (is_every(x) || is_every(y), is_schedule(x) || is_schedule(y), false)
+        }
+    };
+    differing(&[
+        (steps_key, a.steps != b.steps || a.flow != b.flow),
+        ("every", every),
+        ("schedule", schedule),
+        ("timezone", timezone),
+        ("capacity", a.capacity != b.capacity),
+        ("on_overlap", a.on_overlap != b.on_overlap),
+        ("queue_limit", a.queue_limit != b.queue_limit),
+        ("timeout", a.timeout != b.timeout),
+        ("jitter", a.jitter != b.jitter),
+        ("catch_up", a.catch_up != b.catch_up),
+        ("retain", a.retain != b.retain),
+        ("dir", a.dir != b.dir),
+        ("env", a.env != b.env),
+        ("secret_env", a.secret_env != b.secret_env),
+        ("stop_signal", a.stop_signal != b.stop_signal),
+        ("stop_grace", a.stop_grace != b.stop_grace),
+    ])
+}
+
+/// The job changes that take `actual` to `desired`, by job name.
+pub fn plan_jobs(desired: &BTreeMap<String, Job>, actual: &BTreeMap<String, Job>) -> Vec<JobChange> {
+    let mut changes = Vec::new();
+    for (name, j) in desired {
+        match actual.get(name) {
+            None => changes.push(JobChange::AddJob { job: name.clone(), trigger: trigger_text(&j.trigger) }),
+            Some(old) => {
+                let fields = changed_job_fields(old, j);
+                if !fields.is_empty() {
+                    changes.push(JobChange::ChangeJob { job: name.clone(), fields });
+                }
+            }
+        }
+    }
+    for name in actual.keys().filter(|n| !desired.contains_key(*n)) {
+        changes.push(JobChange::RemoveJob { job: name.clone() });
     }
     changes
 }
@@ -143,6 +220,60 @@ mod tests {
                 Change::Stop { worker: "gone".into() },
             ]
         );
+    }
+
+    #[test]
+    fn jobs_added_removed_and_changed_name_their_fields() {
+        use crate::config::types::HumanDuration;
+        let job = |trigger: Trigger| Job {
+            steps: vec![crate::config::model::Step {
+                name: "main".into(),
+                command: vec!["true".into()],
+                approve: false,
+            }],
+            flow: false,
+            trigger,
+            capacity: 1,
+            on_overlap: crate::config::model::OnOverlap::Skip,
+            timeout: None,
+            jitter: HumanDuration::from_secs(0),
+            queue_limit: 16,
+            catch_up: false,
+            retain: 50,
+            dir: "/".into(),
+            env: Default::default(),
+            secret_env: Default::default(),
+            stop_signal: crate::config::types::Signal::SIGTERM,
+            stop_grace: HumanDuration::from_secs(10),
+        };
+        let every = |s| Trigger::Every(HumanDuration::from_secs(s));
+        let cron = |c: &str| Trigger::Schedule { cron: c.into(), timezone: None };
+        let old: BTreeMap<String, Job> = [
+            ("tick".to_string(), job(every(10))),
+            ("cron".into(), job(cron("0 * * * *"))),
+            ("same".into(), job(Trigger::Manual)),
+            ("gone".into(), job(Trigger::Manual)),
+            ("kind".into(), job(Trigger::Manual)),
+        ]
+        .into();
+        let mut new = old.clone();
+        new.remove("gone");
+        new.insert("nightly".into(), job(cron("0 3 * * *")));
+        new.get_mut("tick").unwrap().trigger = every(20);
+        new.get_mut("cron").unwrap().trigger = cron("5 * * * *");
+        new.get_mut("kind").unwrap().trigger = every(5);
+        new.get_mut("kind").unwrap().capacity = 3;
+        assert_eq!(
+            plan_jobs(&new, &old),
+            [
+                JobChange::ChangeJob { job: "cron".into(), fields: vec!["schedule".into()] },
+                JobChange::ChangeJob { job: "kind".into(), fields: vec!["every".into(), "capacity".into()] },
+                JobChange::AddJob { job: "nightly".into(), trigger: "schedule 0 3 * * *".into() },
+                JobChange::ChangeJob { job: "tick".into(), fields: vec!["every".into()] },
+                JobChange::RemoveJob { job: "gone".into() },
+            ]
+        );
+        assert!(plan_jobs(&old, &old).is_empty());
     }
 
     #[test]

@@ -328,6 +328,113 @@ fn overlap_replace_while_a_replacement_is_pending_keeps_only_the_newest() {
     assert_eq!(markers(&sb, "marks"), [first, third]);
 }
 
+/// A job `r` of capacity 1 that replaces, with a long grace, running `script`.
+fn replace_job(sb: &Sandbox, script: &str) {
+    sb.write(
+        "daemon.toml",
+        format!(
+            "{SUPERVISOR}\n[jobs.r]\ncapacity = 1\non_overlap = \"replace\"\nstop_grace = \"10s\"\n\
+             retain = 1000\ncommand = {}\n",
+            sh(script)
+        ),
+    );
+}
+
+/// 200 triggers of a `replace` job with capacity 1, from four threads at
+/// once (so many land while the previous run's spawn is in flight). Each
+/// step logs "start PID" and, from its TERM trap or at its natural end,
+/// "end PID": no step may start while another is alive, and every
+/// replaced run that was started got its stop signal (it recorded an
+/// exit, never SIGKILL, since the grace is long).
+#[test]
+fn a_replace_storm_never_runs_two_steps_at_once_and_every_replaced_step_gets_term() {
+    let sb = Sandbox::new();
+    replace_job(
+        &sb,
+        "trap 'echo end $$ >> marks; exit 0' TERM; echo start $$ >> marks; sleep 0.05 & wait; \
+            echo end $$ >> marks",
+    );
+    let _sup = Supervisor::start(&sb);
+    let ids: Vec<i64> = std::thread::scope(|s| {
+        let threads: Vec<_> =
+            (0..4).map(|_| s.spawn(|| (0..50).map(|_| trigger(&sb, "r")).collect::<Vec<i64>>())).collect();
+        threads.into_iter().flat_map(|t| t.join().expect("trigger thread")).collect()
+    });
+    assert_eq!(ids.len(), 200);
+    let newest = *ids.iter().max().unwrap();
+    wait_run(&sb, newest, "the newest run to end", is_terminal);
+    let all = wait_until("every run to end", SECS_10, || {
+        let all = runs_of(&sb, "r");
+        (all.len() == 200 && all.iter().all(is_terminal)).then_some(all)
+    });
+
+    let mut alive: BTreeSet<String> = BTreeSet::new();
+    let mut started = 0;
+    for line in sb.lines("marks") {
+        match line.split_once(' ') {
+            Some(("start", pid)) => {
+                assert!(
+                    alive.is_empty(),
+                    "step {pid} started while {alive:?} were alive:\n{:#?}",
+                    sb.lines("marks")
+                );
+                alive.insert(pid.to_string());
+                started += 1;
+            }
+            Some(("end", pid)) => {
+                alive.remove(pid);
+            }
+            _ => panic!("unexpected line {line:?} in marks"),
+        }
+    }
+    assert!(started >= 2, "only {started} steps started; the storm replaced nothing");
+    for r in &all {
+        if r["started_at"].is_string() {
+            assert!(
+                r["exit_code"].is_i64() || r["signal"].is_string(),
+                "run {} was claimed but its process's end was never seen (killed as its spawn landed?): {r:#}",
+                id_of(r)
+            );
+            assert_ne!(
+                r["signal"],
+                "SIGKILL",
+                "run {} was killed, not stopped with its signal: {r:#}",
+                id_of(r)
+            );
+        }
+    }
+}
+
+/// A replaced step leaves a process in its group that ignores SIGTERM
+/// (SIGKILLed when the step's main process ends): the replacement starts
+/// only once that group is empty. Each step looks for the previous step's
+/// group before recording its own.
+#[test]
+fn a_replacement_starts_only_once_the_replaced_steps_group_is_empty() {
+    let sb = Sandbox::new();
+    replace_job(
+        &sb,
+        "prev=$(cat last 2>/dev/null); \
+                if [ -n \"$prev\" ] && kill -0 -\"$prev\" 2>/dev/null; then echo overlap $prev >> marks; fi; \
+                echo $$ > last; echo start $$ >> marks; \
+            (trap '' TERM; sleep 30) & trap 'exit 0' TERM; sleep 30 & wait",
+    );
+    let _sup = Supervisor::start(&sb);
+    let mut ids = Vec::new();
+    for i in 1..=15 {
+        ids.push(trigger(&sb, "r"));
+        sb.wait_lines("marks", i, SECS_10);
+    }
+    let out = sb.cli(&["runs", "cancel", &ids.last().unwrap().to_string()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    wait_until("every run to end", SECS_10, || runs_of(&sb, "r").iter().all(is_terminal).then_some(()));
+    let marks = sb.lines("marks");
+    assert!(
+        marks.iter().all(|l| l.starts_with("start ")),
+        "a step started beside the last one's group: {marks:#?}"
+    );
+}
+
 // ------------------------------------------------------------ 3. schedules
 
 #[test]
@@ -1195,4 +1302,138 @@ fn the_ledger_survives_sigkill_at_random_moments_of_a_busy_schedule() {
         .filter(|(_, cmd)| cmd.starts_with("sleep") || cmd.contains("marks"))
         .collect();
     assert!(left.is_empty(), "processes outlived recovery: {left:?}");
+}
+
+// ------------------------------------------------------------ plan
+
+#[test]
+fn plan_shows_jobs_added_removed_and_changed_with_their_fields() {
+    let sb = Sandbox::new();
+    let head = format!("{SUPERVISOR}\n[jobs.keep]\ncommand = [\"true\"]\n");
+    sb.write(
+        "daemon.toml",
+        format!(
+            "{head}[jobs.tick]\nevery = \"10m\"\ncommand = [\"true\"]\n\
+             [jobs.cron]\nschedule = \"0 * * * *\"\ncommand = [\"true\"]\n[jobs.old]\ncommand = [\"true\"]\n"
+        ),
+    );
+    let _sup = Supervisor::start(&sb);
+    let same = sb.cli(&["plan"]);
+    assert_eq!(same.code, Some(0), "{}{}", same.stdout, same.stderr);
+    assert!(same.stdout.contains("no changes"), "{}", same.stdout);
+
+    sb.write(
+        "daemon.toml",
+        format!(
+            "{head}[jobs.tick]\nevery = \"20m\"\ncommand = [\"true\"]\n\
+             [jobs.cron]\nschedule = \"5 * * * *\"\ncommand = [\"true\"]\n\
+             [jobs.nightly]\nschedule = \"0 3 * * *\"\ncommand = [\"true\"]\n"
+        ),
+    );
+    let plan = sb.cli(&["plan"]);
+    assert_eq!(plan.code, Some(1), "jobs changed: {}{}", plan.stdout, plan.stderr);
+    for want in [
+        "~ change   job cron (changed: schedule;",
+        "+ add      job nightly (schedule 0 3 * * *)",
+        "~ change   job tick (changed: every;",
+        "- remove   job old",
+    ] {
+        assert!(plan.stdout.contains(want), "no {want:?} in:\n{}", plan.stdout);
+    }
+    assert!(!plan.stdout.contains("keep"), "{}", plan.stdout);
+
+    let out = sb.cli(&["plan", "--json"]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    let v: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout));
+    let want = serde_json::json!([
+        {"action": "change_job", "job": "cron", "fields": ["schedule"]},
+        {"action": "add_job", "job": "nightly", "trigger": "schedule 0 3 * * *"},
+        {"action": "change_job", "job": "tick", "fields": ["every"]},
+        {"action": "remove_job", "job": "old"},
+    ]);
+    assert_eq!(v, want);
+}
+
+// ------------------------------------------------------------ operator's view
+
+#[test]
+fn a_waiting_flow_says_how_to_approve_it_and_names_its_step() {
+    let sb = Sandbox::new();
+    sb.write(
+        "daemon.toml",
+        format!(
+            "{SUPERVISOR}\n{}",
+            flow_toml("release", &[("build", sh("true"), false), ("publish", sh("true"), true)])
+        ),
+    );
+    let _sup = Supervisor::start(&sb);
+    let id = trigger(&sb, "release");
+    wait_state(&sb, id, "waiting");
+    let hint = format!("drover runs resume {id}");
+    let status = sb.cli(&["status"]);
+    let row = status
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&format!("{id} ")))
+        .unwrap_or_else(|| panic!("no row for run {id}:\n{}", status.stdout));
+    assert!(row.contains("publish") && row.contains(&hint), "{row}");
+    for args in [vec!["runs"], vec!["runs", "show", &id.to_string()]] {
+        let out = sb.cli(&args);
+        assert!(out.stdout.contains(&hint), "drover {args:?}:\n{}", out.stdout);
+    }
+    let shown = sb.cli(&["runs", "show", &id.to_string()]);
+    assert!(shown.stdout.contains("waiting for approval before step publish"), "{}", shown.stdout);
+}
+
+#[test]
+fn a_cancelled_flow_shows_its_unstarted_steps_cancelled_and_its_log_names_steps() {
+    let sb = Sandbox::new();
+    sb.write(
+        "daemon.toml",
+        format!(
+            "{SUPERVISOR}\n{}",
+            flow_toml(
+                "deploy",
+                &[
+                    ("build", sh("echo built"), false),
+                    ("test", sh(&format!("echo testing >> trail; {}", until_exists("never"))), false),
+                    ("ship", sh("echo shipped"), false),
+                ]
+            )
+        ),
+    );
+    let _sup = Supervisor::start(&sb);
+    let id = trigger(&sb, "deploy");
+    sb.wait_lines("trail", 1, SECS_10);
+    let out = sb.cli(&["runs", "cancel", &id.to_string()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let r = wait_run(&sb, id, "the flow to end", is_terminal);
+    let states: Vec<&str> =
+        r["steps"].as_array().unwrap().iter().map(|s| s["state"].as_str().unwrap_or_default()).collect();
+    assert_eq!(states, ["succeeded", "cancelled", "cancelled"], "{r:#}");
+
+    let logs = sb.cli(&["logs", &id.to_string()]);
+    assert_eq!(logs.code, Some(0), "{}", logs.stderr);
+    let built =
+        logs.stdout.lines().find(|l| l.ends_with("built")).unwrap_or_else(|| panic!("{}", logs.stdout));
+    assert!(built.contains(" build out "), "the line names its step: {built}");
+}
+
+#[test]
+fn trigger_of_a_worker_or_an_unknown_name_lists_the_jobs() {
+    let sb = Sandbox::new();
+    sb.write(
+        "daemon.toml",
+        format!(
+            "{SUPERVISOR}\n[workers.api]\ncommand = [\"sleep\", \"30\"]\n\
+             [jobs.backup]\ncommand = [\"true\"]\n[jobs.report]\ncommand = [\"true\"]\n"
+        ),
+    );
+    let _sup = Supervisor::start(&sb);
+    let out = sb.cli(&["trigger", "api"]);
+    assert_eq!(out.code, Some(1), "{}", out.stdout);
+    assert!(out.stderr.contains("api is a worker, not a job; jobs: backup, report"), "{}", out.stderr);
+    let out = sb.cli(&["trigger", "nosuch"]);
+    assert_eq!(out.code, Some(1), "{}", out.stdout);
+    assert!(out.stderr.contains("no job named \"nosuch\"; jobs: backup, report"), "{}", out.stderr);
 }

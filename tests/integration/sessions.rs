@@ -205,3 +205,79 @@ fn attach_prints_all_of_a_sessions_output() {
         assert!(lines[2999].ends_with(" 3000"), "round {round}: last line {:?}", lines[2999]);
     }
 }
+
+#[test]
+fn a_session_name_held_by_a_running_session_is_refused_and_kill_finds_the_running_one() {
+    let sb = Sandbox::new();
+    config(&sb);
+    let _sup = Supervisor::start(&sb);
+    let first = bg(&sb, &["--name", "dup", "--", "sleep", "30"]);
+    let out = sb.cli(&["bg", "--name", "dup", "--", "sleep", "30"]);
+    assert_eq!(out.code, Some(1), "a second running dup is refused: {}", out.stdout);
+    let want = format!("a session named dup is already running: id {first}");
+    assert!(out.stderr.contains(&want), "{}", out.stderr);
+
+    let out = sb.cli(&["kill", "dup"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(wait_run(&sb, first, "the first dup to end", is_terminal)["state"], "cancelled");
+    // Once it has ended the name is free; the name finds the running one,
+    // not the cancelled one.
+    let second = bg(&sb, &["--name", "dup", "--", "sleep", "30"]);
+    let out = sb.cli(&["kill", "dup"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(out.stdout.contains(&second.to_string()), "{}", out.stdout);
+    assert_eq!(wait_run(&sb, second, "the second dup to end", is_terminal)["state"], "cancelled");
+}
+
+#[test]
+fn a_session_gets_the_callers_environment_over_defaults_env() {
+    let sb = Sandbox::new();
+    sb.write(
+        "daemon.toml",
+        format!("{SUPERVISOR}\n[defaults]\nenv = {{ FROM_DEFAULTS = \"d\", BOTH = \"defaults\" }}\n"),
+    );
+    let _sup = Supervisor::start_with(&sb, |c| {
+        c.env("ONLY_DROVER", "drover's own");
+    });
+    let args =
+        ["bg", "--", "sh", "-c", "echo \"$FROM_DEFAULTS/$BOTH/$FROM_CALLER/${ONLY_DROVER-unset}\" > envout"];
+    let mut cmd = sb.drover();
+    cmd.args(["-c", "daemon.toml"]).args(args).env("FROM_CALLER", "c").env("BOTH", "caller");
+    let id = printed_id(&args, &crate::harness::run_within(&mut cmd, SECS_10));
+    let r = wait_run(&sb, id, "the session to end", is_terminal);
+    assert_eq!(r["state"], "succeeded", "{r:#}");
+    assert_eq!(sb.lines("envout"), ["d/caller/c/unset"]);
+}
+
+#[test]
+fn a_session_whose_directory_is_missing_names_the_directory() {
+    let sb = Sandbox::new();
+    config(&sb);
+    let _sup = Supervisor::start(&sb);
+    // The supervisor cannot find the directory the request names.
+    let gone = sb.path("gone");
+    let req = serde_json::json!({"cmd": "bg", "name": null, "command": ["true"], "dir": gone});
+    let mut sock =
+        std::os::unix::net::UnixStream::connect(sb.state_dir().join("drover.sock")).expect("connect");
+    use std::io::{BufRead, Write};
+    writeln!(sock, "{req}").expect("send");
+    let mut line = String::new();
+    std::io::BufReader::new(&sock).read_line(&mut line).expect("answer");
+    let answer: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    let id = answer["id"].as_i64().unwrap_or_else(|| panic!("no run id: {answer}"));
+    let r = wait_run(&sb, id, "the session to fail", is_terminal);
+    assert_eq!(r["state"], "failed", "{r:#}");
+    let err = r["error"].as_str().unwrap_or_default();
+    assert!(err.contains(&*gone.to_string_lossy()) && err.contains("does not exist"), "{r:#}");
+
+    // `bg` from a directory deleted under the caller's shell names it too.
+    let script = "mkdir doomed && cd doomed && rmdir ../doomed && \"$DROVER\" -c \"$CFG\" bg -- true";
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", script])
+        .current_dir(sb.dir.path())
+        .env("DROVER", crate::harness::DROVER)
+        .env("CFG", sb.path("daemon.toml"));
+    let out = crate::harness::run_within(&mut cmd, SECS_10);
+    assert_eq!(out.code, Some(1), "{}", out.stdout);
+    assert!(out.stderr.contains("doomed") && out.stderr.contains("current directory"), "{}", out.stderr);
+}
