@@ -390,8 +390,16 @@ pub fn plan(ctx: &Ctx, json: bool) -> u8 {
             let line = match c {
                 Change::Start { worker, capacity } => format!("+ start    {worker} (capacity {capacity})"),
                 Change::Stop { worker } => format!("- stop     {worker}"),
-                Change::Restart { worker, fields } => {
-                    format!("~ restart  {worker} (changed: {}; one instance at a time)", fields.join(", "))
+                Change::Restart { worker, fields, from_capacity, to_capacity } => {
+                    let scale = if from_capacity == to_capacity {
+                        String::new()
+                    } else {
+                        format!("; scale {from_capacity} -> {to_capacity}")
+                    };
+                    format!(
+                        "~ restart  {worker} (changed: {}{scale}; one instance at a time)",
+                        fields.join(", ")
+                    )
                 }
                 Change::Update { worker, fields, from_capacity, to_capacity } => {
                     let mut s = format!("~ update   {worker} (changed: {}", fields.join(", "));
