@@ -207,10 +207,14 @@ fn a_slow_stop_shows_which_instance_it_waits_for_and_the_grace_left() {
     assert!(r.stdout.contains("stopped slow:0"), "{}", r.stdout);
     assert_eq!(instance(&sup.status(), "slow", 0)["last_exit"]["signal"], "SIGKILL");
 
-    // drover's own stop shows the same.
+    // So does restart --wait, and drover's own stop.
     assert_eq!(sb.cli(&["start", "slow"]).code, Some(0));
     let v = sup.wait_for("slow again", LIMIT, |v| pid(v, "slow", 0).is_some());
     let p = pid(&v, "slow", 0).unwrap();
+    let r = sb.cli(&["restart", "--wait", "slow"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(r.stderr.contains(&format!("waiting for slow:0 (pid {p}) to stop, SIGKILL in ")), "{}", r.stderr);
+    let p = pid(&sup.status(), "slow", 0).expect("slow runs after restart --wait");
     let r = sb.cli(&["stop"]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     assert!(r.stderr.contains(&format!("waiting for slow:0 (pid {p}) to stop, SIGKILL in ")), "{}", r.stderr);

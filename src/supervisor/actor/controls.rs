@@ -98,7 +98,12 @@ impl Supervisor {
         };
         self.dirty = true;
         let names: Vec<String> = list.iter().map(|(n, i)| format!("{n}:{i}")).collect();
-        Response::Instances { message: format!("{verb} {}", names.join(", ")), instances }
+        let message = if names.is_empty() {
+            format!("{verb} nothing: capacity 0 has no instances")
+        } else {
+            format!("{verb} {}", names.join(", "))
+        };
+        Response::Instances { message, instances }
     }
 
     /// Stops an instance by hand, by the normal stop path, and keeps it stopped.
