@@ -191,7 +191,9 @@ fn stopping(name: &str, i: &InstanceStatus) -> String {
     let kill = match i.kill_at.as_deref().and_then(|t| humantime::parse_rfc3339_weak(t).ok()) {
         None => "SIGKILL sent".to_string(),
         Some(t) => match t.duration_since(SystemTime::now()) {
-            Ok(left) => format!("SIGKILL in {} s", left.as_secs() + u64::from(left.subsec_nanos() > 0)),
+            Ok(left) => {
+                format!("SIGKILL in {} s", left.as_secs().saturating_add(u64::from(left.subsec_nanos() > 0)))
+            }
             Err(_) => "SIGKILL due".to_string(),
         },
     };
