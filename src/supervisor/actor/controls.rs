@@ -18,8 +18,10 @@ pub fn resolve(targets: &[Target], workers: &BTreeMap<&str, u32>) -> Result<Vec<
         return Err("name at least one worker, as in web or web:0".into());
     }
     let mut out: Vec<(String, u32)> = Vec::new();
-    // A request may name thousands of targets: no quadratic look-ups.
+    // A request may name thousands of targets: no quadratic look-ups, and
+    // a worker named whole twice is expanded once.
     let mut seen: BTreeSet<(&str, u32)> = BTreeSet::new();
+    let mut whole: BTreeSet<&str> = BTreeSet::new();
     for t in targets {
         let Some(&cap) = workers.get(t.worker.as_str()) else {
             let known: Vec<&str> = workers.keys().copied().collect();
@@ -30,6 +32,7 @@ pub fn resolve(targets: &[Target], workers: &BTreeMap<&str, u32>) -> Result<Vec<
             });
         };
         let indices: Vec<u32> = match t.index {
+            None if !whole.insert(t.worker.as_str()) => continue,
             None => (0..cap).collect(),
             Some(i) if i < cap => vec![i],
             Some(_) => return Err(format!("no instance {t}: {}", valid_instances(&t.worker, cap))),
@@ -191,6 +194,8 @@ mod tests {
     fn a_name_is_every_instance_and_an_index_one() {
         let got = resolve(&[t("web"), t("api:0"), t("web:1")], &workers()).unwrap();
         assert_eq!(got, [("web".into(), 0), ("web".into(), 1), ("api".into(), 0)]);
+        let many = vec![t("web"); 5000];
+        assert_eq!(resolve(&many, &workers()).unwrap().len(), 2, "repeats count once");
     }
 
     #[test]
