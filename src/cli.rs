@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::load::CONFIG_ENV;
+use crate::supervisor::protocol::Target;
 
 #[derive(Debug, Parser)]
 #[command(name = "drover", version, about = "A declarative, config-driven multi-worker supervisor")]
@@ -55,15 +56,25 @@ pub enum OutputFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the supervisor (in the foreground unless --detach).
+    /// Run the supervisor (in the foreground unless --detach); with
+    /// NAME[:INDEX]…, start those workers or instances in the running one.
     Start {
         /// Run in the background; return once the supervisor is ready
         /// (exit 0) or has failed to start (exit 1, with the reason).
         #[arg(long)]
         detach: bool,
+        /// Workers (`web`) or instances (`web:1`) to start again after
+        /// `drover stop NAME`, in the running supervisor.
+        #[arg(value_name = "NAME[:INDEX]", conflicts_with = "detach")]
+        targets: Vec<Target>,
     },
-    /// Stop the supervisor gracefully; returns once it has exited.
-    Stop,
+    /// Stop the supervisor gracefully; returns once it has exited. With
+    /// NAME[:INDEX]…, stop only those, and keep them stopped until `start`.
+    Stop {
+        /// Workers (`web`) or instances (`web:1`) to stop by hand.
+        #[arg(value_name = "NAME[:INDEX]")]
+        targets: Vec<Target>,
+    },
     /// Show the supervisor, its workers and their instances.
     Status {
         /// Print the JSON report instead of a table.
@@ -71,6 +82,11 @@ pub enum Command {
         json: bool,
         /// Only this worker.
         name: Option<String>,
+        /// For scripts and probes: exit 1 (naming them) when an instance
+        /// is parked or in backoff, 0 when every instance runs or was
+        /// stopped on purpose; prints the report only with --json.
+        #[arg(long)]
+        check: bool,
     },
     /// Re-read the config file now and apply what changed.
     Reload,
@@ -81,8 +97,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Restart every instance of a worker, one at a time.
-    Restart { name: String },
+    /// Restart every instance of a worker, one at a time, or the
+    /// instances named (`web:1`).
+    Restart {
+        #[arg(value_name = "NAME[:INDEX]", required = true)]
+        targets: Vec<Target>,
+        /// Return once every instance restarted and runs (exit 0), or
+        /// one failed to start or was parked (exit 1, with the reason).
+        #[arg(long)]
+        wait: bool,
+    },
     /// Give a parked worker's instances another start.
     Unpark { name: String },
     /// Queue a run of a job now; prints the run id.

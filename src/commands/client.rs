@@ -72,7 +72,7 @@ pub(super) fn unexpected(resp: &Response) -> u8 {
     exit::FAILED
 }
 
-/// reload, restart NAME, unpark NAME: one request, one message.
+/// reload, unpark NAME, runs cancel, kill: one request, one message.
 pub fn simple(ctx: &Ctx, req: Request) -> u8 {
     let dir = ctx.state_dir();
     match ask(&dir, &req) {
@@ -88,7 +88,11 @@ pub fn simple(ctx: &Ctx, req: Request) -> u8 {
 
 pub fn stop(ctx: &Ctx) -> u8 {
     let dir = ctx.state_dir();
-    match request(&dir, &Request::Stop {}, None) {
+    let d = dir.clone();
+    let answer = super::controls::with_stop_progress(&dir, move || request(&d, &Request::Stop {}, None));
+    match answer
+        .unwrap_or_else(|| Err(ClientError::Io(std::io::Error::other("the stop request ended unanswered"))))
+    {
         Ok(Some(Response::Error { message })) => {
             eprintln!("drover: {message}");
             exit::FAILED
@@ -219,7 +223,7 @@ pub fn render_status(r: &StatusReport, state_dir: &Path) -> String {
     }
     if !r.workers.is_empty() {
         let mut rows = vec![
-            ["WORKER", "INST", "STATE", "PID", "UPTIME", "RESTARTS", "LAST EXIT", "NOTE"]
+            ["WORKER", "INST", "STATE", "PID", "UPTIME", "RESTARTS", "DEPLOYS", "LAST EXIT", "NOTE"]
                 .map(String::from)
                 .to_vec(),
         ];
@@ -233,8 +237,10 @@ pub fn render_status(r: &StatusReport, state_dir: &Path) -> String {
                     i.pid.map_or("-".into(), |p| p.to_string()),
                     if running { i.started_at.as_deref().map_or("-".into(), since) } else { "-".into() },
                     i.restarts.to_string(),
+                    i.deploys.to_string(),
                     i.last_exit.as_ref().map_or("-".into(), |e| e.to_string()),
                     match (&i.error, &i.next_start_at) {
+                        _ if i.held => format!("stopped by hand (drover start {}:{})", w.name, i.index),
                         (Some(e), _) => e.clone(),
                         (None, Some(t)) => format!("next start at {t}"),
                         _ => String::new(),
@@ -465,8 +471,16 @@ pub fn plan(ctx: &Ctx, json: bool) -> u8 {
             let line = match c {
                 Change::Start { worker, capacity } => format!("+ start    {worker} (capacity {capacity})"),
                 Change::Stop { worker } => format!("- stop     {worker}"),
-                Change::Restart { worker, fields } => {
-                    format!("~ restart  {worker} (changed: {}; one instance at a time)", fields.join(", "))
+                Change::Restart { worker, fields, from_capacity, to_capacity } => {
+                    let scale = if from_capacity == to_capacity {
+                        String::new()
+                    } else {
+                        format!("; scale {from_capacity} -> {to_capacity}")
+                    };
+                    format!(
+                        "~ restart  {worker} (changed: {}{scale}; one instance at a time)",
+                        fields.join(", ")
+                    )
                 }
                 Change::Update { worker, fields, from_capacity, to_capacity } => {
                     let mut s = format!("~ update   {worker} (changed: {}", fields.join(", "));

@@ -3,11 +3,12 @@
 
 mod client;
 mod config_cmds;
+mod controls;
 mod runs;
 mod start;
 
 use crate::cli::{Cli, Command, RunsAction};
-use crate::supervisor::protocol::Request;
+use crate::supervisor::protocol::{InstanceAction, Request};
 
 use crate::config::Overrides;
 
@@ -38,12 +39,17 @@ pub fn run(cli: Cli) -> u8 {
             exit::OK
         }
         Command::Config { json } => config_cmds::show_config(&cli.config, &overrides, json),
-        Command::Start { detach } => start::start(&cli.config, overrides.clone(), detach, cli.log_format),
-        Command::Stop => client::stop(&ctx),
-        Command::Status { json, name } => client::status(&ctx, json, name),
+        Command::Start { detach, targets } if targets.is_empty() => {
+            start::start(&cli.config, overrides.clone(), detach, cli.log_format)
+        }
+        Command::Start { targets, .. } => controls::act(&ctx, InstanceAction::Start, targets, true),
+        Command::Stop { targets } if targets.is_empty() => client::stop(&ctx),
+        Command::Stop { targets } => controls::act(&ctx, InstanceAction::Stop, targets, true),
+        Command::Status { json, name, check: true } => controls::status_check(&ctx, json, name),
+        Command::Status { json, name, check: false } => client::status(&ctx, json, name),
         Command::Plan { json } => client::plan(&ctx, json),
         Command::Reload => client::simple(&ctx, Request::Reload {}),
-        Command::Restart { name } => client::simple(&ctx, Request::Restart { name }),
+        Command::Restart { targets, wait } => controls::act(&ctx, InstanceAction::Restart, targets, wait),
         Command::Unpark { name } => client::simple(&ctx, Request::Unpark { name }),
         Command::Logs { name, follow, lines } => client::logs(&ctx, &name, follow, lines),
         Command::Trigger { job } => runs::trigger(&ctx, &job),

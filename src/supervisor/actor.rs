@@ -12,12 +12,15 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::sys::signal::Signal as NixSignal;
 use tokio::sync::{mpsc, oneshot, watch};
 
+mod controls;
+
 use super::control::Reply;
 use super::jobs::{JobRt, RunProc, RunTimer, SessionDirs, SpawnedProc};
 use super::logs::{Echo, LogFile, Sink, log_path, pump};
 use super::policy::{AfterExit, Counters, after_exit};
 use super::protocol::{
-    InstanceStatus, ReloadStatus, Request, Response, StatusReport, SupervisorStatus, WorkerStatus,
+    InstanceAction, InstanceStatus, ReloadStatus, Request, Response, StatusReport, SupervisorStatus, Target,
+    WorkerStatus,
 };
 use super::reconcile::{Change, plan, plan_jobs};
 use super::run_ledger::RunLedger;
@@ -154,6 +157,14 @@ struct Instance {
     /// Instances replaced one at a time after a launch-settings change.
     needs_restart: bool,
     worktree: Option<PathBuf>,
+    /// Stopped by hand: neither the policy, a rollout nor a reload starts
+    /// it; `drover start` or `drover restart` does.
+    held: bool,
+    /// Starts caused by a config change or `drover restart` (crash
+    /// restarts are `counters.restarts`).
+    deploys: u32,
+    /// When the stop grace of the current stop ends.
+    kill_at: Option<SystemTime>,
 }
 
 impl Instance {
@@ -173,6 +184,9 @@ impl Instance {
             kill_sent: false,
             needs_restart: false,
             worktree: None,
+            held: false,
+            deploys: 0,
+            kill_at: None,
         }
     }
 
@@ -485,6 +499,7 @@ impl Supervisor {
             // A stopped (SIGSTOP) process would not see the signal.
             let _ = proc::signal_group(pgid, NixSignal::SIGCONT);
         }
+        inst.kill_at = SystemTime::now().checked_add(grace);
         let epoch = inst.epoch;
         self.timer(name, index, epoch, TimerKind::Kill, grace);
     }
@@ -547,7 +562,11 @@ impl Supervisor {
             return;
         }
         match then {
-            Then::Stop => inst.set_phase(Phase::Stopped),
+            Then::Stop => {
+                inst.set_phase(Phase::Stopped);
+                // A hand stop may have cut into a rollout: carry on with the rest.
+                self.continue_rollout(name);
+            }
             Then::Retire => {
                 if let Some(wt) = w.instances.remove(&index).and_then(|i| i.worktree) {
                     worktree::remove(&self.reaper, &w.spec.dir, &wt);
@@ -557,8 +576,8 @@ impl Supervisor {
                 }
             }
             Then::Start => {
-                inst.counters = Counters { restarts: inst.counters.restarts + 1, ..Counters::default() };
-                self.spawn(name, index);
+                inst.counters = Counters { restarts: inst.counters.restarts, ..Counters::default() };
+                self.deploy(name, index);
                 self.continue_rollout(name);
             }
             Then::Policy { exit, uptime } => {
@@ -734,7 +753,7 @@ impl Supervisor {
             }
         }
         for i in idle {
-            self.spawn(name, i);
+            self.deploy(name, i);
         }
         // A stopped instance (it finished under on-failure or never)
         // runs again with the new settings.
@@ -742,11 +761,11 @@ impl Supervisor {
         let stopped: Vec<u32> = w
             .instances
             .iter()
-            .filter(|(_, i)| i.needs_restart && i.phase == Phase::Stopped)
+            .filter(|(_, i)| i.needs_restart && i.phase == Phase::Stopped && !i.held)
             .map(|(k, _)| *k)
             .collect();
         for i in stopped {
-            self.spawn(name, i);
+            self.deploy(name, i);
         }
         let Some(w) = self.workers.get_mut(name) else { return };
         let next =
@@ -892,7 +911,14 @@ impl Supervisor {
                 Ok(run) => Response::RunInfo(Box::new(run)),
                 Err(message) => Response::Error { message },
             },
-            Request::Restart { name } => self.restart(&name),
+            Request::Instances { action, targets } => self.on_instances(action, &targets),
+            // The older form of `restart NAME`, still understood.
+            Request::Restart { name } => {
+                match self.on_instances(InstanceAction::Restart, &[Target { worker: name, index: None }]) {
+                    Response::Instances { message, .. } => Response::Ok { message },
+                    other => other,
+                }
+            }
             Request::Unpark { name } => self.unpark(&name),
             Request::LogPath { name } => {
                 let state_dir = &self.config.supervisor.state_dir;
@@ -906,27 +932,6 @@ impl Supervisor {
             }
         };
         let _ = reply.send(Reply::Response(resp));
-    }
-
-    fn restart(&mut self, name: &str) -> Response {
-        let Some(w) = self.workers.get_mut(name) else {
-            return Response::Error { message: format!("no worker named {name:?}") };
-        };
-        for inst in w.instances.values_mut() {
-            inst.needs_restart = true;
-        }
-        self.continue_rollout(name);
-        // Stopped instances (exit 0 under on-failure, never) start again too.
-        let stopped: Vec<u32> = self.workers[name]
-            .instances
-            .iter()
-            .filter(|(_, i)| i.phase == Phase::Stopped)
-            .map(|(k, _)| *k)
-            .collect();
-        for i in stopped {
-            self.spawn(name, i);
-        }
-        Response::Ok { message: format!("restarting {name}") }
     }
 
     fn unpark(&mut self, name: &str) -> Response {
@@ -1079,11 +1084,17 @@ fn instance_status(index: u32, inst: &Instance) -> InstanceStatus {
         start_ticks: inst.start_ticks,
         state: inst.phase.name().into(),
         restarts: inst.counters.restarts,
+        deploys: inst.deploys,
+        held: inst.held,
         started_at: inst.started_at.map(rfc3339),
         last_exit: inst.last_exit.clone(),
         error,
         next_start_at: match inst.phase {
             Phase::Backoff { until } => Some(rfc3339(until)),
+            _ => None,
+        },
+        kill_at: match inst.phase {
+            Phase::Stopping | Phase::Draining if !inst.kill_sent => inst.kill_at.map(rfc3339),
             _ => None,
         },
     }

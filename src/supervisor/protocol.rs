@@ -29,6 +29,11 @@ pub enum Request {
     Restart {
         name: String,
     },
+    /// Stop, start or restart some instances (`drover stop web:1`, …).
+    Instances {
+        action: InstanceAction,
+        targets: Vec<Target>,
+    },
     Unpark {
         name: String,
     },
@@ -100,6 +105,74 @@ pub enum Response {
         id: i64,
     },
     RunInfo(Box<Run>),
+    /// What an `Instances` request acted on, each as it was before.
+    Instances {
+        message: String,
+        instances: Vec<Affected>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceAction {
+    /// Stop by hand: stopped until started again (or drover restarts).
+    Stop,
+    /// Start what is stopped (by hand or by the policy) or parked.
+    Start,
+    /// Replace, one at a time; a held instance is started.
+    Restart,
+}
+
+/// A worker, or one instance of it: `web` or `web:1` on the command line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    pub worker: String,
+    #[serde(default)]
+    pub index: Option<u32>,
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (worker, index) = match s.split_once(':') {
+            None => (s, None),
+            Some((w, i)) => match i.parse::<u32>() {
+                Ok(i) => (w, Some(i)),
+                Err(_) => {
+                    return Err(format!(
+                        "{s:?}: the instance after ':' must be a number, as in {w}:0 (or name the whole worker: {w})"
+                    ));
+                }
+            },
+        };
+        if worker.is_empty() {
+            return Err(format!("{s:?}: no worker name; write NAME or NAME:INDEX, as in web:0"));
+        }
+        Ok(Target { worker: worker.to_string(), index })
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.index {
+            Some(i) => write!(f, "{}:{i}", self.worker),
+            None => f.write_str(&self.worker),
+        }
+    }
+}
+
+/// One instance an `Instances` request acted on, as it was before: a
+/// client waiting for a restart waits until `deploys` has grown or the
+/// instance was started since (`started_at` moved on).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Affected {
+    pub worker: String,
+    pub index: u32,
+    pub pid: Option<i32>,
+    pub deploys: u32,
+    pub started_at: Option<String>,
 }
 
 /// `status --json`, and the state file.
@@ -164,13 +237,24 @@ pub struct InstanceStatus {
     pub start_ticks: Option<u64>,
     /// starting, running, backoff, parked, stopping, stopped.
     pub state: String,
+    /// Restarts after a crash (an exit the policy restarted).
     pub restarts: u32,
+    /// Restarts caused by a config change or `drover restart`.
+    #[serde(default)]
+    pub deploys: u32,
+    /// Stopped by hand (`drover stop`): not restarted until `drover start`.
+    #[serde(default)]
+    pub held: bool,
     pub started_at: Option<String>,
     pub last_exit: Option<Exit>,
     /// Why it is parked, or why it could not be started.
     pub error: Option<String>,
     /// When a restart in backoff is due.
     pub next_start_at: Option<String>,
+    /// For a stopping instance: when its group gets SIGKILL if it is
+    /// still there (none once SIGKILL is sent).
+    #[serde(default)]
+    pub kill_at: Option<String>,
 }
 
 #[cfg(test)]

@@ -24,8 +24,9 @@ pub enum Change {
     Start { worker: String, capacity: u32 },
     /// A removed worker: stop every instance.
     Stop { worker: String },
-    /// Launch settings changed: replace instances one at a time.
-    Restart { worker: String, fields: Vec<String> },
+    /// Launch settings changed: replace instances one at a time (and
+    /// scale, when capacity changed too).
+    Restart { worker: String, fields: Vec<String>, from_capacity: u32, to_capacity: u32 },
     /// Only live settings (maybe capacity) changed: running processes stay.
     Update { worker: String, fields: Vec<String>, from_capacity: u32, to_capacity: u32 },
 }
@@ -75,7 +76,12 @@ pub fn plan(desired: &BTreeMap<String, Worker>, actual: &Actual<'_>) -> Vec<Chan
                     continue;
                 }
                 if fields.iter().any(|f| RESTART_FIELDS.contains(&f.as_str())) {
-                    changes.push(Change::Restart { worker: name.clone(), fields });
+                    changes.push(Change::Restart {
+                        worker: name.clone(),
+                        fields,
+                        from_capacity: old.capacity,
+                        to_capacity: w.capacity,
+                    });
                 } else {
                     changes.push(Change::Update {
                         worker: name.clone(),
@@ -209,7 +215,12 @@ mod tests {
         assert_eq!(
             p,
             [
-                Change::Restart { worker: "cmd".into(), fields: vec!["command".into()] },
+                Change::Restart {
+                    worker: "cmd".into(),
+                    fields: vec!["command".into()],
+                    from_capacity: 1,
+                    to_capacity: 1
+                },
                 Change::Start { worker: "fresh".into(), capacity: 3 },
                 Change::Update {
                     worker: "scale".into(),
@@ -274,6 +285,24 @@ mod tests {
             ]
         );
         assert!(plan_jobs(&old, &old).is_empty());
+    }
+
+    #[test]
+    fn a_restart_keeps_the_scale_of_a_capacity_change() {
+        let old: BTreeMap<_, _> = [("a".to_string(), w("x", 1))].into();
+        let mut new = old.clone();
+        let a = new.get_mut("a").unwrap();
+        a.env.insert("K".into(), "v".into());
+        a.capacity = 2;
+        assert_eq!(
+            plan(&new, &actual(&old)),
+            [Change::Restart {
+                worker: "a".into(),
+                fields: vec!["env".into(), "capacity".into()],
+                from_capacity: 1,
+                to_capacity: 2
+            }]
+        );
     }
 
     #[test]

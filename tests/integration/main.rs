@@ -7,6 +7,7 @@ mod chaos;
 mod check;
 mod config_cmd;
 mod control;
+mod controls;
 mod jobs;
 mod ledger_faults;
 mod output;

@@ -299,7 +299,8 @@ fn restart_replaces_every_instance_one_at_a_time() {
         (0..2).all(|i| {
             let inst = instance(v, "pair", i);
             inst["state"] == "running"
-                && inst["restarts"] == 1
+                && inst["deploys"] == 1
+                && inst["restarts"] == 0
                 && inst["pid"].as_i64() != Some(old[i as usize])
         })
     });
