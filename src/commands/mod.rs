@@ -3,6 +3,8 @@
 
 mod client;
 mod config_cmds;
+mod logread;
+mod logs;
 mod runs;
 mod start;
 
@@ -45,7 +47,9 @@ pub fn run(cli: Cli) -> u8 {
         Command::Reload => client::simple(&ctx, Request::Reload),
         Command::Restart { name } => client::simple(&ctx, Request::Restart { name }),
         Command::Unpark { name } => client::simple(&ctx, Request::Unpark { name }),
-        Command::Logs { name, follow, lines } => client::logs(&ctx, &name, follow, lines),
+        Command::Logs { name, follow, lines, since, instance } => {
+            logs::logs(&ctx, name.as_deref(), logs::Options { follow, lines, since, instance })
+        }
         Command::Trigger { job } => runs::trigger(&ctx, &job),
         Command::Runs { action, json, job, state, limit } => match action {
             None => runs::list(&ctx, json, job.as_deref(), state.as_deref(), limit),

@@ -5,8 +5,9 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use super::client::{Ctx, ask, follow_file, no_supervisor, print_tail, table, unexpected};
+use super::client::{Ctx, ask, no_supervisor, table, unexpected};
 use super::exit;
+use super::logread::{AlsoWatch, Filter, Source, follow, tail, write_line};
 use crate::ledger::{Ledger, Run, RunState, path_in};
 use crate::supervisor::jobs::run_log_path;
 use crate::supervisor::protocol::{Request, Response};
@@ -188,24 +189,34 @@ pub fn attach(ctx: &Ctx, key: &str) -> u8 {
         Err(code) => return code,
     };
     let log = run.log.clone().unwrap_or_else(|| run_log_path(&dir, run.id));
-    let mut offset = {
-        let stdout = std::io::stdout();
-        let mut out = stdout.lock();
-        match print_tail(&log, usize::MAX, &mut out) {
-            Ok(n) => n,
+    let (found, tracked) =
+        match tail(&[Source { label: None, path: log.clone() }], usize::MAX, Filter::default()) {
+            Ok(t) => t,
             Err(e) => {
                 eprintln!("drover: cannot read {}: {e}", log.display());
                 return exit::FAILED;
             }
+        };
+    {
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        for f in &found {
+            if write_line(&mut out, None, &f.line).is_err() {
+                return exit::OK;
+            }
         }
-    };
+    }
     let ledger = match open_ledger(&dir) {
         Ok(Some(l)) => l,
         Ok(None) => return exit::FAILED,
         Err(code) => return code,
     };
     let id = run.id;
-    follow_file(&log, &mut offset, Some(&dir), || {
+    // The session's end is learnt from the ledger: woken when the ledger
+    // files change (the supervisor writes the end there), never by a timer.
+    let prefix = path_in(&dir).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let also = AlsoWatch { dir: dir.clone(), prefix };
+    let result = follow(tracked, Filter::default(), Some(also), || {
         let r = ledger.get(id).ok().flatten()?;
         if !r.state.is_terminal() {
             return None;
@@ -217,5 +228,9 @@ pub fn attach(ctx: &Ctx, key: &str) -> u8 {
             _ if r.state == RunState::Succeeded => exit::OK,
             _ => exit::FAILED,
         })
+    });
+    result.unwrap_or_else(|msg| {
+        eprintln!("drover: {msg}");
+        exit::FAILED
     })
 }

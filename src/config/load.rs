@@ -516,13 +516,19 @@ fn schema_diagnostics(
     }
 }
 
+/// The one of `candidates` closest to `word`, if it is close enough to be
+/// a likely typo.
+pub fn nearest<'c, S: AsRef<str>>(word: &str, candidates: &'c [S]) -> Option<&'c str> {
+    candidates
+        .iter()
+        .map(AsRef::as_ref)
+        .min_by_key(|a| edit_distance(word, a))
+        .filter(|a| edit_distance(word, a) <= 2.max(word.len() / 3))
+}
+
 fn unknown_key_message(key: &str, allowed: &[String]) -> String {
     let mut msg = format!("unknown key {key:?}");
-    if let Some(near) = allowed
-        .iter()
-        .min_by_key(|a| edit_distance(key, a))
-        .filter(|a| edit_distance(key, a) <= 2.max(key.len() / 3))
-    {
+    if let Some(near) = nearest(key, allowed) {
         msg.push_str(&format!("; did you mean {near:?}?"));
     } else if !allowed.is_empty() {
         msg.push_str(&format!("; expected one of: {}", allowed.join(", ")));
