@@ -249,16 +249,24 @@ pub fn load_text(path: &Path, text: String, overrides: &Overrides) -> Result<Loa
 
     let merged: serde_json::Value = figment.extract().map_err(|e| locate.figment(e))?;
     let (schema_value, validator) = schema::validator();
-    let mut diags: Vec<Diagnostic> = validator
-        .iter_errors(&merged)
-        .flat_map(|e| schema_diagnostics(schema_value, &e))
-        .map(|(path, prefer_key, msg)| locate.diag(&path, prefer_key, msg))
-        .collect();
+    let mut diags = Vec::new();
+    let mut wrong = Vec::new();
+    for e in validator.iter_errors(&merged) {
+        for (path, prefer_key, msg) in schema_diagnostics(schema_value, &e) {
+            wrong.push(path.clone());
+            diags.push(locate.diag(&path, prefer_key, msg));
+        }
+    }
     let base_dir = base_dir(path);
     if !diags.is_empty() {
-        // Report the semantic mistakes too, where the file still reads
-        // into the raw types: a user fixes everything in one round.
-        if let Ok(raw) = figment.extract::<RawConfig>()
+        // Report the semantic mistakes too: the keys the schema refused
+        // are left out, and what remains is checked, so a user fixes
+        // everything in one round.
+        let mut rest = merged.clone();
+        for p in &wrong {
+            remove_path(&mut rest, p);
+        }
+        if let Ok(raw) = serde_json::from_value::<RawConfig>(rest)
             && let Err(problems) = resolve(&raw, &base_dir)
         {
             for p in problems {
@@ -306,6 +314,37 @@ pub fn state_dir_of(path: &Path, overrides: &Overrides) -> PathBuf {
 pub fn base_dir(config_path: &Path) -> PathBuf {
     let parent = config_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf())
+}
+
+/// Removes the value at `path` (object keys and array indices) from `v`;
+/// an array element is replaced by null rather than shifting the others.
+fn remove_path(v: &mut serde_json::Value, path: &[String]) {
+    let Some((last, parents)) = path.split_last() else { return };
+    let mut node = v;
+    for key in parents {
+        node = match node {
+            serde_json::Value::Object(m) => match m.get_mut(key) {
+                Some(n) => n,
+                None => return,
+            },
+            serde_json::Value::Array(a) => match key.parse::<usize>().ok().and_then(|i| a.get_mut(i)) {
+                Some(n) => n,
+                None => return,
+            },
+            _ => return,
+        };
+    }
+    match node {
+        serde_json::Value::Object(m) => {
+            m.remove(last);
+        }
+        serde_json::Value::Array(a) => {
+            if let Some(item) = last.parse::<usize>().ok().and_then(|i| a.get_mut(i)) {
+                *item = serde_json::Value::Null;
+            }
+        }
+        _ => {}
+    }
 }
 
 fn sort_dedup(diags: &mut Vec<Diagnostic>) {
