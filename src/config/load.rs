@@ -234,6 +234,11 @@ pub fn load_text(path: &Path, text: String, overrides: &Overrides) -> Result<Loa
             .collect());
     }
 
+    let created = created_by_overrides(&table, overrides);
+    if !created.is_empty() {
+        return Err(created);
+    }
+
     let mut figment =
         Figment::new().merge(Layer { name: format!("file {}", path.display()), dict: to_dict(&table) });
     for o in &overrides.layers {
@@ -289,6 +294,74 @@ pub fn load_text(path: &Path, text: String, overrides: &Overrides) -> Result<Loa
     })?;
     let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     Ok(Loaded { config, path, text })
+}
+
+/// Overrides that name a worker or job the file does not define, without
+/// also giving what defines one (`command`, or `steps` for a job): most
+/// likely a typo (`--set workers.apii.capacity=2`), which would otherwise
+/// add a worker with no command.
+fn created_by_overrides(file: &toml::Table, overrides: &Overrides) -> Vec<Diagnostic> {
+    // What the overrides, merged in order, say about each section.
+    let mut merged = toml::Table::new();
+    for o in &overrides.layers {
+        let mut v = o.value.clone();
+        for key in o.path.iter().rev() {
+            let mut t = toml::Table::new();
+            t.insert(key.clone(), v);
+            v = toml::Value::Table(t);
+        }
+        if let toml::Value::Table(t) = v {
+            merge_into(&mut merged, t);
+        }
+    }
+    let mut out = Vec::new();
+    for (section, what, defining) in
+        [("workers", "worker", &["command"][..]), ("jobs", "job", &["command", "steps"][..])]
+    {
+        let in_file: Vec<String> = file
+            .get(section)
+            .and_then(|s| s.as_table())
+            .map(|t| t.keys().cloned().collect())
+            .unwrap_or_default();
+        let Some(given) = merged.get(section).and_then(|s| s.as_table()) else { continue };
+        for (name, body) in given {
+            let defines = body.as_table().is_some_and(|t| defining.iter().any(|k| t.contains_key(*k)));
+            if in_file.contains(name) || defines {
+                continue;
+            }
+            let Some(o) = overrides.layers.iter().rev().find(|o| {
+                o.path.first().is_some_and(|s| s == section)
+                    && (o.path.get(1) == Some(name) || (o.path.len() == 1 && o.value.get(name).is_some()))
+            }) else {
+                continue;
+            };
+            let mut message = format!("no {what} {name:?} in the file");
+            if let Some(near) = nearest(name, &in_file) {
+                message.push_str(&format!("; did you mean {near:?}?"));
+            }
+            message.push_str(&format!(
+                " (an override may add a {what} only together with its {})",
+                defining.join(" or ")
+            ));
+            out.push(Diagnostic {
+                origin: o.origin.clone(),
+                key: display_key(&[section.to_string(), name.clone()]),
+                message,
+            });
+        }
+    }
+    out
+}
+
+fn merge_into(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge_into(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
 }
 
 /// The state_dir a config names, read leniently: commands that only talk
@@ -687,14 +760,23 @@ mod tests {
             "{}",
             errs[0]
         );
-        let errs = load_str(BASE, &[], &["workers.api.capacity=2"]).unwrap_err();
+        let errs = load_str(BASE, &[], &["workers.wbe.capacity=2"]).unwrap_err();
+        assert_eq!(
+            errs[0].to_string(),
+            "--set workers.wbe.capacity=2: workers.wbe: no worker \"wbe\" in the file; did you mean \"web\"? \
+             (an override may add a worker only together with its command)"
+        );
+        let errs = load_str(BASE, &[("DROVER_JOBS__REPORT__EVERY", "1h")], &[]).unwrap_err();
         assert!(
             errs[0]
                 .to_string()
-                .contains("--set workers.api.capacity=2: workers.api: missing required key \"command\""),
-            "{}",
-            errs[0]
+                .starts_with("environment variable DROVER_JOBS__REPORT__EVERY: jobs.report: no job")
         );
+        // With its command, an override may add one.
+        let c = load_str(BASE, &[], &["workers.api.capacity=2", "workers.api.command=[\"true\"]"]).unwrap();
+        assert_eq!(c.workers["api"].capacity, 2);
+        let c = load_str(BASE, &[("DROVER_JOBS__J__COMMAND", "[\"true\"]")], &[]).unwrap();
+        assert!(c.jobs.contains_key("j"));
         let err = Overrides::new(Vec::new(), &["novalue".into()]).unwrap_err();
         assert!(err.to_string().contains("expected KEY=VALUE"));
     }

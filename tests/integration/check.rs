@@ -572,6 +572,37 @@ fn set_that_breaks_a_semantic_rule_names_the_argument() {
 }
 
 #[test]
+fn an_override_naming_an_unknown_worker_or_job_is_a_typo_not_a_new_one() {
+    let sb = Sandbox::new();
+    sb.write("daemon.toml", format!("{WEB}[jobs.report]\ncommand = [\"true\"]\n"));
+    let out = run(sb.drover().args(["--set", "workers.wbe.capacity=2", "check"]));
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    let first = out.stderr.lines().next().unwrap();
+    assert!(
+        first.starts_with(
+            "--set workers.wbe.capacity=2: workers.wbe: no worker \"wbe\" in the file; did you mean \"web\"?"
+        ),
+        "{first}"
+    );
+    let out = run(sb.drover().env("DROVER_JOBS__REPROT__EVERY", "1h").arg("check"));
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    let first = out.stderr.lines().next().unwrap();
+    assert!(
+        first.starts_with("environment variable DROVER_JOBS__REPROT__EVERY: jobs.reprot: no job \"reprot\" in the file; did you mean \"report\"?"),
+        "{first}"
+    );
+    // Given with its command, a new one is what was meant.
+    let out = run(sb.drover().args([
+        "--set",
+        "workers.wbe.capacity=2",
+        "--set",
+        "workers.wbe.command=[\"true\"]",
+        "check",
+    ]));
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+}
+
+#[test]
 fn valid_overrides_keep_a_valid_file_valid() {
     let sb = Sandbox::new();
     sb.write("daemon.toml", WEB);
