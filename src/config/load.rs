@@ -207,10 +207,16 @@ pub fn load_text(path: &Path, text: String, overrides: &Overrides) -> Result<Loa
     }
     let doc = toml_edit::Document::parse(text.clone()).map_err(|e| {
         let (line, column) = e.span().map(|s| line_col(&text, s.start)).unzip();
+        let mut message = format!("invalid TOML: {}", e.message().trim());
+        if let Some(span) = e.span()
+            && message.ends_with("duplicate key")
+        {
+            message.push_str(&duplicate_key_detail(&text, span.start));
+        }
         vec![Diagnostic {
             origin: Origin::File { file: path.to_path_buf(), line, column },
             key: String::new(),
-            message: format!("invalid TOML: {}", e.message().trim()),
+            message,
         }]
     })?;
     let locate = Locator { path, lines: Lines::new(&text), doc: &doc, overrides };
@@ -387,6 +393,33 @@ pub fn state_dir_of(path: &Path, overrides: &Overrides) -> PathBuf {
 pub fn base_dir(config_path: &Path) -> PathBuf {
     let parent = config_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf())
+}
+
+/// For a duplicate key at byte `at` of `text`: the key, and the line where
+/// the same table gave it first (toml_edit names neither).
+fn duplicate_key_detail(text: &str, at: usize) -> String {
+    let rest = text.get(at..).unwrap_or_default();
+    let key: String = rest.chars().take_while(|c| *c != '=' && *c != '\n').collect();
+    let key = key.trim();
+    if key.is_empty() {
+        return String::new();
+    }
+    let mut detail = format!(" {key:?}");
+    // Look back to the table header for the first time it was set.
+    let before = &text[..at.min(text.len())];
+    let lines: Vec<&str> = before.lines().collect();
+    for (i, l) in lines.iter().enumerate().rev() {
+        let l = l.trim_start();
+        if l.starts_with('[') {
+            break;
+        }
+        if l.split('=').next().is_some_and(|k| k.trim() == key) && l.contains('=') {
+            detail.push_str(&format!(", first set on line {}", i + 1));
+            break;
+        }
+    }
+    detail.push_str("; keep one of them");
+    detail
 }
 
 /// Removes the value at `path` (object keys and array indices) from `v`;
@@ -604,6 +637,15 @@ fn schema_diagnostics(
         K::Enum { options } => {
             let opts: Vec<String> = options.as_array().into_iter().flatten().map(|o| o.to_string()).collect();
             one(format!("expected one of {}, found {found}", opts.join(", ")))
+        }
+        K::Type { .. } if title == "Duration" => {
+            let example = match &**e.instance() {
+                serde_json::Value::Number(n) => format!("\"{n}s\""),
+                _ => "\"30s\"".into(),
+            };
+            one(format!(
+                "expected a duration such as {example} (a number and a unit: ms, s, m, h), found {found}"
+            ))
         }
         K::Type { .. } => {
             let expected = node.map(expected_type).unwrap_or_else(|| "another type".into());
