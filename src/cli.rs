@@ -147,6 +147,9 @@ pub enum Command {
         /// `json` prints diagnostics for machines (file, line, column, key, message).
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
+        /// Treat warnings (such as a program not on PATH) as errors.
+        #[arg(long)]
+        strict: bool,
     },
     /// Print the JSON schema of daemon.toml.
     Schema,

@@ -31,9 +31,9 @@ pub fn run(cli: Cli) -> u8 {
     };
     let ctx = client::Ctx { config: &cli.config, overrides: &overrides };
     match cli.command {
-        Command::Check { files, format } => {
+        Command::Check { files, format, strict } => {
             let files = if files.is_empty() { vec![cli.config.clone()] } else { files };
-            config_cmds::check(&files, &overrides, format)
+            config_cmds::check(&files, &overrides, format, strict)
         }
         Command::Schema => {
             print!("{}", crate::config::schema::schema_text());
