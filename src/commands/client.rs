@@ -150,6 +150,7 @@ pub fn render_status(r: &StatusReport, state_dir: &Path) -> String {
         out.push_str(&format!("config: {}\n", c.display()));
     }
     out.push_str(&format!("state_dir: {}\n", state_dir.display()));
+    out.push_str(&overrides_text(&r.overrides));
     if let Some(lr) = &s.last_reload {
         match &lr.error {
             None => out.push_str(&format!("last reload: {} ok\n", lr.at)),
@@ -233,6 +234,20 @@ pub fn render_status(r: &StatusReport, state_dir: &Path) -> String {
     out
 }
 
+/// The overrides in force, one a line: `KEY = VALUE (overridden by …)`.
+fn overrides_text(overrides: &[crate::config::load::ShownOverride]) -> String {
+    let mut out = String::new();
+    if overrides.is_empty() {
+        return out;
+    }
+    out.push_str("overrides:\n");
+    for o in overrides {
+        let value = o.value.as_deref().map_or(String::new(), |v| format!(" = {v}"));
+        out.push_str(&format!("  {}{value} (overridden by {})\n", o.key, o.by));
+    }
+    out
+}
+
 /// Left-aligned columns, two spaces apart.
 pub(super) fn table(rows: Vec<Vec<String>>) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
@@ -283,6 +298,17 @@ pub fn plan(ctx: &Ctx, json: bool) -> u8 {
             };
             println!("{line}");
         }
+    }
+    if !json
+        && let Ok(Some(Response::Status(r))) = ask(&dir, &Request::Status { name: None })
+        && !r.overrides.is_empty()
+    {
+        // The supervisor applies its own overrides to the file, not this
+        // command's: say which.
+        print!(
+            "{}",
+            overrides_text(&r.overrides).replacen("overrides:", "with the supervisor's overrides:", 1)
+        );
     }
     if changes.is_empty() { exit::OK } else { exit::FAILED }
 }

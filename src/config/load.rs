@@ -101,6 +101,55 @@ impl Overrides {
     }
 }
 
+/// An override as `status` shows it: which key, set how, and its value
+/// unless it may be secret (anything under an `env` table).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ShownOverride {
+    /// The key path, dotted (`workers.api.capacity`).
+    pub key: String,
+    /// "set" or "env".
+    pub source: String,
+    /// `--set workers.api.capacity=3`, or the variable's name (an
+    /// argument whose value is hidden is shown as `--set KEY=…`).
+    pub by: String,
+    /// The value as TOML; absent when it is not shown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+impl Overrides {
+    /// The overrides, as `status` and `plan` show them.
+    pub fn shown(&self) -> Vec<ShownOverride> {
+        self.layers
+            .iter()
+            .map(|o| {
+                let key = display_key(&o.path);
+                let hidden = o.path.iter().any(|s| s == "env") || has_env_table(&o.value);
+                let (source, by) = match &o.origin {
+                    Origin::Env { variable } => ("env", variable.clone()),
+                    Origin::Set { .. } if hidden => ("set", format!("--set {key}=…")),
+                    Origin::Set { argument } => ("set", format!("--set {argument}")),
+                    Origin::File { .. } => ("file", String::new()),
+                };
+                ShownOverride {
+                    key,
+                    source: source.into(),
+                    by,
+                    value: (!hidden).then(|| o.value.to_string()),
+                }
+            })
+            .collect()
+    }
+}
+
+fn has_env_table(v: &toml::Value) -> bool {
+    match v {
+        toml::Value::Table(t) => t.iter().any(|(k, v)| k == "env" || has_env_table(v)),
+        toml::Value::Array(a) => a.iter().any(has_env_table),
+        _ => false,
+    }
+}
+
 impl Override {
     fn new(origin: Origin, path: Vec<String>, raw: &str) -> Result<Self, Diagnostic> {
         if path.iter().any(|s| s.is_empty()) {
@@ -885,6 +934,34 @@ mod tests {
         let text = "[workers.web]\ncommand = [\"x\"]\ncapacity = 0\n[jobs.a]\ncommand = [\"true\"]\nschedule = \"bad\"\n";
         let keys: Vec<String> = load_str(text, &[], &[]).unwrap_err().into_iter().map(|d| d.key).collect();
         assert_eq!(keys, ["workers.web.capacity", "jobs.a.schedule"]);
+    }
+
+    #[test]
+    fn overrides_are_shown_without_secret_values() {
+        let o = Overrides::new(
+            [
+                ("DROVER_WORKERS__API__CAPACITY".to_string(), "3".to_string()),
+                ("DROVER_WORKERS__API__ENV__TOKEN".to_string(), "hunter2".to_string()),
+            ],
+            &["defaults.stop_grace=5s".into(), "workers.api={ env = { K = \"hunter3\" } }".into()],
+        )
+        .unwrap();
+        let shown = o.shown();
+        let text = format!("{shown:?}");
+        assert!(!text.contains("hunter2") && !text.contains("hunter3"), "{text}");
+        assert_eq!(
+            shown[0],
+            ShownOverride {
+                key: "workers.api.capacity".into(),
+                source: "env".into(),
+                by: "DROVER_WORKERS__API__CAPACITY".into(),
+                value: Some("3".into())
+            }
+        );
+        assert_eq!((shown[1].key.as_str(), shown[1].value.as_deref()), ("workers.api.env.TOKEN", None));
+        assert_eq!(shown[2].by, "--set defaults.stop_grace=5s");
+        assert_eq!(shown[2].value.as_deref(), Some("\"5s\""));
+        assert_eq!((shown[3].by.as_str(), shown[3].value.as_deref()), ("--set workers.api=…", None));
     }
 
     #[test]

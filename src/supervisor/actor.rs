@@ -1023,6 +1023,7 @@ impl Supervisor {
             jobs: if with_runs { self.jobs_status() } else { Vec::new() },
             sessions: active.iter().filter(|r| r.kind == Kind::Session).cloned().collect(),
             runs: active.into_iter().filter(|r| r.kind != Kind::Session).collect(),
+            overrides: self.opts.overrides.shown(),
         }
     }
 
