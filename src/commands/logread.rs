@@ -238,7 +238,9 @@ pub struct Tracked {
 }
 
 impl Tracked {
-    fn new(src: Source) -> Self {
+    /// A log to be printed from its start: the follower's first look
+    /// prints what is there, a chunk at a time.
+    pub fn new(src: Source) -> Self {
         Tracked { src, file: None, ino: 0, pos: 0, partial: Vec::new() }
     }
 

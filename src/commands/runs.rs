@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use super::client::{Ctx, ask, no_supervisor, table, unexpected};
 use super::exit;
-use super::logread::{AlsoWatch, Filter, Source, follow, tail, write_line};
+use super::logread::{AlsoWatch, Filter, Source, Tracked, follow};
 use crate::ledger::{Ledger, Run, RunState, path_in};
 use crate::supervisor::jobs::run_log_path;
 use crate::supervisor::protocol::{Request, Response};
@@ -189,23 +189,9 @@ pub fn attach(ctx: &Ctx, key: &str) -> u8 {
         Err(code) => return code,
     };
     let log = run.log.clone().unwrap_or_else(|| run_log_path(&dir, run.id));
-    let (found, tracked) =
-        match tail(&[Source { label: None, path: log.clone() }], usize::MAX, Filter::default()) {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("drover: cannot read {}: {e}", log.display());
-                return exit::FAILED;
-            }
-        };
-    {
-        let stdout = std::io::stdout();
-        let mut out = stdout.lock();
-        for f in &found {
-            if write_line(&mut out, None, &f.line).is_err() {
-                return exit::OK;
-            }
-        }
-    }
+    // Printed from the start by the follower's first look, a chunk at a
+    // time: a long session's log is never held whole.
+    let tracked = vec![Tracked::new(Source { label: None, path: log })];
     let ledger = match open_ledger(&dir) {
         Ok(Some(l)) => l,
         Ok(None) => return exit::FAILED,
