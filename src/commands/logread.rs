@@ -371,6 +371,12 @@ pub fn follow(
     dirs.sort();
     dirs.dedup();
     for d in &dirs {
+        if !d.is_dir() {
+            return Err(format!(
+                "cannot follow: {} does not exist (has the supervisor run yet?)",
+                d.display()
+            ));
+        }
         watcher.watch(d, RecursiveMode::NonRecursive).map_err(|e| watch_error(&e))?;
     }
     let stdout = io::stdout();
