@@ -432,12 +432,13 @@ fn followers_sleep_while_output_is_quiet_and_miss_no_line_across_rotations() {
         "--",
         "sh",
         "-c",
-        &format!("while [ ! -e {go} ]; do sleep 0.05; done; echo bye; exit 3", go = go.display()),
+        &format!("echo hello; while [ ! -e {go} ]; do sleep 0.05; done; echo bye; exit 3", go = go.display()),
     ]);
     assert_eq!(session.code, Some(0), "{}", session.stderr);
     let logs = Client::spawn(&sb, &["logs", "ticker", "-f"]);
     logs.until(" 0 out start");
     let mut attach = Client::spawn(&sb, &["attach", "quiet"]);
+    attach.until(" 0 out hello"); // both are following now
 
     // A measuring window, not a synchronization: nothing is written now.
     let before = (cpu_ticks(logs.child.id()), cpu_ticks(attach.child.id()));
