@@ -444,27 +444,39 @@ pub fn base_dir(config_path: &Path) -> PathBuf {
     std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf())
 }
 
-/// For a duplicate key at byte `at` of `text`: the key, and the line where
-/// the same table gave it first (toml_edit names neither).
+/// For a duplicate key at byte `at` of `text`: the key (or table), and
+/// the line that gave it first (toml_edit names neither).
 fn duplicate_key_detail(text: &str, at: usize) -> String {
-    let rest = text.get(at..).unwrap_or_default();
-    let key: String = rest.chars().take_while(|c| *c != '=' && *c != '\n').collect();
+    let at = at.min(text.len());
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or_default();
+    let earlier: Vec<&str> = text[..line_start].lines().collect();
+    if line.trim_start().starts_with('[') {
+        // A table given twice: `[workers.web]` … `[workers.web]`.
+        let header = line.trim();
+        let first = earlier.iter().position(|l| l.trim() == header);
+        return match first {
+            Some(i) => format!(": table {header} is also on line {}; merge the two", i + 1),
+            None => format!(": table {header} is defined twice; merge the two"),
+        };
+    }
+    let key: String = text[at..].chars().take_while(|c| !"=,}]\n".contains(*c)).collect();
     let key = key.trim();
     if key.is_empty() {
         return String::new();
     }
     let mut detail = format!(" {key:?}");
-    // Look back to the table header for the first time it was set.
-    let before = &text[..at.min(text.len())];
-    let lines: Vec<&str> = before.lines().collect();
-    for (i, l) in lines.iter().enumerate().rev() {
-        let l = l.trim_start();
-        if l.starts_with('[') {
-            break;
-        }
-        if l.split('=').next().is_some_and(|k| k.trim() == key) && l.contains('=') {
-            detail.push_str(&format!(", first set on line {}", i + 1));
-            break;
+    // A key of the table: look back to its header for the first time.
+    if text[line_start..at].trim().is_empty() {
+        for (i, l) in earlier.iter().enumerate().rev() {
+            let l = l.trim_start();
+            if l.starts_with('[') {
+                break;
+            }
+            if l.contains('=') && l.split('=').next().is_some_and(|k| k.trim() == key) {
+                detail.push_str(&format!(", first set on line {}", i + 1));
+                break;
+            }
         }
     }
     detail.push_str("; keep one of them");
