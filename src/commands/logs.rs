@@ -65,6 +65,10 @@ pub fn logs(ctx: &Ctx, name: Option<&str>, opts: Options) -> u8 {
             return exit::FAILED;
         }
     };
+    if found.is_empty() && name.is_some() && !sources[0].path.exists() {
+        // Runs make their log on their first line: say why nothing shows.
+        eprintln!("drover: no output yet ({} does not exist)", sources[0].path.display());
+    }
     {
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
