@@ -311,9 +311,15 @@ pub fn load_text(path: &Path, text: String, overrides: &Overrides) -> Result<Loa
     let (schema_value, validator) = schema::validator();
     let mut diags = Vec::new();
     let mut wrong = Vec::new();
+    let mut missing = Vec::new();
     for e in validator.iter_errors(&merged) {
         for (path, prefer_key, msg) in schema_diagnostics(schema_value, &e) {
-            wrong.push(path.clone());
+            match e.kind() {
+                jsonschema::error::ValidationErrorKind::Required { property } => {
+                    missing.push((path.clone(), property.as_str().unwrap_or_default().to_string()));
+                }
+                _ => wrong.push(path.clone()),
+            }
             diags.push(locate.diag(&path, prefer_key, msg));
         }
     }
@@ -325,6 +331,23 @@ pub fn load_text(path: &Path, text: String, overrides: &Overrides) -> Result<Loa
         let mut rest = merged.clone();
         for p in &wrong {
             remove_path(&mut rest, p);
+        }
+        // A missing required key gets a stand-in, so the rest of its table
+        // is still checked (a worker with no command and a missing dir).
+        for (i, (p, property)) in missing.iter().enumerate() {
+            let mut at = p.clone();
+            at.push(property.clone());
+            let stand_in = match schema::node_at(schema_value, &at).and_then(|n| n.get("type")) {
+                Some(t) if t == "array" => serde_json::json!(["true"]),
+                Some(t) if t == "string" => serde_json::json!(format!("missing-{i}")),
+                _ => {
+                    remove_path(&mut rest, p);
+                    continue;
+                }
+            };
+            if let Some(obj) = pointer_mut(&mut rest, p).and_then(|v| v.as_object_mut()) {
+                obj.insert(property.clone(), stand_in);
+            }
         }
         if let Ok(raw) = serde_json::from_value::<RawConfig>(rest)
             && let Err(problems) = resolve(&raw, &base_dir)
@@ -481,6 +504,13 @@ fn duplicate_key_detail(text: &str, at: usize) -> String {
     }
     detail.push_str("; keep one of them");
     detail
+}
+
+/// The value at `path` (object keys and array indices) in `v`.
+fn pointer_mut<'v>(v: &'v mut serde_json::Value, path: &[String]) -> Option<&'v mut serde_json::Value> {
+    let pointer: String =
+        path.iter().map(|s| format!("/{}", s.replace('~', "~0").replace('/', "~1"))).collect();
+    v.pointer_mut(&pointer)
 }
 
 /// Removes the value at `path` (object keys and array indices) from `v`;
