@@ -142,15 +142,27 @@ pub enum Command {
     Attach { id: String },
     /// Stop a session (stop signal, grace, then SIGKILL).
     Kill { id: String },
-    /// Print a worker's (or a session's) output.
+    /// Print a worker's, session's or run's output; with no name, every
+    /// worker's, interleaved by time. Reads the log files: no supervisor
+    /// needs to run.
     Logs {
-        name: String,
+        /// A worker, a session (name or id), a run id, or a job (its
+        /// latest run). Every worker when left out.
+        name: Option<String>,
         /// Keep printing new output as it comes.
         #[arg(short, long)]
         follow: bool,
-        /// Lines of past output to print first.
-        #[arg(short = 'n', long = "lines", default_value_t = 50)]
-        lines: usize,
+        /// Lines of past output to print first (default 50; with --since,
+        /// every line since, at most 10000).
+        #[arg(short = 'n', long = "lines")]
+        lines: Option<usize>,
+        /// Only output since this time: a duration ago (`10m`, `2h`) or an
+        /// RFC 3339 time (`2026-12-03T08:00:00Z`).
+        #[arg(long, value_name = "WHEN")]
+        since: Option<String>,
+        /// Only this instance's output.
+        #[arg(long, value_name = "N")]
+        instance: Option<u32>,
     },
     /// Validate config files; exit 0 when all are valid, 1 otherwise.
     Check {
@@ -159,6 +171,9 @@ pub enum Command {
         /// `json` prints diagnostics for machines (file, line, column, key, message).
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
+        /// Treat warnings (such as a program not on PATH) as errors.
+        #[arg(long)]
+        strict: bool,
     },
     /// Print the JSON schema of daemon.toml.
     Schema,

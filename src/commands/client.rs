@@ -2,7 +2,6 @@
 //! them ever starts a supervisor; `status` alone falls back to the state
 //! file when none runs.
 
-use std::io::{BufRead, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -208,6 +207,7 @@ pub fn render_status(r: &StatusReport, state_dir: &Path) -> String {
         out.push_str(&format!("config: {}\n", c.display()));
     }
     out.push_str(&format!("state_dir: {}\n", state_dir.display()));
+    out.push_str(&overrides_text(&r.overrides));
     if let Some(lr) = &s.last_reload {
         match &lr.error {
             None => out.push_str(&format!("last reload: {} ok\n", lr.at)),
@@ -298,6 +298,20 @@ pub fn render_status(r: &StatusReport, state_dir: &Path) -> String {
     out
 }
 
+/// The overrides in force, one a line: `KEY = VALUE (overridden by …)`.
+fn overrides_text(overrides: &[crate::config::load::ShownOverride]) -> String {
+    let mut out = String::new();
+    if overrides.is_empty() {
+        return out;
+    }
+    out.push_str("overrides:\n");
+    for o in overrides {
+        let value = o.value.as_deref().map_or(String::new(), |v| format!(" = {v}"));
+        out.push_str(&format!("  {}{value} (overridden by {})\n", o.key, o.by));
+    }
+    out
+}
+
 /// Left-aligned columns, two spaces apart.
 pub(super) fn table(rows: Vec<Vec<String>>) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
@@ -312,126 +326,6 @@ pub(super) fn table(rows: Vec<Vec<String>>) -> String {
         out.push('\n');
     }
     out
-}
-
-pub fn logs(ctx: &Ctx, name: &str, follow: bool, lines: usize) -> u8 {
-    let dir = ctx.state_dir();
-    let path = match ask(&dir, &Request::LogPath { name: name.into() }) {
-        Ok(Some(Response::LogPath { path })) => path,
-        Ok(Some(other)) => return unexpected(&other),
-        Ok(None) => return ctx.no_supervisor(&dir),
-        Err(code) => return code,
-    };
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    let mut offset = match print_tail(&path, lines, &mut out) {
-        Ok(n) => n,
-        Err(e) => {
-            eprintln!("drover: cannot read {}: {e}", path.display());
-            return exit::FAILED;
-        }
-    };
-    if !follow {
-        return exit::OK;
-    }
-    drop(out);
-    follow_file(&path, &mut offset, None, || None)
-}
-
-/// Prints the last `n` lines of `path`; returns the offset read up to.
-pub(super) fn print_tail(path: &Path, n: usize, out: &mut impl Write) -> std::io::Result<u64> {
-    let mut f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(e),
-    };
-    let len = f.metadata()?.len();
-    // Read back from the end only as far as the last n lines need.
-    let mut start = len;
-    let mut buf = Vec::new();
-    while start > 0 {
-        let step = (64 * 1024).min(start);
-        start -= step;
-        f.seek(SeekFrom::Start(start))?;
-        let mut chunk = vec![0; step as usize];
-        f.read_exact(&mut chunk)?;
-        chunk.extend_from_slice(&buf);
-        buf = chunk;
-        if buf.iter().filter(|&&b| b == b'\n').count() > n {
-            break;
-        }
-    }
-    let text_lines: Vec<&[u8]> = buf.split_inclusive(|&b| b == b'\n').collect();
-    let skip = text_lines.len().saturating_sub(n);
-    for l in &text_lines[skip..] {
-        out.write_all(l)?;
-    }
-    out.flush()?;
-    Ok(len)
-}
-
-/// Prints what is appended to `path`, following it across rotations,
-/// until interrupted or until `done` gives an exit code (checked after
-/// each wake-up). Woken by inotify on the log's directory and on
-/// `also_watch` (where the ledger changes), not by a timer.
-pub(super) fn follow_file(
-    path: &Path,
-    offset: &mut u64,
-    also_watch: Option<&Path>,
-    mut done: impl FnMut() -> Option<u8>,
-) -> u8 {
-    use notify::{RecursiveMode, Watcher};
-    let (tx, rx) = std::sync::mpsc::channel();
-    let mut watcher = match notify::recommended_watcher(move |ev| {
-        let _ = tx.send(ev);
-    }) {
-        Ok(w) => w,
-        Err(e) => {
-            eprintln!("drover: cannot follow {}: {e}", path.display());
-            return exit::FAILED;
-        }
-    };
-    let Some(parent) = path.parent() else { return exit::FAILED };
-    for dir in std::iter::once(parent).chain(also_watch) {
-        if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
-            eprintln!("drover: cannot follow {}: {e}", path.display());
-            return exit::FAILED;
-        }
-    }
-    let stdout = std::io::stdout();
-    loop {
-        // Ask first, print after: what was written before the end is shown.
-        let finished = done();
-        if let Ok(mut f) = std::fs::File::open(path) {
-            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-            if len < *offset {
-                *offset = 0; // rotated: the file is new
-            }
-            if f.seek(SeekFrom::Start(*offset)).is_ok() {
-                let mut r = std::io::BufReader::new(f);
-                let mut out = stdout.lock();
-                loop {
-                    let mut line = Vec::new();
-                    match r.read_until(b'\n', &mut line) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            *offset += n as u64;
-                            if out.write_all(&line).is_err() {
-                                return exit::OK; // stdout closed
-                            }
-                        }
-                    }
-                }
-                let _ = out.flush();
-            }
-        }
-        if let Some(code) = finished {
-            return code;
-        }
-        if rx.recv().is_err() {
-            return exit::OK;
-        }
-    }
 }
 
 pub fn plan(ctx: &Ctx, json: bool) -> u8 {
@@ -508,6 +402,17 @@ pub fn plan(ctx: &Ctx, json: bool) -> u8 {
             };
             println!("{line}");
         }
+    }
+    if !json
+        && let Ok(Some(Response::Status(r))) = ask(&dir, &Request::Status { name: None })
+        && !r.overrides.is_empty()
+    {
+        // The supervisor applies its own overrides to the file, not this
+        // command's: say which.
+        print!(
+            "{}",
+            overrides_text(&r.overrides).replacen("overrides:", "with the supervisor's overrides:", 1)
+        );
     }
     if nothing { exit::OK } else { exit::FAILED }
 }

@@ -24,20 +24,66 @@ struct JsonDiagnostic<'a> {
     variable: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     argument: Option<&'a str>,
+    /// "warning" for a warning (which does not fail the check); errors
+    /// have no severity.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    severity: Option<&'static str>,
 }
 
-pub fn check(files: &[PathBuf], overrides: &Overrides, format: OutputFormat) -> u8 {
+impl<'a> JsonDiagnostic<'a> {
+    fn new(file: &'a Path, d: &'a Diagnostic, severity: Option<&'static str>) -> Self {
+        let mut j = JsonDiagnostic {
+            file,
+            line: None,
+            column: None,
+            key: &d.key,
+            message: &d.message,
+            source: "file",
+            variable: None,
+            argument: None,
+            severity,
+        };
+        match &d.origin {
+            Origin::File { line, column, .. } => (j.line, j.column) = (*line, *column),
+            Origin::Env { variable } => (j.source, j.variable) = ("env", Some(variable.as_str())),
+            Origin::Set { argument } => (j.source, j.argument) = ("set", Some(argument.as_str())),
+        }
+        j
+    }
+}
+
+pub fn check(files: &[PathBuf], overrides: &Overrides, format: OutputFormat, strict: bool) -> u8 {
     let mut all_ok = true;
     let mut json = Vec::new();
     let results: Vec<(PathBuf, Result<config::Loaded, Vec<Diagnostic>>)> =
         files.iter().map(|f| (f.clone(), config::load(f, overrides))).collect();
-    for (file, result) in &results {
+    let warnings: Vec<Vec<Diagnostic>> =
+        results.iter().map(|(_, r)| r.as_ref().map(config::warnings::warnings).unwrap_or_default()).collect();
+    for ((file, result), warns) in results.iter().zip(&warnings) {
+        let severity = (!strict).then_some("warning");
+        for w in warns {
+            match format {
+                OutputFormat::Text => eprintln!("{}", at_file(w, file, !strict)),
+                OutputFormat::Json => json.push(JsonDiagnostic::new(file, w, severity)),
+            }
+        }
         match result {
+            Ok(_) if strict && !warns.is_empty() => {
+                all_ok = false;
+                if format == OutputFormat::Text {
+                    let n = warns.len();
+                    eprintln!("{}: invalid with --strict ({n} warning{})", file.display(), plural(n));
+                }
+            }
             Ok(loaded) => {
                 if format == OutputFormat::Text {
                     let c = &loaded.config;
+                    let w = match warns.len() {
+                        0 => String::new(),
+                        n => format!(", {n} warning{}", plural(n)),
+                    };
                     println!(
-                        "{}: ok ({} worker{}, {} job{})",
+                        "{}: ok ({} worker{}, {} job{}{w})",
                         file.display(),
                         c.workers.len(),
                         plural(c.workers.len()),
@@ -51,28 +97,7 @@ pub fn check(files: &[PathBuf], overrides: &Overrides, format: OutputFormat) -> 
                 for d in diags {
                     match format {
                         OutputFormat::Text => eprintln!("{d}"),
-                        OutputFormat::Json => {
-                            let mut j = JsonDiagnostic {
-                                file,
-                                line: None,
-                                column: None,
-                                key: &d.key,
-                                message: &d.message,
-                                source: "file",
-                                variable: None,
-                                argument: None,
-                            };
-                            match &d.origin {
-                                Origin::File { line, column, .. } => (j.line, j.column) = (*line, *column),
-                                Origin::Env { variable } => {
-                                    (j.source, j.variable) = ("env", Some(variable.as_str()))
-                                }
-                                Origin::Set { argument } => {
-                                    (j.source, j.argument) = ("set", Some(argument.as_str()))
-                                }
-                            }
-                            json.push(j);
-                        }
+                        OutputFormat::Json => json.push(JsonDiagnostic::new(file, d, None)),
                     }
                 }
                 if format == OutputFormat::Text {
@@ -86,6 +111,19 @@ pub fn check(files: &[PathBuf], overrides: &Overrides, format: OutputFormat) -> 
         println!("{text}");
     }
     if all_ok { exit::OK } else { exit::FAILED }
+}
+
+/// A warning as the checked file was named on the command line (the
+/// loaded path is absolute), marked as one unless --strict made it an error.
+fn at_file(d: &Diagnostic, file: &Path, mark: bool) -> String {
+    let mut d = d.clone();
+    if mark {
+        d.message = format!("warning: {}", d.message);
+    }
+    if let Origin::File { file: f, .. } = &mut d.origin {
+        *f = file.to_path_buf();
+    }
+    d.to_string()
 }
 
 fn plural(n: usize) -> &'static str {

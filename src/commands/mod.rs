@@ -4,6 +4,8 @@
 mod client;
 mod config_cmds;
 mod controls;
+mod logread;
+mod logs;
 mod runs;
 mod start;
 
@@ -30,9 +32,9 @@ pub fn run(cli: Cli) -> u8 {
     };
     let ctx = client::Ctx { config: &cli.config, overrides: &overrides };
     match cli.command {
-        Command::Check { files, format } => {
+        Command::Check { files, format, strict } => {
             let files = if files.is_empty() { vec![cli.config.clone()] } else { files };
-            config_cmds::check(&files, &overrides, format)
+            config_cmds::check(&files, &overrides, format, strict)
         }
         Command::Schema => {
             print!("{}", crate::config::schema::schema_text());
@@ -51,7 +53,9 @@ pub fn run(cli: Cli) -> u8 {
         Command::Reload => client::simple(&ctx, Request::Reload {}),
         Command::Restart { targets, wait } => controls::act(&ctx, InstanceAction::Restart, targets, wait),
         Command::Unpark { name } => client::simple(&ctx, Request::Unpark { name }),
-        Command::Logs { name, follow, lines } => client::logs(&ctx, &name, follow, lines),
+        Command::Logs { name, follow, lines, since, instance } => {
+            logs::logs(&ctx, name.as_deref(), logs::Options { follow, lines, since, instance })
+        }
         Command::Trigger { job } => runs::trigger(&ctx, &job),
         Command::Runs { action, json, job, state, limit } => match action {
             None => runs::list(&ctx, json, job.as_deref(), state.as_deref(), limit),

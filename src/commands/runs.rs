@@ -5,8 +5,9 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use super::client::{Ctx, ask, follow_file, print_tail, table, unexpected};
+use super::client::{Ctx, ask, table, unexpected};
 use super::exit;
+use super::logread::{AlsoWatch, Filter, Source, Tracked, follow};
 use crate::ledger::{Ledger, Run, RunState, path_in};
 use crate::supervisor::control::trusted_state_dir;
 use crate::supervisor::jobs::run_log_path;
@@ -213,24 +214,20 @@ pub fn attach(ctx: &Ctx, key: &str) -> u8 {
         Err(code) => return code,
     };
     let log = run.log.clone().unwrap_or_else(|| run_log_path(&dir, run.id));
-    let mut offset = {
-        let stdout = std::io::stdout();
-        let mut out = stdout.lock();
-        match print_tail(&log, usize::MAX, &mut out) {
-            Ok(n) => n,
-            Err(e) => {
-                eprintln!("drover: cannot read {}: {e}", log.display());
-                return exit::FAILED;
-            }
-        }
-    };
+    // Printed from the start by the follower's first look, a chunk at a
+    // time: a long session's log is never held whole.
+    let tracked = vec![Tracked::new(Source { label: None, path: log })];
     let ledger = match open_ledger(&dir) {
         Ok(Some(l)) => l,
         Ok(None) => return exit::FAILED,
         Err(code) => return code,
     };
     let id = run.id;
-    follow_file(&log, &mut offset, Some(&dir), || {
+    // The session's end is learnt from the ledger: woken when the ledger
+    // files change (the supervisor writes the end there), never by a timer.
+    let prefix = path_in(&dir).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let also = AlsoWatch { dir: dir.clone(), prefix };
+    let result = follow(tracked, Filter::default(), Some(also), || {
         let r = ledger.get(id).ok().flatten()?;
         if !r.state.is_terminal() {
             return None;
@@ -242,5 +239,9 @@ pub fn attach(ctx: &Ctx, key: &str) -> u8 {
             _ if r.state == RunState::Succeeded => exit::OK,
             _ => exit::FAILED,
         })
+    });
+    result.unwrap_or_else(|msg| {
+        eprintln!("drover: {msg}");
+        exit::FAILED
     })
 }

@@ -101,6 +101,55 @@ impl Overrides {
     }
 }
 
+/// An override as `status` shows it: which key, set how, and its value
+/// unless it may be secret (anything under an `env` table).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ShownOverride {
+    /// The key path, dotted (`workers.api.capacity`).
+    pub key: String,
+    /// "set" or "env".
+    pub source: String,
+    /// `--set workers.api.capacity=3`, or the variable's name (an
+    /// argument whose value is hidden is shown as `--set KEY=…`).
+    pub by: String,
+    /// The value as TOML; absent when it is not shown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+impl Overrides {
+    /// The overrides, as `status` and `plan` show them.
+    pub fn shown(&self) -> Vec<ShownOverride> {
+        self.layers
+            .iter()
+            .map(|o| {
+                let key = display_key(&o.path);
+                let hidden = o.path.iter().any(|s| s == "env") || has_env_table(&o.value);
+                let (source, by) = match &o.origin {
+                    Origin::Env { variable } => ("env", variable.clone()),
+                    Origin::Set { .. } if hidden => ("set", format!("--set {key}=…")),
+                    Origin::Set { argument } => ("set", format!("--set {argument}")),
+                    Origin::File { .. } => ("file", String::new()),
+                };
+                ShownOverride {
+                    key,
+                    source: source.into(),
+                    by,
+                    value: (!hidden).then(|| o.value.to_string()),
+                }
+            })
+            .collect()
+    }
+}
+
+fn has_env_table(v: &toml::Value) -> bool {
+    match v {
+        toml::Value::Table(t) => t.iter().any(|(k, v)| k == "env" || has_env_table(v)),
+        toml::Value::Array(a) => a.iter().any(has_env_table),
+        _ => false,
+    }
+}
+
 impl Override {
     fn new(origin: Origin, path: Vec<String>, raw: &str) -> Result<Self, Diagnostic> {
         if path.iter().any(|s| s.is_empty()) {
@@ -221,10 +270,16 @@ pub fn load_text(path: &Path, text: String, overrides: &Overrides) -> Result<Loa
     }
     let doc = toml_edit::Document::parse(text.clone()).map_err(|e| {
         let (line, column) = e.span().map(|s| line_col(&text, s.start)).unzip();
+        let mut message = format!("invalid TOML: {}", e.message().trim());
+        if let Some(span) = e.span()
+            && message.ends_with("duplicate key")
+        {
+            message.push_str(&duplicate_key_detail(&text, span.start));
+        }
         vec![Diagnostic {
             origin: Origin::File { file: path.to_path_buf(), line, column },
             key: String::new(),
-            message: format!("invalid TOML: {}", e.message().trim()),
+            message,
         }]
     })?;
     let locate = Locator { path, lines: Lines::new(&text), doc: &doc, overrides };
@@ -248,6 +303,11 @@ pub fn load_text(path: &Path, text: String, overrides: &Overrides) -> Result<Loa
             .collect());
     }
 
+    let created = created_by_overrides(&table, overrides);
+    if !created.is_empty() {
+        return Err(created);
+    }
+
     let mut figment =
         Figment::new().merge(Layer { name: format!("file {}", path.display()), dict: to_dict(&table) });
     for o in &overrides.layers {
@@ -263,16 +323,47 @@ pub fn load_text(path: &Path, text: String, overrides: &Overrides) -> Result<Loa
 
     let merged: serde_json::Value = figment.extract().map_err(|e| locate.figment(e))?;
     let (schema_value, validator) = schema::validator();
-    let mut diags: Vec<Diagnostic> = validator
-        .iter_errors(&merged)
-        .flat_map(|e| schema_diagnostics(schema_value, &e))
-        .map(|(path, prefer_key, msg)| locate.diag(&path, prefer_key, msg))
-        .collect();
+    let mut diags = Vec::new();
+    let mut wrong = Vec::new();
+    let mut missing = Vec::new();
+    for e in validator.iter_errors(&merged) {
+        for (path, prefer_key, msg) in schema_diagnostics(schema_value, &e) {
+            match e.kind() {
+                jsonschema::error::ValidationErrorKind::Required { property } => {
+                    missing.push((path.clone(), property.as_str().unwrap_or_default().to_string()));
+                }
+                _ => wrong.push(path.clone()),
+            }
+            diags.push(locate.diag(&path, prefer_key, msg));
+        }
+    }
     let base_dir = base_dir(path);
     if !diags.is_empty() {
-        // Report the semantic mistakes too, where the file still reads
-        // into the raw types: a user fixes everything in one round.
-        if let Ok(raw) = figment.extract::<RawConfig>()
+        // Report the semantic mistakes too: the keys the schema refused
+        // are left out, and what remains is checked, so a user fixes
+        // everything in one round.
+        let mut rest = merged.clone();
+        for p in &wrong {
+            remove_path(&mut rest, p);
+        }
+        // A missing required key gets a stand-in, so the rest of its table
+        // is still checked (a worker with no command and a missing dir).
+        for (i, (p, property)) in missing.iter().enumerate() {
+            let mut at = p.clone();
+            at.push(property.clone());
+            let stand_in = match schema::node_at(schema_value, &at).and_then(|n| n.get("type")) {
+                Some(t) if t == "array" => serde_json::json!(["true"]),
+                Some(t) if t == "string" => serde_json::json!(format!("missing-{i}")),
+                _ => {
+                    remove_path(&mut rest, p);
+                    continue;
+                }
+            };
+            if let Some(obj) = pointer_mut(&mut rest, p).and_then(|v| v.as_object_mut()) {
+                obj.insert(property.clone(), stand_in);
+            }
+        }
+        if let Ok(raw) = serde_json::from_value::<RawConfig>(rest)
             && let Err(problems) = resolve(&raw, &base_dir)
         {
             for p in problems {
@@ -295,6 +386,74 @@ pub fn load_text(path: &Path, text: String, overrides: &Overrides) -> Result<Loa
     })?;
     let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     Ok(Loaded { config, path, text })
+}
+
+/// Overrides that name a worker or job the file does not define, without
+/// also giving what defines one (`command`, or `steps` for a job): most
+/// likely a typo (`--set workers.apii.capacity=2`), which would otherwise
+/// add a worker with no command.
+fn created_by_overrides(file: &toml::Table, overrides: &Overrides) -> Vec<Diagnostic> {
+    // What the overrides, merged in order, say about each section.
+    let mut merged = toml::Table::new();
+    for o in &overrides.layers {
+        let mut v = o.value.clone();
+        for key in o.path.iter().rev() {
+            let mut t = toml::Table::new();
+            t.insert(key.clone(), v);
+            v = toml::Value::Table(t);
+        }
+        if let toml::Value::Table(t) = v {
+            merge_into(&mut merged, t);
+        }
+    }
+    let mut out = Vec::new();
+    for (section, what, defining) in
+        [("workers", "worker", &["command"][..]), ("jobs", "job", &["command", "steps"][..])]
+    {
+        let in_file: Vec<String> = file
+            .get(section)
+            .and_then(|s| s.as_table())
+            .map(|t| t.keys().cloned().collect())
+            .unwrap_or_default();
+        let Some(given) = merged.get(section).and_then(|s| s.as_table()) else { continue };
+        for (name, body) in given {
+            let defines = body.as_table().is_some_and(|t| defining.iter().any(|k| t.contains_key(*k)));
+            if in_file.contains(name) || defines {
+                continue;
+            }
+            let Some(o) = overrides.layers.iter().rev().find(|o| {
+                o.path.first().is_some_and(|s| s == section)
+                    && (o.path.get(1) == Some(name) || (o.path.len() == 1 && o.value.get(name).is_some()))
+            }) else {
+                continue;
+            };
+            let mut message = format!("no {what} {name:?} in the file");
+            if let Some(near) = nearest(name, &in_file) {
+                message.push_str(&format!("; did you mean {near:?}?"));
+            }
+            message.push_str(&format!(
+                " (an override may add a {what} only together with its {})",
+                defining.join(" or ")
+            ));
+            out.push(Diagnostic {
+                origin: o.origin.clone(),
+                key: display_key(&[section.to_string(), name.clone()]),
+                message,
+            });
+        }
+    }
+    out
+}
+
+fn merge_into(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge_into(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
 }
 
 /// The state_dir a config names, read leniently: commands that only talk
@@ -376,6 +535,83 @@ pub fn base_dir(config_path: &Path) -> PathBuf {
     std::fs::canonicalize(parent)
         .or_else(|_| std::path::absolute(parent))
         .unwrap_or_else(|_| parent.to_path_buf())
+}
+
+/// For a duplicate key at byte `at` of `text`: the key (or table), and
+/// the line that gave it first (toml_edit names neither).
+fn duplicate_key_detail(text: &str, at: usize) -> String {
+    let at = at.min(text.len());
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or_default();
+    let earlier: Vec<&str> = text[..line_start].lines().collect();
+    if line.trim_start().starts_with('[') {
+        // A table given twice: `[workers.web]` … `[workers.web]`.
+        let header = line.trim();
+        let first = earlier.iter().position(|l| l.trim() == header);
+        return match first {
+            Some(i) => format!(": table {header} is also on line {}; merge the two", i + 1),
+            None => format!(": table {header} is defined twice; merge the two"),
+        };
+    }
+    let key: String = text[at..].chars().take_while(|c| !"=,}]\n".contains(*c)).collect();
+    let key = key.trim();
+    if key.is_empty() {
+        return String::new();
+    }
+    let mut detail = format!(" {key:?}");
+    // A key of the table: look back to its header for the first time.
+    if text[line_start..at].trim().is_empty() {
+        for (i, l) in earlier.iter().enumerate().rev() {
+            let l = l.trim_start();
+            if l.starts_with('[') {
+                break;
+            }
+            if l.contains('=') && l.split('=').next().is_some_and(|k| k.trim() == key) {
+                detail.push_str(&format!(", first set on line {}", i + 1));
+                break;
+            }
+        }
+    }
+    detail.push_str("; keep one of them");
+    detail
+}
+
+/// The value at `path` (object keys and array indices) in `v`.
+fn pointer_mut<'v>(v: &'v mut serde_json::Value, path: &[String]) -> Option<&'v mut serde_json::Value> {
+    let pointer: String =
+        path.iter().map(|s| format!("/{}", s.replace('~', "~0").replace('/', "~1"))).collect();
+    v.pointer_mut(&pointer)
+}
+
+/// Removes the value at `path` (object keys and array indices) from `v`;
+/// an array element is replaced by null rather than shifting the others.
+fn remove_path(v: &mut serde_json::Value, path: &[String]) {
+    let Some((last, parents)) = path.split_last() else { return };
+    let mut node = v;
+    for key in parents {
+        node = match node {
+            serde_json::Value::Object(m) => match m.get_mut(key) {
+                Some(n) => n,
+                None => return,
+            },
+            serde_json::Value::Array(a) => match key.parse::<usize>().ok().and_then(|i| a.get_mut(i)) {
+                Some(n) => n,
+                None => return,
+            },
+            _ => return,
+        };
+    }
+    match node {
+        serde_json::Value::Object(m) => {
+            m.remove(last);
+        }
+        serde_json::Value::Array(a) => {
+            if let Some(item) = last.parse::<usize>().ok().and_then(|i| a.get_mut(i)) {
+                *item = serde_json::Value::Null;
+            }
+        }
+        _ => {}
+    }
 }
 
 fn sort_dedup(diags: &mut Vec<Diagnostic>) {
@@ -563,6 +799,15 @@ fn schema_diagnostics(
             let opts: Vec<String> = options.as_array().into_iter().flatten().map(|o| o.to_string()).collect();
             one(format!("expected one of {}, found {found}", opts.join(", ")))
         }
+        K::Type { .. } if title == "Duration" => {
+            let example = match &**e.instance() {
+                serde_json::Value::Number(n) => format!("\"{n}s\""),
+                _ => "\"30s\"".into(),
+            };
+            one(format!(
+                "expected a duration such as {example} (a number and a unit: ms, s, m, h), found {found}"
+            ))
+        }
         K::Type { .. } => {
             let expected = node.map(expected_type).unwrap_or_else(|| "another type".into());
             one(format!("expected {expected}, found {found}"))
@@ -586,13 +831,19 @@ fn schema_diagnostics(
     }
 }
 
+/// The one of `candidates` closest to `word`, if it is close enough to be
+/// a likely typo.
+pub fn nearest<'c, S: AsRef<str>>(word: &str, candidates: &'c [S]) -> Option<&'c str> {
+    candidates
+        .iter()
+        .map(AsRef::as_ref)
+        .min_by_key(|a| edit_distance(word, a))
+        .filter(|a| edit_distance(word, a) <= 2.max(word.len() / 3))
+}
+
 fn unknown_key_message(key: &str, allowed: &[String]) -> String {
     let mut msg = format!("unknown key {key:?}");
-    if let Some(near) = allowed
-        .iter()
-        .min_by_key(|a| edit_distance(key, a))
-        .filter(|a| edit_distance(key, a) <= 2.max(key.len() / 3))
-    {
+    if let Some(near) = nearest(key, allowed) {
         msg.push_str(&format!("; did you mean {near:?}?"));
     } else if !allowed.is_empty() {
         msg.push_str(&format!("; expected one of: {}", allowed.join(", ")));
@@ -712,14 +963,23 @@ mod tests {
             "{}",
             errs[0]
         );
-        let errs = load_str(BASE, &[], &["workers.api.capacity=2"]).unwrap_err();
+        let errs = load_str(BASE, &[], &["workers.wbe.capacity=2"]).unwrap_err();
+        assert_eq!(
+            errs[0].to_string(),
+            "--set workers.wbe.capacity=2: workers.wbe: no worker \"wbe\" in the file; did you mean \"web\"? \
+             (an override may add a worker only together with its command)"
+        );
+        let errs = load_str(BASE, &[("DROVER_JOBS__REPORT__EVERY", "1h")], &[]).unwrap_err();
         assert!(
             errs[0]
                 .to_string()
-                .contains("--set workers.api.capacity=2: workers.api: missing required key \"command\""),
-            "{}",
-            errs[0]
+                .starts_with("environment variable DROVER_JOBS__REPORT__EVERY: jobs.report: no job")
         );
+        // With its command, an override may add one.
+        let c = load_str(BASE, &[], &["workers.api.capacity=2", "workers.api.command=[\"true\"]"]).unwrap();
+        assert_eq!(c.workers["api"].capacity, 2);
+        let c = load_str(BASE, &[("DROVER_JOBS__J__COMMAND", "[\"true\"]")], &[]).unwrap();
+        assert!(c.jobs.contains_key("j"));
         let err = Overrides::new(Vec::new(), &["novalue".into()]).unwrap_err();
         assert!(err.to_string().contains("expected KEY=VALUE"));
     }
@@ -817,6 +1077,34 @@ mod tests {
         assert_eq!(errs[0].key, "supervisor.state_dir");
         assert!(errs[0].message.contains("NUL"), "{}", errs[0].message);
         assert!(errs[0].to_string().contains(":2:"), "names the line: {}", errs[0]);
+    }
+
+    #[test]
+    fn overrides_are_shown_without_secret_values() {
+        let o = Overrides::new(
+            [
+                ("DROVER_WORKERS__API__CAPACITY".to_string(), "3".to_string()),
+                ("DROVER_WORKERS__API__ENV__TOKEN".to_string(), "hunter2".to_string()),
+            ],
+            &["defaults.stop_grace=5s".into(), "workers.api={ env = { K = \"hunter3\" } }".into()],
+        )
+        .unwrap();
+        let shown = o.shown();
+        let text = format!("{shown:?}");
+        assert!(!text.contains("hunter2") && !text.contains("hunter3"), "{text}");
+        assert_eq!(
+            shown[0],
+            ShownOverride {
+                key: "workers.api.capacity".into(),
+                source: "env".into(),
+                by: "DROVER_WORKERS__API__CAPACITY".into(),
+                value: Some("3".into())
+            }
+        );
+        assert_eq!((shown[1].key.as_str(), shown[1].value.as_deref()), ("workers.api.env.TOKEN", None));
+        assert_eq!(shown[2].by, "--set defaults.stop_grace=5s");
+        assert_eq!(shown[2].value.as_deref(), Some("\"5s\""));
+        assert_eq!((shown[3].by.as_str(), shown[3].value.as_deref()), ("--set workers.api=…", None));
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod raw;
 pub mod resolve;
 pub mod schema;
 pub mod types;
+pub mod warnings;
 
 pub use diagnostic::{Diagnostic, Origin};
 pub use load::{Loaded, Overrides, load};

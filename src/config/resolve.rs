@@ -23,8 +23,69 @@ impl Problems {
     }
 }
 
+/// The fields of a cron expression: name, range, and names allowed.
+const CRON_FIELDS: [(&str, u32, u32, &[&str]); 5] = [
+    ("minute", 0, 59, &[]),
+    ("hour", 0, 23, &[]),
+    ("day-of-month", 1, 31, &[]),
+    ("month", 1, 12, &["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]),
+    ("day-of-week", 0, 7, &["sun", "mon", "tue", "wed", "thu", "fri", "sat"]),
+];
+
+/// What is wrong with a cron expression, said in terms of its fields
+/// (croner's own errors name neither the field nor its range).
+fn cron_field_error(expr: &str) -> Option<String> {
+    let fields: Vec<&str> = expr.split_whitespace().collect();
+    if fields.len() != 5 {
+        let mut msg =
+            format!("expected 5 fields (minute hour day-of-month month day-of-week), found {}", fields.len());
+        if fields.len() == 6 {
+            msg.push_str("; there is no seconds field");
+        }
+        return Some(msg);
+    }
+    for (field, (name, lo, hi, names)) in fields.iter().zip(CRON_FIELDS) {
+        for item in field.split(',') {
+            let (range, step) = item.split_once('/').map_or((item, None), |(r, s)| (r, Some(s)));
+            if let Some(step) = step
+                && step.parse::<u32>().map_or(true, |s| s == 0)
+            {
+                return Some(format!("{name} field: step {step:?} must be a whole number of at least 1"));
+            }
+            if range == "*" || range == "?" || range.is_empty() && step.is_some() {
+                continue;
+            }
+            let bounds: Vec<&str> = range.split('-').collect();
+            for b in &bounds {
+                if names.iter().any(|n| n.eq_ignore_ascii_case(b)) || b.ends_with('L') || b.contains('#') {
+                    continue;
+                }
+                match b.parse::<u32>() {
+                    Ok(v) if v < lo || v > hi => {
+                        return Some(format!("{name} field: {v} is out of range {lo}-{hi}"));
+                    }
+                    Ok(_) => {}
+                    Err(_) if b.eq_ignore_ascii_case("L") || b.eq_ignore_ascii_case("W") => {}
+                    Err(_) => {
+                        let hint = if names.is_empty() {
+                            format!("a number {lo}-{hi}")
+                        } else {
+                            format!("a number {lo}-{hi} or a name such as {}", names[1].to_ascii_uppercase())
+                        };
+                        return Some(format!("{name} field: {b:?} is not {hint}"));
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
 /// Parses a five-field cron expression the way the scheduler will.
 pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
+    if let Some(why) = cron_field_error(expr) {
+        return Err(format!("invalid cron expression {expr:?}: {why}"));
+    }
     croner::parser::CronParser::builder()
         .seconds(croner::parser::Seconds::Disallowed)
         .year(croner::parser::Year::Disallowed)
@@ -107,6 +168,55 @@ pub fn resolve(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
     if p.0.is_empty() { Ok(Config { supervisor, defaults, workers, jobs }) } else { Err(p.0) }
 }
 
+/// Where the time zone database is.
+const ZONEINFO: &str = "/usr/share/zoneinfo";
+
+/// An unknown zone, with the closest names in the zone database.
+fn unknown_zone_message(tz: &str) -> String {
+    let mut msg = format!("unknown time zone {tz:?}");
+    let mut zones = Vec::new();
+    zone_names(Path::new(ZONEINFO), "", &mut zones);
+    let lower = tz.to_ascii_lowercase();
+    let mut scored: Vec<(usize, &String)> = zones
+        .iter()
+        .map(|z| {
+            let zl = z.to_ascii_lowercase();
+            // The city alone counts too: "Pris" is close to "Europe/Paris".
+            let city = zl.rsplit('/').next().unwrap_or(&zl).to_string();
+            let mine = lower.rsplit('/').next().unwrap_or(&lower).to_string();
+            let d = super::load::edit_distance(&lower, &zl).min(super::load::edit_distance(&mine, &city) + 1);
+            (d, z)
+        })
+        .filter(|(d, _)| *d <= 2.max(tz.len() / 4))
+        .collect();
+    scored.sort();
+    let near: Vec<String> = scored.iter().take(3).map(|(_, z)| format!("{z:?}")).collect();
+    if !near.is_empty() {
+        msg.push_str(&format!("; did you mean {}?", near.join(" or ")));
+    } else {
+        msg.push_str(&format!("; use an IANA name such as \"Europe/Paris\" or \"UTC\" (see {ZONEINFO})"));
+    }
+    msg
+}
+
+/// The zone names under `dir` (files whose names start with a capital,
+/// as zone names do; "posix" and "right" copies are skipped).
+fn zone_names(dir: &Path, prefix: &str, out: &mut Vec<String>) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let Some(name) = e.file_name().to_str().map(String::from) else { continue };
+        if !name.starts_with(|c: char| c.is_ascii_uppercase()) || out.len() > 5000 {
+            continue;
+        }
+        let full = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
+        match e.file_type() {
+            Ok(t) if t.is_dir() => zone_names(&e.path(), &full, out),
+            Ok(_) => out.push(full),
+            Err(_) => {}
+        }
+    }
+}
+
 /// A `secret_env` key no env sets is most likely a typo, which would leave
 /// the real secret printable.
 fn unset_secret_message<'a>(key: &str, known: impl Iterator<Item = &'a String>) -> String {
@@ -180,7 +290,7 @@ fn resolve_job(
                 match tzfile::Tz::named(tz) {
                     Ok(_) if plain => {}
                     Ok(_) => p.add(&["jobs", name, "timezone"], format!("invalid time zone name {tz:?}")),
-                    Err(e) => p.add(&["jobs", name, "timezone"], format!("unknown time zone {tz:?}: {e}")),
+                    Err(_) => p.add(&["jobs", name, "timezone"], unknown_zone_message(tz)),
                 }
             }
             Trigger::Schedule { cron: expr.clone(), timezone: j.timezone.clone() }
@@ -472,6 +582,22 @@ mod tests {
         assert!(parse_cron("0 0 * * FRI").is_ok());
         assert!(parse_cron("0 */15 * * * *").is_err());
         assert!(parse_cron("* * *").is_err());
+        let err = |e: &str| parse_cron(e).err().unwrap_or_default();
+        assert!(
+            err("61 * * * *").ends_with("minute field: 61 is out of range 0-59"),
+            "{}",
+            err("61 * * * *")
+        );
+        assert!(err("0 24 * * *").ends_with("hour field: 24 is out of range 0-23"));
+        assert!(err("0 0 0 * *").ends_with("day-of-month field: 0 is out of range 1-31"));
+        assert!(err("0 0 * 1-13 *").ends_with("month field: 13 is out of range 1-12"));
+        assert!(err("0 0 * * 8").ends_with("day-of-week field: 8 is out of range 0-7"));
+        assert!(err("0 0 * * FUN").contains("day-of-week field: \"FUN\" is not"));
+        assert!(err("*/0 * * * *").contains("minute field: step \"0\""));
+        assert!(err("0 */15 * * * *").contains("found 6; there is no seconds field"));
+        for ok in ["*/5 1-5,7 * JAN-MAR MON-FRI", "0 0 L * *", "0 0 * * 5#2", "0 0 1 */2 0"] {
+            assert!(parse_cron(ok).is_ok(), "{ok}: {:?}", parse_cron(ok).err());
+        }
     }
 
     #[test]

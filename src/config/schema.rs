@@ -50,9 +50,46 @@ fn strip_null(node: &mut Value) {
     }
 }
 
-/// The schema as the pretty JSON text committed in schema/daemon.schema.json.
+/// The schema for editors and pre-commit hooks: [`schema`] plus the rules
+/// drover checks in code (with messages that say more than a schema
+/// validator would) but that JSON Schema can also say, so that an editor
+/// shows them as one types: exit codes 0-255, a non-empty program, exactly
+/// one of a job's `command` and `steps`, not both `schedule` and `every`,
+/// five cron fields.
+pub fn published() -> Value {
+    let mut value = schema();
+    let Some(defs) = value.get_mut("$defs").and_then(Value::as_object_mut) else { return value };
+    for def in defs.values_mut() {
+        let Some(props) = def.get_mut("properties").and_then(Value::as_object_mut) else { continue };
+        if let Some(codes) = props.get_mut("permanent_exit_codes").and_then(|c| c.get_mut("items")) {
+            codes["minimum"] = 0.into();
+            codes["maximum"] = 255.into();
+        }
+        if let Some(cmd) = props.get_mut("command") {
+            cmd["minItems"] = 1.into();
+            cmd["prefixItems"] = serde_json::json!([{ "type": "string", "minLength": 1 }]);
+        }
+        if let Some(cron) = props.get_mut("schedule") {
+            cron["pattern"] = r"^\s*\S+(\s+\S+){4}\s*$".into();
+        }
+    }
+    if let Some(job) = defs.get_mut("RawJob").and_then(Value::as_object_mut) {
+        job.insert(
+            "oneOf".into(),
+            serde_json::json!([
+                { "required": ["command"], "not": { "required": ["steps"] } },
+                { "required": ["steps"], "not": { "required": ["command"] } }
+            ]),
+        );
+        job.insert("not".into(), serde_json::json!({ "required": ["schedule", "every"] }));
+    }
+    value
+}
+
+/// The published schema as the pretty JSON text committed in
+/// schema/daemon.schema.json.
 pub fn schema_text() -> String {
-    let mut text = serde_json::to_string_pretty(&schema()).expect("schema serializes");
+    let mut text = serde_json::to_string_pretty(&published()).expect("schema serializes");
     text.push('\n');
     text
 }

@@ -1042,6 +1042,7 @@ impl Supervisor {
             ledger_error: self.ledger.problem(),
             sessions: active.iter().filter(|r| r.kind == Kind::Session).cloned().collect(),
             runs: active.into_iter().filter(|r| r.kind != Kind::Session).collect(),
+            overrides: self.opts.overrides.shown(),
         }
     }
 

@@ -192,6 +192,10 @@ pub struct StatusReport {
     /// Active job runs and flows (queued, running, waiting).
     #[serde(default)]
     pub runs: Vec<Run>,
+    /// The `--set` and `DROVER_…` overrides the supervisor applies to its
+    /// config file (secret values left out).
+    #[serde(default)]
+    pub overrides: Vec<crate::config::load::ShownOverride>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

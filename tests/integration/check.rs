@@ -572,6 +572,80 @@ fn set_that_breaks_a_semantic_rule_names_the_argument() {
 }
 
 #[test]
+fn an_override_naming_an_unknown_worker_or_job_is_a_typo_not_a_new_one() {
+    let sb = Sandbox::new();
+    sb.write("daemon.toml", format!("{WEB}[jobs.report]\ncommand = [\"true\"]\n"));
+    let out = run(sb.drover().args(["--set", "workers.wbe.capacity=2", "check"]));
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    let first = out.stderr.lines().next().unwrap();
+    assert!(
+        first.starts_with(
+            "--set workers.wbe.capacity=2: workers.wbe: no worker \"wbe\" in the file; did you mean \"web\"?"
+        ),
+        "{first}"
+    );
+    let out = run(sb.drover().env("DROVER_JOBS__REPROT__EVERY", "1h").arg("check"));
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    let first = out.stderr.lines().next().unwrap();
+    assert!(
+        first.starts_with("environment variable DROVER_JOBS__REPROT__EVERY: jobs.reprot: no job \"reprot\" in the file; did you mean \"report\"?"),
+        "{first}"
+    );
+    // Given with its command, a new one is what was meant.
+    let out = run(sb.drover().args([
+        "--set",
+        "workers.wbe.capacity=2",
+        "--set",
+        "workers.wbe.command=[\"true\"]",
+        "check",
+    ]));
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+}
+
+#[test]
+fn programs_not_found_are_warnings_and_strict_makes_them_errors() {
+    let sb = Sandbox::new();
+    sb.write("bin/ok.sh", "#!/bin/sh\n");
+    std::fs::set_permissions(sb.path("bin/ok.sh"), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .unwrap();
+    sb.write("bin/plain.sh", "#!/bin/sh\n");
+    sb.write(
+        "daemon.toml",
+        "[workers.api]\ncommand = [\"pyhton3\", \"app.py\"]\n\
+         [workers.ok]\ndir = \"bin\"\ncommand = [\"./ok.sh\"]\n\
+         [workers.plain]\ncommand = [\"bin/plain.sh\"]\n\
+         [jobs.j]\ncommand = [\"sh\", \"-c\", \"true\"]\n",
+    );
+    let out = check(&sb, &[]);
+    assert_eq!(out.code, Some(0), "warnings do not fail: {}", out.stderr);
+    assert_eq!(out.stdout, "daemon.toml: ok (3 workers, 1 job, 2 warnings)\n");
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "daemon.toml:2:12: workers.api.command[0]: warning: program \"pyhton3\" is not on PATH",
+            &format!(
+                "daemon.toml:7:12: workers.plain.command[0]: warning: program \"bin/plain.sh\" is not executable (chmod +x {})",
+                sb.root.join("bin/plain.sh").display()
+            ),
+        ]
+    );
+    let out = check(&sb, &["--strict"]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .starts_with("daemon.toml:2:12: workers.api.command[0]: program \"pyhton3\" is not on PATH\n"),
+        "{}",
+        out.stderr
+    );
+    let out = check(&sb, &["--format", "json"]);
+    let diags = json(&out);
+    assert_eq!(diags.len(), 2, "{}", out.stdout);
+    assert_eq!(diags[0]["severity"], "warning");
+    assert_eq!(diags[0]["key"], "workers.api.command[0]");
+}
+
+#[test]
 fn valid_overrides_keep_a_valid_file_valid() {
     let sb = Sandbox::new();
     sb.write("daemon.toml", WEB);

@@ -322,3 +322,51 @@ fn invalid_config_prints_the_errors_and_nothing_on_stdout() {
     let out = run(sb.drover().env("DROVER_WORKERS__WEB__CAPACITY", "2").args(["config", "--json"]));
     assert_eq!(out.code, Some(0), "env fixes what the file got wrong: {}", out.stderr);
 }
+
+#[test]
+fn status_and_plan_show_the_overrides_in_force_without_secret_values() {
+    use crate::harness::{SUPERVISOR, Supervisor};
+    let sb = Sandbox::new();
+    sb.write("daemon.toml", format!("{SUPERVISOR}[workers.web]\ncommand = [\"sleep\", \"1000\"]\n"));
+    let sup = Supervisor::start_with(&sb, |c| {
+        c.env("DROVER_WORKERS__WEB__CAPACITY", "2").args([
+            "--set",
+            "workers.web.env.TOKEN=tok-s3cr3t",
+            "--set",
+            "workers.web.stop_grace=2s",
+        ]);
+    });
+    let v = sup.status();
+    let shown = v["overrides"].as_array().unwrap_or_else(|| panic!("no overrides in {v}"));
+    assert_eq!(shown.len(), 3, "{v}");
+    assert_eq!(
+        shown[0],
+        json!({"key": "workers.web.capacity", "source": "env", "by": "DROVER_WORKERS__WEB__CAPACITY", "value": "2"})
+    );
+    assert_eq!(
+        shown[1],
+        json!({"key": "workers.web.env.TOKEN", "source": "set", "by": "--set workers.web.env.TOKEN=…"})
+    );
+    let out = sb.cli(&["status"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stdout.contains("  workers.web.capacity = 2 (overridden by DROVER_WORKERS__WEB__CAPACITY)\n")
+            && out.stdout.contains("  workers.web.env.TOKEN (overridden by --set workers.web.env.TOKEN=…)\n")
+            && out.stdout.contains(
+                "  workers.web.stop_grace = \"2s\" (overridden by --set workers.web.stop_grace=2s)\n"
+            ),
+        "{}",
+        out.stdout
+    );
+    let out = sb.cli(&["plan"]);
+    assert!(
+        out.stdout.contains("with the supervisor's overrides:\n  workers.web.capacity = 2"),
+        "{}",
+        out.stdout
+    );
+    for text in [&out.stdout, &sb.cli(&["status"]).stdout, &sb.cli(&["status", "--json"]).stdout] {
+        assert!(!text.contains("tok-s3cr3t"), "a secret value printed: {text}");
+    }
+    let state = std::fs::read_to_string(sb.state_dir().join("state.json")).unwrap();
+    assert!(!state.contains("tok-s3cr3t"), "{state}");
+}

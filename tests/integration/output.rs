@@ -345,3 +345,192 @@ fn a_workers_last_words_reach_its_log_before_drover_exits() {
     let last = log.lines().last().unwrap_or_default();
     assert!(last.ends_with(" 0 out last-words"), "the log ends with {last:?}");
 }
+
+/// CPU clock ticks (user + system) `pid` has used so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<&str> = text.rsplit_once(')').map_or("", |(_, r)| r).split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12)
+}
+
+/// A spawned drover client, killed and reaped when dropped; its stdout
+/// lines arrive on `lines`.
+struct Client {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Client {
+    fn spawn(sb: &Sandbox, args: &[&str]) -> Client {
+        let mut child = sb
+            .drover()
+            .args(["-c", "daemon.toml"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(stdout).lines() {
+                if tx.send(l.unwrap_or_default()).is_err() {
+                    break;
+                }
+            }
+        });
+        Client { child, lines }
+    }
+
+    /// Lines until one ends with `last` (included).
+    fn until(&self, last: &str) -> Vec<String> {
+        let deadline = Instant::now() + SECS_10;
+        let mut seen = Vec::new();
+        while !seen.iter().any(|l: &String| l.ends_with(last)) {
+            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(l) => seen.push(l),
+                Err(_) => panic!("no line ending with {last:?}; got {seen:#?}"),
+            }
+        }
+        seen
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn followers_sleep_while_output_is_quiet_and_miss_no_line_across_rotations() {
+    let sb = Sandbox::new();
+    let go = sb.path("go");
+    // Quiet until `go` exists, then 200 lines of ~130 bytes: the 4 KiB
+    // log rotates several times while the follower reads.
+    let script = format!(
+        "echo start; while [ ! -e {go} ]; do sleep 0.05; done; \
+         i=0; while [ $i -lt 200 ]; do i=$((i+1)); echo \"seq $i $(printf '%0100d' 0)\"; done; \
+         echo final; exec sleep 1000",
+        go = go.display()
+    );
+    sb.write(
+        "daemon.toml",
+        format!(
+            "{SUPERVISOR}log_max_size = \"4KiB\"\nlog_keep = 20\n\n[workers.ticker]\nstop_grace = \"300ms\"\ncommand = {}\n",
+            sh(&script)
+        ),
+    );
+    let _sup = Supervisor::start(&sb);
+    let session = sb.cli(&[
+        "bg",
+        "--name",
+        "quiet",
+        "--",
+        "sh",
+        "-c",
+        &format!("echo hello; while [ ! -e {go} ]; do sleep 0.05; done; echo bye; exit 3", go = go.display()),
+    ]);
+    assert_eq!(session.code, Some(0), "{}", session.stderr);
+    let logs = Client::spawn(&sb, &["logs", "ticker", "-f"]);
+    logs.until(" 0 out start");
+    let mut attach = Client::spawn(&sb, &["attach", "quiet"]);
+    attach.until(" 0 out hello"); // both are following now
+
+    // A measuring window, not a synchronization: nothing is written now.
+    let before = (cpu_ticks(logs.child.id()), cpu_ticks(attach.child.id()));
+    std::thread::sleep(Duration::from_secs(2));
+    let used = (cpu_ticks(logs.child.id()) - before.0, cpu_ticks(attach.child.id()) - before.1);
+    assert!(used.0 <= 5 && used.1 <= 5, "quiet followers used {used:?} clock ticks in 2 s (logs -f, attach)");
+
+    std::fs::write(&go, "").unwrap();
+    let seen = logs.until(" 0 out final");
+    let seqs: Vec<u32> = seen
+        .iter()
+        .filter_map(|l| l.split_once(" 0 out seq ").and_then(|(_, r)| r.split_once(' ')))
+        .map(|(n, pad)| {
+            assert_eq!(pad.len(), 100, "a partial line");
+            n.parse().unwrap()
+        })
+        .collect();
+    assert_eq!(seqs, (1..=200).collect::<Vec<u32>>(), "logs -f lost or reordered lines");
+    assert!(sb.state_dir().join("logs/ticker.log.3").exists(), "the log did not rotate");
+
+    // attach learns of the session's end and exits with its code.
+    attach.until(" 0 out bye");
+    let deadline = Instant::now() + SECS_10;
+    let status = loop {
+        if let Some(s) = attach.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "attach did not exit after the session ended");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(3));
+}
+
+#[test]
+fn logs_read_the_files_with_no_supervisor_and_hint_at_names() {
+    let sb = Sandbox::new();
+    let marker = |n: &str| sb.path(n).display().to_string();
+    sb.write(
+        "daemon.toml",
+        format!(
+            "{SUPERVISOR}\n[workers.api]\ncapacity = 2\ncommand = {}\n[workers.web]\ncommand = {}\n\
+             [jobs.report]\ncommand = [\"echo\", \"reported\"]\n",
+            sh(&format!("echo api-$DROVER_INSTANCE; echo x >> {}; exec sleep 1000", marker("api-up"))),
+            sh(&format!("echo web-up; echo x >> {}; exec sleep 1000", marker("web-up"))),
+        ),
+    );
+    let sup = Supervisor::start(&sb);
+    sb.wait_lines("api-up", 2, SECS_10);
+    sb.wait_lines("web-up", 1, SECS_10);
+    let id = sb.cli(&["trigger", "report"]).stdout.trim().to_string();
+    wait_until("the report run", SECS_10, || {
+        let r = sb.cli(&["runs", "show", &id, "--json"]);
+        serde_json::from_str::<serde_json::Value>(&r.stdout).ok().filter(|v| v["state"] == "succeeded")
+    });
+    wait_until("three worker lines", SECS_10, || {
+        let l = sb.lines(".drover/logs/api.log").len() + sb.lines(".drover/logs/web.log").len();
+        (l == 3).then_some(())
+    });
+    assert_eq!(sb.cli(&["stop"]).code, Some(0));
+    drop(sup);
+
+    // Every worker, name-prefixed, in time order.
+    let r = sb.cli(&["logs"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", r.stdout);
+    let mut bodies: Vec<&str> = lines.iter().map(|l| l.rsplit(' ').next().unwrap()).collect();
+    bodies.sort();
+    assert_eq!(bodies, ["api-0", "api-1", "web-up"]);
+    assert!(lines.iter().all(|l| l.starts_with("api | ") || l.starts_with("web | ")), "{}", r.stdout);
+    let times: Vec<_> =
+        lines.iter().map(|l| humantime::parse_rfc3339(l.split(' ').nth(2).unwrap()).unwrap()).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "not in time order: {}", r.stdout);
+
+    let r = sb.cli(&["logs", "api", "--instance", "1"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(r.stdout.lines().count() == 1 && r.stdout.contains(" 1 out api-1"), "{}", r.stdout);
+    assert_eq!(sb.cli(&["logs", "api", "--since", "1h"]).stdout.lines().count(), 2);
+    assert_eq!(sb.cli(&["logs", "api", "--since", "2999-01-01T00:00:00Z"]).stdout, "");
+    let r = sb.cli(&["logs", "api", "--since", "yesterdayish"]);
+    assert_eq!(r.code, Some(2));
+    assert!(r.stderr.contains("--since") && r.stderr.contains("10m"), "{}", r.stderr);
+
+    // A job: its latest run's output, with its runs named.
+    let r = sb.cli(&["logs", "report"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(r.stdout.contains("reported"), "{}", r.stdout);
+    assert!(r.stderr.contains("report is a job") && r.stderr.contains(&id), "{}", r.stderr);
+
+    // A typo: the name, a suggestion, and what there is.
+    let r = sb.cli(&["logs", "apii"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains("\"apii\"") && r.stderr.contains("did you mean \"api\""), "{}", r.stderr);
+    assert!(r.stderr.contains("workers: api, web") && r.stderr.contains("jobs: report"), "{}", r.stderr);
+}

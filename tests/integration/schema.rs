@@ -32,3 +32,36 @@ fn every_example_config_declares_the_schema_and_is_valid() {
     }
     assert!(seen >= 1, "no example configs found");
 }
+
+/// The TOML file at `path` as the JSON value a schema validator sees.
+fn as_json(path: &std::path::Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_json::to_value(toml::from_str::<toml::Table>(&text).unwrap()).unwrap()
+}
+
+#[test]
+fn the_published_schema_says_the_rules_json_schema_can() {
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join("schema/daemon.schema.json")).unwrap())
+            .unwrap();
+    let v = jsonschema::options().should_validate_formats(false).build(&schema).expect("the schema compiles");
+    for entry in std::fs::read_dir(repo().join("tests/corpus/valid")).unwrap() {
+        let path = entry.unwrap().path();
+        let errors: Vec<String> = v.iter_errors(&as_json(&path)).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{}: {errors:?}", path.display());
+    }
+    // One file per rule drover checks in code and the schema also says.
+    for (file, at) in [
+        ("permanent-exit-code-300", "/defaults/permanent_exit_codes/1"),
+        ("empty-program", "/jobs/backup/command/0"),
+        ("job-command-and-steps", "/jobs/release"),
+        ("job-neither-command-nor-steps", "/jobs/backup"),
+        ("job-schedule-and-every", "/jobs/backup"),
+        ("cron-six-fields", "/jobs/backup/schedule"),
+    ] {
+        let path = repo().join("tests/corpus/invalid").join(format!("{file}.toml"));
+        let paths: Vec<String> =
+            v.iter_errors(&as_json(&path)).map(|e| e.instance_path().to_string()).collect();
+        assert!(paths.iter().any(|p| p.starts_with(at)), "{file}: errors at {paths:?}, none at {at}");
+    }
+}

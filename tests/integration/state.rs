@@ -109,7 +109,7 @@ fn with_no_supervisor_status_reads_the_state_file_and_the_rest_exit_3() {
     assert_eq!(r.code, Some(3));
     assert!(r.stdout.contains("stopped"), "{}", r.stdout);
     let no_supervisor = |sb: &Sandbox| {
-        for args in [&["reload"][..], &["restart", "x"], &["unpark", "x"], &["stop"], &["logs", "sleeper"]] {
+        for args in [&["reload"][..], &["restart", "x"], &["unpark", "x"], &["stop"]] {
             let r = sb.cli(args);
             assert_eq!(r.code, Some(3), "{args:?}: {}{}", r.stdout, r.stderr);
             assert!(r.stderr.contains("no supervisor"), "{args:?}: {}", r.stderr);
@@ -128,6 +128,9 @@ fn with_no_supervisor_status_reads_the_state_file_and_the_rest_exit_3() {
     assert_eq!(code, Some(3), "{v}");
     assert_eq!(v["supervisor"]["state"], "stopped", "{v}");
     assert_eq!(instance(&v, "sleeper", 0)["state"], "stopped", "{v}");
+    // The logs are read from their files: no supervisor needed.
+    let r = sb.cli(&["logs", "sleeper"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
     no_supervisor(&sb);
 }
 

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The published schema (schema/daemon.schema.json) against the config
+# corpus, with check-jsonschema, as an editor or a pre-commit hook uses it:
+# every valid file passes; every invalid file fails, except those whose
+# only errors are rules JSON Schema cannot say (listed below), which pass.
+# Installs check-jsonschema when it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Invalid corpus files with no error the schema can express: directories
+# that must exist, cron values out of range, the backoff order, unique step
+# names, time zones, secret_env naming a set key.
+SCHEMA_PASSES=(
+  backoff-initial-over-max
+  bad-cron
+  cron-hour-out-of-range
+  duplicate-step-names
+  missing-dir
+  secret-env-defaults-unset
+  secret-env-typo
+  timezone-typo
+  unknown-timezone
+)
+
+if ! command -v check-jsonschema >/dev/null 2>&1; then
+  venv="${XDG_CACHE_HOME:-$HOME/.cache}/drover-ci/venv"
+  if [ ! -x "$venv/bin/check-jsonschema" ]; then
+    if ! python3 -m venv "$venv" 2>/dev/null; then
+      # Debian splits venv (and ensurepip) out of python3.
+      command -v apt-get >/dev/null && { apt-get update -qq && apt-get install -y -qq python3 python3-venv; }
+      rm -rf "$venv"
+      python3 -m venv "$venv"
+    fi
+    "$venv/bin/pip" install --quiet check-jsonschema
+  fi
+  PATH="$venv/bin:$PATH"
+fi
+
+schema=schema/daemon.schema.json
+check-jsonschema --schemafile "$schema" tests/corpus/valid/*.toml config/*.toml
+
+failed=0
+for file in tests/corpus/invalid/*.toml; do
+  name=$(basename "$file" .toml)
+  expect=fail
+  for p in "${SCHEMA_PASSES[@]}"; do
+    [ "$p" = "$name" ] && expect=pass
+  done
+  if check-jsonschema --schemafile "$schema" "$file" >/dev/null 2>&1; then got=pass; else got=fail; fi
+  if [ "$got" != "$expect" ]; then
+    echo "schema check: $file should $expect the schema but did $got" >&2
+    failed=1
+  fi
+done
+[ "$failed" = 0 ] && echo "schema check: the corpus agrees with $schema"
+exit "$failed"
