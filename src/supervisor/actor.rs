@@ -12,10 +12,11 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::sys::signal::Signal as NixSignal;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::clock::{later, rfc3339};
 use super::control::Reply;
 use super::jobs::{JobRt, RunProc, RunTimer, SessionDirs, SpawnedProc};
 use super::logs::{Echo, LogFile, Sink, log_path, pump};
-use super::policy::{AfterExit, Counters, after_exit};
+use super::policy::{AfterExit, Counters, after_exit, after_resource_shortage};
 use super::protocol::{
     InstanceStatus, ReloadStatus, Request, Response, StatusReport, SupervisorStatus, WorkerStatus,
 };
@@ -232,10 +233,6 @@ pub struct Supervisor {
     status_cache: Option<Arc<Vec<u8>>>,
 }
 
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
-}
-
 impl Supervisor {
     pub fn new(opts: Options, config: Config, reaper: Arc<Reaper>, tx: mpsc::UnboundedSender<Event>) -> Self {
         let state_path = config.supervisor.state_dir.join("state.json");
@@ -340,6 +337,8 @@ impl Supervisor {
             Event::Control(req, reply) => self.on_request(req, reply),
             Event::Shutdown => self.shutdown(),
             Event::Reload(reply) => {
+                #[cfg(debug_assertions)]
+                super::runtime::test_panic_on_reload();
                 let resp = self.reload();
                 if let Some(r) = reply {
                     let _ = r.send(resp);
@@ -354,8 +353,8 @@ impl Supervisor {
         let sup = &self.config.supervisor;
         let path = log_path(&sup.state_dir, name);
         let file = LogFile::open(path.clone(), sup.log_max_size.0, sup.log_keep).unwrap_or_else(|e| {
-            tracing::warn!(worker = name, error = %e, "cannot open log file; output is discarded");
-            LogFile::open("/dev/null".into(), u64::MAX, 0).expect("/dev/null opens")
+            tracing::warn!(worker = name, error = %e, "cannot open the log file; output is dropped until it can be");
+            LogFile::lazy(path, sup.log_max_size.0, sup.log_keep)
         });
         let secrets =
             self.config.workers.get(name).map(|w| secret_values(&w.env, &w.secret_env)).unwrap_or_default();
@@ -377,7 +376,8 @@ impl Supervisor {
                 Some(p) if p.is_dir() => Ok(p.clone()),
                 _ => worktree::create(&self.reaper, &spec.dir, &state_dir, name, index),
             },
-        };
+        }
+        .map_err(|e| (e, false));
         let result = dir.and_then(|dir| {
             if spec.spawn_mode == SpawnMode::Worktree {
                 inst.worktree = Some(dir.clone());
@@ -394,9 +394,24 @@ impl Supervisor {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
             std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-            self.reaper
-                .spawn(&mut cmd)
-                .map_err(|e| format!("cannot start {:?} in {}: {e}", spec.command[0], dir.display()))
+            proc::give_back_fd_limit(&mut cmd);
+            let spawned = if proc::descriptors_short() {
+                Err(std::io::Error::from_raw_os_error(nix::libc::EMFILE))
+            } else {
+                self.reaper.spawn(&mut cmd)
+            };
+            spawned.map_err(|e| {
+                let short = out_of_resources(&e);
+                let mut msg = format!("cannot start {:?} in {}: {e}", spec.command[0], dir.display());
+                if short {
+                    msg.push_str(&format!(
+                        "; drover is short of resources (it keeps {} descriptors in reserve): \
+                         retrying, not counted as a crash",
+                        proc::FD_RESERVE
+                    ));
+                }
+                (msg, short)
+            })
         });
         let now = SystemTime::now();
         match result {
@@ -421,7 +436,16 @@ impl Supervisor {
                 self.by_pid.insert(pid, Proc::Instance(name.to_string(), index));
                 tracing::info!(worker = name, instance = index, pid, "started");
             }
-            Err(msg) => {
+            Err((msg, true)) => {
+                // Not the worker's failure: never a step toward parking.
+                let delay = after_resource_shortage(spec, &mut inst.counters);
+                tracing::warn!(worker = name, instance = index, error = %msg, delay_ms = millis(delay), "start failed");
+                inst.error = Some(msg);
+                inst.set_phase(Phase::Backoff { until: later(now, delay) });
+                let epoch = inst.epoch;
+                self.timer(name, index, epoch, TimerKind::Restart, delay);
+            }
+            Err((msg, false)) => {
                 tracing::warn!(worker = name, instance = index, error = %msg, "start failed");
                 inst.error = Some(msg);
                 inst.started_at = Some(now);
@@ -448,7 +472,7 @@ impl Supervisor {
             return;
         };
         let uptime = inst.started.map(|s| s.elapsed()).unwrap_or_default();
-        tracing::info!(worker = %name, instance = index, pid, exit = %exit, uptime_ms = uptime.as_millis() as u64, "exited");
+        tracing::info!(worker = %name, instance = index, pid, exit = %exit, uptime_ms = millis(uptime), "exited");
         inst.pid = None;
         inst.last_exit = Some(exit.clone());
         if inst.phase == Phase::Running {
@@ -512,7 +536,11 @@ impl Supervisor {
                     continue;
                 }
             }
-            tracing::warn!(pid, worker = ?of.map(|o| o.0), "killing a process that left its worker's process group");
+            tracing::warn!(
+                pid,
+                worker = of.map(|o| o.0),
+                "killing a process that left its worker's process group"
+            );
             // It may lead a group of its own by now.
             if proc::pgid_of(pid) == Some(pid) {
                 let _ = proc::signal_group(pid, NixSignal::SIGKILL);
@@ -530,7 +558,9 @@ impl Supervisor {
         let Some(w) = self.workers.get_mut(name) else { return };
         let Some(inst) = w.instances.get_mut(&index) else { return };
         inst.pid = None;
-        inst.pgid = None;
+        if let Some(pgid) = inst.pgid.take() {
+            crate::os::groups::remove(pgid);
+        }
         inst.start_ticks = None;
         let then = std::mem::replace(&mut inst.then, Then::Stop);
         if self.shutting_down {
@@ -558,12 +588,12 @@ impl Supervisor {
                         self.spawn(name, index);
                     }
                     AfterExit::Restart { delay } => {
-                        inst.set_phase(Phase::Backoff { until: SystemTime::now() + delay });
+                        inst.set_phase(Phase::Backoff { until: later(SystemTime::now(), delay) });
                         let epoch = inst.epoch;
                         tracing::info!(
                             worker = name,
                             instance = index,
-                            delay_ms = delay.as_millis() as u64,
+                            delay_ms = millis(delay),
                             "restart after backoff"
                         );
                         self.timer(name, index, epoch, TimerKind::Restart, delay);
@@ -766,15 +796,17 @@ impl Supervisor {
                 self.config = loaded.config;
                 self.generation += 1;
                 self.applied_at = SystemTime::now();
-                let names = |f: fn(&Change) -> bool| -> Vec<&str> {
-                    changes.iter().filter(|c| f(c)).map(Change::worker).collect()
+                // Comma-separated names; a list with none is left out.
+                let names = |f: fn(&Change) -> bool| -> Option<String> {
+                    let v: Vec<&str> = changes.iter().filter(|c| f(c)).map(Change::worker).collect();
+                    (!v.is_empty()).then(|| v.join(","))
                 };
                 tracing::info!(
                     generation = self.generation,
-                    started = ?names(|c| matches!(c, Change::Start { .. })),
-                    stopped = ?names(|c| matches!(c, Change::Stop { .. })),
-                    restarted = ?names(|c| matches!(c, Change::Restart { .. })),
-                    updated = ?names(|c| matches!(c, Change::Update { .. })),
+                    started = names(|c| matches!(c, Change::Start { .. })),
+                    stopped = names(|c| matches!(c, Change::Stop { .. })),
+                    restarted = names(|c| matches!(c, Change::Restart { .. })),
+                    updated = names(|c| matches!(c, Change::Update { .. })),
                     "config applied"
                 );
                 self.apply(changes);
@@ -1035,7 +1067,7 @@ impl Supervisor {
     }
 
     fn write_state(&self, report: &StatusReport) {
-        let data = serde_json::to_vec_pretty(report).expect("report serializes");
+        let data = serde_json::to_vec_pretty(report).unwrap_or_default();
         if let Err(e) = write_atomic(&self.state_path, &data) {
             tracing::error!(error = %e, path = %self.state_path.display(), "cannot write the state file");
         }
@@ -1044,6 +1076,20 @@ impl Supervisor {
     pub fn state_dir(&self) -> &Path {
         &self.config.supervisor.state_dir
     }
+}
+
+/// Whether a spawn failed for want of drover's own resources
+/// (descriptors, processes, memory) rather than anything the worker did.
+fn out_of_resources(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    e.raw_os_error().is_some_and(|n| {
+        [Errno::EMFILE, Errno::ENFILE, Errno::EAGAIN, Errno::ENOMEM].contains(&Errno::from_raw(n))
+    })
+}
+
+/// A duration in whole milliseconds, for the log.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn instance_status(index: u32, inst: &Instance) -> InstanceStatus {

@@ -15,6 +15,7 @@ use nix::sys::signal::Signal as NixSignal;
 use serde::{Deserialize, Serialize};
 
 use super::actor::{Event, Proc, Supervisor};
+use super::clock::{later, rfc3339};
 use super::logs::{LogFile, Sink, pump};
 use crate::config::model::{Job, OnOverlap, Step, Trigger, secret_values};
 use crate::config::resolve::parse_cron;
@@ -111,15 +112,11 @@ pub struct RunSummary {
     pub ended_at: Option<String>,
 }
 
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
-}
-
 /// The tick after `after`, for a schedule or an interval.
 pub fn next_tick(trigger: &Trigger, after: SystemTime) -> Option<SystemTime> {
     match trigger {
         Trigger::Manual => None,
-        Trigger::Every(d) => Some(after + d.0),
+        Trigger::Every(d) => Some(later(after, d.0)),
         Trigger::Schedule { cron, timezone: None } => {
             let cron = parse_cron(cron).ok()?;
             let start: chrono::DateTime<chrono::Local> = after.into();
@@ -142,7 +139,8 @@ pub fn jitter_of(name: &str, jitter: Duration) -> Duration {
         return Duration::ZERO;
     }
     let h = name.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3));
-    Duration::from_millis(h % jitter.as_millis().max(1) as u64)
+    // The modulus is at least 1 and, past u64 milliseconds, saturates.
+    Duration::from_millis(h % u64::try_from(jitter.as_millis()).unwrap_or(u64::MAX).max(1))
 }
 
 /// Where to resume a failed or cancelled flow: its first step that did not
@@ -236,7 +234,7 @@ impl Supervisor {
         job.epoch += 1;
         job.next = next;
         let Some(at) = next else { return };
-        let fire = at + jitter_of(name, job.spec.jitter.0);
+        let fire = later(at, jitter_of(name, job.spec.jitter.0));
         let delay = fire.duration_since(SystemTime::now()).unwrap_or_default();
         let (tx, job_name, epoch) = (self.tx.clone(), name.to_string(), job.epoch);
         tokio::spawn(async move {
@@ -475,6 +473,7 @@ impl Supervisor {
             cmd.env("DROVER_JOB", j).env("DROVER_STEP", &step.name);
         }
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        proc::give_back_fd_limit(&mut cmd);
         if rp.kind == Kind::Flow
             && let Some(l) = &self.ledger
         {
@@ -522,6 +521,7 @@ impl Supervisor {
         if !current {
             // Cancelled while it was being spawned: it must not run on.
             let _ = proc::signal_group(pid, NixSignal::SIGKILL);
+            crate::os::groups::remove(pid);
             if self.early_exits.remove(&pid).is_none() {
                 self.discarded.insert(pid);
             }
@@ -544,7 +544,7 @@ impl Supervisor {
                 tokio::spawn(pump(rp.sink.clone(), rp.step, stream, rx, Some(on_close)));
             }
         }
-        tracing::info!(run = id, job = ?rp.job, step = %rp.steps[step as usize].name, pid, "run step started");
+        tracing::info!(run = id, job = rp.job.as_deref(), step = %rp.steps[step as usize].name, pid, "run step started");
         self.by_pid.insert(pid, Proc::Run(id));
         if let Some(l) = &self.ledger {
             let _ = l.set_process(id, pid, pid, proc::start_ticks(pid), &run_log_path(&state_dir, id));
@@ -563,10 +563,11 @@ impl Supervisor {
         rp.pid = None;
         // A step is done when its main process is; what it left behind in
         // its group goes with it.
-        if let Some(pgid) = rp.pgid.take()
-            && proc::group_alive(pgid)
-        {
-            let _ = proc::signal_group(pgid, NixSignal::SIGKILL);
+        if let Some(pgid) = rp.pgid.take() {
+            if proc::group_alive(pgid) {
+                let _ = proc::signal_group(pgid, NixSignal::SIGKILL);
+            }
+            crate::os::groups::remove(pgid);
         }
         if rp.open_streams == 0 {
             self.step_ended(id, Some(exit), None);
@@ -638,7 +639,7 @@ impl Supervisor {
                 Err(e) => tracing::error!(run = id, error = %e, "cannot finalize the run"),
             }
         }
-        tracing::info!(run = id, state = state.as_str(), error = ?error, "run ended");
+        tracing::info!(run = id, state = state.as_str(), error = error.as_deref(), "run ended");
 
         let job = rp.as_ref().and_then(|r| r.job.clone());
         let kind = rp.as_ref().map_or(Kind::Job, |r| r.kind);
@@ -946,7 +947,7 @@ impl Supervisor {
                         Trigger::Every(d) => format!("every {d}"),
                         Trigger::Manual => "manual".into(),
                     },
-                    next_tick: j.next.map(|t| rfc3339(t + jitter_of(name, j.spec.jitter.0))),
+                    next_tick: j.next.map(|t| rfc3339(later(t, jitter_of(name, j.spec.jitter.0)))),
                     active: self.running_of(name),
                     queued: j.queue.len(),
                     skips: ledger.and_then(|l| l.skips(name).ok()).unwrap_or(0),

@@ -3,9 +3,11 @@
 //! (control socket, logs, worktrees, start-up and recovery).
 
 pub mod actor;
+pub mod clock;
 pub mod control;
 pub mod jobs;
 pub mod logs;
+pub mod own_log;
 pub mod policy;
 pub mod protocol;
 pub mod reconcile;

@@ -7,6 +7,7 @@ mod chaos;
 mod check;
 mod config_cmd;
 mod control;
+mod faults;
 mod jobs;
 mod output;
 mod reload;
