@@ -72,7 +72,29 @@ pub fn kill_recorded_group(pgid: i32, recorded_start: Option<u64>) -> bool {
 
 /// The direct children of this process (of all its threads).
 pub fn own_children() -> Vec<i32> {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return Vec::new() };
+    children_of_task_dir("/proc/self/task")
+}
+
+/// `pid`'s children, their children and so on (at most `cap` processes).
+pub fn descendants(pid: i32, cap: usize) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut next = 0;
+    let mut at = pid;
+    loop {
+        for c in children_of_task_dir(&format!("/proc/{at}/task")) {
+            if out.len() < cap && !out.contains(&c) {
+                out.push(c);
+            }
+        }
+        let Some(&p) = out.get(next) else { break };
+        at = p;
+        next += 1;
+    }
+    out
+}
+
+fn children_of_task_dir(dir: &str) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(dir) else { return Vec::new() };
     let mut out = Vec::new();
     for t in tasks.flatten() {
         if let Ok(list) = std::fs::read_to_string(t.path().join("children")) {

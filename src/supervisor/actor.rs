@@ -72,6 +72,20 @@ pub enum Event {
     Reload(Option<oneshot::Sender<Response>>),
 }
 
+/// The most events other than control requests handled between two looks
+/// at the control channel (an `Event::Reaped` holds up to
+/// [`REAPED_CHUNK`] exits).
+const BATCH: usize = 8;
+
+/// The most descendants of one escaped process looked for and killed.
+const MAX_ESCAPEE_TREE: usize = 4096;
+
+/// How stale the state file may get while events keep coming.
+const FLUSH_EVERY: Duration = Duration::from_millis(200);
+
+/// The most exits one `Event::Reaped` carries.
+pub const REAPED_CHUNK: usize = 32;
+
 /// Whose process a pid is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Proc {
@@ -294,16 +308,47 @@ impl Supervisor {
         self.flush_state();
     }
 
-    /// Runs until shutdown completes.
-    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
-        while let Some(ev) = rx.recv().await {
+    /// Runs until shutdown completes. `control` carries control requests
+    /// and shutdown, `events` everything else: control is served first and
+    /// between bounded batches of other events, so a storm of exits (10 000
+    /// instances restarting at once) never leaves `status` or `stop`
+    /// waiting behind it.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::UnboundedReceiver<Event>,
+        mut control: mpsc::UnboundedReceiver<Event>,
+    ) {
+        let mut last_flush = Instant::now();
+        loop {
+            let ev = tokio::select! {
+                biased;
+                Some(ev) = control.recv() => ev,
+                Some(ev) = events.recv() => ev,
+                else => break,
+            };
             self.handle(ev);
-            // Take whatever else is already queued before writing state
-            // once: a burst of exits costs one state write, not one each.
-            while let Ok(ev) = rx.try_recv() {
-                self.handle(ev);
+            // Take whatever else is already queued, up to a bound, before
+            // writing state once: a burst of exits costs one state write,
+            // not one each; a control request waits for one batch at most.
+            let mut taken = 0;
+            loop {
+                if let Ok(ev) = control.try_recv() {
+                    self.handle(ev);
+                } else if taken < BATCH
+                    && let Ok(ev) = events.try_recv()
+                {
+                    self.handle(ev);
+                    taken += 1;
+                } else {
+                    break;
+                }
             }
-            self.flush_state();
+            // While a storm goes on, the state file (every instance, and
+            // an fsync) is written every FLUSH_EVERY, not after each batch.
+            if events.is_empty() || last_flush.elapsed() >= FLUSH_EVERY {
+                self.flush_state();
+                last_flush = Instant::now();
+            }
             if self.shutting_down && self.all_stopped() {
                 break;
             }
@@ -522,7 +567,8 @@ impl Supervisor {
 
     /// Kills what drover adopted from an instance: processes that left its
     /// group (`setsid`) and were re-parented to drover when their parent
-    /// died. They are found by the worker and instance in their
+    /// died, with everything they started (whatever its environment or
+    /// session). They are found by the worker and instance in their
     /// environment; with `None`, every child drover does not track goes.
     fn kill_escapees(&self, of: Option<(&str, u32)>) {
         for pid in proc::own_children() {
@@ -536,16 +582,23 @@ impl Supervisor {
                     continue;
                 }
             }
+            // What it started lives on in sessions of their own, with
+            // their parent (it) alive: not yet drover's children. Taken
+            // before the kill, which would scatter them.
+            let below = proc::descendants(pid, MAX_ESCAPEE_TREE);
             tracing::warn!(
                 pid,
                 worker = of.map(|o| o.0),
+                descendants = below.len(),
                 "killing a process that left its worker's process group"
             );
-            // It may lead a group of its own by now.
-            if proc::pgid_of(pid) == Some(pid) {
-                let _ = proc::signal_group(pid, NixSignal::SIGKILL);
-            } else {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), NixSignal::SIGKILL);
+            for p in std::iter::once(pid).chain(below) {
+                // It may lead a group of its own by now.
+                if proc::pgid_of(p) == Some(p) {
+                    let _ = proc::signal_group(p, NixSignal::SIGKILL);
+                } else {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), NixSignal::SIGKILL);
+                }
             }
         }
     }

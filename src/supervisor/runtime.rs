@@ -13,7 +13,7 @@ use nix::sys::signal::Signal;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
-use super::actor::{Event, Options, Supervisor};
+use super::actor::{Event, Options, REAPED_CHUNK, Supervisor};
 use super::control;
 use super::protocol::StatusReport;
 use crate::config::Loaded;
@@ -294,13 +294,16 @@ pub async fn serve(
     let mut sighup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
 
     let (tx, rx) = mpsc::unbounded_channel();
+    // Control requests and shutdown: served before other events.
+    let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
     let reaper = Arc::new(Reaper::default());
     {
         let (reaper, tx) = (reaper.clone(), tx.clone());
         tokio::spawn(async move {
             loop {
                 let found = reaper.reap();
-                if !found.is_empty() && tx.send(Event::Reaped(found)).is_err() {
+                // In chunks, so that the actor's batches stay bounded.
+                if found.chunks(REAPED_CHUNK).any(|c| tx.send(Event::Reaped(c.to_vec())).is_err()) {
                     break;
                 }
                 if sigchld.recv().await.is_none() {
@@ -310,15 +313,15 @@ pub async fn serve(
         });
     }
     {
-        let tx = tx.clone();
+        let (tx, ctl_tx) = (tx.clone(), ctl_tx.clone());
         tokio::spawn(async move {
             loop {
-                let ev = tokio::select! {
-                    _ = sigterm.recv() => Event::Shutdown,
-                    _ = sigint.recv() => Event::Shutdown,
-                    _ = sighup.recv() => Event::Reload(None),
+                let sent = tokio::select! {
+                    _ = sigterm.recv() => ctl_tx.send(Event::Shutdown),
+                    _ = sigint.recv() => ctl_tx.send(Event::Shutdown),
+                    _ = sighup.recv() => tx.send(Event::Reload(None)),
                 };
-                if tx.send(ev).is_err() {
+                if sent.is_err() {
                     break;
                 }
             }
@@ -344,11 +347,11 @@ pub async fn serve(
     sup.set_watch(watch_tx);
     super::watch::start(loaded.path.clone(), &loaded.text, watch_rx, tx.clone());
     sup.boot();
-    tokio::spawn(control::serve(listener, tx.clone()));
+    tokio::spawn(control::serve(listener, ctl_tx));
     tracing::info!(pid = std::process::id(), state_dir = %state_dir.display(), "ready");
     sd_notify("READY=1");
     ready.send("ready\n");
-    sup.run(rx).await;
+    sup.run(rx, ctl_rx).await;
     sd_notify("STOPPING=1");
     Ok(())
 }

@@ -304,6 +304,40 @@ fn workers_get_the_open_files_limit_drover_started_with() {
     assert!(open.split_whitespace().nth(3) == Some("4096"), "drover did not raise its own limit: {open}");
 }
 
+// ------------------------------------------------------------ grandchildren
+
+/// The running processes of the sandbox whose command line is `cmd`.
+fn running(sb: &Sandbox, cmd: &str) -> Vec<ProcId> {
+    sb.processes().into_iter().filter(|(_, c)| c == cmd).filter_map(|(p, _)| ProcId::of(p)).collect()
+}
+
+#[test]
+fn a_restart_kills_daemons_that_daemons_started_in_sessions_of_their_own() {
+    let sb = Sandbox::new();
+    // A daemon (its own session, marked by its environment) that starts
+    // two more daemons of its own, one of them with an empty environment.
+    sb.write(
+        "daemon.toml",
+        format!(
+            "{SUPERVISOR}[workers.w]\nstop_grace = \"300ms\"\ncommand = {}\n",
+            sh("setsid sh -c 'setsid env -i sleep 1006 & setsid sleep 1004 & exec sleep 1003' & exec sleep 1000")
+        ),
+    );
+    let mut sup = Supervisor::start(&sb);
+    let daemons = ["sleep 1003", "sleep 1004", "sleep 1006"];
+    let first: Vec<ProcId> = wait_until("the daemons", SECS_10, || {
+        let all: Vec<Vec<ProcId>> = daemons.iter().map(|d| running(&sb, d)).collect();
+        all.iter().all(|v| v.len() == 1).then(|| all.into_iter().flatten().collect())
+    });
+    let r = sb.cli(&["restart", "w"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    wait_until("the first daemons to be gone", SECS_10, || first.iter().all(|p| !p.running()).then_some(()));
+    wait_until("one of each daemon, from the new instance", SECS_10, || {
+        daemons.iter().all(|d| running(&sb, d).len() == 1).then_some(())
+    });
+    stop_and_expect_nothing_left(&sb, &mut sup);
+}
+
 // ------------------------------------------------------------ durations
 
 #[test]
@@ -365,4 +399,79 @@ fn a_panicking_drover_takes_its_processes_with_it() {
         sb.processes().is_empty().then_some(())
     });
     assert!(sup.stderr().contains("the supervisor panicked"), "{}", sup.stderr());
+}
+
+// ------------------------------------------------------------ all at once
+
+/// drover's open descriptors.
+fn open_fds(pid: i32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
+}
+
+#[test]
+fn every_fault_at_once_drover_stays_up_answers_and_leaves_nothing_after_stop() {
+    use std::io::Write;
+    let sb = Sandbox::new();
+    let fs = Tmpfs::mount(&sb.root.join("state"), "1m");
+    let state_dir = if fs.is_some() { "state" } else { ".drover" };
+    sb.write(
+        "daemon.toml",
+        format!(
+            "[supervisor]\nreload = false\nstate_dir = \"{state_dir}\"\n{FLAPPING}\n[workers.talker]\ncapacity = 3\ncommand = {}\n\
+             [workers.steady]\ncommand = [\"sleep\", \"1000\"]\n",
+            sh("while :; do echo talking; sleep 0.05; done")
+        ),
+    );
+    // A closed stderr.
+    let (read, write) = nix::unistd::pipe().unwrap();
+    drop(read);
+    let mut stderr = Some(Stdio::from(write));
+    let mut sup = Supervisor::start_with(&sb, |cmd| {
+        cmd.stderr(stderr.take().unwrap());
+    });
+    let steady = instance(&sup.status(), "steady", 0)["pid"].clone();
+    let sock = sb.root.join(state_dir).join("drover.sock");
+
+    // Slow readers: clients that ask and never read the answer.
+    let slow: Vec<std::os::unix::net::UnixStream> = (0..20)
+        .filter_map(|_| {
+            let mut s = std::os::unix::net::UnixStream::connect(&sock).ok()?;
+            s.write_all(b"{\"cmd\":\"status\"}\n").ok()?;
+            Some(s)
+        })
+        .collect();
+    // A full disk.
+    let filler = fs.as_ref().map(Tmpfs::fill);
+    // A locked ledger: another process's exclusive transaction.
+    let ledger = rusqlite::Connection::open(sb.root.join(state_dir).join("ledger.sqlite")).unwrap();
+    ledger.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    // Out of descriptors: the limit lowered to a few above what is open.
+    let pid = sup.pid.to_string();
+    let limit = open_fds(sup.pid) + 4;
+    let lowered = Command::new("prlimit").args(["--pid", &pid, &format!("--nofile={limit}:")]).status().unwrap();
+    assert!(lowered.success());
+
+    // Status answers under every fault (slowly while the ledger is locked).
+    for _ in 0..3 {
+        let v = sup.status();
+        assert!(sup.try_wait().is_none(), "drover exited");
+        assert_eq!(instance(&v, "steady", 0)["pid"], steady, "the steady worker was disturbed");
+        assert_ne!(worker(&v, "flap")["state"], "parked", "{v:#}");
+    }
+
+    // Every fault lifted: drover goes on as before.
+    ledger.execute_batch("COMMIT").unwrap();
+    drop(ledger);
+    if let Some(f) = filler {
+        std::fs::remove_file(f).unwrap();
+    }
+    let raised = Command::new("prlimit").args(["--pid", &pid, "--nofile=4096:"]).status().unwrap();
+    assert!(raised.success());
+    drop(slow);
+    let before = restarts(&sup.status(), "flap");
+    sup.wait_for("restarts after the faults", SECS_10, |v| {
+        restarts(v, "flap") >= before + 10 && (0..3).all(|i| instance(v, "talker", i)["state"] == "running")
+    });
+    stop_and_expect_nothing_left(&sb, &mut sup);
+    drop(fs);
 }
