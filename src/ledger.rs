@@ -62,7 +62,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Kind::Job => "job",
             Kind::Flow => "flow",
@@ -175,7 +175,7 @@ pub struct NewRun<'a> {
 pub type Result<T> = rusqlite::Result<T>;
 
 pub fn now() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+    crate::supervisor::clock::rfc3339(SystemTime::now())
 }
 
 pub fn path_in(state_dir: &Path) -> PathBuf {

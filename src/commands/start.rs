@@ -21,7 +21,7 @@ pub fn start(config: &Path, overrides: Overrides, detach: bool, log_format: LogF
         }
     };
     if !detach {
-        init_tracing(log_format);
+        crate::supervisor::own_log::init(log_format);
         return run(loaded, overrides, true, Ready(None));
     }
 
@@ -75,7 +75,7 @@ pub fn start(config: &Path, overrides: Overrides, detach: bool, log_format: LogF
             drop(read_end);
             let _ = nix::unistd::setsid();
             detach_stdio(&state_dir.join("drover.log"));
-            init_tracing(log_format);
+            crate::supervisor::own_log::init(log_format);
             let code = run(loaded, overrides, false, Ready(Some(std::fs::File::from(write_end))));
             std::process::exit(code.into());
         }
@@ -122,14 +122,4 @@ fn run(loaded: crate::config::Loaded, overrides: Overrides, echo: bool, mut read
             exit::FAILED
         }
     }
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
 }

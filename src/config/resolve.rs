@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use super::model::{Backoff, Config, CrashLoop, Job, Settings, Step, Supervisor, Trigger, Worker};
 use super::raw::{OnOverlap, RawBackoff, RawConfig, RawCrashLoop, RawJob, RawSettings, SpawnMode};
@@ -109,6 +110,7 @@ pub fn resolve(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
     if supervisor.state_dir.as_os_str().as_encoded_bytes().contains(&0) {
         p.add(&["supervisor", "state_dir"], "must not contain a NUL byte; write a plain directory path");
     }
+    check_at_most(&mut p, &["supervisor", "debounce"], sup.debounce, HOUR);
     if supervisor.log_max_size.0 < 4096 {
         p.add(&["supervisor", "log_max_size"], "must be at least 4KiB");
     }
@@ -305,6 +307,7 @@ fn resolve_job(
             if every.0.is_zero() {
                 p.add(&["jobs", name, "every"], "must be longer than 0s");
             }
+            check_at_most(p, &["jobs", name, "every"], Some(every), YEAR);
             Trigger::Every(every)
         }
         (None, None) => {
@@ -320,6 +323,9 @@ fn resolve_job(
     if j.timeout.is_some_and(|t| t.0.is_zero()) {
         p.add(&["jobs", name, "timeout"], "must be longer than 0s");
     }
+    check_at_most(p, &["jobs", name, "timeout"], j.timeout, YEAR);
+    check_at_most(p, &["jobs", name, "jitter"], j.jitter, DAY);
+    check_at_most(p, &["jobs", name, "stop_grace"], j.stop_grace, DAY);
     let capacity = j.capacity.unwrap_or(1);
     if capacity == 0 {
         p.add(&["jobs", name, "capacity"], "must be at least 1");
@@ -390,6 +396,14 @@ fn overlay(base: &Settings, own: &RawSettings) -> Settings {
 fn check_settings(p: &mut Problems, at: &[&str], s: &Settings, own: &RawSettings) {
     let path = |key: &'static str| [at, &[key]].concat();
     if let Some(RawBackoff { initial, max, multiplier }) = &own.backoff {
+        check_at_most(p, &[at, &["backoff", "initial"]].concat(), *initial, DAY);
+        check_at_most(p, &[at, &["backoff", "max"]].concat(), *max, DAY);
+        if multiplier.is_some_and(|m| m > MAX_MULTIPLIER) {
+            p.add(
+                &[at, &["backoff", "multiplier"]].concat(),
+                format!("must be at most {MAX_MULTIPLIER}, found {}", s.backoff.multiplier),
+            );
+        }
         if (initial.is_some() || max.is_some()) && s.backoff.initial > s.backoff.max {
             p.add(
                 &path("backoff"),
@@ -406,6 +420,10 @@ fn check_settings(p: &mut Problems, at: &[&str], s: &Settings, own: &RawSettings
             );
         }
     }
+    if let Some(c) = &own.crash_loop {
+        check_at_most(p, &[at, &["crash_loop", "min_uptime"]].concat(), c.min_uptime, DAY);
+    }
+    check_at_most(p, &path("stop_grace"), own.stop_grace, DAY);
     if let Some(RawCrashLoop { max_failures: Some(0), .. }) = &own.crash_loop {
         p.add(&[at, &["crash_loop", "max_failures"]].concat(), "must be at least 1");
     }
@@ -436,6 +454,24 @@ fn check_env(p: &mut Problems, at: &[&str], env: Option<&BTreeMap<String, String
         } else if v.contains('\0') {
             p.add(&[at, &[k.as_str()]].concat(), "a value must not contain a NUL byte");
         }
+    }
+}
+
+const HOUR: Bounded = Bounded(Duration::from_secs(3600), "1h");
+const DAY: Bounded = Bounded(Duration::from_secs(86_400), "1day");
+const YEAR: Bounded = Bounded(Duration::from_secs(365 * 86_400), "365days");
+/// Past this, backoff grows to its cap in one step anyway.
+const MAX_MULTIPLIER: f64 = 1000.0;
+
+/// The most a duration key accepts, and how it is written: past such
+/// bounds a value is a typo, and the runtime's arithmetic has headroom.
+struct Bounded(Duration, &'static str);
+
+fn check_at_most(p: &mut Problems, at: &[&str], d: Option<HumanDuration>, max: Bounded) {
+    if let Some(d) = d
+        && d.0 > max.0
+    {
+        p.add(at, format!("must be at most {}, found {d}", max.1));
     }
 }
 

@@ -2,5 +2,6 @@
 //! files written atomically, the lock.
 
 pub mod fsutil;
+pub mod groups;
 pub mod proc;
 pub mod reaper;

@@ -1,6 +1,7 @@
 //! Process groups and process identity, from signals and /proc.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill, killpg};
@@ -37,6 +38,11 @@ pub fn pgid_of(pid: i32) -> Option<i32> {
     stat_fields(pid).and_then(|f| f.get(2).and_then(|s| s.parse().ok()))
 }
 
+/// The parent of `pid` (field 4 of /proc/PID/stat).
+pub fn parent_of(pid: i32) -> Option<i32> {
+    stat_fields(pid).and_then(|f| f.get(1).and_then(|s| s.parse().ok()))
+}
+
 /// Whether `pid` is a zombie (state Z).
 pub fn is_zombie(pid: i32) -> bool {
     stat_fields(pid).is_some_and(|f| f.first().map(String::as_str) == Some("Z"))
@@ -66,7 +72,29 @@ pub fn kill_recorded_group(pgid: i32, recorded_start: Option<u64>) -> bool {
 
 /// The direct children of this process (of all its threads).
 pub fn own_children() -> Vec<i32> {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return Vec::new() };
+    children_of_task_dir("/proc/self/task")
+}
+
+/// `pid`'s children, their children and so on (at most `cap` processes).
+pub fn descendants(pid: i32, cap: usize) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut next = 0;
+    let mut at = pid;
+    loop {
+        for c in children_of_task_dir(&format!("/proc/{at}/task")) {
+            if out.len() < cap && !out.contains(&c) {
+                out.push(c);
+            }
+        }
+        let Some(&p) = out.get(next) else { break };
+        at = p;
+        next += 1;
+    }
+    out
+}
+
+fn children_of_task_dir(dir: &str) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(dir) else { return Vec::new() };
     let mut out = Vec::new();
     for t in tasks.flatten() {
         if let Ok(list) = std::fs::read_to_string(t.path().join("children")) {
@@ -122,14 +150,63 @@ pub fn self_and_ancestors() -> Vec<i32> {
     chain
 }
 
-/// Raises the soft limit on open files to the hard limit: every instance
-/// holds two pipe ends, and 1000 workers exceed the usual soft limit of 1024.
+/// The soft and hard limits on open files drover started with, once
+/// [`raise_fd_limit`] raised the soft one (`u64::MAX`: not raised).
+static STARTED_NOFILE: [AtomicU64; 2] = [AtomicU64::new(u64::MAX), AtomicU64::new(u64::MAX)];
+
+/// Raises drover's soft limit on open files to the hard limit, as systemd
+/// and most daemons do: every instance holds two pipe ends, and 1000
+/// workers exceed the usual soft limit of 1024. Workers do not inherit
+/// the raise: see [`give_back_fd_limit`].
 pub fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
         && soft < hard
+        && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok()
     {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        STARTED_NOFILE[0].store(soft, Ordering::Relaxed);
+        STARTED_NOFILE[1].store(hard, Ordering::Relaxed);
+    }
+}
+
+/// Descriptors drover keeps free for itself (control connections, the
+/// state file, /proc reads): a worker's start or a log file that would eat
+/// into them waits instead.
+pub const FD_RESERVE: u64 = 16;
+
+/// Whether fewer than about [`FD_RESERVE`] descriptors are left below
+/// the soft limit. The kernel hands out the lowest free number, so when
+/// the lowest free one lies in the top [`FD_RESERVE`], all below are taken
+/// (a hole lower down is used first, and soon). Two system calls.
+pub fn descriptors_short() -> bool {
+    use nix::sys::resource::{Resource, getrlimit};
+    let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) else { return false };
+    match nix::fcntl::fcntl(std::io::stderr(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(0)) {
+        Ok(fd) => {
+            // SAFETY: fd was just made by F_DUPFD and is owned here alone.
+            drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+            u64::try_from(fd).unwrap_or(0).saturating_add(FD_RESERVE) >= soft
+        }
+        // EBADF (no stderr at all) says nothing about the limit.
+        Err(e) => e == Errno::EMFILE,
+    }
+}
+
+/// Makes `cmd` start with the soft limit on open files that drover itself
+/// started with (programs that size tables by the limit, or that select(2),
+/// expect the usual one). Nothing to do when drover raised nothing.
+pub fn give_back_fd_limit(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let (soft, hard) = (STARTED_NOFILE[0].load(Ordering::Relaxed), STARTED_NOFILE[1].load(Ordering::Relaxed));
+    if soft == u64::MAX {
+        return;
+    }
+    // SAFETY: setrlimit is a plain system call, safe between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, soft, hard)
+                .map_err(io::Error::from)
+        });
     }
 }
 

@@ -13,6 +13,8 @@ use nix::errno::Errno;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use serde::{Deserialize, Serialize};
 
+use super::groups;
+
 /// How a process ended: an exit code, or the signal that killed it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Exit {
@@ -64,11 +66,15 @@ impl Reaper {
         nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
     }
 
-    /// Spawns `cmd`, recording its pid before the reaper can see it exit.
+    /// Spawns `cmd` (which leads a process group of its own), recording
+    /// its pid before the reaper can see it exit, and its group in
+    /// [`groups`], the registry a dying drover kills.
     pub fn spawn(&self, cmd: &mut Command) -> io::Result<Child> {
         let _spawning = self.spawning.read().unwrap_or_else(|e| e.into_inner());
         let child = cmd.spawn()?;
-        self.tracked.lock().unwrap_or_else(|e| e.into_inner()).insert(child.id() as i32);
+        let pid = child.id() as i32;
+        groups::add(pid);
+        self.tracked.lock().unwrap_or_else(|e| e.into_inner()).insert(pid);
         Ok(child)
     }
 
@@ -97,6 +103,9 @@ impl Reaper {
                 Err(_) => break,
             };
             if tracked.remove(&pid) {
+                if !super::proc::group_alive(pid) {
+                    groups::remove(pid);
+                }
                 out.push(Reaped::Child { pid, exit });
             } else {
                 out.push(Reaped::Stray { pid });

@@ -14,10 +14,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 mod controls;
 
+use super::clock::{later, rfc3339};
 use super::control::Reply;
 use super::jobs::{JobRt, RunProc, RunTimer, SessionDirs, SpawnedProc};
 use super::logs::{Echo, LogFile, Sink, log_path, pump};
-use super::policy::{AfterExit, Counters, after_exit};
+use super::policy::{AfterExit, Counters, after_exit, after_resource_shortage};
 use super::protocol::{
     InstanceAction, InstanceStatus, ReloadStatus, Request, Response, StatusReport, SupervisorStatus, Target,
     WorkerStatus,
@@ -77,6 +78,20 @@ pub enum Event {
     /// SIGHUP, `drover reload`, or the file watcher.
     Reload(Option<oneshot::Sender<Response>>),
 }
+
+/// The most events other than control requests handled between two looks
+/// at the control channel (an `Event::Reaped` holds up to
+/// [`REAPED_CHUNK`] exits).
+const BATCH: usize = 8;
+
+/// The most descendants of one escaped process looked for and killed.
+const MAX_ESCAPEE_TREE: usize = 4096;
+
+/// How stale the state file may get while events keep coming.
+const FLUSH_EVERY: Duration = Duration::from_millis(200);
+
+/// The most exits one `Event::Reaped` carries.
+pub const REAPED_CHUNK: usize = 32;
 
 /// Whose process a pid is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -254,10 +269,6 @@ pub struct Supervisor {
     status_cache: Option<Arc<Vec<u8>>>,
 }
 
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
-}
-
 impl Supervisor {
     pub fn new(opts: Options, config: Config, reaper: Arc<Reaper>, tx: mpsc::UnboundedSender<Event>) -> Self {
         let state_path = config.supervisor.state_dir.join("state.json");
@@ -318,16 +329,47 @@ impl Supervisor {
         self.flush_state();
     }
 
-    /// Runs until shutdown completes.
-    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
-        while let Some(ev) = rx.recv().await {
+    /// Runs until shutdown completes. `control` carries control requests
+    /// and shutdown, `events` everything else: control is served first and
+    /// between bounded batches of other events, so a storm of exits (10 000
+    /// instances restarting at once) never leaves `status` or `stop`
+    /// waiting behind it.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::UnboundedReceiver<Event>,
+        mut control: mpsc::UnboundedReceiver<Event>,
+    ) {
+        let mut last_flush = Instant::now();
+        loop {
+            let ev = tokio::select! {
+                biased;
+                Some(ev) = control.recv() => ev,
+                Some(ev) = events.recv() => ev,
+                else => break,
+            };
             self.handle(ev);
-            // Take whatever else is already queued before writing state
-            // once: a burst of exits costs one state write, not one each.
-            while let Ok(ev) = rx.try_recv() {
-                self.handle(ev);
+            // Take whatever else is already queued, up to a bound, before
+            // writing state once: a burst of exits costs one state write,
+            // not one each; a control request waits for one batch at most.
+            let mut taken = 0;
+            loop {
+                if let Ok(ev) = control.try_recv() {
+                    self.handle(ev);
+                } else if taken < BATCH
+                    && let Ok(ev) = events.try_recv()
+                {
+                    self.handle(ev);
+                    taken += 1;
+                } else {
+                    break;
+                }
             }
-            self.flush_state();
+            // While a storm goes on, the state file (every instance, and
+            // an fsync) is written every FLUSH_EVERY, not after each batch.
+            if events.is_empty() || last_flush.elapsed() >= FLUSH_EVERY {
+                self.flush_state();
+                last_flush = Instant::now();
+            }
             self.ledger.check_wal();
             if self.shutting_down && self.all_stopped() {
                 break;
@@ -363,6 +405,8 @@ impl Supervisor {
             Event::Control(req, reply) => self.on_request(req, reply),
             Event::Shutdown => self.shutdown(),
             Event::Reload(reply) => {
+                #[cfg(debug_assertions)]
+                super::runtime::test_panic_on_reload();
                 let resp = self.reload();
                 if let Some(r) = reply {
                     let _ = r.send(resp);
@@ -377,8 +421,8 @@ impl Supervisor {
         let sup = &self.config.supervisor;
         let path = log_path(&sup.state_dir, name);
         let file = LogFile::open(path.clone(), sup.log_max_size.0, sup.log_keep).unwrap_or_else(|e| {
-            tracing::warn!(worker = name, error = %e, "cannot open log file; output is discarded");
-            LogFile::open("/dev/null".into(), u64::MAX, 0).expect("/dev/null opens")
+            tracing::warn!(worker = name, error = %e, "cannot open the log file; output is dropped until it can be");
+            LogFile::lazy(path, sup.log_max_size.0, sup.log_keep)
         });
         let secrets =
             self.config.workers.get(name).map(|w| secret_values(&w.env, &w.secret_env)).unwrap_or_default();
@@ -400,7 +444,8 @@ impl Supervisor {
                 Some(p) if p.is_dir() => Ok(p.clone()),
                 _ => worktree::create(&self.reaper, &spec.dir, &state_dir, name, index),
             },
-        };
+        }
+        .map_err(|e| (e, false));
         let result = dir.and_then(|dir| {
             if spec.spawn_mode == SpawnMode::Worktree {
                 inst.worktree = Some(dir.clone());
@@ -417,9 +462,24 @@ impl Supervisor {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
             std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-            self.reaper
-                .spawn(&mut cmd)
-                .map_err(|e| format!("cannot start {:?} in {}: {e}", spec.command[0], dir.display()))
+            proc::give_back_fd_limit(&mut cmd);
+            let spawned = if proc::descriptors_short() {
+                Err(std::io::Error::from_raw_os_error(nix::libc::EMFILE))
+            } else {
+                self.reaper.spawn(&mut cmd)
+            };
+            spawned.map_err(|e| {
+                let short = out_of_resources(&e);
+                let mut msg = format!("cannot start {:?} in {}: {e}", spec.command[0], dir.display());
+                if short {
+                    msg.push_str(&format!(
+                        "; drover is short of resources (it keeps {} descriptors in reserve): \
+                         retrying, not counted as a crash",
+                        proc::FD_RESERVE
+                    ));
+                }
+                (msg, short)
+            })
         });
         let now = SystemTime::now();
         match result {
@@ -444,7 +504,16 @@ impl Supervisor {
                 self.by_pid.insert(pid, Proc::Instance(name.to_string(), index));
                 tracing::info!(worker = name, instance = index, pid, "started");
             }
-            Err(msg) => {
+            Err((msg, true)) => {
+                // Not the worker's failure: never a step toward parking.
+                let delay = after_resource_shortage(spec, &mut inst.counters);
+                tracing::warn!(worker = name, instance = index, error = %msg, delay_ms = millis(delay), "start failed");
+                inst.error = Some(msg);
+                inst.set_phase(Phase::Backoff { until: later(now, delay) });
+                let epoch = inst.epoch;
+                self.timer(name, index, epoch, TimerKind::Restart, delay);
+            }
+            Err((msg, false)) => {
                 tracing::warn!(worker = name, instance = index, error = %msg, "start failed");
                 inst.error = Some(msg);
                 inst.started_at = Some(now);
@@ -471,7 +540,7 @@ impl Supervisor {
             return;
         };
         let uptime = inst.started.map(|s| s.elapsed()).unwrap_or_default();
-        tracing::info!(worker = %name, instance = index, pid, exit = %exit, uptime_ms = uptime.as_millis() as u64, "exited");
+        tracing::info!(worker = %name, instance = index, pid, exit = %exit, uptime_ms = millis(uptime), "exited");
         inst.pid = None;
         inst.last_exit = Some(exit.clone());
         if inst.phase == Phase::Running {
@@ -522,7 +591,8 @@ impl Supervisor {
 
     /// Kills what drover adopted from an instance: processes that left its
     /// group (`setsid`) and were re-parented to drover when their parent
-    /// died. They are found by the worker and instance in their
+    /// died, with everything they started (whatever its environment or
+    /// session). They are found by the worker and instance in their
     /// environment; with `None`, every child drover does not track goes.
     fn kill_escapees(&self, of: Option<(&str, u32)>) {
         for pid in proc::own_children() {
@@ -536,12 +606,23 @@ impl Supervisor {
                     continue;
                 }
             }
-            tracing::warn!(pid, worker = ?of.map(|o| o.0), "killing a process that left its worker's process group");
-            // It may lead a group of its own by now.
-            if proc::pgid_of(pid) == Some(pid) {
-                let _ = proc::signal_group(pid, NixSignal::SIGKILL);
-            } else {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), NixSignal::SIGKILL);
+            // What it started lives on in sessions of their own, with
+            // their parent (it) alive: not yet drover's children. Taken
+            // before the kill, which would scatter them.
+            let below = proc::descendants(pid, MAX_ESCAPEE_TREE);
+            tracing::warn!(
+                pid,
+                worker = of.map(|o| o.0),
+                descendants = below.len(),
+                "killing a process that left its worker's process group"
+            );
+            for p in std::iter::once(pid).chain(below) {
+                // It may lead a group of its own by now.
+                if proc::pgid_of(p) == Some(p) {
+                    let _ = proc::signal_group(p, NixSignal::SIGKILL);
+                } else {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), NixSignal::SIGKILL);
+                }
             }
         }
     }
@@ -554,7 +635,9 @@ impl Supervisor {
         let Some(w) = self.workers.get_mut(name) else { return };
         let Some(inst) = w.instances.get_mut(&index) else { return };
         inst.pid = None;
-        inst.pgid = None;
+        if let Some(pgid) = inst.pgid.take() {
+            crate::os::groups::remove(pgid);
+        }
         inst.start_ticks = None;
         let then = std::mem::replace(&mut inst.then, Then::Stop);
         if self.shutting_down {
@@ -586,12 +669,12 @@ impl Supervisor {
                         self.spawn(name, index);
                     }
                     AfterExit::Restart { delay } => {
-                        inst.set_phase(Phase::Backoff { until: SystemTime::now() + delay });
+                        inst.set_phase(Phase::Backoff { until: later(SystemTime::now(), delay) });
                         let epoch = inst.epoch;
                         tracing::info!(
                             worker = name,
                             instance = index,
-                            delay_ms = delay.as_millis() as u64,
+                            delay_ms = millis(delay),
                             "restart after backoff"
                         );
                         self.timer(name, index, epoch, TimerKind::Restart, delay);
@@ -795,15 +878,17 @@ impl Supervisor {
                 self.config = loaded.config;
                 self.generation += 1;
                 self.applied_at = SystemTime::now();
-                let names = |f: fn(&Change) -> bool| -> Vec<&str> {
-                    changes.iter().filter(|c| f(c)).map(Change::worker).collect()
+                // Comma-separated names; a list with none is left out.
+                let names = |f: fn(&Change) -> bool| -> Option<String> {
+                    let v: Vec<&str> = changes.iter().filter(|c| f(c)).map(Change::worker).collect();
+                    (!v.is_empty()).then(|| v.join(","))
                 };
                 tracing::info!(
                     generation = self.generation,
-                    started = ?names(|c| matches!(c, Change::Start { .. })),
-                    stopped = ?names(|c| matches!(c, Change::Stop { .. })),
-                    restarted = ?names(|c| matches!(c, Change::Restart { .. })),
-                    updated = ?names(|c| matches!(c, Change::Update { .. })),
+                    started = names(|c| matches!(c, Change::Start { .. })),
+                    stopped = names(|c| matches!(c, Change::Stop { .. })),
+                    restarted = names(|c| matches!(c, Change::Restart { .. })),
+                    updated = names(|c| matches!(c, Change::Update { .. })),
                     "config applied"
                 );
                 self.apply(changes);
@@ -1055,7 +1140,7 @@ impl Supervisor {
     }
 
     fn write_state(&self, report: &StatusReport) {
-        let data = serde_json::to_vec_pretty(report).expect("report serializes");
+        let data = serde_json::to_vec_pretty(report).unwrap_or_default();
         if let Err(e) = write_atomic(&self.state_path, &data) {
             tracing::error!(error = %e, path = %self.state_path.display(), "cannot write the state file");
         }
@@ -1068,6 +1153,20 @@ impl Supervisor {
     pub fn state_dir(&self) -> &Path {
         &self.config.supervisor.state_dir
     }
+}
+
+/// Whether a spawn failed for want of drover's own resources
+/// (descriptors, processes, memory) rather than anything the worker did.
+fn out_of_resources(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    e.raw_os_error().is_some_and(|n| {
+        [Errno::EMFILE, Errno::ENFILE, Errno::EAGAIN, Errno::ENOMEM].contains(&Errno::from_raw(n))
+    })
+}
+
+/// A duration in whole milliseconds, for the log.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn instance_status(index: u32, inst: &Instance) -> InstanceStatus {

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::actor::{Event, Proc, Supervisor};
 use super::admission::{self, Admission};
+use super::clock::{later, rfc3339};
 use super::logs::{LogFile, Sink, pump};
 use super::run_ledger::{LedgerError, Write};
 use crate::config::model::{Job, Step, Trigger, secret_values};
@@ -141,15 +142,11 @@ pub struct RunSummary {
     pub ended_at: Option<String>,
 }
 
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
-}
-
 /// The tick after `after`, for a schedule or an interval.
 pub fn next_tick(trigger: &Trigger, after: SystemTime) -> Option<SystemTime> {
     match trigger {
         Trigger::Manual => None,
-        Trigger::Every(d) => Some(after + d.0),
+        Trigger::Every(d) => Some(later(after, d.0)),
         Trigger::Schedule { cron, timezone: None } => {
             let cron = parse_cron(cron).ok()?;
             let start: chrono::DateTime<chrono::Local> = after.into();
@@ -172,7 +169,8 @@ pub fn jitter_of(name: &str, jitter: Duration) -> Duration {
         return Duration::ZERO;
     }
     let h = name.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3));
-    Duration::from_millis(h % jitter.as_millis().max(1) as u64)
+    // The modulus is at least 1 and, past u64 milliseconds, saturates.
+    Duration::from_millis(h % u64::try_from(jitter.as_millis()).unwrap_or(u64::MAX).max(1))
 }
 
 /// Where to resume a failed or cancelled flow: its first step that did not
@@ -276,7 +274,7 @@ impl Supervisor {
         job.epoch += 1;
         job.next = next;
         let Some(at) = next else { return };
-        let fire = at + jitter_of(name, job.spec.jitter.0);
+        let fire = later(at, jitter_of(name, job.spec.jitter.0));
         let delay = fire.duration_since(SystemTime::now()).unwrap_or_default();
         let (tx, job_name, epoch) = (self.tx.clone(), name.to_string(), job.epoch);
         tokio::spawn(async move {
@@ -600,6 +598,7 @@ impl Supervisor {
             cmd.env("DROVER_JOB", j).env("DROVER_STEP", &step.name);
         }
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        proc::give_back_fd_limit(&mut cmd);
         rp.spawning = true;
         // The spawn happens off the event loop: each one blocks its thread
         // until the child has exec'd, and runs come by the hundred.
@@ -670,6 +669,7 @@ impl Supervisor {
             // Its run is gone (it cannot be: a run with a spawn in flight
             // is kept until the spawn lands); it must not run on.
             let _ = proc::signal_group(pid, NixSignal::SIGKILL);
+            crate::os::groups::remove(pid);
             if self.early_exits.remove(&pid).is_none() {
                 self.discarded.insert(pid);
             }
@@ -692,7 +692,7 @@ impl Supervisor {
                 tokio::spawn(pump(rp.sink.clone(), rp.step, stream, rx, Some(on_close)));
             }
         }
-        tracing::info!(run = id, job = ?rp.job, step = %rp.steps[step as usize].name, pid, "run step started");
+        tracing::info!(run = id, job = rp.job.as_deref(), step = %rp.steps[step as usize].name, pid, "run step started");
         let stop_now = rp.stopping.is_some();
         self.by_pid.insert(pid, Proc::Run(id));
         let log = run_log_path(&state_dir, id);
@@ -716,11 +716,12 @@ impl Supervisor {
         // A step is done when its main process is; what it left behind in
         // its group goes with it, and the step ends (its slot frees) only
         // once the group is empty.
-        if let Some(pgid) = rp.pgid.take()
-            && proc::group_alive(pgid)
-        {
-            let _ = proc::signal_group(pgid, NixSignal::SIGKILL);
-            rp.group_left = Some(pgid);
+        if let Some(pgid) = rp.pgid.take() {
+            if proc::group_alive(pgid) {
+                let _ = proc::signal_group(pgid, NixSignal::SIGKILL);
+                rp.group_left = Some(pgid);
+            }
+            crate::os::groups::remove(pgid);
         }
         rp.pending_end = Some((Some(exit), None));
         if !self.try_end_step(id)
@@ -815,7 +816,7 @@ impl Supervisor {
     fn finalize(&mut self, id: i64, state: RunState, exit: Option<&Exit>, error: Option<String>) {
         let rp = self.runs.remove(&id);
         self.ledger_write(Write::Finish { id, state, exit: exit.cloned(), error: error.clone() });
-        tracing::info!(run = id, state = state.as_str(), error = ?error, "run ended");
+        tracing::info!(run = id, state = state.as_str(), error = error.as_deref(), "run ended");
 
         let job = rp.as_ref().and_then(|r| r.job.clone());
         let kind = rp.as_ref().map_or(Kind::Job, |r| r.kind);
@@ -1172,7 +1173,7 @@ impl Supervisor {
                     name: name.clone(),
                     kind: if j.spec.flow { Kind::Flow } else { Kind::Job },
                     trigger: super::reconcile::trigger_text(&j.spec.trigger),
-                    next_tick: j.next.map(|t| rfc3339(t + jitter_of(name, j.spec.jitter.0))),
+                    next_tick: j.next.map(|t| rfc3339(later(t, jitter_of(name, j.spec.jitter.0)))),
                     active: self.running_of(name),
                     queued: j.queue.len(),
                     skips: ledger.and_then(|l| l.skips(name).ok()).unwrap_or(0),

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::os::fsutil::open_append;
 
@@ -26,31 +26,36 @@ pub fn log_path(state_dir: &Path, name: &str) -> PathBuf {
 /// An append-only log file that rotates itself.
 pub struct LogFile {
     path: PathBuf,
+    /// `None` until the first line, or while it cannot be opened (out of
+    /// descriptors, a full disk): lines are dropped then, and opening is
+    /// tried again at most every [`REOPEN_AFTER`].
     file: Option<File>,
     size: u64,
     max_size: u64,
     keep: u32,
-    opened: bool,
+    retry_at: Option<Instant>,
 }
+
+/// How long a log file that could not be opened is left alone.
+const REOPEN_AFTER: Duration = Duration::from_secs(1);
 
 impl LogFile {
     pub fn open(path: PathBuf, max_size: u64, keep: u32) -> io::Result<Self> {
-        let file = open_append(&path)?;
+        let file = open_unless_short(&path)?;
         let size = file.metadata()?.len();
-        Ok(LogFile { path, file: Some(file), size, max_size, keep, opened: true })
+        Ok(LogFile { path, file: Some(file), size, max_size, keep, retry_at: None })
     }
 
     /// A log made on its first line: a run that prints nothing costs no
     /// file (runs come and go by the thousand).
+    /// It is also what a log that cannot be opened now starts as.
     pub fn lazy(path: PathBuf, max_size: u64, keep: u32) -> Self {
-        LogFile { path, file: None, size: 0, max_size, keep, opened: false }
+        LogFile { path, file: None, size: 0, max_size, keep, retry_at: None }
     }
 
     pub fn write(&mut self, data: &[u8]) {
-        if !self.opened {
-            self.opened = true;
-            self.file = open_append(&self.path).ok();
-            self.size = self.file.as_ref().and_then(|f| f.metadata().ok()).map_or(0, |m| m.len());
+        if self.file.is_none() && self.retry_at.is_none_or(|t| Instant::now() >= t) {
+            self.reopen();
         }
         if self.size + data.len() as u64 > self.max_size && self.size > 0 {
             self.rotate();
@@ -75,9 +80,30 @@ impl LogFile {
             }
             let _ = std::fs::rename(&self.path, nth(1));
         }
-        self.file = open_append(&self.path).ok();
-        self.size = 0;
+        self.reopen();
     }
+
+    fn reopen(&mut self) {
+        match open_unless_short(&self.path) {
+            Ok(f) => {
+                self.size = f.metadata().map_or(0, |m| m.len());
+                self.file = Some(f);
+                self.retry_at = None;
+            }
+            Err(_) => {
+                self.file = None;
+                self.retry_at = Instant::now().checked_add(REOPEN_AFTER);
+            }
+        }
+    }
+}
+
+/// A log file is not worth drover's last descriptors.
+fn open_unless_short(path: &Path) -> io::Result<File> {
+    if crate::os::proc::descriptors_short() {
+        return Err(io::Error::from_raw_os_error(nix::libc::EMFILE));
+    }
+    open_append(path)
 }
 
 /// Lines to echo on drover's stdout, handed to one thread so that a slow
@@ -190,7 +216,7 @@ impl Sink {
         let secrets = self.secrets.read().unwrap_or_else(|e| e.into_inner());
         let text = &*mask(text, &secrets);
         drop(secrets);
-        let ts = humantime::format_rfc3339_millis(SystemTime::now());
+        let ts = super::clock::rfc3339(SystemTime::now());
         let index: &dyn std::fmt::Display = match self.labels.get(index as usize) {
             Some(label) => label,
             None => &index,

@@ -4,9 +4,11 @@
 
 pub mod actor;
 pub mod admission;
+pub mod clock;
 pub mod control;
 pub mod jobs;
 pub mod logs;
+pub mod own_log;
 pub mod policy;
 pub mod protocol;
 pub mod reconcile;

@@ -61,10 +61,33 @@ pub fn after_exit(w: &Worker, c: &mut Counters, exit: Option<&Exit>, uptime: Dur
         }
     }
     let delay = c.next_delay.unwrap_or(initial);
-    let next = delay.mul_f64(w.backoff.multiplier).min(w.backoff.max.0).max(initial);
+    let next = grow(delay, w.backoff.multiplier, w.backoff.max.0).max(initial);
     c.next_delay = Some(next);
     c.restarts += 1;
     AfterExit::Restart { delay }
+}
+
+/// The shortest wait before a start that failed for want of drover's own
+/// resources is tried again: they come back when something else ends.
+pub const SHORTAGE_RETRY: Duration = Duration::from_secs(1);
+
+/// A start failed for want of drover's own resources (EMFILE, EAGAIN):
+/// not the worker's failure, so it never counts toward parking. The retry
+/// follows the worker's backoff, but waits at least [`SHORTAGE_RETRY`].
+pub fn after_resource_shortage(w: &Worker, c: &mut Counters) -> Duration {
+    let delay = c.next_delay.unwrap_or(w.backoff.initial.0).max(SHORTAGE_RETRY);
+    c.next_delay = Some(grow(delay, w.backoff.multiplier, w.backoff.max.0.max(SHORTAGE_RETRY)));
+    delay
+}
+
+/// `delay * multiplier`, capped at `max`, computed so that no value (a
+/// huge multiplier, NaN) can overflow or panic.
+fn grow(delay: Duration, multiplier: f64, max: Duration) -> Duration {
+    let secs = delay.as_secs_f64() * multiplier;
+    if secs.is_nan() {
+        return max;
+    }
+    Duration::try_from_secs_f64(secs.min(max.as_secs_f64())).unwrap_or(max)
 }
 
 #[cfg(test)]
@@ -159,6 +182,43 @@ mod tests {
         let mut c = Counters::default();
         assert!(matches!(after_exit(&w, &mut c, None, Duration::ZERO), AfterExit::Restart { .. }));
         assert!(matches!(after_exit(&w, &mut c, None, Duration::ZERO), AfterExit::Park { .. }));
+    }
+
+    #[test]
+    fn huge_multipliers_and_caps_do_not_overflow() {
+        let year = Duration::from_secs(365 * 86_400);
+        assert_eq!(grow(year, 1e20, Duration::MAX), Duration::MAX);
+        assert_eq!(grow(year, 1e20, year), year);
+        assert_eq!(grow(Duration::from_secs(2), f64::INFINITY, year), year);
+        assert_eq!(grow(Duration::from_secs(2), f64::NAN, year), year);
+        assert_eq!(grow(Duration::from_secs(2), 2.0, year), Duration::from_secs(4));
+        let mut w = worker(RestartPolicy::Always);
+        w.backoff.multiplier = 1e20;
+        w.backoff.max = HumanDuration(Duration::MAX);
+        w.crash_loop.max_failures = 10;
+        let mut c = Counters::default();
+        for _ in 0..5 {
+            assert!(matches!(after_exit(&w, &mut c, Some(&Exit::code(1)), RAPID), AfterExit::Restart { .. }));
+        }
+    }
+
+    #[test]
+    fn a_resource_shortage_backs_off_but_never_parks() {
+        let mut w = worker(RestartPolicy::Always);
+        w.crash_loop.max_failures = 1;
+        w.backoff.initial = HumanDuration::from_secs(0);
+        w.backoff.max = HumanDuration::from_secs(0);
+        let mut c = Counters::default();
+        for _ in 0..20 {
+            assert_eq!(after_resource_shortage(&w, &mut c), SHORTAGE_RETRY);
+        }
+        assert_eq!(c.rapid_failures, 0);
+        let mut w = worker(RestartPolicy::Always); // 2s doubling to 2m
+        let mut c = Counters::default();
+        let delays: Vec<u64> = (0..8).map(|_| after_resource_shortage(&w, &mut c).as_secs()).collect();
+        assert_eq!(delays, [2, 4, 8, 16, 32, 64, 120, 120]);
+        w.crash_loop.max_failures = 1;
+        assert!(matches!(after_exit(&w, &mut c, Some(&Exit::code(1)), LONG), AfterExit::Restart { .. }));
     }
 
     #[test]

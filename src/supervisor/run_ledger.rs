@@ -60,6 +60,23 @@ pub enum Write {
     Prune { job: Option<String>, kind: Kind, retain: u32 },
 }
 
+/// What a write was, for the log: the run (or job) and the change.
+impl std::fmt::Display for Write {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Write::Finish { id, state, .. } => write!(f, "run {id} finished {}", state.as_str()),
+            Write::Step { id, index, state, .. } => write!(f, "run {id} step {index} {}", state.as_str()),
+            Write::SetProcess { id, pid, .. } => write!(f, "run {id} process {pid}"),
+            Write::Hold { id, step } => write!(f, "run {id} waiting at step {step}"),
+            Write::FailRunningSteps { id, .. } => write!(f, "run {id} running steps failed"),
+            Write::SetLastTick { job, tick } => write!(f, "job {job} last tick {tick}"),
+            Write::CountSkip { job } => write!(f, "job {job} skip"),
+            Write::Prune { job: Some(job), .. } => write!(f, "prune job {job}"),
+            Write::Prune { job: None, kind, .. } => write!(f, "prune {}", kind.as_str()),
+        }
+    }
+}
+
 pub struct RunLedger {
     ledger: Option<Ledger>,
     /// Why there is no ledger.
@@ -186,7 +203,7 @@ impl RunLedger {
         if self.pending.len() >= MAX_PENDING
             && let Some(lost) = self.pending.pop_front()
         {
-            tracing::error!(write = ?lost, "too many ledger writes waiting for the lock; the oldest is dropped");
+            tracing::error!(write = %lost, "too many ledger writes waiting for the lock; the oldest is dropped");
         }
         self.pending.push_back(w);
     }
@@ -229,7 +246,7 @@ impl RunLedger {
             }
             Err(e) if ledger::is_busy(&e) => Err(e.to_string()),
             Err(e) => {
-                tracing::error!(write = ?w, error = %e, "cannot write the run ledger");
+                tracing::error!(write = %w, error = %e, "cannot write the run ledger");
                 Ok(())
             }
         }
@@ -265,7 +282,7 @@ impl RunLedger {
         if !self.retry() {
             tracing::error!(
                 waiting = self.pending.len(),
-                reason = ?self.busy,
+                reason = self.busy.as_deref().unwrap_or("locked"),
                 "the run ledger is still locked by another process; the runs' last changes are not recorded \
                  (the next start finalizes runs left active)"
             );

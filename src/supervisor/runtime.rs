@@ -1,6 +1,7 @@
 //! Bringing a supervisor up and down: the state_dir lock, recovery from a
 //! supervisor that was killed, the socket, signals, and readiness.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -12,7 +13,7 @@ use nix::sys::signal::Signal;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
-use super::actor::{Event, Options, Supervisor};
+use super::actor::{Event, Options, REAPED_CHUNK, Supervisor};
 use super::control;
 use super::protocol::StatusReport;
 use crate::config::Loaded;
@@ -125,39 +126,119 @@ pub fn recorded_supervisor_alive(report: &StatusReport) -> bool {
 
 /// Stops what a supervisor that died without stopping (SIGKILL, crash)
 /// left running. Called with the lock held, so that supervisor is gone.
-/// Returns how many process groups were killed.
+/// Logs one line per process group and returns how many were killed.
 pub fn clean_up_after_dead_supervisor(state_dir: &Path) -> usize {
-    let mut killed = 0;
+    let mut killed = BTreeSet::new();
     if let Some(report) = read_state(state_dir).filter(|r| r.supervisor.state != "stopped") {
         for w in &report.workers {
             for inst in &w.instances {
                 let Some(pgid) = inst.pgid else { continue };
                 if proc::kill_recorded_group(pgid, inst.start_ticks) {
-                    tracing::warn!(worker = %w.name, instance = inst.index, pgid, "killed what a dead supervisor left running");
-                    killed += 1;
+                    tracing::warn!(
+                        worker = %w.name,
+                        instance = inst.index,
+                        pgid,
+                        "killed a process group the previous supervisor left running"
+                    );
+                    killed.insert(pgid);
                 }
             }
         }
     }
-    // The state file lags a spawn by one write: a supervisor killed in
-    // between leaves a process only its environment names. With the lock
-    // held, every process marked with this state_dir is a leftover.
-    // Never a group this process or one of its ancestors is in (drover
-    // started from a shell that is itself a leftover, say).
+    // The state file lags a spawn by one write, and runs are the ledger's:
+    // what a killed supervisor left that only the environment names. With
+    // the lock held, every process marked with this state_dir is a leftover.
+    for m in kill_marked(state_dir, &killed) {
+        tracing::warn!(
+            pgid = m.group,
+            pid = if m.group.is_none() { Some(m.pids[0]) } else { None },
+            processes = m.pids.len(),
+            worker = m.worker.as_deref(),
+            instance = m.instance.as_deref(),
+            run = m.run.as_deref(),
+            "killed a process group the previous supervisor left running"
+        );
+        killed.insert(m.group.unwrap_or(m.pids[0]));
+    }
+    killed.len()
+}
+
+/// A group (or a process alone) of marked processes that was SIGKILLed,
+/// and whose it was, by the marks of its first process.
+pub struct Marked {
+    /// `None`: a process in a spared group, killed alone.
+    pub group: Option<i32>,
+    pub pids: Vec<i32>,
+    pub worker: Option<String>,
+    pub instance: Option<String>,
+    pub run: Option<String>,
+}
+
+/// SIGKILLs the processes marked with `state_dir` (see
+/// [`proc::marked_processes`]), a whole group at a time, leaving out the
+/// groups in `done` and those of this process and its ancestors (drover
+/// started from a shell that is itself a leftover, say).
+pub fn kill_marked(state_dir: &Path, done: &BTreeSet<i32>) -> Vec<Marked> {
     let spared: Vec<i32> = proc::self_and_ancestors().into_iter().filter_map(proc::pgid_of).collect();
+    let mut groups: BTreeMap<Option<i32>, Vec<i32>> = BTreeMap::new();
     for pid in proc::marked_processes(state_dir) {
         let group = proc::pgid_of(pid).filter(|g| !spared.contains(g) && *g > 1);
-
+        if group.is_some_and(|g| done.contains(&g)) {
+            continue;
+        }
+        groups.entry(group).or_default().push(pid);
+    }
+    let mut out = Vec::new();
+    let units = groups.into_iter().flat_map(|(group, pids)| match group {
+        Some(_) => vec![(group, pids)],
+        None => pids.into_iter().map(|p| (None, vec![p])).collect(),
+    });
+    for (group, pids) in units {
+        // Read before the kill: a dead process has no environment.
+        let var = |name| proc::environ_var(pids[0], name);
+        let (worker, instance, run) = (var("DROVER_WORKER"), var("DROVER_INSTANCE"), var("DROVER_RUN"));
         let sent = match group {
             Some(g) => proc::signal_group(g, Signal::SIGKILL).is_ok(),
-            None => nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).is_ok(),
+            None => nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0]), Signal::SIGKILL).is_ok(),
         };
         if sent {
-            tracing::warn!(pid, pgid = ?group, "killed a process a dead supervisor started but never recorded");
-            killed += 1;
+            out.push(Marked { group, pids, worker, instance, run });
         }
     }
-    killed
+    out
+}
+
+/// From here on, a panic anywhere in drover (a bug) SIGKILLs every process
+/// group it runs and exits with status 70, rather than leave them orphaned
+/// (the hook runs before any unwinding, so it holds with `panic = "abort"`
+/// too). The registry names the groups; the environment marker finds what
+/// it cannot (the registry held by the panicking thread, a process that
+/// left its group).
+pub fn install_panic_hook(state_dir: PathBuf) {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        let registered = crate::os::groups::kill_all().unwrap_or(0);
+        let marked = kill_marked(&state_dir, &BTreeSet::new()).len();
+        let _ = writeln!(
+            super::own_log::LossyStderr,
+            "drover: the supervisor panicked (a bug); killed {registered} process groups it ran \
+             and {marked} other marked ones; exiting"
+        );
+        // SAFETY: _exit ends the process at once, running nothing else:
+        // other threads may hold locks that exit handlers would need.
+        unsafe { nix::libc::_exit(70) }
+    }));
+}
+
+/// A test-only fault: with `DROVER_TEST_PANIC_ON_RELOAD=1` a debug build
+/// panics on the actor when asked to reload. Compiled out of release
+/// builds.
+#[cfg(debug_assertions)]
+pub fn test_panic_on_reload() {
+    if std::env::var_os("DROVER_TEST_PANIC_ON_RELOAD").is_some_and(|v| v == "1") {
+        panic!("DROVER_TEST_PANIC_ON_RELOAD is set");
+    }
 }
 
 /// Where `start --detach` reports readiness: the write end of a pipe to
@@ -212,6 +293,7 @@ pub async fn serve(
         tracing::warn!(dir = %state_dir.join("logs").display(), "was mode {mode:o}: made it 0700 (owner only)");
     }
     let _lock = acquire_lock(&state_dir)?;
+    install_panic_hook(state_dir.clone());
 
     let killed = clean_up_after_dead_supervisor(&state_dir);
     if killed > 0 {
@@ -229,13 +311,16 @@ pub async fn serve(
     let mut sighup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
 
     let (tx, rx) = mpsc::unbounded_channel();
+    // Control requests and shutdown: served before other events.
+    let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
     let reaper = Arc::new(Reaper::default());
     {
         let (reaper, tx) = (reaper.clone(), tx.clone());
         tokio::spawn(async move {
             loop {
                 let found = reaper.reap();
-                if !found.is_empty() && tx.send(Event::Reaped(found)).is_err() {
+                // In chunks, so that the actor's batches stay bounded.
+                if found.chunks(REAPED_CHUNK).any(|c| tx.send(Event::Reaped(c.to_vec())).is_err()) {
                     break;
                 }
                 if sigchld.recv().await.is_none() {
@@ -245,15 +330,15 @@ pub async fn serve(
         });
     }
     {
-        let tx = tx.clone();
+        let (tx, ctl_tx) = (tx.clone(), ctl_tx.clone());
         tokio::spawn(async move {
             loop {
-                let ev = tokio::select! {
-                    _ = sigterm.recv() => Event::Shutdown,
-                    _ = sigint.recv() => Event::Shutdown,
-                    _ = sighup.recv() => Event::Reload(None),
+                let sent = tokio::select! {
+                    _ = sigterm.recv() => ctl_tx.send(Event::Shutdown),
+                    _ = sigint.recv() => ctl_tx.send(Event::Shutdown),
+                    _ = sighup.recv() => tx.send(Event::Reload(None)),
                 };
-                if tx.send(ev).is_err() {
+                if sent.is_err() {
                     break;
                 }
             }
@@ -279,11 +364,11 @@ pub async fn serve(
     sup.set_watch(watch_tx);
     super::watch::start(loaded.path.clone(), &loaded.text, watch_rx, tx.clone());
     sup.boot();
-    tokio::spawn(control::serve(listener, tx.clone()));
+    tokio::spawn(control::serve(listener, ctl_tx));
     tracing::info!(pid = std::process::id(), state_dir = %state_dir.display(), "ready");
     sd_notify("READY=1");
     ready.send("ready\n");
-    sup.run(rx).await;
+    sup.run(rx, ctl_rx).await;
     sd_notify("STOPPING=1");
     Ok(())
 }
