@@ -438,7 +438,7 @@ fn followers_sleep_while_output_is_quiet_and_miss_no_line_across_rotations() {
     let logs = Client::spawn(&sb, &["logs", "ticker", "-f"]);
     logs.until(" 0 out start");
     let mut attach = Client::spawn(&sb, &["attach", "quiet"]);
-    attach.until(" 0 out hello"); // both are following now
+    attach.until(" main out hello"); // both are following now
 
     // A measuring window, not a synchronization: nothing is written now.
     let before = (cpu_ticks(logs.child.id()), cpu_ticks(attach.child.id()));
@@ -460,7 +460,7 @@ fn followers_sleep_while_output_is_quiet_and_miss_no_line_across_rotations() {
     assert!(sb.state_dir().join("logs/ticker.log.3").exists(), "the log did not rotate");
 
     // attach learns of the session's end and exits with its code.
-    attach.until(" 0 out bye");
+    attach.until(" main out bye");
     let deadline = Instant::now() + SECS_10;
     let status = loop {
         if let Some(s) = attach.child.try_wait().unwrap() {
