@@ -9,12 +9,16 @@ cd "$(dirname "$0")/.."
 
 # Invalid corpus files with no error the schema can express: directories
 # that must exist, cron values out of range, the backoff order, unique step
-# names, time zones, secret_env naming a set key.
+# names, time zones, secret_env naming a set key, durations past their
+# upper bound (a string pattern cannot compare lengths of time).
 SCHEMA_PASSES=(
   backoff-initial-over-max
   bad-cron
   cron-hour-out-of-range
   duplicate-step-names
+  duration-backoff-initial-years
+  duration-every-years
+  duration-jitter-years
   missing-dir
   secret-env-defaults-unset
   secret-env-typo

@@ -110,8 +110,8 @@ pub struct RawBackoff {
     /// Longest delay between restarts.
     #[schemars(extend("default" = "2m"))]
     pub max: Option<HumanDuration>,
-    /// Factor applied to the delay after each failure (at least 1).
-    #[schemars(extend("default" = 2.0), range(min = 1.0))]
+    /// Factor applied to the delay after each failure (1 to 1000).
+    #[schemars(extend("default" = 2.0), range(min = 1.0, max = 1000.0))]
     pub multiplier: Option<f64>,
 }
 

@@ -58,6 +58,7 @@ fn the_published_schema_says_the_rules_json_schema_can() {
         ("job-neither-command-nor-steps", "/jobs/backup"),
         ("job-schedule-and-every", "/jobs/backup"),
         ("cron-six-fields", "/jobs/backup/schedule"),
+        ("duration-backoff-multiplier-huge", "/workers/a/backoff/multiplier"),
     ] {
         let path = repo().join("tests/corpus/invalid").join(format!("{file}.toml"));
         let paths: Vec<String> =
