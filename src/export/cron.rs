@@ -65,3 +65,150 @@ mod tests {
         }
     }
 }
+
+/// The fields of a cron expression, each as the values it allows (None:
+/// every value), for a target that spells calendars its own way.
+struct Fields {
+    minute: Option<Vec<u32>>,
+    hour: Option<Vec<u32>>,
+    dom: Option<Vec<u32>>,
+    month: Option<Vec<u32>>,
+    /// 0 = Sunday … 6 = Saturday.
+    dow: Option<Vec<u32>>,
+}
+
+const MONTHS: [&str; 12] =
+    ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"];
+const DAYS: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
+
+/// One field's allowed values in `lo..=hi`; None when it allows them all.
+fn expand(field: &str, lo: u32, hi: u32, names: &[&str], name_base: u32) -> Result<Option<Vec<u32>>, String> {
+    let value = |s: &str| -> Result<u32, String> {
+        if let Some(i) = names.iter().position(|n| n.eq_ignore_ascii_case(s)) {
+            return Ok(i as u32 + name_base);
+        }
+        s.parse::<u32>().map_err(|_| format!("{s:?} has no calendar equivalent"))
+    };
+    let mut all = std::collections::BTreeSet::new();
+    let mut every = false;
+    for item in field.split(',') {
+        let (range, step) = item.split_once('/').map_or((item, None), |(r, s)| (r, Some(s)));
+        let step = step.map_or(Ok(1), |s| s.parse::<u32>().map_err(|_| format!("step {s:?}")))?.max(1);
+        let (a, b) = match range {
+            "*" | "?" => (lo, hi),
+            r => match r.split_once('-') {
+                Some((a, b)) => (value(a)?, value(b)?),
+                None if step > 1 => (value(r)?, hi),
+                None => (value(r)?, value(r)?),
+            },
+        };
+        if matches!(range, "*" | "?") && step == 1 {
+            every = true;
+        }
+        all.extend((a..=b.min(hi)).step_by(step as usize));
+    }
+    Ok((!every).then(|| all.into_iter().collect()))
+}
+
+fn fields(cron: &str) -> Result<Fields, String> {
+    let f: Vec<&str> = cron.split_whitespace().collect();
+    let [minute, hour, dom, month, dow] = f[..] else {
+        return Err("expected five fields".into());
+    };
+    let mut dow = expand(dow, 0, 7, &DAYS, 0)?;
+    // 7 is Sunday too.
+    if let Some(d) = &mut dow {
+        for v in d.iter_mut() {
+            *v %= 7;
+        }
+        d.sort_unstable();
+        d.dedup();
+        if d.len() == 7 {
+            dow = None;
+        }
+    }
+    Ok(Fields {
+        minute: expand(minute, 0, 59, &[], 0)?,
+        hour: expand(hour, 0, 23, &[], 0)?,
+        dom: expand(dom, 1, 31, &[], 1)?,
+        month: expand(month, 1, 12, &MONTHS, 1)?,
+        dow,
+    })
+}
+
+/// A cron expression as a systemd `OnCalendar=` value, with its zone. A
+/// cron that restricts both day of month and day of week fires on either
+/// (cron's rule); systemd would need both, so that is refused.
+pub fn cron_to_calendar(cron: &str, timezone: Option<&str>) -> Result<String, String> {
+    let f = fields(cron)?;
+    if f.dom.is_some() && f.dow.is_some() {
+        return Err("it limits both the day of the month and the day of the week (cron fires on either; \
+                    OnCalendar= would need both)"
+            .into());
+    }
+    let list = |v: &Option<Vec<u32>>| match v {
+        None => "*".to_string(),
+        Some(v) => v.iter().map(|n| format!("{n:02}")).collect::<Vec<_>>().join(","),
+    };
+    let dow = match &f.dow {
+        None => String::new(),
+        Some(d) => {
+            let names = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
+            format!("{} ", d.iter().map(|&i| names[i as usize]).collect::<Vec<_>>().join(","))
+        }
+    };
+    let mut cal =
+        format!("{dow}*-{}-{} {}:{}:00", list(&f.month), list(&f.dom), list(&f.hour), list(&f.minute));
+    if let Some(tz) = timezone {
+        cal.push(' ');
+        cal.push_str(tz);
+    }
+    Ok(cal)
+}
+
+#[cfg(test)]
+mod calendar_tests {
+    use super::*;
+
+    #[test]
+    fn cron_becomes_on_calendar() {
+        assert_eq!(cron_to_calendar("0 3 * * *", None).unwrap(), "*-*-* 03:00:00");
+        assert_eq!(cron_to_calendar("*/15 * * * *", None).unwrap(), "*-*-* *:00,15,30,45:00");
+        assert_eq!(
+            cron_to_calendar("30 9 * * 1-5", Some("Europe/Paris")).unwrap(),
+            "Mon,Tue,Wed,Thu,Fri *-*-* 09:30:00 Europe/Paris"
+        );
+        assert_eq!(cron_to_calendar("0 0 1 jan,jul *", None).unwrap(), "*-01,07-01 00:00:00");
+        assert_eq!(cron_to_calendar("0 4 * * 0,7", None).unwrap(), "Sun *-*-* 04:00:00");
+        assert_eq!(cron_to_calendar("* * * * *", None).unwrap(), "*-*-* *:*:00");
+        assert!(cron_to_calendar("0 0 1 * 1", None).unwrap_err().contains("both"));
+        assert!(cron_to_calendar("0 0 L * *", None).is_err());
+    }
+
+    #[test]
+    fn every_calendar_written_is_one_systemd_reads_as_the_same_times() {
+        // systemd's own parser, where it is installed: the normalized form
+        // must come back, and the next elapse must match drover's cron.
+        let Ok(out) = std::process::Command::new("systemd-analyze").arg("--version").output() else { return };
+        assert!(out.status.success());
+        for cron in
+            ["0 3 * * *", "*/15 * * * *", "30 9 * * 1-5", "0 0 1 jan,jul *", "5 4 * * sun", "0 */6 * * *"]
+        {
+            let cal = cron_to_calendar(cron, Some("UTC")).unwrap();
+            let out = std::process::Command::new("systemd-analyze")
+                .args(["calendar", "--iterations=3", &cal])
+                .env("TZ", "UTC")
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{cal}: {}", String::from_utf8_lossy(&out.stderr));
+            let c = crate::config::resolve::parse_cron(cron).unwrap();
+            let mut t = chrono::Utc::now();
+            for _ in 0..3 {
+                t = c.find_next_occurrence(&t, false).unwrap();
+                let want = t.format("%Y-%m-%d %H:%M:%S").to_string();
+                assert!(text.contains(&want), "{cron} as {cal}: systemd does not list {want}:\n{text}");
+            }
+        }
+    }
+}
