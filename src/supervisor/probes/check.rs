@@ -177,18 +177,19 @@ async fn exec_check(argv: &[String], ctx: &ExecContext, timeout: Duration) -> Re
         if proc::descriptors_short() {
             return Err(io::Error::from_raw_os_error(nix::libc::EMFILE));
         }
-        reaper.spawn_waited(&mut cmd).map(|(child, rx)| (child.id() as i32, rx))
+        // The guard is made here: if the probe is dropped while this
+        // runs, the result is dropped on its own and the group killed.
+        reaper.spawn_waited(&mut cmd).map(|(child, rx)| (GroupGuard(child.id() as i32), rx))
     })
     .await
     .map_err(|e| format!("cannot start {program:?}: {e}"))?;
-    let (pid, exited) = spawned.map_err(|e| {
+    let (_guard, exited) = spawned.map_err(|e| {
         if !ctx.dir.is_dir() {
             format!("cannot start {program:?}: its directory {} is not a directory", ctx.dir.display())
         } else {
             format!("cannot start {program:?}: {}", short(&e))
         }
     })?;
-    let _guard = GroupGuard(pid);
     match tokio::time::timeout(timeout, exited).await {
         Err(_) => Err(timed_out(timeout)),
         Ok(Err(_)) => Err(format!("{program:?} ended unseen (the reaper stopped)")),
@@ -317,11 +318,7 @@ pub(crate) mod tests {
             "exec_passes_on_exit_0_in_the_instance_dir_and_env_and_says_the_exit_otherwise",
             || {
                 let dir = tempfile::tempdir().unwrap();
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .enable_all()
-                    .build()
-                    .unwrap();
+                let rt = reaping_runtime();
                 rt.block_on(async {
                     let ctx = ExecContext {
                         dir: dir.path().to_path_buf(),

@@ -58,8 +58,10 @@ pub enum ProbeKind {
 #[derive(Clone)]
 pub struct ProbeContext {
     /// The instance's own variables as given to its process (the worker's
-    /// `env` and `DROVER_WORKER`, `DROVER_INSTANCE`, …); drover's own
-    /// environment, which the instance inherits, is looked in after it.
+    /// `env` and `DROVER_WORKER`, `DROVER_INSTANCE`, …, `DROVER_STATE_DIR`:
+    /// the mark by which a later supervisor finds an exec check a killed
+    /// one left); drover's own environment, which the instance inherits,
+    /// is looked in after it.
     pub env: BTreeMap<String, String>,
     /// The instance's directory (its worktree, in worktree mode).
     pub dir: PathBuf,
@@ -157,7 +159,7 @@ pub fn spawn_probe(
     let now = Instant::now().into_std();
     let tracker = match role {
         Role::Ready => Tracker::ready(probe.interval, probe.start_timeout, now),
-        Role::Health => Tracker::health(probe.interval, probe.failures, now),
+        Role::Health => Tracker::health(probe.interval, probe.failures, now, random_phase()),
     };
     let exec = ExecContext { dir: ctx.dir, env: ctx.env, reaper: ctx.reaper };
     let missing = match (kind, role) {
@@ -168,6 +170,15 @@ pub fn spawn_probe(
     };
     let task = tokio::spawn(run(tracker, plan, exec, probe.timeout, told.clone(), missing, report));
     Ok(ProbeHandle { task: task.abort_handle(), role, kind, told, watch })
+}
+
+/// A number in [0, 1), different for each call: where in its span a
+/// health probe's first check falls. std's hasher keys are random per
+/// process and per call, which is all the randomness this needs.
+fn random_phase() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let bits = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// The probe's loop: wait, check (or wait to be told), record, until a

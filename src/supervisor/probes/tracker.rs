@@ -7,8 +7,11 @@
 //! fails at or after the deadline ends it, so a last check may overrun the
 //! deadline by at most its own `timeout`.
 //!
-//! A health probe is first checked one `interval` after the instance
-//! became ready, then one `interval` after each check ended; `failures`
+//! A health probe is first checked between a half and one and a half
+//! `interval`s after the instance became ready (where in that span is the
+//! caller's `phase`, random: instances started together are not all
+//! checked at the same instant ever after), then one `interval` after each
+//! check ended; `failures`
 //! consecutive failures make the instance Unhealthy, a pass resets the
 //! count. A `failures` of 0 is read as 1.
 
@@ -82,8 +85,12 @@ impl Tracker {
         }
     }
 
-    /// A health probe for an instance that became ready at `ready_at`.
-    pub fn health(interval: Duration, failures: u32, ready_at: Instant) -> Self {
+    /// A health probe for an instance that became ready at `ready_at`;
+    /// `phase` in [0, 1) places the first check in its span.
+    pub fn health(interval: Duration, failures: u32, ready_at: Instant, phase: f64) -> Self {
+        let phase = if phase.is_finite() { phase.clamp(0.0, 0.999_999) } else { 0.0 };
+        let spread = Duration::try_from_secs_f64(interval.as_secs_f64() * phase).unwrap_or(interval);
+        let first = (interval / 2).saturating_add(spread);
         Tracker {
             role: Role::Health,
             interval,
@@ -92,7 +99,7 @@ impl Tracker {
             failures: failures.max(1),
             in_row: 0,
             last_failure: None,
-            next: Some(later(ready_at, interval)),
+            next: Some(later(ready_at, first)),
         }
     }
 
@@ -224,8 +231,11 @@ mod tests {
     #[test]
     fn health_needs_consecutive_failures_and_a_pass_resets_the_count() {
         let t0 = Instant::now();
-        let mut t = Tracker::health(10 * S, 3, t0);
-        assert_eq!(t.next_at(), Some(t0 + 10 * S), "the first check waits one interval");
+        let mut t = Tracker::health(10 * S, 3, t0, 0.5);
+        assert_eq!(t.next_at(), Some(t0 + 10 * S), "the first check waits one interval at phase 0.5");
+        assert_eq!(Tracker::health(10 * S, 3, t0, 0.0).next_at(), Some(t0 + 5 * S));
+        assert!(Tracker::health(10 * S, 3, t0, 7.0).next_at().unwrap() < t0 + 15 * S);
+        assert_eq!(Tracker::health(10 * S, 3, t0, f64::NAN).next_at(), Some(t0 + 5 * S));
         assert_eq!(t.record(t0, fail("a")), None);
         assert_eq!(t.record(t0, fail("b")), None);
         assert_eq!(t.record(t0, Ok(())), None);
@@ -246,7 +256,7 @@ mod tests {
     #[test]
     fn health_with_zero_failures_reads_as_one_and_never_times_out() {
         let t0 = Instant::now();
-        let mut t = Tracker::health(S, 0, t0);
+        let mut t = Tracker::health(S, 0, t0, 0.0);
         assert_eq!(t.tick(t0 + 1000 * S), None);
         assert_eq!(t.record(t0, fail("x")), Some(Verdict::Unhealthy { reason: "x".into() }));
     }
@@ -256,7 +266,7 @@ mod tests {
         let t0 = Instant::now();
         let mut t = Tracker::ready(Duration::MAX, Duration::MAX, t0);
         assert_eq!(t.record(t0, fail("x")), None);
-        let mut h = Tracker::health(Duration::MAX, u32::MAX, t0);
+        let mut h = Tracker::health(Duration::MAX, u32::MAX, t0, 0.9);
         assert_eq!(h.record(t0, fail("x")), None);
     }
 
@@ -269,7 +279,7 @@ mod tests {
             results in proptest::collection::vec(any::<bool>(), 0..40),
         ) {
             let t0 = Instant::now();
-            let mut t = Tracker::health(S, failures, t0);
+            let mut t = Tracker::health(S, failures, t0, 0.0);
             let need = failures.max(1);
             let mut run = 0;
             let mut expected_at = None;
