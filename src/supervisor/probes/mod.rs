@@ -168,8 +168,36 @@ pub fn spawn_probe(
         }
         _ => String::new(),
     };
-    let task = tokio::spawn(run(tracker, plan, exec, probe.timeout, told.clone(), missing, report));
+    let timing = (probe.interval, probe.timeout);
+    let task = tokio::spawn(run(tracker, plan, exec, timing, told.clone(), missing, report));
     Ok(ProbeHandle { task: task.abort_handle(), role, kind, told, watch })
+}
+
+/// Health checks wake on a grid of this step (a tenth of the interval, at
+/// most 100ms), so that the checks of many instances share wake-ups: a
+/// wake-up of the runtime costs more than a tcp check. Ready probes are
+/// not delayed by it.
+fn grid(interval: Duration) -> Duration {
+    (interval / 10).clamp(Duration::from_millis(1), Duration::from_millis(100))
+}
+
+/// The grid's origin, the same for every probe of this process.
+fn origin() -> &'static std::time::Instant {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    ORIGIN.get_or_init(std::time::Instant::now)
+}
+
+/// `at` rounded up to the next multiple of `step` after `origin` (`at`
+/// itself when it is on the grid or before the origin).
+fn coalesce(at: std::time::Instant, origin: std::time::Instant, step: Duration) -> std::time::Instant {
+    let Some(since) = at.checked_duration_since(origin) else { return at };
+    let step_ns = step.as_nanos().max(1);
+    let rem = since.as_nanos() % step_ns;
+    if rem == 0 {
+        return at;
+    }
+    let up = u64::try_from(step_ns - rem).map_or(step, Duration::from_nanos);
+    at.checked_add(up).unwrap_or(at)
 }
 
 /// A number in [0, 1), different for each call: where in its span a
@@ -187,7 +215,7 @@ async fn run(
     mut tracker: Tracker,
     plan: Plan,
     exec: ExecContext,
-    timeout: Duration,
+    (interval, timeout): (Duration, Duration),
     told: Arc<Notify>,
     missing: String,
     report: impl FnOnce(Verdict),
@@ -196,6 +224,10 @@ async fn run(
         let step = match &plan {
             Plan::Poll(c) => {
                 let Some(at) = tracker.next_at() else { return };
+                let at = match tracker.role() {
+                    Role::Health => coalesce(at, *origin(), grid(interval)),
+                    Role::Ready => at,
+                };
                 tokio::time::sleep_until(at.into()).await;
                 let result = check::check(c, &exec, timeout).await;
                 tracker.record(Instant::now().into_std(), result)
@@ -272,6 +304,20 @@ mod tests {
             tokio::task::yield_now().await;
             tokio::time::sleep(MS).await;
         }
+    }
+
+    #[test]
+    fn health_checks_are_rounded_up_to_a_shared_grid() {
+        let o = std::time::Instant::now();
+        let step = grid(Duration::from_secs(1));
+        assert_eq!(step, 100 * MS);
+        assert_eq!(grid(Duration::from_millis(200)), 20 * MS);
+        assert_eq!(grid(Duration::ZERO), MS);
+        assert_eq!(coalesce(o + 250 * MS, o, step), o + 300 * MS);
+        assert_eq!(coalesce(o + 300 * MS, o, step), o + 300 * MS);
+        assert_eq!(coalesce(o + 301 * MS, o, step), o + 400 * MS);
+        let before = o.checked_sub(5 * MS).unwrap_or(o);
+        assert_eq!(coalesce(before, o, step), before);
     }
 
     #[tokio::test]
