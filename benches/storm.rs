@@ -27,6 +27,8 @@ struct Args {
     secs: u64,
     out: Option<PathBuf>,
     drover: PathBuf,
+    /// A pause between one client's requests (0: ask again at once).
+    every: Duration,
 }
 
 fn args() -> Args {
@@ -36,6 +38,7 @@ fn args() -> Args {
         secs: 10,
         out: None,
         drover: env!("CARGO_BIN_EXE_drover").into(),
+        every: Duration::ZERO,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -46,6 +49,7 @@ fn args() -> Args {
             "--secs" => a.secs = val().parse().expect("--secs N"),
             "--out" => a.out = Some(val().into()),
             "--drover" => a.drover = val().into(),
+            "--every-ms" => a.every = Duration::from_millis(val().parse().expect("--every-ms N")),
             "--bench" => {}
             other => panic!("unknown flag {other}"),
         }
@@ -125,7 +129,7 @@ fn main() {
     let started = Instant::now();
     let threads: Vec<_> = (0..a.clients)
         .map(|_| {
-            let (sock, stop) = (sock.clone(), stop.clone());
+            let (sock, stop, every) = (sock.clone(), stop.clone(), a.every);
             std::thread::spawn(move || {
                 let mut lat = Vec::new();
                 let mut last = 0;
@@ -138,6 +142,7 @@ fn main() {
                         }
                         Err(_) => failed += 1,
                     }
+                    std::thread::sleep(every);
                 }
                 (lat, last, failed)
             })
@@ -176,10 +181,11 @@ fn main() {
     println!("{table}");
     if let Some(out) = &a.out {
         let text = format!(
-            "`cargo bench --bench storm -- --instances {} --clients {} --secs {}`, drover binary {}\n\n{table}\n",
+            "`cargo bench --bench storm -- --instances {} --clients {} --secs {} --every-ms {}`, drover binary {}\n\n{table}\n",
             a.instances,
             a.clients,
             a.secs,
+            a.every.as_millis(),
             a.drover.display()
         );
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(out).expect("open --out");

@@ -2,8 +2,10 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum, ValueHint};
+use clap_complete::engine::ArgValueCandidates;
 
+use crate::commands::completions::Names;
 use crate::config::load::CONFIG_ENV;
 use crate::supervisor::protocol::Target;
 
@@ -11,7 +13,7 @@ use crate::supervisor::protocol::Target;
 #[command(name = "drover", version, about = "A declarative, config-driven multi-worker supervisor")]
 pub struct Cli {
     /// The config file.
-    #[arg(short = 'c', long = "config", global = true, env = CONFIG_ENV, default_value = "daemon.toml", value_name = "FILE")]
+    #[arg(short = 'c', long = "config", global = true, env = CONFIG_ENV, default_value = "daemon.toml", value_name = "FILE", value_hint = ValueHint::FilePath)]
     pub config: PathBuf,
 
     /// Override a config key: a dotted path and a TOML value (else a
@@ -65,14 +67,14 @@ pub enum Command {
         detach: bool,
         /// Workers (`web`) or instances (`web:1`) to start again after
         /// `drover stop NAME`, in the running supervisor.
-        #[arg(value_name = "NAME[:INDEX]", conflicts_with = "detach")]
+        #[arg(value_name = "NAME[:INDEX]", conflicts_with = "detach", add = ArgValueCandidates::new(|| Names::Workers.candidates()))]
         targets: Vec<Target>,
     },
     /// Stop the supervisor gracefully; returns once it has exited. With
     /// NAME[:INDEX]…, stop only those, and keep them stopped until `start`.
     Stop {
         /// Workers (`web`) or instances (`web:1`) to stop by hand.
-        #[arg(value_name = "NAME[:INDEX]")]
+        #[arg(value_name = "NAME[:INDEX]", add = ArgValueCandidates::new(|| Names::Workers.candidates()))]
         targets: Vec<Target>,
     },
     /// Show the supervisor, its workers and their instances.
@@ -81,6 +83,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
         /// Only this worker.
+        #[arg(add = ArgValueCandidates::new(|| Names::Workers.candidates()))]
         name: Option<String>,
         /// For scripts and probes: exit 1 (naming them) when an instance
         /// is parked or in backoff, 0 when every instance runs or was
@@ -100,7 +103,7 @@ pub enum Command {
     /// Restart every instance of a worker, one at a time, or the
     /// instances named (`web:1`).
     Restart {
-        #[arg(value_name = "NAME[:INDEX]", required = true)]
+        #[arg(value_name = "NAME[:INDEX]", required = true, add = ArgValueCandidates::new(|| Names::Workers.candidates()))]
         targets: Vec<Target>,
         /// Return once every instance restarted and runs (exit 0), or
         /// one failed to start or was parked (exit 1, with the reason).
@@ -108,9 +111,15 @@ pub enum Command {
         wait: bool,
     },
     /// Give a parked worker's instances another start.
-    Unpark { name: String },
+    Unpark {
+        #[arg(add = ArgValueCandidates::new(|| Names::Workers.candidates()))]
+        name: String,
+    },
     /// Queue a run of a job now; prints the run id.
-    Trigger { job: String },
+    Trigger {
+        #[arg(add = ArgValueCandidates::new(|| Names::Jobs.candidates()))]
+        job: String,
+    },
     /// The run ledger: list runs (newest first), or act on one.
     Runs {
         #[command(subcommand)]
@@ -119,7 +128,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
         /// Only this job's runs.
-        #[arg(long)]
+        #[arg(long, add = ArgValueCandidates::new(|| Names::Jobs.candidates()))]
         job: Option<String>,
         /// Only runs in this state (queued, running, waiting, succeeded, failed, cancelled).
         #[arg(long)]
@@ -148,6 +157,7 @@ pub enum Command {
     Logs {
         /// A worker, a session (name or id), a run id, or a job (its
         /// latest run). Every worker when left out.
+        #[arg(add = ArgValueCandidates::new(|| Names::Both.candidates()))]
         name: Option<String>,
         /// Keep printing new output as it comes.
         #[arg(short, long)]
@@ -167,6 +177,7 @@ pub enum Command {
     /// Validate config files; exit 0 when all are valid, 1 otherwise.
     Check {
         /// Files to check (default: the -c file).
+        #[arg(value_hint = ValueHint::FilePath)]
         files: Vec<PathBuf>,
         /// `json` prints diagnostics for machines (file, line, column, key, message).
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
@@ -177,6 +188,19 @@ pub enum Command {
     },
     /// Print the JSON schema of daemon.toml.
     Schema,
+    /// Print the script that hooks drover's completions (commands, flags,
+    /// and worker and job names from the config file) into a shell.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        #[arg(value_parser = ["bash", "zsh", "fish", "elvish", "powershell"])]
+        shell: String,
+    },
+    /// Print the man page drover(1); with --out DIR, write one page per
+    /// command there (drover.1, drover-start.1, …).
+    Man {
+        #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+        out: Option<PathBuf>,
+    },
     /// Print the effective config: the file with env and --set overrides
     /// applied and every default filled in.
     Config {

@@ -4,6 +4,8 @@ use clap::Parser;
 use drover::cli::{Cli, Command};
 
 fn main() -> ExitCode {
+    // A shell asking for completions: answered, then exit.
+    drover::commands::completions::answer_if_asked();
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Start { .. }) {
         // A client piped into `head` should end quietly, as other tools

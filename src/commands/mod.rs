@@ -2,6 +2,7 @@
 //! printed by the commands, and only there.
 
 mod client;
+pub mod completions;
 mod config_cmds;
 mod controls;
 mod logread;
@@ -23,6 +24,12 @@ pub mod exit {
 }
 
 pub fn run(cli: Cli) -> u8 {
+    // These print what the CLI is, whatever the config or environment.
+    match &cli.command {
+        Command::Completions { shell } => return completions::print_script(shell),
+        Command::Man { out } => return completions::man(out.as_deref()),
+        _ => {}
+    }
     let overrides = match Overrides::from_process(&cli.set) {
         Ok(o) => o,
         Err(d) => {
@@ -36,6 +43,8 @@ pub fn run(cli: Cli) -> u8 {
             let files = if files.is_empty() { vec![cli.config.clone()] } else { files };
             config_cmds::check(&files, &overrides, format, strict)
         }
+        // Answered above, before the overrides are read.
+        Command::Completions { .. } | Command::Man { .. } => exit::OK,
         Command::Schema => {
             print!("{}", crate::config::schema::schema_text());
             exit::OK

@@ -16,6 +16,7 @@ mod reload;
 mod schema;
 mod security;
 mod sessions;
+mod shell;
 mod soak;
 mod state;
 mod stopping;
