@@ -124,7 +124,9 @@ impl Drop for ProbeHandle {
 /// instance is spawned), a health probe from now (call it when it became
 /// ready). `report` receives the verdict, once, from the probe's task;
 /// then the task ends. Only an instance with a probe has a task: an idle
-/// drover without probes runs none.
+/// drover without probes runs none. Call it within the runtime. A verdict
+/// may race a drop of the handle: the caller keys verdicts by the
+/// instance's incarnation and ignores stale ones.
 ///
 /// Errors (before anything starts): a `${NAME}` the environment lacks, a
 /// `log` pattern that is not a regex after expansion, a `log` health probe.
