@@ -3,8 +3,10 @@
 //! `waitpid(-1)` loop reaps them all. Every spawn goes through
 //! [`Reaper::spawn`], which records the pid under the same lock the reaper
 //! takes, so a child that dies at once is never mistaken for a stray.
+//! A helper whose exit one task awaits (an exec probe) is spawned with
+//! [`Reaper::spawn_waited`]: its exit goes to that task, not to the actor.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::process::{Child, Command};
 use std::sync::{Mutex, RwLock};
@@ -12,6 +14,7 @@ use std::sync::{Mutex, RwLock};
 use nix::errno::Errno;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 
 use super::groups;
 
@@ -53,6 +56,8 @@ pub enum Reaped {
 #[derive(Default)]
 pub struct Reaper {
     tracked: Mutex<HashSet<i32>>,
+    /// Children whose exit is delivered to the one waiting on it.
+    waiters: Mutex<HashMap<i32, oneshot::Sender<Exit>>>,
     /// Spawns hold it shared (several may run at once, from several
     /// threads); the reaper holds it exclusively, so it never reaps a child
     /// whose spawn has not yet recorded its pid.
@@ -76,6 +81,22 @@ impl Reaper {
         groups::add(pid);
         self.tracked.lock().unwrap_or_else(|e| e.into_inner()).insert(pid);
         Ok(child)
+    }
+
+    /// Spawns `cmd` (leading a process group of its own) like
+    /// [`Reaper::spawn`], but its exit is sent on the returned receiver
+    /// and never appears in [`Reaper::reap`]'s list. Dropping the receiver
+    /// is fine: the exit is reaped all the same, and discarded. The group
+    /// stays in [`groups`] until the waiter removes it (it may outlive
+    /// its leader).
+    pub fn spawn_waited(&self, cmd: &mut Command) -> io::Result<(Child, oneshot::Receiver<Exit>)> {
+        let _spawning = self.spawning.read().unwrap_or_else(|e| e.into_inner());
+        let child = cmd.spawn()?;
+        let pid = child.id() as i32;
+        groups::add(pid);
+        let (tx, rx) = oneshot::channel();
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner()).insert(pid, tx);
+        Ok((child, rx))
     }
 
     /// Runs a short helper command (such as `git worktree add`) to its end.
@@ -102,7 +123,9 @@ impl Reaper {
                 Err(Errno::EINTR) => continue,
                 Err(_) => break,
             };
-            if tracked.remove(&pid) {
+            if let Some(waiter) = self.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&pid) {
+                let _ = waiter.send(exit);
+            } else if tracked.remove(&pid) {
                 if !super::proc::group_alive(pid) {
                     groups::remove(pid);
                 }
@@ -112,5 +135,72 @@ impl Reaper {
             }
         }
         out
+    }
+}
+
+/// Runs the test `module::name` alone in a process of its own (the test
+/// binary again, filtered to it), where `body` runs. A test that reaps
+/// with `waitpid(-1)` needs this: in the shared test process it would
+/// take the exits of other tests' children.
+#[cfg(test)]
+pub(crate) fn isolated(module: &str, name: &str, body: impl FnOnce()) {
+    const VAR: &str = "DROVER_TEST_ISOLATED";
+    let module = module.split_once("::").map_or(module, |(_, rest)| rest);
+    let test = format!("{module}::{name}");
+    if std::env::var(VAR).is_ok_and(|v| v == test) {
+        body();
+        return;
+    }
+    let exe = std::env::current_exe().expect("the test binary");
+    let out = Command::new(exe)
+        .args([test.as_str(), "--exact", "--test-threads=1", "--nocapture"])
+        .env(VAR, &test)
+        .output()
+        .expect("run the test binary");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{test}, in a process of its own, failed:\n{text}");
+    assert!(text.contains("1 passed"), "{test} did not run in its own process:\n{text}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    #[test]
+    fn a_waited_child_exit_goes_to_its_waiter_and_not_to_the_actor() {
+        isolated(module_path!(), "a_waited_child_exit_goes_to_its_waiter_and_not_to_the_actor", || {
+            let reaper = Reaper::default();
+            let mut plain = Command::new("sh");
+            plain.args(["-c", "exit 4"]).process_group(0);
+            let mut waited = Command::new("sh");
+            waited.args(["-c", "exit 3"]).process_group(0);
+            let plain_pid = reaper.spawn(&mut plain).unwrap().id() as i32;
+            let (child, mut rx) = reaper.spawn_waited(&mut waited).unwrap();
+            let waited_pid = child.id() as i32;
+            let mut seen = Vec::new();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let exit = loop {
+                seen.extend(reaper.reap());
+                if let Ok(exit) = rx.try_recv() {
+                    break exit;
+                }
+                assert!(std::time::Instant::now() < deadline, "the waited exit never came");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            };
+            assert_eq!(exit, Exit::code(3));
+            while !seen.iter().any(|r| matches!(r, Reaped::Child { pid, .. } if *pid == plain_pid)) {
+                assert!(std::time::Instant::now() < deadline, "the plain exit never came");
+                seen.extend(reaper.reap());
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            assert!(seen.contains(&Reaped::Child { pid: plain_pid, exit: Exit::code(4) }));
+            assert!(
+                !seen.iter().any(
+                    |r| matches!(r, Reaped::Child { pid, .. } | Reaped::Stray { pid } if *pid == waited_pid)
+                ),
+                "the waited child was reported to the actor too: {seen:?}"
+            );
+        });
     }
 }

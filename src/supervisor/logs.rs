@@ -13,6 +13,7 @@ use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
+use super::probes::LineWatch;
 use crate::os::fsutil::open_append;
 
 /// Longest line kept whole; longer ones are split into pieces this long.
@@ -247,6 +248,20 @@ pub async fn pump(
     pipe: tokio::net::unix::pipe::Receiver,
     on_close: Option<Box<dyn FnOnce() + Send>>,
 ) {
+    pump_watched(sink, index, stream, pipe, on_close, None).await
+}
+
+/// [`pump`], also showing each line (as the instance wrote it, before
+/// secrets are masked) to `watch`, a `log` ready probe.
+pub async fn pump_watched(
+    sink: Arc<Sink>,
+    index: u32,
+    stream: &'static str,
+    pipe: tokio::net::unix::pipe::Receiver,
+    on_close: Option<Box<dyn FnOnce() + Send>>,
+    watch: Option<LineWatch>,
+) {
+    let watch = watch.as_ref();
     let mut pending: Vec<u8> = Vec::new();
     'outer: loop {
         if pipe.readable().await.is_err() {
@@ -262,26 +277,33 @@ pub async fn pump(
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue 'outer,
                 Err(_) => break 'outer,
             };
-            split_lines(&sink, index, stream, &mut pending, &buf[..n]);
+            split_lines(&sink, index, stream, watch, &mut pending, &buf[..n]);
         }
         tokio::task::yield_now().await;
     }
     if !pending.is_empty() {
-        sink.line(index, stream, &pending);
+        emit(&sink, index, stream, watch, &pending);
     }
     if let Some(f) = on_close {
         f();
     }
 }
 
-fn split_lines(sink: &Sink, index: u32, stream: &str, pending: &mut Vec<u8>, mut chunk: &[u8]) {
+fn split_lines(
+    sink: &Sink,
+    index: u32,
+    stream: &str,
+    watch: Option<&LineWatch>,
+    pending: &mut Vec<u8>,
+    mut chunk: &[u8],
+) {
     while let Some(pos) = chunk.iter().position(|&b| b == b'\n') {
         let (line, rest) = chunk.split_at(pos);
         if pending.is_empty() {
-            emit_capped(sink, index, stream, line);
+            emit_capped(sink, index, stream, watch, line);
         } else {
             pending.extend_from_slice(line);
-            emit_capped(sink, index, stream, pending);
+            emit_capped(sink, index, stream, watch, pending);
             pending.clear();
         }
         chunk = &rest[1..];
@@ -289,7 +311,7 @@ fn split_lines(sink: &Sink, index: u32, stream: &str, pending: &mut Vec<u8>, mut
     pending.extend_from_slice(chunk);
     // A line without end: write it in pieces rather than hold it all.
     while pending.len() >= MAX_LINE {
-        sink.line(index, stream, &pending[..MAX_LINE]);
+        emit(sink, index, stream, watch, &pending[..MAX_LINE]);
         pending.drain(..MAX_LINE);
     }
     if pending.is_empty() && pending.capacity() > MAX_LINE {
@@ -297,10 +319,17 @@ fn split_lines(sink: &Sink, index: u32, stream: &str, pending: &mut Vec<u8>, mut
     }
 }
 
-fn emit_capped(sink: &Sink, index: u32, stream: &str, line: &[u8]) {
+fn emit_capped(sink: &Sink, index: u32, stream: &str, watch: Option<&LineWatch>, line: &[u8]) {
     for piece in line.chunks(MAX_LINE) {
-        sink.line(index, stream, piece);
+        emit(sink, index, stream, watch, piece);
     }
+}
+
+fn emit(sink: &Sink, index: u32, stream: &str, watch: Option<&LineWatch>, line: &[u8]) {
+    if let Some(w) = watch {
+        w.check(line);
+    }
+    sink.line(index, stream, line);
 }
 
 #[cfg(test)]
@@ -326,10 +355,10 @@ mod tests {
         let sink = Sink::new("w".into(), LogFile::open(p.clone(), u64::MAX, 0).unwrap(), None, Vec::new());
 
         let mut pending = Vec::new();
-        split_lines(&sink, 0, "out", &mut pending, b"hel");
-        split_lines(&sink, 0, "out", &mut pending, b"lo\nwor");
-        split_lines(&sink, 0, "out", &mut pending, &[b'x'; 40_000]);
-        split_lines(&sink, 0, "out", &mut pending, b"\n");
+        split_lines(&sink, 0, "out", None, &mut pending, b"hel");
+        split_lines(&sink, 0, "out", None, &mut pending, b"lo\nwor");
+        split_lines(&sink, 0, "out", None, &mut pending, &[b'x'; 40_000]);
+        split_lines(&sink, 0, "out", None, &mut pending, b"\n");
         assert!(pending.is_empty());
         let text = std::fs::read_to_string(&p).unwrap();
         let bodies: Vec<usize> = text.lines().map(|l| l.splitn(4, ' ').nth(3).unwrap().len()).collect();

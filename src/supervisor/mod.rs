@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod logs;
 pub mod own_log;
 pub mod policy;
+pub mod probes;
 pub mod protocol;
 pub mod reconcile;
 pub mod run_ledger;
