@@ -44,6 +44,39 @@ pub enum RunsAction {
     Resume { id: i64 },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum ExportTarget {
+    /// Deployments for workers, CronJobs for jobs, Jobs for flows run by
+    /// hand: multi-document YAML.
+    Kubernetes {
+        /// The image the commands run in.
+        #[arg(long, default_value = "app:latest", value_name = "IMG")]
+        image: String,
+        /// The namespace of every object (else kubectl's current one).
+        #[arg(long, value_name = "NS")]
+        namespace: Option<String>,
+        /// Prepended to every object name.
+        #[arg(long, default_value = "", value_name = "P")]
+        name_prefix: String,
+        /// Where the config file's directory is in the image: each `dir`
+        /// under it becomes the same path under this one.
+        #[arg(long, value_name = "PATH")]
+        workdir: Option<PathBuf>,
+        /// Put the secret_env values into Secret objects (stringData);
+        /// otherwise the Secrets are only referenced, and named on stderr.
+        #[arg(long)]
+        emit_secrets: bool,
+        /// Write the output even when some keys cannot be expressed
+        /// (listed as warnings).
+        #[arg(long)]
+        allow_lossy: bool,
+        /// A file, or a directory (existing, or ending in /) to write into;
+        /// default stdout.
+        #[arg(short = 'o', long = "output", value_name = "FILE|DIR")]
+        out: Option<PathBuf>,
+    },
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -188,6 +221,12 @@ pub enum Command {
     },
     /// Print the JSON schema of daemon.toml.
     Schema,
+    /// Turn the config into another engine's objects; exits 1 listing what
+    /// the target cannot express (each key and why) unless --allow-lossy.
+    Export {
+        #[command(subcommand)]
+        target: ExportTarget,
+    },
     /// Print the script that hooks drover's completions (commands, flags,
     /// and worker and job names from the config file) into a shell.
     Completions {

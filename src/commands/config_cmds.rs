@@ -130,16 +130,21 @@ fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
-pub fn show_config(path: &Path, overrides: &Overrides, json: bool) -> u8 {
-    let loaded = match config::load(path, overrides) {
-        Ok(l) => l,
+/// The config at `path`, or its diagnostics printed and `None`.
+pub(super) fn load_or_report(path: &Path, overrides: &Overrides) -> Option<config::Loaded> {
+    match config::load(path, overrides) {
+        Ok(l) => Some(l),
         Err(diags) => {
             for d in diags {
                 eprintln!("{d}");
             }
-            return exit::FAILED;
+            None
         }
-    };
+    }
+}
+
+pub fn show_config(path: &Path, overrides: &Overrides, json: bool) -> u8 {
+    let Some(loaded) = load_or_report(path, overrides) else { return exit::FAILED };
     let config = loaded.config.redacted();
     let text = if json {
         serde_json::to_string_pretty(&config).expect("config serializes") + "\n"

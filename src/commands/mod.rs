@@ -5,12 +5,13 @@ mod client;
 pub mod completions;
 mod config_cmds;
 mod controls;
+mod export;
 mod logread;
 mod logs;
 mod runs;
 mod start;
 
-use crate::cli::{Cli, Command, RunsAction};
+use crate::cli::{Cli, Command, ExportTarget, RunsAction};
 use crate::supervisor::protocol::{InstanceAction, Request};
 
 use crate::config::Overrides;
@@ -45,6 +46,22 @@ pub fn run(cli: Cli) -> u8 {
         }
         // Answered above, before the overrides are read.
         Command::Completions { .. } | Command::Man { .. } => exit::OK,
+        Command::Export {
+            target:
+                ExportTarget::Kubernetes {
+                    image,
+                    namespace,
+                    name_prefix,
+                    workdir,
+                    emit_secrets,
+                    allow_lossy,
+                    out,
+                },
+        } => export::kubernetes(
+            &cli.config,
+            &overrides,
+            export::KubernetesArgs { image, namespace, name_prefix, workdir, emit_secrets, allow_lossy, out },
+        ),
         Command::Schema => {
             print!("{}", crate::config::schema::schema_text());
             exit::OK

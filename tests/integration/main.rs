@@ -8,6 +8,7 @@ mod check;
 mod config_cmd;
 mod control;
 mod controls;
+mod export;
 mod faults;
 mod jobs;
 mod ledger_faults;
