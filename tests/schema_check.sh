@@ -10,16 +10,29 @@ cd "$(dirname "$0")/.."
 # Invalid corpus files with no error the schema can express: directories
 # that must exist, cron values out of range, the backoff order, unique step
 # names, time zones, secret_env naming a set key, durations past their
-# upper bound (a string pattern cannot compare lengths of time).
+# upper bound (a string pattern cannot compare lengths of time), what a
+# depends_on name refers to (unknown, itself, a cycle, a condition that does
+# not fit its kind), and what probe strings mean (URL scheme, HOST:PORT,
+# ${NAME} placeholders, a regex that compiles, a zero timeout).
 SCHEMA_PASSES=(
   backoff-initial-over-max
   bad-cron
+  depends-on-condition-misfit
+  depends-on-condition-mismatch
+  depends-on-cycle
+  depends-on-self
+  depends-on-unknown
   cron-hour-out-of-range
   duplicate-step-names
   duration-backoff-initial-years
   duration-every-years
   duration-jitter-years
   missing-dir
+  probe-bad-placeholder
+  probe-bad-regex
+  probe-bounds
+  probe-https
+  probe-tcp-no-port
   secret-env-defaults-unset
   secret-env-typo
   timezone-typo

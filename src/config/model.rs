@@ -4,8 +4,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Serialize;
+use serde::ser::SerializeMap;
 
 pub use super::raw::{OnOverlap, RestartPolicy, SpawnMode};
 use super::types::{ByteSize, HumanDuration, Signal};
@@ -97,6 +99,109 @@ pub struct Settings {
     pub env: BTreeMap<String, String>,
     /// Keys of `env` never printed: this table's and every table's above it.
     pub secret_env: BTreeSet<String>,
+    /// How an instance is known to be ready; `None`: ready once spawned.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ready_view")]
+    pub ready: Option<Probe>,
+    /// How a running instance is known to be healthy; `None`: not probed.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "health_view")]
+    pub health: Option<Probe>,
+}
+
+/// A readiness or health probe, every default filled in.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Probe {
+    pub kind: ProbeKind,
+    /// Time between two checks.
+    pub interval: Duration,
+    /// A check still going after this long fails.
+    pub timeout: Duration,
+    /// Ready probes: an instance not ready this long after its spawn is a
+    /// failed start. Zero in a health probe (unused).
+    pub start_timeout: Duration,
+    /// Health probes: consecutive failed checks that restart the instance.
+    /// 1 in a ready probe (unused).
+    pub failures: u32,
+}
+
+/// What a probe checks. Strings are as written: `${NAME}` placeholders
+/// are expanded from the instance's environment at each check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProbeKind {
+    /// Run this argv in the worker's dir and env; exit 0 passes.
+    Exec(Vec<String>),
+    /// GET this http:// URL; a status 200-399 passes.
+    Http(String),
+    /// Connect to this HOST:PORT.
+    Tcp(String),
+    /// A line of the instance's output matches this regex (ready only).
+    Log(String),
+    /// The instance sends READY=1 (ready) or WATCHDOG=1 (health) to
+    /// `$NOTIFY_SOCKET`.
+    Notify,
+}
+
+/// What a dependency must reach before its dependent starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Condition {
+    /// A worker: every instance spawned; a job: its latest run started.
+    Started,
+    /// A worker: every instance ready.
+    Ready,
+    /// A job: its latest run in this supervisor's life succeeded.
+    Succeeded,
+}
+
+impl Condition {
+    /// The name as the config file writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Condition::Started => "started",
+            Condition::Ready => "ready",
+            Condition::Succeeded => "succeeded",
+        }
+    }
+}
+
+impl std::fmt::Display for Condition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A probe as the file writes it: its kind as a key, then the settings
+/// that apply to its role (`start_timeout` for ready, `failures` for health).
+fn probe_view<S: serde::Serializer>(p: &Probe, ready: bool, s: S) -> Result<S::Ok, S::Error> {
+    let mut m = s.serialize_map(None)?;
+    match &p.kind {
+        ProbeKind::Exec(argv) => m.serialize_entry("exec", argv)?,
+        ProbeKind::Http(url) => m.serialize_entry("http", url)?,
+        ProbeKind::Tcp(addr) => m.serialize_entry("tcp", addr)?,
+        ProbeKind::Log(re) => m.serialize_entry("log", re)?,
+        ProbeKind::Notify => m.serialize_entry("notify", &true)?,
+    }
+    m.serialize_entry("interval", &HumanDuration(p.interval))?;
+    m.serialize_entry("timeout", &HumanDuration(p.timeout))?;
+    if ready {
+        m.serialize_entry("start_timeout", &HumanDuration(p.start_timeout))?;
+    } else {
+        m.serialize_entry("failures", &p.failures)?;
+    }
+    m.end()
+}
+
+fn ready_view<S: serde::Serializer>(p: &Option<Probe>, s: S) -> Result<S::Ok, S::Error> {
+    match p {
+        Some(p) => probe_view(p, true, s),
+        None => s.serialize_none(),
+    }
+}
+
+fn health_view<S: serde::Serializer>(p: &Option<Probe>, s: S) -> Result<S::Ok, S::Error> {
+    match p {
+        Some(p) => probe_view(p, false, s),
+        None => s.serialize_none(),
+    }
 }
 
 impl Default for Settings {
@@ -115,6 +220,8 @@ impl Default for Settings {
             stop_grace: HumanDuration::from_secs(30),
             env: BTreeMap::new(),
             secret_env: BTreeSet::new(),
+            ready: None,
+            health: None,
         }
     }
 }
@@ -133,6 +240,13 @@ pub struct Worker {
     pub stop_grace: HumanDuration,
     pub env: BTreeMap<String, String>,
     pub secret_env: BTreeSet<String>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ready_view")]
+    pub ready: Option<Probe>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "health_view")]
+    pub health: Option<Probe>,
+    /// Workers and jobs (by name) this one waits for, and for what.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub depends_on: BTreeMap<String, Condition>,
 }
 
 impl Worker {
@@ -157,6 +271,9 @@ impl Worker {
             stop_grace: s.stop_grace,
             env: s.env,
             secret_env: s.secret_env,
+            ready: s.ready,
+            health: s.health,
+            depends_on: BTreeMap::new(),
         }
     }
 }
@@ -180,6 +297,8 @@ pub struct Job {
     pub secret_env: BTreeSet<String>,
     pub stop_signal: Signal,
     pub stop_grace: HumanDuration,
+    /// Workers and jobs (by name) a run waits for, and for what.
+    pub depends_on: BTreeMap<String, Condition>,
 }
 
 /// `config --json` shows a job as the file has it: `command` or `steps`,
@@ -211,6 +330,8 @@ impl Serialize for Job {
             stop_grace: HumanDuration,
             env: &'a BTreeMap<String, String>,
             secret_env: &'a BTreeSet<String>,
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            depends_on: &'a BTreeMap<String, Condition>,
         }
         View {
             command: (!self.flow).then(|| self.steps[0].command.as_slice()),
@@ -240,6 +361,7 @@ impl Serialize for Job {
             stop_grace: self.stop_grace,
             env: &self.env,
             secret_env: &self.secret_env,
+            depends_on: &self.depends_on,
         }
         .serialize(s)
     }

@@ -8,7 +8,9 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use schemars::JsonSchema;
+use std::borrow::Cow;
+
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
 use super::types::{ByteSize, HumanDuration, NAME_PATTERN, Signal};
@@ -153,6 +155,10 @@ pub struct RawSettings {
     /// Keys of `env` whose values are secret: `drover config` shows them as
     /// "(secret)". A worker's or job's list adds to this one.
     pub secret_env: Option<Vec<String>>,
+    /// How drover knows an instance is ready (default: ready once spawned).
+    pub ready: Option<RawProbe>,
+    /// How drover knows a running instance is healthy (default: not probed).
+    pub health: Option<RawProbe>,
 }
 
 /// A long-running process kept running `capacity` times.
@@ -187,6 +193,13 @@ pub struct RawWorker {
     pub env: Option<BTreeMap<String, String>>,
     /// Keys of `env` whose values are secret (added to `defaults.secret_env`).
     pub secret_env: Option<Vec<String>>,
+    /// How drover knows an instance is ready (replaces `defaults.ready` whole).
+    pub ready: Option<RawProbe>,
+    /// How drover knows a running instance is healthy (replaces `defaults.health` whole).
+    pub health: Option<RawProbe>,
+    /// Workers and jobs to wait for before starting: `{ db = "ready" }` or
+    /// `["db"]` (a worker's default condition is "ready", a job's "succeeded").
+    pub depends_on: Option<RawDependsOn>,
 }
 
 /// A job: one command, or a flow of steps, run on a schedule or on trigger.
@@ -241,6 +254,8 @@ pub struct RawJob {
     pub stop_signal: Option<Signal>,
     /// Grace before SIGKILL (overrides `defaults.stop_grace`).
     pub stop_grace: Option<HumanDuration>,
+    /// Workers and jobs a run waits for: `{ db = "ready" }` or `["db"]`.
+    pub depends_on: Option<RawDependsOn>,
 }
 
 /// One step of a flow.
@@ -257,4 +272,59 @@ pub struct RawStep {
     #[serde(default)]
     #[schemars(extend("default" = false))]
     pub approve: bool,
+}
+
+/// A readiness (`ready`) or health (`health`) probe: exactly one of `exec`,
+/// `http`, `tcp`, `log` (ready only) and `notify`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawProbe {
+    /// Run this program (argv, in the worker's dir and env); exit 0 passes.
+    pub exec: Option<Vec<String>>,
+    /// GET this http:// URL; a status 200-399 passes. `${NAME}` is expanded
+    /// from the instance's environment.
+    pub http: Option<String>,
+    /// Connect to this HOST:PORT; a connect passes. `${NAME}` is expanded.
+    pub tcp: Option<String>,
+    /// Ready probes only: a line of the instance's output matches this regex.
+    pub log: Option<String>,
+    /// The instance sends READY=1 (ready) or WATCHDOG=1 at least every
+    /// `interval` (health) to `$NOTIFY_SOCKET`.
+    pub notify: Option<bool>,
+    /// Time between two checks (ready: 1s, health: 10s).
+    pub interval: Option<HumanDuration>,
+    /// A check still going after this long fails (ready: 1s, health: 2s).
+    pub timeout: Option<HumanDuration>,
+    /// Ready probes only: not ready this long after the spawn is a failed start.
+    #[schemars(extend("default" = "60s"))]
+    pub start_timeout: Option<HumanDuration>,
+    /// Health probes only: consecutive failed checks that restart the instance.
+    #[schemars(extend("default" = 3))]
+    pub failures: Option<u32>,
+}
+
+/// `depends_on`: a table of name = condition, or a list of names.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum RawDependsOn {
+    Table(BTreeMap<String, String>),
+    List(Vec<String>),
+}
+
+impl JsonSchema for RawDependsOn {
+    fn schema_name() -> Cow<'static, str> {
+        "DependsOn".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        // Conditions are plain strings here: drover check says what is
+        // wrong with one (the published schema adds the enum).
+        json_schema!({
+            "title": "DependsOn",
+            "description": "Workers and jobs to wait for: { name = \"condition\" } or [\"name\", ...].",
+            "anyOf": [
+                { "type": "object", "additionalProperties": { "type": "string" } },
+                { "type": "array", "items": { "type": "string" } }
+            ]
+        })
+    }
 }

@@ -5,8 +5,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::model::{Backoff, Config, CrashLoop, Job, Settings, Step, Supervisor, Trigger, Worker};
-use super::raw::{OnOverlap, RawBackoff, RawConfig, RawCrashLoop, RawJob, RawSettings, SpawnMode};
+use super::model::{
+    Backoff, Condition, Config, CrashLoop, Job, Probe, ProbeKind, Settings, Step, Supervisor, Trigger, Worker,
+};
+use super::raw::{
+    OnOverlap, RawBackoff, RawConfig, RawCrashLoop, RawDependsOn, RawJob, RawProbe, RawSettings, SpawnMode,
+};
 use super::types::{ByteSize, HumanDuration, is_valid_name};
 
 /// A rule broken at a key path (`["workers", "web", "backoff"]`).
@@ -134,6 +138,8 @@ pub fn resolve(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
             stop_grace: w.stop_grace,
             env: w.env.clone(),
             secret_env: w.secret_env.clone(),
+            ready: w.ready.clone(),
+            health: w.health.clone(),
         };
         let s = overlay(&defaults, &own);
         check_settings(&mut p, &at, &s, &own);
@@ -154,6 +160,8 @@ pub fn resolve(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
             jobs.insert(name.clone(), job);
         }
     }
+
+    resolve_dependencies(&mut p, raw, &mut workers, &mut jobs);
 
     // A `[defaults]` secret may be set only by the workers and jobs.
     for (i, key) in raw_defaults.secret_env.iter().flatten().enumerate() {
@@ -357,6 +365,7 @@ fn resolve_job(
         secret_env,
         stop_signal: j.stop_signal.unwrap_or(defaults.stop_signal),
         stop_grace: j.stop_grace.unwrap_or(defaults.stop_grace),
+        depends_on: BTreeMap::new(),
     })
 }
 
@@ -387,6 +396,15 @@ fn overlay(base: &Settings, own: &RawSettings) -> Settings {
         stop_grace: own.stop_grace.unwrap_or(base.stop_grace),
         env,
         secret_env,
+        // A probe of the worker's own replaces the default whole.
+        ready: match &own.ready {
+            Some(r) => Some(probe(r, true)),
+            None => base.ready.clone(),
+        },
+        health: match &own.health {
+            Some(h) => Some(probe(h, false)),
+            None => base.health.clone(),
+        },
     }
 }
 
@@ -433,6 +451,12 @@ fn check_settings(p: &mut Problems, at: &[&str], s: &Settings, own: &RawSettings
         p.add(&path("permanent_exit_codes"), format!("exit codes are 0 to 255, found {bad}"));
     }
     check_env(p, &path("env"), own.env.as_ref());
+    if let Some(r) = &own.ready {
+        check_probe(p, &path("ready"), r, true);
+    }
+    if let Some(h) = &own.health {
+        check_probe(p, &path("health"), h, false);
+    }
     if at.first() != Some(&"defaults") {
         check_secrets(p, at, &s.env, own.secret_env.as_ref());
     }
@@ -511,9 +535,335 @@ fn resolve_dir(p: &mut Problems, at: &[&str], base_dir: &Path, dir: Option<&Path
     path
 }
 
+/// The probe `raw` says, defaults filled in for its role. A probe with no
+/// kind (a problem `check_probe` reports) stands in as `notify`.
+fn probe(raw: &RawProbe, ready: bool) -> Probe {
+    let kind = if let Some(argv) = &raw.exec {
+        ProbeKind::Exec(argv.clone())
+    } else if let Some(url) = &raw.http {
+        ProbeKind::Http(url.clone())
+    } else if let Some(addr) = &raw.tcp {
+        ProbeKind::Tcp(addr.clone())
+    } else if let Some(re) = &raw.log {
+        ProbeKind::Log(re.clone())
+    } else {
+        ProbeKind::Notify
+    };
+    let d = |v: Option<HumanDuration>, default: u64| v.map_or(Duration::from_millis(default), |h| h.0);
+    if ready {
+        Probe {
+            kind,
+            interval: d(raw.interval, 1000),
+            timeout: d(raw.timeout, 1000),
+            start_timeout: d(raw.start_timeout, 60_000),
+            failures: 1,
+        }
+    } else {
+        Probe {
+            kind,
+            interval: d(raw.interval, 10_000),
+            timeout: d(raw.timeout, 2000),
+            start_timeout: Duration::ZERO,
+            failures: raw.failures.unwrap_or(3),
+        }
+    }
+}
+
+/// The rules of a `ready` (`ready` true) or `health` probe at `at`.
+fn check_probe(p: &mut Problems, at: &[&str], raw: &RawProbe, ready: bool) {
+    let key = |k: &'static str| [at, &[k]].concat();
+    let kinds: Vec<&str> = [
+        ("exec", raw.exec.is_some()),
+        ("http", raw.http.is_some()),
+        ("tcp", raw.tcp.is_some()),
+        ("log", raw.log.is_some()),
+        ("notify", raw.notify == Some(true)),
+    ]
+    .into_iter()
+    .filter_map(|(k, set)| set.then_some(k))
+    .collect();
+    let allowed = if ready {
+        "`exec`, `http`, `tcp`, `log` or `notify = true`"
+    } else {
+        "`exec`, `http`, `tcp` or `notify = true`"
+    };
+    if raw.notify == Some(false) {
+        p.add(&key("notify"), format!("write `notify = true`, or leave it out and set one of {allowed}"));
+    }
+    match kinds.as_slice() {
+        [] if raw.notify != Some(false) => p.add(at, format!("a probe needs one of {allowed}")),
+        [] | [_] => {}
+        [a, b, ..] => p.add(at, format!("set exactly one kind of probe ({allowed}), found `{a}` and `{b}`")),
+    }
+    if let Some(argv) = &raw.exec {
+        check_command(p, &key("exec"), argv);
+        for a in argv {
+            if let Err(e) = check_placeholders(a) {
+                p.add(&key("exec"), e);
+            }
+        }
+    }
+    if let Some(url) = &raw.http
+        && let Err(e) = check_http(url)
+    {
+        p.add(&key("http"), e);
+    }
+    if let Some(addr) = &raw.tcp
+        && let Err(e) = check_tcp(addr)
+    {
+        p.add(&key("tcp"), e);
+    }
+    if let Some(re) = &raw.log {
+        if !ready {
+            p.add(
+                &key("log"),
+                "`log` is for ready probes only; a health probe uses exec, http, tcp or notify",
+            );
+        } else if let Err(e) = regex::Regex::new(re) {
+            // The regex crate's error is several lines with a caret: keep
+            // the last line, which says what is wrong.
+            let why = e.to_string();
+            let why = why.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("invalid").trim().to_string();
+            p.add(&key("log"), format!("invalid regex {re:?}: {}", why.trim_start_matches("error: ")));
+        }
+    }
+    if ready && raw.failures.is_some() {
+        p.add(&key("failures"), "`failures` is for health probes; a ready probe fails at `start_timeout`");
+    }
+    if !ready && raw.start_timeout.is_some() {
+        p.add(
+            &key("start_timeout"),
+            "`start_timeout` is for ready probes; a health probe fails after `failures` checks",
+        );
+    }
+    if raw.failures == Some(0) {
+        p.add(&key("failures"), "must be at least 1");
+    }
+    for (k, v) in [("interval", raw.interval), ("timeout", raw.timeout)] {
+        if v.is_some_and(|d| d.0.is_zero()) {
+            p.add(&key(k), "must be longer than 0s");
+        }
+        check_at_most(p, &key(k), v, HOUR);
+    }
+    if raw.start_timeout.is_some_and(|d| d.0.is_zero()) {
+        p.add(&key("start_timeout"), "must be longer than 0s");
+    }
+    check_at_most(p, &key("start_timeout"), raw.start_timeout, DAY);
+}
+
+/// `${NAME}` placeholders in a probe string are well-formed.
+fn check_placeholders(s: &str) -> Result<(), String> {
+    let mut rest = s;
+    while let Some(i) = rest.find("${") {
+        let after = &rest[i + 2..];
+        let Some(end) = after.find('}') else {
+            return Err(format!("unclosed \"${{\" in {s:?}; write ${{NAME}}"));
+        };
+        let name = &after[..end];
+        let ok = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ok {
+            return Err(format!(
+                "\"${{{name}}}\" in {s:?} is not a variable name; write ${{NAME}} (letters, digits, '_')"
+            ));
+        }
+        rest = &after[end + 1..];
+    }
+    Ok(())
+}
+
+fn check_http(url: &str) -> Result<(), String> {
+    let example = "such as \"http://127.0.0.1:8000/health\"";
+    if url.get(..8).is_some_and(|p| p.eq_ignore_ascii_case("https://")) {
+        return Err(format!("https is not supported; probe the plain HTTP port ({example})"));
+    }
+    let Some(rest) = url.get(..7).filter(|p| p.eq_ignore_ascii_case("http://")).map(|_| &url[7..]) else {
+        return Err(format!("expected an http:// URL {example}, found {url:?}"));
+    };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if host.is_empty() || url.chars().any(char::is_whitespace) {
+        return Err(format!("expected an http:// URL with a host {example}, found {url:?}"));
+    }
+    check_placeholders(url)
+}
+
+fn check_tcp(addr: &str) -> Result<(), String> {
+    let bad = || format!("expected HOST:PORT such as \"127.0.0.1:5432\", found {addr:?}");
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || port.is_empty() || addr.chars().any(char::is_whitespace) {
+        return Err(bad());
+    }
+    check_placeholders(addr)?;
+    if !port.contains("${") && !port.parse::<u16>().is_ok_and(|n| n > 0) {
+        return Err(format!("port {port:?} in {addr:?} is not a number from 1 to 65535"));
+    }
+    Ok(())
+}
+
+/// A node of the dependency graph as the config names it.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Worker,
+    Job,
+}
+
+impl Kind {
+    fn table(self) -> &'static str {
+        match self {
+            Kind::Worker => "workers",
+            Kind::Job => "jobs",
+        }
+    }
+}
+
+/// Fills in every `depends_on`, checking names, conditions and cycles.
+fn resolve_dependencies(
+    p: &mut Problems,
+    raw: &RawConfig,
+    workers: &mut BTreeMap<String, Worker>,
+    jobs: &mut BTreeMap<String, Job>,
+) {
+    // The names the file defines (the raw tables: resolving keeps every one).
+    let names: Vec<String> = raw.workers.keys().chain(raw.jobs.keys()).cloned().collect();
+    let kind_of = |n: &str| match (raw.workers.contains_key(n), raw.jobs.contains_key(n)) {
+        (true, true) => Err(format!("{n:?} names both a worker and a job; rename one of them")),
+        (true, false) => Ok(Kind::Worker),
+        (false, true) => Ok(Kind::Job),
+        (false, false) => {
+            let mut msg = format!("no worker or job {n:?}");
+            if let Some(near) = super::load::nearest(n, &names) {
+                msg.push_str(&format!("; did you mean {near:?}?"));
+            }
+            Err(msg)
+        }
+    };
+    let declared = raw
+        .workers
+        .iter()
+        .map(|(n, w)| (Kind::Worker, n, &w.depends_on))
+        .chain(raw.jobs.iter().map(|(n, j)| (Kind::Job, n, &j.depends_on)));
+    let mut edges: BTreeMap<(Kind, String), Vec<(Kind, String)>> = BTreeMap::new();
+    for (kind, name, deps) in declared {
+        let entries: Vec<(String, &String, Option<&String>)> = match deps {
+            None => continue,
+            Some(RawDependsOn::Table(t)) => t.iter().map(|(n, c)| (n.clone(), n, Some(c))).collect(),
+            Some(RawDependsOn::List(l)) => {
+                l.iter().enumerate().map(|(i, n)| (i.to_string(), n, None)).collect()
+            }
+        };
+        let mut resolved = BTreeMap::new();
+        for (entry, dep, cond) in entries {
+            let at = [kind.table(), name.as_str(), "depends_on", entry.as_str()];
+            let target = match kind_of(dep) {
+                Ok(k) => k,
+                Err(msg) => {
+                    p.add(&at, msg);
+                    continue;
+                }
+            };
+            if target == kind && dep == name {
+                p.add(&at, format!("{name:?} cannot depend on itself"));
+                continue;
+            }
+            let Some(condition) = condition_of(p, &at, target, cond) else { continue };
+            if resolved.insert(dep.clone(), condition).is_some() {
+                p.add(&at, format!("{dep:?} is listed twice"));
+            }
+            edges.entry((kind, name.clone())).or_default().push((target, dep.clone()));
+        }
+        match kind {
+            Kind::Worker => workers.get_mut(name).map(|w| w.depends_on = resolved),
+            Kind::Job => jobs.get_mut(name).map(|j| j.depends_on = resolved),
+        };
+    }
+    for cycle in cycles(&edges) {
+        let (kind, first) = &cycle[0];
+        let path: Vec<&str> = cycle.iter().map(|(_, n)| n.as_str()).chain([first.as_str()]).collect();
+        p.add(&[kind.table(), first, "depends_on"], format!("a cycle: {}", path.join(" -> ")));
+    }
+}
+
+/// The condition an entry asks for (`None`: the default for its kind),
+/// if it fits the kind of what it names.
+fn condition_of(p: &mut Problems, at: &[&str], target: Kind, cond: Option<&String>) -> Option<Condition> {
+    let fits = match target {
+        Kind::Worker => "a worker dependency is \"started\" or \"ready\"",
+        Kind::Job => "a job dependency is \"succeeded\" or \"started\"",
+    };
+    let c = match cond.map(String::as_str) {
+        None if target == Kind::Worker => Condition::Ready,
+        None => Condition::Succeeded,
+        Some("started") => Condition::Started,
+        Some("ready") => Condition::Ready,
+        Some("succeeded") => Condition::Succeeded,
+        Some(other) => {
+            let mut msg = format!("unknown condition {other:?}; {fits}");
+            if let Some(near) = super::load::nearest(other, &["started", "ready", "succeeded"]) {
+                msg.push_str(&format!("; did you mean {near:?}?"));
+            }
+            p.add(at, msg);
+            return None;
+        }
+    };
+    let ok = match target {
+        Kind::Worker => c != Condition::Succeeded,
+        Kind::Job => c != Condition::Ready,
+    };
+    if !ok {
+        let what = if target == Kind::Worker { "a worker" } else { "a job" };
+        p.add(at, format!("\"{c}\" does not fit {what}: {fits}"));
+        return None;
+    }
+    Some(c)
+}
+
+/// Every cycle found by a depth-first walk, each as the nodes in order
+/// from where it was entered (one per back edge, so each is named once).
+fn cycles<N: Ord + Clone>(edges: &BTreeMap<N, Vec<N>>) -> Vec<Vec<N>> {
+    #[derive(PartialEq)]
+    enum Mark {
+        Open,
+        Done,
+    }
+    let mut marks: BTreeMap<&N, Mark> = BTreeMap::new();
+    let mut found = Vec::new();
+    for start in edges.keys() {
+        if marks.contains_key(start) {
+            continue;
+        }
+        // An explicit stack of (node, next edge index): no recursion depth
+        // limit on a long chain.
+        let mut stack: Vec<(&N, usize)> = vec![(start, 0)];
+        marks.insert(start, Mark::Open);
+        while let Some((node, i)) = stack.last_mut() {
+            let next = edges.get(*node).and_then(|d| d.get(*i));
+            *i += 1;
+            match next {
+                None => {
+                    marks.insert(*node, Mark::Done);
+                    stack.pop();
+                }
+                Some(dep) => match marks.get(dep) {
+                    Some(Mark::Open) => {
+                        let from = stack.iter().position(|(n, _)| *n == dep).unwrap_or(0);
+                        found.push(stack[from..].iter().map(|(n, _)| (*n).clone()).collect());
+                    }
+                    Some(Mark::Done) => {}
+                    None => {
+                        marks.insert(dep, Mark::Open);
+                        stack.push((dep, 0));
+                    }
+                },
+            }
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::model::{Condition, ProbeKind};
     use crate::config::raw::{RawStep, RawWorker};
 
     fn worker(cmd: &[&str]) -> RawWorker {
@@ -636,6 +986,178 @@ mod tests {
         }
     }
 
+    fn probe_http(url: &str) -> RawProbe {
+        RawProbe { http: Some(url.into()), ..Default::default() }
+    }
+
+    fn errors_of(raw: &RawConfig) -> BTreeMap<String, String> {
+        resolve(raw, &base()).unwrap_err().into_iter().map(|e| (e.path.join("."), e.message)).collect()
+    }
+
+    #[test]
+    fn probes_get_their_defaults_and_a_worker_replaces_the_default_whole() {
+        let mut raw = RawConfig {
+            defaults: Some(RawSettings {
+                ready: Some(RawProbe { tcp: Some("127.0.0.1:${PORT}".into()), ..Default::default() }),
+                health: Some(probe_http("http://127.0.0.1:8000/health")),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        raw.workers.insert("a".into(), worker(&["true"]));
+        let mut b = worker(&["true"]);
+        b.ready = Some(RawProbe { log: Some("^listening".into()), ..Default::default() });
+        raw.workers.insert("b".into(), b);
+        let c = resolve(&raw, &base()).unwrap();
+        let a = &c.workers["a"];
+        let ready = a.ready.as_ref().unwrap();
+        assert_eq!(ready.kind, ProbeKind::Tcp("127.0.0.1:${PORT}".into()));
+        assert_eq!(
+            (ready.interval, ready.timeout, ready.start_timeout),
+            (Duration::from_secs(1), Duration::from_secs(1), Duration::from_secs(60))
+        );
+        let health = a.health.as_ref().unwrap();
+        assert_eq!(
+            (health.interval, health.timeout, health.failures),
+            (Duration::from_secs(10), Duration::from_secs(2), 3)
+        );
+        let b = &c.workers["b"];
+        assert_eq!(b.ready.as_ref().unwrap().kind, ProbeKind::Log("^listening".into()));
+        assert_eq!(b.ready.as_ref().unwrap().start_timeout, Duration::from_secs(60));
+        assert!(b.health.is_some(), "health still comes from defaults");
+    }
+
+    #[test]
+    fn probe_rules_are_checked() {
+        let mut raw = RawConfig::default();
+        let cases: Vec<(&str, RawProbe, RawProbe)> = vec![
+            (
+                "two",
+                RawProbe { exec: Some(vec!["true".into()]), tcp: Some("h:1".into()), ..Default::default() },
+                RawProbe::default(),
+            ),
+            (
+                "https",
+                probe_http("https://x/health"),
+                RawProbe { log: Some("x".into()), ..Default::default() },
+            ),
+            (
+                "tcp",
+                RawProbe { tcp: Some("localhost".into()), ..Default::default() },
+                RawProbe { failures: Some(0), notify: Some(true), ..Default::default() },
+            ),
+            ("regex", RawProbe { log: Some("(".into()), ..Default::default() }, probe_http("http://h/${1X}")),
+            (
+                "zero",
+                RawProbe {
+                    notify: Some(true),
+                    timeout: Some(HumanDuration::from_secs(0)),
+                    ..Default::default()
+                },
+                RawProbe {
+                    notify: Some(true),
+                    interval: Some(HumanDuration::from_secs(7200)),
+                    ..Default::default()
+                },
+            ),
+        ];
+        for (name, ready, health) in cases {
+            let mut w = worker(&["true"]);
+            w.ready = Some(ready);
+            w.health = Some(health);
+            raw.workers.insert(name.into(), w);
+        }
+        let errs = errors_of(&raw);
+        let at = |k: &str| errs.get(k).unwrap_or_else(|| panic!("no problem at {k}: {errs:#?}")).clone();
+        assert!(at("workers.two.ready").contains("exactly one kind"), "{}", at("workers.two.ready"));
+        assert!(at("workers.two.health").contains("needs one of"));
+        assert!(at("workers.https.ready.http").contains("https is not supported; probe the plain HTTP port"));
+        assert!(at("workers.https.health.log").contains("ready probes only"));
+        assert!(at("workers.tcp.ready.tcp").contains("HOST:PORT"));
+        assert!(at("workers.tcp.health.failures").contains("at least 1"));
+        assert!(at("workers.regex.ready.log").contains("invalid regex"));
+        assert!(at("workers.regex.health.http").contains("not a variable name"));
+        assert!(at("workers.zero.ready.timeout").contains("longer than 0s"));
+        assert!(at("workers.zero.health.interval").contains("at most 1h"));
+    }
+
+    fn deps(names: &[&str]) -> Option<RawDependsOn> {
+        Some(RawDependsOn::List(names.iter().map(|s| s.to_string()).collect()))
+    }
+
+    #[test]
+    fn depends_on_takes_default_conditions_and_explicit_ones() {
+        let mut raw = RawConfig::default();
+        raw.workers.insert("db".into(), worker(&["true"]));
+        let mut api = worker(&["true"]);
+        api.depends_on = deps(&["db", "migrate"]);
+        raw.workers.insert("api".into(), api);
+        let mut web = worker(&["true"]);
+        web.depends_on = Some(RawDependsOn::Table([("api".to_string(), "started".to_string())].into()));
+        raw.workers.insert("web".into(), web);
+        raw.jobs.insert(
+            "migrate".into(),
+            RawJob { command: Some(vec!["true".into()]), depends_on: deps(&["db"]), ..Default::default() },
+        );
+        let c = resolve(&raw, &base()).unwrap();
+        assert_eq!(
+            c.workers["api"].depends_on,
+            BTreeMap::from([
+                ("db".to_string(), Condition::Ready),
+                ("migrate".to_string(), Condition::Succeeded)
+            ])
+        );
+        assert_eq!(c.workers["web"].depends_on["api"], Condition::Started);
+        assert_eq!(c.jobs["migrate"].depends_on["db"], Condition::Ready);
+    }
+
+    #[test]
+    fn depends_on_errors_name_the_entry() {
+        let mut raw = RawConfig::default();
+        let mut api = worker(&["true"]);
+        api.depends_on = deps(&["dbb", "api"]);
+        raw.workers.insert("api".into(), api);
+        let mut db = worker(&["true"]);
+        db.depends_on = Some(RawDependsOn::Table([("api".to_string(), "succeeded".to_string())].into()));
+        raw.workers.insert("db".into(), db);
+        raw.jobs.insert(
+            "migrate".into(),
+            RawJob {
+                command: Some(vec!["true".into()]),
+                depends_on: Some(RawDependsOn::Table([("db".to_string(), "redy".to_string())].into())),
+                ..Default::default()
+            },
+        );
+        let errs = errors_of(&raw);
+        let at = |k: &str| errs.get(k).unwrap_or_else(|| panic!("no problem at {k}: {errs:#?}")).clone();
+        assert!(
+            at("workers.api.depends_on.0").contains("did you mean \"db\"?"),
+            "{}",
+            at("workers.api.depends_on.0")
+        );
+        assert!(at("workers.api.depends_on.1").contains("itself"));
+        assert!(at("workers.db.depends_on.api").contains("\"started\" or \"ready\""));
+        assert!(at("jobs.migrate.depends_on.db").contains("did you mean \"ready\"?"));
+    }
+
+    #[test]
+    fn a_cycle_is_named_with_its_path() {
+        let mut raw = RawConfig::default();
+        let mut api = worker(&["true"]);
+        api.depends_on = deps(&["db"]);
+        raw.workers.insert("api".into(), api);
+        let mut db = worker(&["true"]);
+        db.depends_on = deps(&["api"]);
+        raw.workers.insert("db".into(), db);
+        let errs = errors_of(&raw);
+        assert_eq!(
+            errs.get("workers.api.depends_on").map(String::as_str),
+            Some("a cycle: api -> db -> api"),
+            "{errs:#?}"
+        );
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+    }
+
     #[test]
     fn missing_dir_is_a_problem() {
         let mut raw = RawConfig::default();
@@ -645,5 +1167,226 @@ mod tests {
         let errs = resolve(&raw, &base()).unwrap_err();
         assert_eq!(errs[0].path, ["workers", "web", "dir"]);
         assert!(errs[0].message.contains("no/such/dir"), "{}", errs[0].message);
+    }
+
+    fn job(cmd: &str) -> RawJob {
+        RawJob { command: Some(vec![cmd.into()]), ..Default::default() }
+    }
+
+    fn problems(raw: &RawConfig) -> Vec<(String, String)> {
+        resolve(raw, &base()).unwrap_err().into_iter().map(|p| (p.path.join("."), p.message)).collect()
+    }
+
+    fn message_at(errs: &[(String, String)], path: &str) -> String {
+        errs.iter()
+            .find(|(p, _)| p == path)
+            .unwrap_or_else(|| panic!("no problem at {path}: {errs:#?}"))
+            .1
+            .clone()
+    }
+
+    #[test]
+    fn probes_get_role_defaults_and_a_workers_own_replaces_the_default_whole() {
+        let mut raw = RawConfig {
+            defaults: Some(RawSettings {
+                ready: Some(RawProbe {
+                    tcp: Some("127.0.0.1:5432".into()),
+                    interval: Some(HumanDuration::from_millis(500)),
+                    ..Default::default()
+                }),
+                health: Some(RawProbe { notify: Some(true), ..Default::default() }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        raw.workers.insert("db".into(), worker(&["true"]));
+        let mut web = worker(&["true"]);
+        web.ready =
+            Some(RawProbe { http: Some("http://127.0.0.1:${PORT}/health".into()), ..Default::default() });
+        raw.workers.insert("web".into(), web);
+        let c = resolve(&raw, &base()).unwrap();
+        let db = c.workers["db"].ready.clone().unwrap();
+        assert_eq!(db.kind, ProbeKind::Tcp("127.0.0.1:5432".into()));
+        assert_eq!(db.interval, Duration::from_millis(500));
+        assert_eq!((db.timeout, db.start_timeout), (Duration::from_secs(1), Duration::from_secs(60)));
+        // The worker's own probe keeps none of the default's settings.
+        let web = c.workers["web"].ready.clone().unwrap();
+        assert_eq!(web.kind, ProbeKind::Http("http://127.0.0.1:${PORT}/health".into()));
+        assert_eq!(web.interval, Duration::from_secs(1));
+        let h = c.workers["web"].health.clone().unwrap();
+        assert_eq!(h.kind, ProbeKind::Notify);
+        assert_eq!((h.interval, h.timeout, h.failures), (Duration::from_secs(10), Duration::from_secs(2), 3));
+        assert_eq!(c.defaults.health, Some(h));
+    }
+
+    #[test]
+    fn probe_rules_are_reported_by_key() {
+        let mut raw = RawConfig::default();
+        let mut add = |name: &str, ready: Option<RawProbe>, health: Option<RawProbe>| {
+            let mut w = worker(&["true"]);
+            w.ready = ready;
+            w.health = health;
+            raw.workers.insert(name.into(), w);
+        };
+        let rp = RawProbe::default;
+        add("none", Some(rp()), None);
+        add("two", Some(RawProbe { http: Some("http://a/".into()), tcp: Some("a:1".into()), ..rp() }), None);
+        add("https", Some(RawProbe { http: Some("https://a/".into()), ..rp() }), None);
+        add("nohttp", Some(RawProbe { http: Some("localhost:80".into()), ..rp() }), None);
+        add("brace", Some(RawProbe { http: Some("http://a:${PORT/".into()), ..rp() }), None);
+        add("tcp", Some(RawProbe { tcp: Some("localhost".into()), ..rp() }), None);
+        add("port", Some(RawProbe { tcp: Some("localhost:70000".into()), ..rp() }), None);
+        add("regex", Some(RawProbe { log: Some("ready (".into()), ..rp() }), None);
+        add("exec", Some(RawProbe { exec: Some(vec![]), ..rp() }), None);
+        add(
+            "hlog",
+            None,
+            Some(RawProbe {
+                log: Some("x".into()),
+                start_timeout: Some(HumanDuration::from_secs(1)),
+                ..rp()
+            }),
+        );
+        add(
+            "zero",
+            None,
+            Some(RawProbe {
+                notify: Some(true),
+                failures: Some(0),
+                timeout: Some(HumanDuration::from_secs(0)),
+                interval: Some(HumanDuration::from_secs(7200)),
+                ..rp()
+            }),
+        );
+        add(
+            "rfail",
+            Some(RawProbe {
+                notify: Some(true),
+                failures: Some(2),
+                start_timeout: Some(HumanDuration::from_secs(200_000)),
+                ..rp()
+            }),
+            None,
+        );
+        let errs = problems(&raw);
+        assert!(
+            message_at(&errs, "workers.none.ready").contains("needs one of `exec`, `http`, `tcp`, `log`")
+        );
+        assert!(message_at(&errs, "workers.two.ready").contains("found `http` and `tcp`"));
+        assert!(
+            message_at(&errs, "workers.https.ready.http")
+                .contains("https is not supported; probe the plain HTTP port")
+        );
+        assert!(message_at(&errs, "workers.nohttp.ready.http").contains("expected an http:// URL"));
+        assert!(message_at(&errs, "workers.brace.ready.http").contains("unclosed \"${\""));
+        assert!(message_at(&errs, "workers.tcp.ready.tcp").contains("expected HOST:PORT"));
+        assert!(message_at(&errs, "workers.port.ready.tcp").contains("not a number from 1 to 65535"));
+        assert!(message_at(&errs, "workers.regex.ready.log").contains("invalid regex \"ready (\""));
+        assert!(message_at(&errs, "workers.exec.ready.exec").contains("must not be empty"));
+        assert!(message_at(&errs, "workers.hlog.health.log").contains("for ready probes only"));
+        assert!(message_at(&errs, "workers.hlog.health.start_timeout").contains("is for ready probes"));
+        assert!(message_at(&errs, "workers.zero.health.failures").contains("at least 1"));
+        assert!(message_at(&errs, "workers.zero.health.timeout").contains("longer than 0s"));
+        assert!(message_at(&errs, "workers.zero.health.interval").contains("at most 1h"));
+        assert!(message_at(&errs, "workers.rfail.ready.failures").contains("is for health probes"));
+        assert!(message_at(&errs, "workers.rfail.ready.start_timeout").contains("at most 1day"));
+    }
+
+    #[test]
+    fn depends_on_takes_a_table_or_a_list_with_default_conditions() {
+        let mut raw = RawConfig::default();
+        raw.workers.insert("db".into(), worker(&["true"]));
+        raw.jobs.insert("migrate".into(), job("true"));
+        let mut api = worker(&["true"]);
+        api.depends_on = Some(RawDependsOn::List(vec!["db".into(), "migrate".into()]));
+        raw.workers.insert("api".into(), api);
+        let mut report = job("true");
+        report.depends_on = Some(RawDependsOn::Table(
+            [("api".into(), "started".into()), ("migrate".into(), "started".into())].into(),
+        ));
+        raw.jobs.insert("report".into(), report);
+        let c = resolve(&raw, &base()).unwrap();
+        assert_eq!(
+            c.workers["api"].depends_on,
+            [("db".to_string(), Condition::Ready), ("migrate".to_string(), Condition::Succeeded)].into()
+        );
+        assert_eq!(
+            c.jobs["report"].depends_on,
+            [("api".to_string(), Condition::Started), ("migrate".to_string(), Condition::Started)].into()
+        );
+        assert!(c.workers["db"].depends_on.is_empty());
+    }
+
+    #[test]
+    fn depends_on_names_conditions_and_self_are_checked() {
+        let mut raw = RawConfig::default();
+        raw.workers.insert("db".into(), worker(&["true"]));
+        raw.jobs.insert("migrate".into(), job("true"));
+        let mut api = worker(&["true"]);
+        api.depends_on = Some(RawDependsOn::Table(
+            [
+                ("dbb".into(), "ready".into()),
+                ("migrate".into(), "ready".into()),
+                ("db".into(), "redy".into()),
+                ("api".into(), "started".into()),
+            ]
+            .into(),
+        ));
+        raw.workers.insert("api".into(), api);
+        let mut j = job("true");
+        j.depends_on = Some(RawDependsOn::Table([("db".into(), "succeeded".into())].into()));
+        raw.jobs.insert("j".into(), j);
+        let mut k = job("true");
+        k.depends_on = Some(RawDependsOn::List(vec!["db".into(), "db".into()]));
+        raw.jobs.insert("k".into(), k);
+        let errs = problems(&raw);
+        assert_eq!(
+            message_at(&errs, "workers.api.depends_on.dbb"),
+            "no worker or job \"dbb\"; did you mean \"db\"?"
+        );
+        assert_eq!(
+            message_at(&errs, "workers.api.depends_on.migrate"),
+            "\"ready\" does not fit a job: a job dependency is \"succeeded\" or \"started\""
+        );
+        assert!(message_at(&errs, "workers.api.depends_on.db").contains("did you mean \"ready\"?"));
+        assert!(message_at(&errs, "workers.api.depends_on.api").contains("cannot depend on itself"));
+        assert_eq!(
+            message_at(&errs, "jobs.j.depends_on.db"),
+            "\"succeeded\" does not fit a worker: a worker dependency is \"started\" or \"ready\""
+        );
+        assert!(message_at(&errs, "jobs.k.depends_on.1").contains("listed twice"));
+    }
+
+    #[test]
+    fn cycles_are_named_with_their_path() {
+        let mut raw = RawConfig::default();
+        let mut dep = |name: &str, on: &[&str]| {
+            let mut w = worker(&["true"]);
+            w.depends_on = Some(RawDependsOn::List(on.iter().map(|s| s.to_string()).collect()));
+            raw.workers.insert(name.into(), w);
+        };
+        dep("api", &["db"]);
+        dep("db", &["api"]);
+        dep("a", &["b"]);
+        dep("b", &["c"]);
+        dep("c", &["a"]);
+        dep("ok", &["api"]);
+        let errs = problems(&raw);
+        assert_eq!(message_at(&errs, "workers.api.depends_on"), "a cycle: api -> db -> api");
+        assert_eq!(message_at(&errs, "workers.a.depends_on"), "a cycle: a -> b -> c -> a");
+        assert_eq!(errs.len(), 2, "{errs:#?}");
+    }
+
+    #[test]
+    fn a_long_chain_is_no_cycle_and_does_not_overflow() {
+        let mut raw = RawConfig::default();
+        for i in 0..5000 {
+            let mut w = worker(&["true"]);
+            if i > 0 {
+                w.depends_on = Some(RawDependsOn::List(vec![format!("w{}", i - 1)]));
+            }
+            raw.workers.insert(format!("w{i}"), w);
+        }
+        assert!(resolve(&raw, &base()).is_ok());
     }
 }

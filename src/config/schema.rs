@@ -55,7 +55,9 @@ fn strip_null(node: &mut Value) {
 /// validator would) but that JSON Schema can also say, so that an editor
 /// shows them as one types: exit codes 0-255, a non-empty program, exactly
 /// one of a job's `command` and `steps`, not both `schedule` and `every`,
-/// five cron fields.
+/// five cron fields, one kind per probe (`log` and `start_timeout` only in
+/// `ready`, `failures` at least 1 and only in `health`), the `depends_on`
+/// conditions.
 pub fn published() -> Value {
     let mut value = schema();
     let Some(defs) = value.get_mut("$defs").and_then(Value::as_object_mut) else { return value };
@@ -72,6 +74,39 @@ pub fn published() -> Value {
         if let Some(cron) = props.get_mut("schedule") {
             cron["pattern"] = r"^\s*\S+(\s+\S+){4}\s*$".into();
         }
+        // One probe type serves both roles: each role refuses the other's keys.
+        if let Some(ready) = props.get_mut("ready") {
+            ready["not"] = serde_json::json!({ "required": ["failures"] });
+        }
+        if let Some(health) = props.get_mut("health") {
+            health["not"] = serde_json::json!({
+                "anyOf": [{ "required": ["log"] }, { "required": ["start_timeout"] }]
+            });
+        }
+    }
+    if let Some(probe) = defs.get_mut("RawProbe").and_then(Value::as_object_mut) {
+        let kinds = ["exec", "http", "tcp", "log", "notify"];
+        probe.insert(
+            "oneOf".into(),
+            kinds.iter().map(|k| serde_json::json!({ "required": [k] })).collect::<Vec<_>>().into(),
+        );
+        if let Some(props) = probe.get_mut("properties").and_then(Value::as_object_mut) {
+            if let Some(n) = props.get_mut("notify") {
+                n["const"] = true.into();
+            }
+            if let Some(f) = props.get_mut("failures") {
+                f["minimum"] = 1.into();
+            }
+        }
+    }
+    if let Some(deps) = defs.get_mut("DependsOn").and_then(Value::as_object_mut) {
+        deps.insert(
+            "anyOf".into(),
+            serde_json::json!([
+                { "type": "object", "additionalProperties": { "enum": ["started", "ready", "succeeded"] } },
+                { "type": "array", "items": { "type": "string" }, "uniqueItems": true }
+            ]),
+        );
     }
     if let Some(job) = defs.get_mut("RawJob").and_then(Value::as_object_mut) {
         job.insert(

@@ -6,6 +6,7 @@ pub mod actor;
 pub mod admission;
 pub mod clock;
 pub mod control;
+pub mod graph;
 pub mod jobs;
 pub mod logs;
 pub mod own_log;

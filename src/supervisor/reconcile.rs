@@ -14,7 +14,9 @@ pub type Actual<'a> = BTreeMap<&'a str, &'a Worker>;
 
 /// The settings whose change needs new processes; everything else
 /// (backoff, crash_loop, stop_grace, restart, permanent_exit_codes,
-/// capacity) applies to the running processes as they are.
+/// capacity, ready, health, depends_on) applies to the running processes
+/// as they are: a probe change takes effect at the next check, a
+/// dependency change at the next start.
 pub const RESTART_FIELDS: &[&str] = &["command", "dir", "env", "spawn_mode", "stop_signal"];
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -56,6 +58,9 @@ pub fn changed_fields(a: &Worker, b: &Worker) -> Vec<String> {
         ("crash_loop", a.crash_loop != b.crash_loop),
         ("permanent_exit_codes", a.permanent_exit_codes != b.permanent_exit_codes),
         ("stop_grace", a.stop_grace != b.stop_grace),
+        ("ready", a.ready != b.ready),
+        ("health", a.health != b.health),
+        ("depends_on", a.depends_on != b.depends_on),
     ])
 }
 
@@ -155,6 +160,7 @@ pub fn changed_job_fields(a: &Job, b: &Job) -> Vec<String> {
         ("secret_env", a.secret_env != b.secret_env),
         ("stop_signal", a.stop_signal != b.stop_signal),
         ("stop_grace", a.stop_grace != b.stop_grace),
+        ("depends_on", a.depends_on != b.depends_on),
     ])
 }
 
@@ -189,6 +195,49 @@ mod tests {
 
     fn actual(m: &BTreeMap<String, Worker>) -> Actual<'_> {
         m.iter().map(|(k, v)| (k.as_str(), v)).collect()
+    }
+
+    #[test]
+    fn probe_and_dependency_changes_are_updates_without_restart() {
+        use crate::config::model::{Condition, Probe, ProbeKind};
+        use std::time::Duration;
+        let old: BTreeMap<_, _> = [("web".to_string(), w("x", 1)), ("db".into(), w("y", 1))].into();
+        let mut new = old.clone();
+        let probe = Probe {
+            kind: ProbeKind::Http("http://127.0.0.1:8000/".into()),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            start_timeout: Duration::from_secs(60),
+            failures: 1,
+        };
+        if let Some(web) = new.get_mut("web") {
+            web.ready = Some(probe.clone());
+            web.depends_on.insert("db".into(), Condition::Ready);
+        }
+        if let Some(db) = new.get_mut("db") {
+            db.health = Some(Probe { failures: 3, ..probe });
+        }
+        let changes = plan(&new, &actual(&old));
+        assert_eq!(
+            changes,
+            vec![
+                Change::Update {
+                    worker: "db".into(),
+                    fields: vec!["health".into()],
+                    from_capacity: 1,
+                    to_capacity: 1
+                },
+                Change::Update {
+                    worker: "web".into(),
+                    fields: vec!["ready".into(), "depends_on".into()],
+                    from_capacity: 1,
+                    to_capacity: 1
+                },
+            ]
+        );
+        let json = serde_json::to_value(&changes).unwrap_or_default();
+        assert_eq!(json[1]["action"], "update");
+        assert_eq!(json[1]["fields"], serde_json::json!(["ready", "depends_on"]));
     }
 
     #[test]
@@ -256,6 +305,7 @@ mod tests {
             secret_env: Default::default(),
             stop_signal: crate::config::types::Signal::SIGTERM,
             stop_grace: HumanDuration::from_secs(10),
+            depends_on: Default::default(),
         };
         let every = |s| Trigger::Every(HumanDuration::from_secs(s));
         let cron = |c: &str| Trigger::Schedule { cron: c.into(), timezone: None };

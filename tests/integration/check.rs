@@ -240,6 +240,20 @@ fn def_name(node: &Value) -> Option<&str> {
     node.get("$ref")?.as_str()?.strip_prefix("#/$defs/")
 }
 
+/// The keys a node's `not` forbids: `{ "required": [k] }`, or an `anyOf` of them.
+fn forbidden(node: &Value) -> Vec<String> {
+    let Some(not) = node.get("not") else { return Vec::new() };
+    let alts: Vec<&Value> = match not.get("anyOf").and_then(Value::as_array) {
+        Some(a) => a.iter().collect(),
+        None => vec![not],
+    };
+    alts.iter()
+        .filter_map(|a| a.get("required").and_then(Value::as_array))
+        .flatten()
+        .filter_map(|k| k.as_str().map(String::from))
+        .collect()
+}
+
 /// Every key path the schema allows.
 fn schema_keys(root: &Value, node: &Value, path: &str, out: &mut BTreeSet<String>) {
     let node = deref(root, node);
@@ -253,6 +267,10 @@ fn schema_keys(root: &Value, node: &Value, path: &str, out: &mut BTreeSet<String
             let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
             out.insert(p.clone());
             schema_keys(root, v, &p, out);
+            // A key its role forbids (`health.log`) is no key to cover.
+            for f in forbidden(v) {
+                out.remove(&format!("{p}.{f}"));
+            }
         }
     }
     if let Some(ap) = node.get("additionalProperties").filter(|v| v.is_object()) {

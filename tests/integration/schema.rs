@@ -59,6 +59,11 @@ fn the_published_schema_says_the_rules_json_schema_can() {
         ("job-schedule-and-every", "/jobs/backup"),
         ("cron-six-fields", "/jobs/backup/schedule"),
         ("duration-backoff-multiplier-huge", "/workers/a/backoff/multiplier"),
+        ("probe-two-kinds", "/workers/api/ready"),
+        ("probe-no-kind", "/defaults/health"),
+        ("probe-failures-zero", "/workers/api/health"),
+        ("probe-log-in-health", "/workers/api/health"),
+        ("depends-on-bad-condition", "/workers/api/depends_on"),
     ] {
         let path = repo().join("tests/corpus/invalid").join(format!("{file}.toml"));
         let paths: Vec<String> =
