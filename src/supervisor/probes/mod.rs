@@ -29,30 +29,7 @@ pub use tracker::{Role, Tracker, Verdict};
 
 use crate::os::reaper::Reaper;
 
-// Stand-ins for the model's types (src/config/model.rs gains `Probe` and
-// `ProbeKind` on another branch, with these fields): replaced by
-// `crate::config::model::{Probe, ProbeKind}` when the branches meet.
-
-/// One probe of a worker, as configured.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Probe {
-    pub kind: ProbeKind,
-    pub interval: Duration,
-    pub timeout: Duration,
-    /// Ready probes.
-    pub start_timeout: Duration,
-    /// Health probes.
-    pub failures: u32,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ProbeKind {
-    Exec(Vec<String>),
-    Http(String),
-    Tcp(String),
-    Log(String),
-    Notify,
-}
+pub use crate::config::model::{Probe, ProbeKind};
 
 /// Where a probe of one instance runs and what it expands from.
 #[derive(Clone)]
