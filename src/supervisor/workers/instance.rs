@@ -252,9 +252,16 @@ pub fn step(inst: &mut Instance, input: Input, ctx: &Ctx) -> Vec<Effect> {
         Input::Start(why) => start(inst, why, ctx, &mut fx),
         Input::Hold => {
             inst.held = true;
+            inst.replacing = false;
             stop(inst, Then::Stop, ctx, &mut fx);
         }
-        Input::Stop(then) => stop(inst, then, ctx, &mut fx),
+        Input::Stop(then) => {
+            // Stopped on purpose, it is no replacement a rollout waits for.
+            if then != Then::Start {
+                inst.replacing = false;
+            }
+            stop(inst, then, ctx, &mut fx)
+        }
         Input::Spawned { pid, start_ticks } => {
             inst.spawning = false;
             inst.pid = Some(pid);
@@ -445,10 +452,8 @@ fn failed(inst: &mut Instance, why: String, ctx: &Ctx, fx: &mut Vec<Effect>) {
     stop(inst, Then::Policy { exit: None, uptime: Duration::ZERO }, ctx, fx);
 }
 
+/// A replacement that failed stays `replacing`: the rollout holds on it.
 fn stop(inst: &mut Instance, then: Then, ctx: &Ctx, fx: &mut Vec<Effect>) {
-    if then != Then::Start {
-        inst.replacing = false;
-    }
     match &mut inst.state {
         State::Starting | State::Ready => {
             fx.push(Effect::StopProbe);

@@ -286,6 +286,17 @@ fn a_rollout_replacement_is_replacing_until_ready() {
     assert!(i.replacing, "not ready yet");
     w.step(&mut i, Input::Probe(Role::Ready, Verdict::Ready));
     assert!(!i.replacing);
+    // A replacement that fails to get ready stays one: the rollout holds.
+    i.stale = true;
+    w.step(&mut i, Input::Stop(Then::Start));
+    w.step(&mut i, exited(143));
+    w.step(&mut i, spawned(12));
+    w.step(&mut i, Input::Probe(Role::Ready, Verdict::StartTimeout { after: SEC, last_failure: None }));
+    w.step(&mut i, exited(143));
+    assert!(matches!(i.state, State::Backoff { .. }) && i.replacing, "{:?}", i.state);
+    // A stop on purpose ends it.
+    w.step(&mut i, Input::Stop(Then::Stop));
+    assert!(!i.replacing);
 }
 
 #[test]
