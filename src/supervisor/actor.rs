@@ -55,18 +55,6 @@ pub enum Event {
     },
     /// An instance sent a notice to the notify socket.
     Notify(NotifyEvent),
-    /// A job's scheduled tick is due.
-    JobTick {
-        job: String,
-        epoch: u64,
-    },
-    /// A run's timeout or stop grace is over.
-    RunTimer {
-        run: i64,
-        inc: u64,
-        epoch: u64,
-        kind: RunTimer,
-    },
     /// A run step's process was spawned (off the event loop).
     RunSpawned {
         run: i64,
@@ -80,8 +68,6 @@ pub enum Event {
         inc: u64,
         step: u32,
     },
-    /// Time to try a locked ledger again.
-    LedgerRetry,
     Control(Request, oneshot::Sender<Reply>),
     /// SIGTERM / SIGINT; a second one while stopping kills at once.
     Shutdown,
@@ -107,6 +93,12 @@ pub const REAPED_CHUNK: usize = 32;
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum TimerKey {
     Instance(String, u32, TimerKind),
+    /// A job's scheduled tick (or a tick delayed by a locked ledger).
+    JobTick(String),
+    /// A run's timeout, its stop grace, or the drain of its step's output.
+    Run(i64, RunTimer),
+    /// Time to try a locked ledger again.
+    LedgerRetry,
 }
 
 /// Whose process a pid is.
@@ -161,8 +153,6 @@ pub struct Supervisor {
     state_path: PathBuf,
     pub(super) dirty: bool,
     pub(super) ledger: RunLedger,
-    /// A retry of the locked ledger is due (one timer at a time).
-    pub(super) ledger_retry_armed: bool,
     /// Runs without a job (sessions) whose claim waits for the ledger.
     pub(super) unclaimed: Vec<i64>,
     /// This supervisor incarnation, stamped on the runs it claims.
@@ -186,6 +176,8 @@ pub struct Supervisor {
     pub(super) graph: Graph,
     /// Workers whose instances changed state since the last `propagate`.
     pub(super) touched: BTreeSet<String>,
+    /// Jobs to run (source `dependency`) once their own dependencies are met.
+    pub(super) dependency_runs_due: BTreeSet<String>,
     /// Removed workers still being retired, in dependency order.
     removing: BTreeSet<String>,
     /// Levels of workers still to stop on shutdown, dependents first.
@@ -217,7 +209,6 @@ impl Supervisor {
             state_path,
             dirty: true,
             ledger: RunLedger::none(),
-            ledger_retry_armed: false,
             unclaimed: Vec::new(),
             owner: Owner {
                 pid: std::process::id() as i32,
@@ -238,6 +229,7 @@ impl Supervisor {
             graph: Graph::default(),
             touched: BTreeSet::new(),
             removing: BTreeSet::new(),
+            dependency_runs_due: BTreeSet::new(),
             stop_levels: Vec::new(),
             notify: None,
             ready: None,
@@ -402,9 +394,6 @@ impl Supervisor {
                 self.on_probe(&worker, index, incarnation, role, verdict)
             }
             Event::Notify(ev) => self.on_notify(ev),
-            Event::JobTick { job, epoch } => self.on_job_tick(&job, epoch),
-            Event::LedgerRetry => self.on_ledger_retry(),
-            Event::RunTimer { run, inc, epoch, kind } => self.on_run_timer(run, inc, epoch, kind),
             Event::RunOutputClosed { run, inc, step } => self.on_run_output_closed(run, inc, step),
             Event::RunSpawned { run, inc, step, result } => self.on_run_spawned(run, inc, step, result),
             Event::Control(req, reply) => self.on_request(req, reply),
@@ -420,6 +409,12 @@ impl Supervisor {
         }
     }
 
+    /// Arms (or re-arms) `key` to fire `after` from now.
+    pub(super) fn set_timer(&mut self, key: TimerKey, after: Duration) {
+        let now = Instant::now();
+        self.timers.set(key, now.checked_add(after).unwrap_or(now));
+    }
+
     /// Every timer that is due.
     fn fire_timers(&mut self) {
         self.status_cache = None;
@@ -427,6 +422,9 @@ impl Supervisor {
         while let Some(key) = self.timers.pop_due(now) {
             match key {
                 TimerKey::Instance(name, index, kind) => self.on_instance_timer(&name, index, kind),
+                TimerKey::JobTick(job) => self.on_job_tick(&job),
+                TimerKey::Run(run, kind) => self.on_run_timer(run, kind),
+                TimerKey::LedgerRetry => self.on_ledger_retry(),
             }
         }
     }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::sys::signal::Signal as NixSignal;
 use serde::{Deserialize, Serialize};
 
-use super::actor::{Event, Proc, Supervisor};
+use super::actor::{Event, Proc, Supervisor, TimerKey};
 use super::admission::{self, Admission};
 use super::clock::{later, rfc3339};
 use super::graph::Node;
@@ -35,8 +35,6 @@ pub struct JobRt {
     pub spec: Job,
     /// When the next scheduled tick fires.
     pub next: Option<SystemTime>,
-    /// Bumped whenever `next` is re-armed, so an older timer is ignored.
-    pub epoch: u64,
     /// Runs waiting for a slot (on_overlap = "queue" or "replace").
     pub queue: VecDeque<i64>,
     /// How its latest run in this supervisor's life ended, for those that
@@ -48,7 +46,7 @@ pub struct JobRt {
 
 impl JobRt {
     pub fn new(spec: Job) -> Self {
-        JobRt { spec, next: None, epoch: 0, queue: VecDeque::new(), last_outcome: None, started: false }
+        JobRt { spec, next: None, queue: VecDeque::new(), last_outcome: None, started: false }
     }
 }
 
@@ -65,7 +63,6 @@ pub struct RunProc {
     /// The outcome decided when drover asked the run to stop (cancel,
     /// timeout, replace, shutdown), applied once its process is gone.
     pub stopping: Option<(RunState, String)>,
-    pub epoch: u64,
     pub sink: Arc<Sink>,
     pub dir: PathBuf,
     pub env: Vec<(String, String)>,
@@ -118,7 +115,7 @@ static NEXT_INC: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::ne
 /// process that left the group can hold the pipe) before the run ends anyway.
 const DRAIN: Duration = Duration::from_secs(1);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum RunTimer {
     Timeout,
     Kill,
@@ -145,6 +142,9 @@ pub struct JobStatus {
     pub queued: usize,
     pub skips: u64,
     pub last_run: Option<RunSummary>,
+    /// A dependency run held until these are met, as "db (ready)".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting_for: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -283,23 +283,22 @@ impl Supervisor {
 
     fn set_next(&mut self, name: &str, next: Option<SystemTime>) {
         let Some(job) = self.jobs.get_mut(name) else { return };
-        job.epoch += 1;
         job.next = next;
-        let Some(at) = next else { return };
+        let key = TimerKey::JobTick(name.to_string());
+        let Some(at) = next else {
+            self.timers.cancel(&key);
+            return;
+        };
         let fire = later(at, jitter_of(name, job.spec.jitter.0));
         let delay = fire.duration_since(SystemTime::now()).unwrap_or_default();
-        let (tx, job_name, epoch) = (self.tx.clone(), name.to_string(), job.epoch);
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let _ = tx.send(Event::JobTick { job: job_name, epoch });
-        });
+        self.set_timer(key, delay);
     }
 
-    pub(super) fn on_job_tick(&mut self, name: &str, epoch: u64) {
-        let Some(job) = self.jobs.get(name) else { return };
-        if job.epoch != epoch || self.shutting_down {
+    pub(super) fn on_job_tick(&mut self, name: &str) {
+        if !self.jobs.contains_key(name) || self.shutting_down {
             return;
         }
+        let Some(job) = self.jobs.get(name) else { return };
         let tick = job.next.unwrap_or_else(SystemTime::now);
         let trigger = job.spec.trigger.clone();
         let waiting = self.job_blocked_by(name);
@@ -316,11 +315,7 @@ impl Supervisor {
                 // The tick is not lost: it fires again once the ledger
                 // can record its run (the schedule does not move on).
                 tracing::info!(job = name, reason = %msg, "tick delayed");
-                let (tx, job_name) = (self.tx.clone(), name.to_string());
-                tokio::spawn(async move {
-                    tokio::time::sleep(super::run_ledger::RETRY).await;
-                    let _ = tx.send(Event::JobTick { job: job_name, epoch });
-                });
+                self.set_timer(TimerKey::JobTick(name.to_string()), super::run_ledger::RETRY);
                 return;
             }
             tracing::info!(job = name, reason = %msg, "tick skipped");
@@ -469,21 +464,15 @@ impl Supervisor {
 
     /// While the ledger is locked, one timer tries it again.
     pub(super) fn arm_ledger_retry(&mut self) {
-        if self.ledger_retry_armed || !self.ledger.is_busy() {
+        if self.timers.is_armed(&TimerKey::LedgerRetry) || !self.ledger.is_busy() {
             return;
         }
-        self.ledger_retry_armed = true;
-        let tx = self.tx.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(super::run_ledger::RETRY).await;
-            let _ = tx.send(Event::LedgerRetry);
-        });
+        self.set_timer(TimerKey::LedgerRetry, super::run_ledger::RETRY);
     }
 
     /// The retry timer: waiting writes first, then the runs that waited
     /// for their claim.
     pub(super) fn on_ledger_retry(&mut self) {
-        self.ledger_retry_armed = false;
         if !self.ledger.retry() {
             self.arm_ledger_retry();
             return;
@@ -559,7 +548,6 @@ impl Supervisor {
             pgid: None,
             started: Instant::now(),
             stopping: None,
-            epoch: 0,
             sink,
             dir,
             env,
@@ -574,10 +562,9 @@ impl Supervisor {
             spawning: false,
             group_left: None,
         };
-        let inc = rp.inc;
         self.runs.insert(run.id, rp);
         if let Some(t) = timeout {
-            self.run_timer(run.id, inc, 0, RunTimer::Timeout, t);
+            self.run_timer(run.id, RunTimer::Timeout, t);
         }
         self.spawn_step(run.id);
     }
@@ -592,7 +579,7 @@ impl Supervisor {
             let at = rp.step;
             tracing::info!(run = id, step = %step.name, "flow waiting for approval; approve with drover runs resume {id}");
             let job = rp.job.clone();
-            self.runs.remove(&id);
+            self.forget_run(id);
             self.ledger_write(Write::Hold { id, step: at });
             if let Some(j) = job {
                 self.start_queued(&j);
@@ -744,12 +731,8 @@ impl Supervisor {
             crate::os::groups::remove(pgid);
         }
         rp.pending_end = Some((Some(exit), None));
-        if !self.try_end_step(id)
-            && let Some(rp) = self.runs.get_mut(&id)
-        {
-            rp.epoch += 1;
-            let (inc, epoch) = (rp.inc, rp.epoch);
-            self.run_timer(id, inc, epoch, RunTimer::Drain, DRAIN);
+        if !self.try_end_step(id) && self.runs.contains_key(&id) {
+            self.run_timer(id, RunTimer::Drain, DRAIN);
         }
     }
 
@@ -789,8 +772,10 @@ impl Supervisor {
 
     /// The current step's process ended (or never started: `error`).
     fn step_ended(&mut self, id: i64, exit: Option<Exit>, error: Option<String>) {
+        // The step's stop and drain timers are over with it.
+        self.timers.cancel(&TimerKey::Run(id, RunTimer::Kill));
+        self.timers.cancel(&TimerKey::Run(id, RunTimer::Drain));
         let Some(rp) = self.runs.get_mut(&id) else { return };
-        rp.epoch += 1;
         let ok = exit.as_ref().is_some_and(Exit::success);
         let step = rp.step;
         let step_name = rp.steps[step as usize].name.clone();
@@ -834,7 +819,7 @@ impl Supervisor {
     }
 
     fn finalize(&mut self, id: i64, state: RunState, exit: Option<&Exit>, error: Option<String>) {
-        let rp = self.runs.remove(&id);
+        let rp = self.forget_run(id);
         if let Some(j) = rp.as_ref().and_then(|r| r.job.as_deref())
             && let Some(job) = self.jobs.get_mut(j)
         {
@@ -904,23 +889,17 @@ impl Supervisor {
     fn signal_run_stop(&mut self, id: i64) {
         let Some(rp) = self.runs.get_mut(&id) else { return };
         let Some(pgid) = rp.pgid else { return };
-        rp.epoch += 1;
-        let (sig, grace, epoch, inc) = (rp.stop_signal.to_nix(), rp.stop_grace, rp.epoch, rp.inc);
+        let (sig, grace) = (rp.stop_signal.to_nix(), rp.stop_grace);
         let _ = proc::signal_group(pgid, sig);
         let _ = proc::signal_group(pgid, NixSignal::SIGCONT);
-        self.run_timer(id, inc, epoch, RunTimer::Kill, grace);
+        self.run_timer(id, RunTimer::Kill, grace);
     }
 
-    pub(super) fn on_run_timer(&mut self, id: i64, inc: u64, epoch: u64, kind: RunTimer) {
+    pub(super) fn on_run_timer(&mut self, id: i64, kind: RunTimer) {
         let Some(rp) = self.runs.get_mut(&id) else { return };
-        if rp.inc != inc {
-            return; // set for an earlier start of this run
-        }
         match kind {
             RunTimer::Drain => {
-                if rp.epoch == epoch
-                    && let Some((exit, error)) = rp.pending_end.take()
-                {
+                if let Some((exit, error)) = rp.pending_end.take() {
                     tracing::warn!(
                         run = id,
                         "output still open or group not empty after the step ended; ending the run anyway"
@@ -938,9 +917,7 @@ impl Supervisor {
                 );
             }
             RunTimer::Kill => {
-                if rp.epoch == epoch
-                    && let Some(pgid) = rp.pgid
-                {
+                if let Some(pgid) = rp.pgid {
                     tracing::warn!(run = id, pgid, "stop grace over; SIGKILL");
                     let _ = proc::signal_group(pgid, NixSignal::SIGKILL);
                 }
@@ -948,12 +925,14 @@ impl Supervisor {
         }
     }
 
-    fn run_timer(&self, id: i64, inc: u64, epoch: u64, kind: RunTimer, after: Duration) {
-        let tx = self.tx.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(after).await;
-            let _ = tx.send(Event::RunTimer { run: id, inc, epoch, kind });
-        });
+    fn run_timer(&mut self, id: i64, kind: RunTimer, after: Duration) {
+        self.set_timer(TimerKey::Run(id, kind), after);
+    }
+
+    /// The run's process is gone from the actor's hands: its timers go too.
+    fn forget_run(&mut self, id: i64) -> Option<RunProc> {
+        self.timers.cancel_where(|k| matches!(k, TimerKey::Run(r, _) if *r == id));
+        self.runs.remove(&id)
     }
 
     // ----- requests -----
@@ -1229,6 +1208,23 @@ impl Supervisor {
                 j.last_outcome = None;
                 self.touched.insert(name.clone());
             }
+            self.dependency_runs_due.insert(name);
+        }
+        self.start_due_dependency_runs();
+    }
+
+    /// Starts the dependency runs whose own dependencies are met.
+    pub(super) fn start_due_dependency_runs(&mut self) {
+        let due: Vec<String> = self.dependency_runs_due.iter().cloned().collect();
+        for name in due {
+            if !self.jobs.contains_key(&name) {
+                self.dependency_runs_due.remove(&name);
+                continue;
+            }
+            if !self.job_blocked_by(&name).is_empty() {
+                continue;
+            }
+            self.dependency_runs_due.remove(&name);
             match self.admit(&name, Source::Dependency, None, 0) {
                 Ok(id) => tracing::info!(job = %name, run = id, "dependency run started"),
                 Err(e) => tracing::warn!(job = %name, reason = %e, "cannot run a dependency"),
@@ -1238,9 +1234,10 @@ impl Supervisor {
 
     /// Whether a run of a job something depends on is queued or running.
     pub(super) fn dependency_runs_active(&self) -> bool {
-        self.graph.jobs_to_run_at_start().iter().any(|j| {
-            self.jobs.get(j).is_some_and(|rt| !rt.queue.is_empty()) || !self.running_of(j).is_empty()
-        })
+        !self.dependency_runs_due.is_empty()
+            || self.graph.jobs_to_run_at_start().iter().any(|j| {
+                self.jobs.get(j).is_some_and(|rt| !rt.queue.is_empty()) || !self.running_of(j).is_empty()
+            })
     }
 
     pub(super) fn jobs_status(&self) -> Vec<JobStatus> {
@@ -1261,6 +1258,11 @@ impl Supervisor {
                     queued: j.queue.len(),
                     skips: ledger.and_then(|l| l.skips(name).ok()).unwrap_or(0),
                     last_run: last,
+                    waiting_for: if self.dependency_runs_due.contains(name) {
+                        self.job_blocked_by(name)
+                    } else {
+                        Vec::new()
+                    },
                 }
             })
             .collect()

@@ -284,3 +284,30 @@ fn ready_reaches_drovers_own_manager_only_once_instances_are_ready() {
     let v = sup.status();
     assert_eq!(state(&v, "db", 0), "running");
 }
+
+#[test]
+fn a_dependency_job_waits_for_its_own_dependencies_before_it_runs() {
+    let sb = Sandbox::new();
+    sb.write(
+        "daemon.toml",
+        format!(
+            "{SUPERVISOR}{FAST}[workers.db]\ncommand = {}\nready = {{ log = \"up\" }}\n\n\
+             [jobs.migrate]\ncommand = [\"touch\", \"migrated\"]\ndepends_on = {{ db = \"ready\" }}\n\n\
+             [workers.api]\ncommand = [\"sleep\", \"1000\"]\ndepends_on = [\"migrate\"]\n",
+            gated("go", "up")
+        ),
+    );
+    let sup = Supervisor::start(&sb);
+    let v = sup.wait_for("db starting", LIMIT, |v| state(v, "db", 0) == "starting");
+    let job = v["jobs"]
+        .as_array()
+        .and_then(|j| j.iter().find(|j| j["name"] == "migrate"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(job["waiting_for"], serde_json::json!(["db (ready)"]), "{v:#}");
+    assert!(!sb.path("migrated").exists(), "the migration ran before the database was ready");
+    assert_eq!(state(&v, "api", 0), "waiting");
+    sb.write("go", "");
+    sup.wait_for("api running", LIMIT, |v| state(v, "api", 0) == "running");
+    assert!(sb.path("migrated").exists());
+}

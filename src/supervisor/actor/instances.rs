@@ -365,6 +365,7 @@ impl Supervisor {
                 self.continue_rollout(name);
             }
             self.release_waiting();
+            self.start_due_dependency_runs();
             self.retire_removed();
             self.advance_shutdown();
         }
