@@ -4,6 +4,7 @@
 
 pub mod cron;
 pub mod kubernetes;
+pub mod systemd;
 
 use crate::config::model::Settings;
 
