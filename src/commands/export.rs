@@ -54,7 +54,13 @@ pub fn systemd(path: &Path, overrides: &Overrides, a: SystemdArgs) -> u8 {
         with_secrets: a.out.is_some(),
     };
     let exported = systemd::export(&loaded.config, &o);
-    finish(exported, a.allow_lossy, a.out.as_deref())
+    // -o is always a directory here, even when one unit is all there is.
+    let dir = a.out.map(|p| {
+        let mut s = p.into_os_string();
+        s.push("/");
+        std::path::PathBuf::from(s)
+    });
+    finish(exported, a.allow_lossy, dir.as_deref())
 }
 
 /// Reports what was lost, then writes the files: to stdout (one after the

@@ -195,4 +195,11 @@ fn systemd_losses_fail_unless_allowed_and_the_version_is_checked() {
     let r = export_systemd(&sb, &config, &["--systemd-version", "250"]);
     assert_eq!(r.code, Some(2), "{}", r.stderr);
     assert!(r.stderr.contains("--systemd-version") && r.stderr.contains("252"), "{}", r.stderr);
+
+    // -o is a directory even when the config makes only P.target.
+    let empty = sb.write("empty.toml", "");
+    let r = export_systemd(&sb, &empty, &["-o", "only"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let top = std::fs::read_to_string(sb.path("only/drover.target")).unwrap();
+    assert!(top.contains("WantedBy=multi-user.target"), "{top}");
 }
