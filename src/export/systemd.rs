@@ -488,6 +488,11 @@ fn restart_settings(f: &mut UnitFile, o: &Options, key: &str, w: &Worker, out: &
             RestartPolicy::Never => "no",
         },
     );
+    if w.restart == RestartPolicy::OnFailure {
+        // drover counts only exit 0 as success; systemd also counts these
+        // signals as clean and would not restart after them.
+        f.set("RestartForceExitStatus", "SIGHUP SIGINT SIGTERM SIGPIPE");
+    }
     let defaults = built_in();
     f.set("RestartSec", span(w.backoff.initial.0));
     let steps = restart_steps(w);
@@ -717,6 +722,8 @@ fn job_service(
     }
     f.section("Unit");
     f.set("Description", format!("drover job {name}"));
+    // Stopping P.target stops a run (a stop of an inactive unit is nothing).
+    f.set("PartOf", format!("{}.target", o.prefix));
     deps.write(&mut f, key, true, &j.depends_on, out);
     f.section("Service");
     f.set("Type", "oneshot");
@@ -946,6 +953,7 @@ mod tests {
         assert_eq!(value(s, "Service", "ExecStart"), "/srv/app/bin/api --port 8000");
         assert_eq!(value(s, "Service", "WorkingDirectory"), "/srv/app");
         assert_eq!(value(s, "Service", "Restart"), "on-failure");
+        assert_eq!(value(s, "Service", "RestartForceExitStatus"), "SIGHUP SIGINT SIGTERM SIGPIPE");
         assert_eq!(value(s, "Service", "RestartSec"), "2s");
         assert!(values(s, "Service", "RestartSteps").is_empty(), "only with systemd 254");
         assert_eq!(value(s, "Service", "RestartPreventExitStatus"), "78 3");
@@ -1028,6 +1036,7 @@ mod tests {
         assert!(e.lossy.is_empty() && e.errors.is_empty(), "{:?} {:?}", e.lossy, e.errors);
         let s = &files["acme-nightly.service"];
         assert_eq!(value(s, "Service", "Type"), "oneshot");
+        assert_eq!(value(s, "Unit", "PartOf"), "acme.target");
         assert_eq!(value(s, "Service", "TimeoutStartSec"), "600s");
         assert_eq!(value(s, "Service", "KillSignal"), "SIGUSR1");
         assert_eq!(value(s, "Service", "TimeoutStopSec"), "3s");
