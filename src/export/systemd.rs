@@ -48,6 +48,10 @@ pub struct Options {
 /// Every unit, sorted by file name.
 pub fn export(config: &Config, o: &Options) -> Exported {
     let mut out = Exported::default();
+    if let Err(e) = check_options(o) {
+        out.fail(e.0, e.1);
+        return out;
+    }
     let mut files: BTreeMap<String, String> = BTreeMap::new();
     let mut wants: Vec<String> = Vec::new();
     let deps = Dependencies::of(config, o);
@@ -74,6 +78,34 @@ pub fn export(config: &Config, o: &Options) -> Exported {
     files.insert(format!("{}.target", o.prefix), top_target(o, &wants));
     out.files = files.into_iter().collect();
     out
+}
+
+/// The longest `--prefix`: `P-NAME@N.service` with a 63-character name
+/// and a 10-digit instance stays within systemd's 255 characters.
+const MAX_PREFIX: usize = 100;
+
+/// The flags systemd would reject, by flag.
+fn check_options(o: &Options) -> Result<(), (&'static str, String)> {
+    let p = &o.prefix;
+    if p.is_empty()
+        || p.len() > MAX_PREFIX
+        || !p.bytes().all(|b| b.is_ascii_alphanumeric() || b":_.-".contains(&b))
+    {
+        return Err((
+            "--prefix",
+            format!(
+                "{p:?} is not a unit name prefix: write 1 to {MAX_PREFIX} letters, digits, `:`, `_`, `.` or `-`"
+            ),
+        ));
+    }
+    for (flag, path) in [("--unit-dir", Some(&o.unit_dir)), ("--workdir", o.workdir.as_ref())] {
+        if let Some(path) = path
+            && !path.is_absolute()
+        {
+            return Err((flag, format!("{} is relative: systemd takes only absolute paths", path.display())));
+        }
+    }
+    Ok(())
 }
 
 fn unit_name(o: &Options, name: &str) -> String {
@@ -1160,6 +1192,32 @@ mod tests {
         // A program systemd would read as a prefix is refused, by key.
         let (_, e) = export_text("[workers.w]\ncommand = [\"-x\"]\n");
         assert_eq!(e.errors.iter().map(|l| l.key.as_str()).collect::<Vec<_>>(), ["workers.w.command"]);
+    }
+
+    #[test]
+    fn flags_systemd_would_reject_are_named() {
+        let (config, path) = load_config("[workers.w]\ncommand = [\"x\"]\n");
+        let o = |prefix: &str, unit_dir: &str, workdir: Option<&str>| Options {
+            prefix: prefix.into(),
+            systemd_version: OLDEST_VERIFIED,
+            workdir: workdir.map(PathBuf::from),
+            base_dir: crate::config::load::base_dir(&path),
+            unit_dir: unit_dir.into(),
+            with_secrets: false,
+        };
+        for (opts, flag) in [
+            (o("my app", "/etc/systemd/system", None), "--prefix"),
+            (o("", "/etc/systemd/system", None), "--prefix"),
+            (o("a/b", "/etc/systemd/system", None), "--prefix"),
+            (o(&"p".repeat(MAX_PREFIX + 1), "/etc/systemd/system", None), "--prefix"),
+            (o("ok", "units", None), "--unit-dir"),
+            (o("ok", "/etc/systemd/system", Some("srv/app")), "--workdir"),
+        ] {
+            let e = export(&config, &opts);
+            assert_eq!(e.errors.iter().map(|l| l.key.as_str()).collect::<Vec<_>>(), [flag]);
+            assert!(e.files.is_empty());
+        }
+        assert!(export(&config, &o("team.app-1:x", "/etc/systemd/system", Some("/srv"))).errors.is_empty());
     }
 
     #[test]
