@@ -32,7 +32,7 @@ pub fn probes(name: &str, key: &str, w: &Worker, out: &mut Exported) -> Probes {
                 p.readiness = Some(KProbe { period_seconds: Some(period), ..check.clone() });
                 if !ready.start_timeout.is_zero() {
                     let deadline = whole_seconds(ready.start_timeout);
-                    let failures = (deadline + i64::from(period) - 1) / i64::from(period);
+                    let failures = deadline.saturating_add(i64::from(period) - 1) / i64::from(period);
                     p.startup = Some(KProbe {
                         period_seconds: Some(period),
                         failure_threshold: Some(i32::try_from(failures.max(1)).unwrap_or(i32::MAX)),

@@ -490,7 +490,10 @@ fn systemd_delays(w: &Worker, steps: Option<u32>, n: u32) -> Vec<Duration> {
             Some(s) if k > s => max,
             Some(s) if k > 1 => {
                 let ratio = max.as_secs_f64() / initial.as_secs_f64();
-                Duration::from_secs_f64(initial.as_secs_f64() * ratio.powf(f64::from(k - 1) / f64::from(s)))
+                Duration::try_from_secs_f64(
+                    initial.as_secs_f64() * ratio.powf(f64::from(k - 1) / f64::from(s)),
+                )
+                .unwrap_or(max)
             }
             _ => initial,
         })
