@@ -13,6 +13,7 @@ mod faults;
 mod jobs;
 mod ledger_faults;
 mod output;
+mod readiness;
 mod reload;
 mod schema;
 mod security;
