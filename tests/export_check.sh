@@ -110,5 +110,13 @@ for file in config/*.toml tests/corpus/valid/*.toml; do
   }
   checked=$((checked + 1))
 done
+# The check itself must be able to fail: verify in this root reports a
+# unit with a missing program and an assignment systemd ignores.
+printf '[Service]\nExecStart=/nonexistent/prog\nEnvironment=BAD.NAME=x\n' >"$units/export-check-canary.service"
+said=$(cd "$units" && systemd-analyze verify --root="$root" --man=no export-check-canary.service 2>&1 || true)
+if ! grep -q 'nonexistent/prog' <<<"$said" || ! grep -q 'BAD.NAME' <<<"$said"; then
+  echo "export check: systemd-analyze verify in the scratch root did not report a broken unit: $said" >&2
+  failed=1
+fi
 [ "$failed" = 0 ] && echo "export check: $checked systemd exports pass systemd-analyze verify ($(systemd-analyze --version | head -n 1))"
 exit "$failed"
