@@ -75,6 +75,36 @@ pub enum ExportTarget {
         #[arg(short = 'o', long = "output", value_name = "FILE|DIR")]
         out: Option<PathBuf>,
     },
+    /// A template service per worker (P-NAME@.service) and a target
+    /// starting its instances, a oneshot service and timer per job, and
+    /// P.target wanting them all: `systemctl enable --now P.target`.
+    Systemd {
+        /// Every unit is named P-NAME…, the whole config P.target.
+        #[arg(long, default_value = "drover", value_name = "P")]
+        prefix: String,
+        /// The oldest systemd the units must load on: 254 or later adds
+        /// RestartSteps= and RestartMaxDelaySec= (the backoff's growth).
+        /// Default 252, the oldest the output is verified on.
+        #[arg(long, default_value_t = crate::export::systemd::OLDEST_VERIFIED, value_name = "N",
+              value_parser = clap::value_parser!(u32).range(i64::from(crate::export::systemd::OLDEST_VERIFIED)..))]
+        systemd_version: u32,
+        /// Where the config file's directory is on the target machine:
+        /// each path under it becomes the same path under this one.
+        #[arg(long, value_name = "PATH")]
+        workdir: Option<PathBuf>,
+        /// Where the units will be installed; the secret env files
+        /// (P-NAME.env) sit beside them and EnvironmentFile= names them there.
+        #[arg(long, default_value = crate::export::systemd::DEFAULT_UNIT_DIR, value_name = "DIR")]
+        unit_dir: PathBuf,
+        /// Write the output even when some keys cannot be expressed
+        /// (listed as warnings).
+        #[arg(long)]
+        allow_lossy: bool,
+        /// The directory to write the units into (the secret env files only
+        /// go there); default stdout, each file after a `### NAME` line.
+        #[arg(short = 'o', long = "output", value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

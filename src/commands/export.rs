@@ -7,7 +7,7 @@ use std::path::Path;
 
 use super::exit;
 use crate::config::{Overrides, load::base_dir};
-use crate::export::{Exported, kubernetes};
+use crate::export::{Exported, kubernetes, systemd};
 
 pub struct KubernetesArgs {
     pub image: String,
@@ -31,6 +31,36 @@ pub fn kubernetes(path: &Path, overrides: &Overrides, a: KubernetesArgs) -> u8 {
     };
     let exported = kubernetes::export(&loaded.config, &o);
     finish(exported, a.allow_lossy, a.out.as_deref())
+}
+
+pub struct SystemdArgs {
+    pub prefix: String,
+    pub systemd_version: u32,
+    pub workdir: Option<std::path::PathBuf>,
+    pub unit_dir: std::path::PathBuf,
+    pub allow_lossy: bool,
+    pub out: Option<std::path::PathBuf>,
+}
+
+pub fn systemd(path: &Path, overrides: &Overrides, a: SystemdArgs) -> u8 {
+    let Some(loaded) = super::config_cmds::load_or_report(path, overrides) else { return exit::FAILED };
+    let o = systemd::Options {
+        prefix: a.prefix,
+        systemd_version: a.systemd_version,
+        workdir: a.workdir,
+        base_dir: base_dir(&loaded.path),
+        unit_dir: a.unit_dir,
+        // Secret values go only into files (mode 0600), never to stdout.
+        with_secrets: a.out.is_some(),
+    };
+    let exported = systemd::export(&loaded.config, &o);
+    // -o is always a directory here, even when one unit is all there is.
+    let dir = a.out.map(|p| {
+        let mut s = p.into_os_string();
+        s.push("/");
+        std::path::PathBuf::from(s)
+    });
+    finish(exported, a.allow_lossy, dir.as_deref())
 }
 
 /// Reports what was lost, then writes the files: to stdout (one after the
@@ -60,9 +90,16 @@ fn finish(e: Exported, allow_lossy: bool, out: Option<&Path>) -> u8 {
     let written = match out {
         None => {
             let mut stdout = std::io::stdout().lock();
+            // Several files: each after a line naming it.
+            let named = e.files.len() > 1;
             e.files
                 .iter()
-                .try_for_each(|(_, text)| stdout.write_all(text.as_bytes()))
+                .try_for_each(|(name, text)| {
+                    if named {
+                        writeln!(stdout, "### {name}")?;
+                    }
+                    stdout.write_all(text.as_bytes())
+                })
                 .and_then(|()| stdout.flush())
         }
         Some(dir)

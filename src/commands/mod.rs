@@ -62,6 +62,13 @@ pub fn run(cli: Cli) -> u8 {
             &overrides,
             export::KubernetesArgs { image, namespace, name_prefix, workdir, emit_secrets, allow_lossy, out },
         ),
+        Command::Export {
+            target: ExportTarget::Systemd { prefix, systemd_version, workdir, unit_dir, allow_lossy, out },
+        } => export::systemd(
+            &cli.config,
+            &overrides,
+            export::SystemdArgs { prefix, systemd_version, workdir, unit_dir, allow_lossy, out },
+        ),
         Command::Schema => {
             print!("{}", crate::config::schema::schema_text());
             exit::OK

@@ -68,6 +68,7 @@ mod tests {
 
 /// The fields of a cron expression, each as the values it allows (None:
 /// every value), for a target that spells calendars its own way.
+#[derive(Clone)]
 struct Fields {
     minute: Option<Vec<u32>>,
     hour: Option<Vec<u32>>,
@@ -136,16 +137,21 @@ fn fields(cron: &str) -> Result<Fields, String> {
     })
 }
 
-/// A cron expression as a systemd `OnCalendar=` value, with its zone. A
-/// cron that restricts both day of month and day of week fires on either
-/// (cron's rule); systemd would need both, so that is refused.
-pub fn cron_to_calendar(cron: &str, timezone: Option<&str>) -> Result<String, String> {
+/// A cron expression as systemd `OnCalendar=` values, with its zone; a
+/// timer fires at each. One value, or two when the cron restricts both
+/// the day of the month and the day of the week: cron fires on either,
+/// one calendar would need both.
+pub fn cron_to_calendars(cron: &str, timezone: Option<&str>) -> Result<Vec<String>, String> {
     let f = fields(cron)?;
     if f.dom.is_some() && f.dow.is_some() {
-        return Err("it limits both the day of the month and the day of the week (cron fires on either; \
-                    OnCalendar= would need both)"
-            .into());
+        let by_dom = Fields { dow: None, ..f.clone() };
+        let by_dow = Fields { dom: None, ..f };
+        return Ok(vec![calendar(&by_dom, timezone), calendar(&by_dow, timezone)]);
     }
+    Ok(vec![calendar(&f, timezone)])
+}
+
+fn calendar(f: &Fields, timezone: Option<&str>) -> String {
     let list = |v: &Option<Vec<u32>>| match v {
         None => "*".to_string(),
         Some(v) => v.iter().map(|n| format!("{n:02}")).collect::<Vec<_>>().join(","),
@@ -163,52 +169,84 @@ pub fn cron_to_calendar(cron: &str, timezone: Option<&str>) -> Result<String, St
         cal.push(' ');
         cal.push_str(tz);
     }
-    Ok(cal)
+    cal
 }
 
 #[cfg(test)]
 mod calendar_tests {
     use super::*;
 
+    fn one(cron: &str, tz: Option<&str>) -> String {
+        let mut v = cron_to_calendars(cron, tz).unwrap();
+        assert_eq!(v.len(), 1, "{cron}: {v:?}");
+        v.remove(0)
+    }
+
     #[test]
     fn cron_becomes_on_calendar() {
-        assert_eq!(cron_to_calendar("0 3 * * *", None).unwrap(), "*-*-* 03:00:00");
-        assert_eq!(cron_to_calendar("*/15 * * * *", None).unwrap(), "*-*-* *:00,15,30,45:00");
+        assert_eq!(one("0 3 * * *", None), "*-*-* 03:00:00");
+        assert_eq!(one("*/15 * * * *", None), "*-*-* *:00,15,30,45:00");
         assert_eq!(
-            cron_to_calendar("30 9 * * 1-5", Some("Europe/Paris")).unwrap(),
+            one("30 9 * * 1-5", Some("Europe/Paris")),
             "Mon,Tue,Wed,Thu,Fri *-*-* 09:30:00 Europe/Paris"
         );
-        assert_eq!(cron_to_calendar("0 0 1 jan,jul *", None).unwrap(), "*-01,07-01 00:00:00");
-        assert_eq!(cron_to_calendar("0 4 * * 0,7", None).unwrap(), "Sun *-*-* 04:00:00");
-        assert_eq!(cron_to_calendar("* * * * *", None).unwrap(), "*-*-* *:*:00");
-        assert!(cron_to_calendar("0 0 1 * 1", None).unwrap_err().contains("both"));
-        assert!(cron_to_calendar("0 0 L * *", None).is_err());
+        assert_eq!(one("0 0 1 jan,jul *", None), "*-01,07-01 00:00:00");
+        assert_eq!(one("0 4 * * 0,7", None), "Sun *-*-* 04:00:00");
+        assert_eq!(one("* * * * *", None), "*-*-* *:*:00");
+        // Both day fields: cron fires on either, so two calendars.
+        assert_eq!(cron_to_calendars("0 0 1 * 1", None).unwrap(), ["*-*-01 00:00:00", "Mon *-*-* 00:00:00"]);
+        assert!(cron_to_calendars("0 0 L * *", None).is_err());
+    }
+
+    /// The next `n` elapses systemd computes for `cal`, in UTC.
+    fn systemd_elapses(cal: &str, n: usize) -> Vec<String> {
+        let out = std::process::Command::new("systemd-analyze")
+            .args(["calendar", &format!("--iterations={n}"), cal])
+            .env("TZ", "UTC")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cal}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("Next elapse:") || l.contains("Iter. #"))
+            .filter_map(|l| {
+                let w: Vec<&str> = l.split_once(": ")?.1.split_whitespace().collect();
+                Some(format!("{} {}", w.get(1)?, w.get(2)?))
+            })
+            .collect()
     }
 
     #[test]
     fn every_calendar_written_is_one_systemd_reads_as_the_same_times() {
-        // systemd's own parser, where it is installed: the normalized form
-        // must come back, and the next elapse must match drover's cron.
+        // systemd's own parser, where it is installed: the next elapses of
+        // the calendars together must be drover's cron's next ticks.
         let Ok(out) = std::process::Command::new("systemd-analyze").arg("--version").output() else { return };
         assert!(out.status.success());
-        for cron in
-            ["0 3 * * *", "*/15 * * * *", "30 9 * * 1-5", "0 0 1 jan,jul *", "5 4 * * sun", "0 */6 * * *"]
-        {
-            let cal = cron_to_calendar(cron, Some("UTC")).unwrap();
-            let out = std::process::Command::new("systemd-analyze")
-                .args(["calendar", "--iterations=3", &cal])
-                .env("TZ", "UTC")
-                .output()
-                .unwrap();
-            let text = String::from_utf8_lossy(&out.stdout);
-            assert!(out.status.success(), "{cal}: {}", String::from_utf8_lossy(&out.stderr));
+        let n = 6;
+        for cron in [
+            "0 3 * * *",
+            "*/15 * * * *",
+            "30 9 * * 1-5",
+            "0 0 1 jan,jul *",
+            "5 4 * * sun",
+            "0 */6 * * *",
+            "0 9-17/2 1,15 JAN-JUN MON-FRI",
+            "0 0 */2 * 1",
+        ] {
+            let cals = cron_to_calendars(cron, Some("UTC")).unwrap();
+            let mut got: Vec<String> = cals.iter().flat_map(|c| systemd_elapses(c, n)).collect();
+            got.sort();
+            got.dedup();
+            got.truncate(n);
             let c = crate::config::resolve::parse_cron(cron).unwrap();
             let mut t = chrono::Utc::now();
-            for _ in 0..3 {
-                t = c.find_next_occurrence(&t, false).unwrap();
-                let want = t.format("%Y-%m-%d %H:%M:%S").to_string();
-                assert!(text.contains(&want), "{cron} as {cal}: systemd does not list {want}:\n{text}");
-            }
+            let want: Vec<String> = (0..n)
+                .map(|_| {
+                    t = c.find_next_occurrence(&t, false).unwrap();
+                    t.format("%Y-%m-%d %H:%M:%S").to_string()
+                })
+                .collect();
+            assert_eq!(got, want, "{cron} as {cals:?}");
         }
     }
 }

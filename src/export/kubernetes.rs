@@ -15,7 +15,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 
 use super::cron::every_to_cron;
 use super::{Exported, built_in, object_name, whole_seconds};
-use crate::config::model::{Config, Job, OnOverlap, RestartPolicy, SpawnMode, Step, Trigger, Worker};
+use crate::config::model::{
+    Condition, Config, Job, OnOverlap, RestartPolicy, SpawnMode, Step, Trigger, Worker,
+};
 use crate::config::types::Signal;
 
 pub struct Options {
@@ -274,6 +276,8 @@ fn deployment(
     env.push(plain("DROVER_WORKER", name));
     env.push(plain("DROVER_CAPACITY", &w.capacity.to_string()));
     let workdir = working_dir(o, key, &w.dir, out);
+    let probes = super::kubernetes_probes::probes(name, key, w, out);
+    depends_on(key, &w.depends_on, out);
     let pod_labels = labels(o, name, "worker");
     let selector: BTreeMap<String, String> = pod_labels
         .iter()
@@ -288,7 +292,12 @@ fn deployment(
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta { labels: Some(pod_labels), ..Default::default() }),
                 spec: Some(PodSpec {
-                    containers: vec![container(o, name, &w.command, &env, workdir)],
+                    containers: vec![Container {
+                        readiness_probe: probes.readiness,
+                        liveness_probe: probes.liveness,
+                        startup_probe: probes.startup,
+                        ..container(o, name, &w.command, &env, workdir)
+                    }],
                     termination_grace_period_seconds: Some(whole_seconds(w.stop_grace.0)),
                     ..Default::default()
                 }),
@@ -296,6 +305,16 @@ fn deployment(
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+/// Kubernetes starts every object at once: nothing waits for another.
+fn depends_on(key: &str, deps: &BTreeMap<String, Condition>, out: &mut Exported) {
+    for (dep, cond) in deps {
+        out.lose(
+            format!("{key}.depends_on.{dep}"),
+            format!("Kubernetes starts objects independently: nothing waits for {dep} ({cond}); an init container that polls it would"),
+        );
     }
 }
 
@@ -318,6 +337,7 @@ fn job_pod(
     out: &mut Exported,
 ) -> PodTemplateSpec {
     stop_signal(key, j.stop_signal, out);
+    depends_on(key, &j.depends_on, out);
     let workdir = working_dir(o, key, &j.dir, out);
     for (i, s) in j.steps.iter().enumerate() {
         if s.approve {

@@ -4,6 +4,8 @@
 
 pub mod cron;
 pub mod kubernetes;
+mod kubernetes_probes;
+pub mod systemd;
 
 use crate::config::model::Settings;
 

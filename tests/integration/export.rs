@@ -84,3 +84,122 @@ fn secrets_are_referenced_and_named_unless_emitted() {
     assert!(r.stderr.contains("kubectl create secret generic web-env"), "{}", r.stderr);
     assert!(r.stderr.contains("--from-literal=API_TOKEN="), "{}", r.stderr);
 }
+
+fn export_systemd(sb: &Sandbox, config: &std::path::Path, args: &[&str]) -> Run {
+    run(sb.drover().arg("-c").arg(config).args(["export", "systemd"]).args(args))
+}
+
+#[test]
+fn the_example_configs_export_to_systemd_as_the_golden_files_say() {
+    let sb = Sandbox::new();
+    for file in [
+        "config/daemon.toml",
+        "config/jobs.toml",
+        "tests/corpus/valid/flows.toml",
+        "tests/corpus/valid/secret-env.toml",
+        "tests/corpus/valid/readiness.toml",
+    ] {
+        let r = export_systemd(
+            &sb,
+            &repo().join(file),
+            &["--allow-lossy", "--workdir", "/srv/app", "--prefix", "acme"],
+        );
+        assert_eq!(r.code, Some(0), "{file}: {}", r.stderr);
+        let name = format!("systemd_{}", file.replace(['/', '.'], "_"));
+        insta::assert_snapshot!(name, r.stdout);
+    }
+}
+
+#[test]
+fn systemd_units_are_written_with_secrets_beside_them_in_0600() {
+    use std::os::unix::fs::PermissionsExt;
+    let sb = Sandbox::new();
+    let config = repo().join("tests/corpus/valid/secret-env.toml");
+    // To stdout: the units, never a secret value; the note names the file.
+    let r = export_systemd(&sb, &config, &[]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    for secret in ["hunter2", "tok-123", "AKIA"] {
+        assert!(!r.stdout.contains(secret), "{secret}: {}", r.stdout);
+    }
+    assert!(r.stdout.contains("### drover-web@.service\n"), "{}", r.stdout);
+    assert!(
+        r.stderr.contains("drover-web.env (the secret values of API_TOKEN, DATABASE_URL)"),
+        "{}",
+        r.stderr
+    );
+
+    let r = export_systemd(&sb, &config, &["--unit-dir", "/etc/systemd/user", "-o", "units"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let mut names: Vec<String> = std::fs::read_dir(sb.path("units"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "drover-backup.env",
+            "drover-backup.service",
+            "drover-web.env",
+            "drover-web.target",
+            "drover-web@.service",
+            "drover.target"
+        ]
+    );
+    let env = std::fs::read_to_string(sb.path("units/drover-web.env")).unwrap();
+    assert!(
+        env.contains("API_TOKEN=\"tok-123\"\n")
+            && env.contains("DATABASE_URL=\"postgres://app:hunter2@db/app\"\n"),
+        "{env}"
+    );
+    let mode = std::fs::metadata(sb.path("units/drover-web.env")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let unit = std::fs::read_to_string(sb.path("units/drover-web@.service")).unwrap();
+    assert!(unit.contains("\nEnvironmentFile=/etc/systemd/user/drover-web.env\n"), "{unit}");
+    assert!(
+        unit.contains("\nEnvironment=PORT=8000\n") && !unit.contains("hunter2") && !unit.contains("tok-123"),
+        "{unit}"
+    );
+}
+
+#[test]
+fn systemd_losses_fail_unless_allowed_and_the_version_is_checked() {
+    let sb = Sandbox::new();
+    let config = sb.write(
+        "daemon.toml",
+        "[workers.w]\ncommand = [\"true\"]\nbackoff = { initial = \"1s\", max = \"8s\", multiplier = 2.0 }\n\
+         [jobs.j]\ncommand = [\"true\"]\nevery = \"30s\"\non_overlap = \"queue\"\n",
+    );
+    let r = export_systemd(&sb, &config, &["-o", "out"]);
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    for key in ["workers.w.backoff", "jobs.j.on_overlap"] {
+        assert!(r.stderr.contains(&format!("error: not expressible: {key}: ")), "{key}: {}", r.stderr);
+    }
+    assert!(!sb.path("out").exists(), "nothing written");
+
+    // With 254, the backoff's growth is expressible.
+    let r = export_systemd(&sb, &config, &["--systemd-version", "254", "--allow-lossy", "-o", "out"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    // Only the reset after min_uptime is still missing.
+    assert!(
+        r.stderr.contains("workers.w.backoff: systemd grows the delay 2.000× per restart"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("never resets it after min_uptime"), "{}", r.stderr);
+    assert!(r.stderr.contains("warning: not expressible: jobs.j.on_overlap"), "{}", r.stderr);
+    let unit = std::fs::read_to_string(sb.path("out/drover-w@.service")).unwrap();
+    assert!(unit.contains("\nRestartSteps=3\nRestartMaxDelaySec=8s\n"), "{unit}");
+
+    // Older than the oldest verified systemd is a usage error naming the flag.
+    let r = export_systemd(&sb, &config, &["--systemd-version", "250"]);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("--systemd-version") && r.stderr.contains("252"), "{}", r.stderr);
+
+    // -o is a directory even when the config makes only P.target.
+    let empty = sb.write("empty.toml", "");
+    let r = export_systemd(&sb, &empty, &["-o", "only"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let top = std::fs::read_to_string(sb.path("only/drover.target")).unwrap();
+    assert!(top.contains("WantedBy=multi-user.target"), "{top}");
+}
