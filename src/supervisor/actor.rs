@@ -309,8 +309,7 @@ impl Supervisor {
 
     /// The config watcher's settings, kept in step with the config.
     pub fn watch_settings(&self) -> WatchSettings {
-        let s = &self.config.supervisor;
-        WatchSettings { enabled: s.reload, debounce: s.debounce.0 }
+        WatchSettings::of(&self.config)
     }
 
     pub fn set_watch(&mut self, tx: watch::Sender<WatchSettings>) {
@@ -463,6 +462,7 @@ impl Supervisor {
                 .stderr(Stdio::piped());
             std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
             proc::give_back_fd_limit(&mut cmd);
+            crate::os::identity::apply(&mut cmd, &spec.identity);
             let spawned = if proc::descriptors_short() {
                 Err(std::io::Error::from_raw_os_error(nix::libc::EMFILE))
             } else {
@@ -894,13 +894,8 @@ impl Supervisor {
                 self.apply(changes);
                 self.apply_jobs();
                 if let Some(w) = &self.watch {
-                    w.send_if_modified(|cur| {
-                        let new = WatchSettings {
-                            enabled: self.config.supervisor.reload,
-                            debounce: self.config.supervisor.debounce.0,
-                        };
-                        std::mem::replace(cur, new) != new
-                    });
+                    let new = WatchSettings::of(&self.config);
+                    w.send_if_modified(|cur| std::mem::replace(cur, new.clone()) != new);
                 }
                 Response::Ok { message: format!("applied generation {}", self.generation) }
             }
