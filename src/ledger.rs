@@ -86,6 +86,8 @@ pub enum Source {
     Resume,
     CatchUp,
     Bg,
+    /// Run at start because a worker or job depends on it.
+    Dependency,
 }
 
 impl Source {
@@ -96,6 +98,7 @@ impl Source {
             Source::Resume => "resume",
             Source::CatchUp => "catch-up",
             Source::Bg => "bg",
+            Source::Dependency => "dependency",
         }
     }
     fn parse(s: &str) -> Source {
@@ -104,6 +107,7 @@ impl Source {
             "resume" => Source::Resume,
             "catch-up" => Source::CatchUp,
             "bg" => Source::Bg,
+            "dependency" => Source::Dependency,
             _ => Source::Trigger,
         }
     }

@@ -241,14 +241,28 @@ pub fn render_status(r: &StatusReport, state_dir: &Path) -> String {
                     i.last_exit.as_ref().map_or("-".into(), |e| e.to_string()),
                     match (&i.error, &i.next_start_at) {
                         _ if i.held => format!("stopped by hand (drover start {}:{})", w.name, i.index),
+                        _ if !i.waiting_for.is_empty() => format!("waiting for {}", i.waiting_for.join(", ")),
                         (Some(e), _) => e.clone(),
                         (None, Some(t)) => format!("next start at {t}"),
-                        _ => String::new(),
+                        _ => i.notify_status.clone().unwrap_or_default(),
                     },
                 ]);
             }
             if w.instances.is_empty() {
                 rows.push(vec![w.name.clone(), "-".into(), w.state.clone()]);
+            }
+            if let Some(r) = &w.rollout {
+                rows.push(vec![
+                    w.name.clone(),
+                    "-".into(),
+                    "rollout".into(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    r.clone(),
+                ]);
             }
         }
         out.push_str(&table(rows));

@@ -339,6 +339,8 @@ mod tests {
             error: None,
             next_start_at: None,
             kill_at: None,
+            waiting_for: vec![],
+            notify_status: None,
         }
     }
 
@@ -430,6 +432,7 @@ mod tests {
             name: "web".into(),
             capacity: 3,
             state: "running".into(),
+            rollout: None,
             instances: vec![inst(0, "running"), held, inst(2, "stopped")],
         });
         assert!(problems(&ok).is_empty());

@@ -3,9 +3,8 @@
 //! request, a signal), decides with the pure functions of `policy` and
 //! `reconcile`, and carries out the decision through the thin OS layer.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -13,22 +12,29 @@ use nix::sys::signal::Signal as NixSignal;
 use tokio::sync::{mpsc, oneshot, watch};
 
 mod controls;
+mod instances;
 
-use super::clock::{later, rfc3339};
+use instances::node_name;
+
+use super::clock::rfc3339;
 use super::control::Reply;
+use super::graph::{Graph, Node};
 use super::jobs::{JobRt, RunProc, RunTimer, SessionDirs, SpawnedProc};
-use super::logs::{Echo, LogFile, Sink, log_path, pump};
-use super::policy::{AfterExit, Counters, after_exit, after_resource_shortage};
+use super::logs::{Echo, LogFile, Sink, log_path};
+use super::probes::{NotifyEvent, ProbeHandle, Role, Verdict};
 use super::protocol::{
     InstanceAction, InstanceStatus, ReloadStatus, Request, Response, StatusReport, SupervisorStatus, Target,
     WorkerStatus,
 };
 use super::reconcile::{Change, plan, plan_jobs};
 use super::run_ledger::RunLedger;
+use super::timers::Timers;
 use super::watch::WatchSettings;
+use super::workers::instance::{Input, Instance, State, Then, TimerKind, Why};
+use super::workers::rollout::Progress;
 use super::worktree;
 use crate::config::load::load_text;
-use crate::config::model::{Config, SpawnMode, Worker, secret_values};
+use crate::config::model::{Config, Worker, secret_values};
 use crate::config::{Overrides, load};
 use crate::ledger::{Kind, Owner};
 use crate::os::fsutil::write_atomic;
@@ -39,12 +45,16 @@ use crate::os::reaper::{Exit, Reaped, Reaper};
 #[derive(Debug)]
 pub enum Event {
     Reaped(Vec<Reaped>),
-    Timer {
+    /// A probe of an instance came to a verdict.
+    Probe {
         worker: String,
         index: u32,
-        epoch: u64,
-        kind: TimerKind,
+        incarnation: u64,
+        role: Role,
+        verdict: Verdict,
     },
+    /// An instance sent a notice to the notify socket.
+    Notify(NotifyEvent),
     /// A job's scheduled tick is due.
     JobTick {
         job: String,
@@ -93,127 +103,17 @@ const FLUSH_EVERY: Duration = Duration::from_millis(200);
 /// The most exits one `Event::Reaped` carries.
 pub const REAPED_CHUNK: usize = 32;
 
+/// A timer the actor owns (see `timers`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TimerKey {
+    Instance(String, u32, TimerKind),
+}
+
 /// Whose process a pid is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Proc {
     Instance(String, u32),
     Run(i64),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TimerKind {
-    /// A restart after backoff is due.
-    Restart,
-    /// The stop grace is over: SIGKILL the group.
-    Kill,
-    /// Look again whether a killed group is empty (for the rare group
-    /// whose last process is not reaped by drover).
-    Recheck,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-enum Phase {
-    Running,
-    Backoff {
-        until: SystemTime,
-    },
-    Parked {
-        reason: String,
-    },
-    /// Asked to stop; waiting for the group to empty.
-    Stopping,
-    /// The leader exited on its own but its group still has processes:
-    /// they are being stopped before the exit is acted on.
-    Draining,
-    Stopped,
-}
-
-impl Phase {
-    fn name(&self) -> &'static str {
-        match self {
-            Phase::Running => "running",
-            Phase::Backoff { .. } => "backoff",
-            Phase::Parked { .. } => "parked",
-            Phase::Stopping | Phase::Draining => "stopping",
-            Phase::Stopped => "stopped",
-        }
-    }
-}
-
-/// What to do once an instance's group is empty.
-#[derive(Clone, Debug, PartialEq)]
-enum Then {
-    /// Apply the restart policy to this exit.
-    Policy { exit: Option<Exit>, uptime: Duration },
-    /// Leave it stopped.
-    Stop,
-    /// Start it again at once, with fresh counters (a config change or
-    /// `drover restart`).
-    Start,
-    /// Remove the instance (capacity down, worker removed).
-    Retire,
-}
-
-struct Instance {
-    phase: Phase,
-    pid: Option<i32>,
-    pgid: Option<i32>,
-    start_ticks: Option<u64>,
-    started_at: Option<SystemTime>,
-    started: Option<Instant>,
-    counters: Counters,
-    last_exit: Option<Exit>,
-    error: Option<String>,
-    /// Bumped on every phase change, so a timer set for an older phase
-    /// is recognised and ignored.
-    epoch: u64,
-    then: Then,
-    kill_sent: bool,
-    /// Instances replaced one at a time after a launch-settings change.
-    needs_restart: bool,
-    worktree: Option<PathBuf>,
-    /// Stopped by hand: neither the policy, a rollout nor a reload starts
-    /// it; `drover start` or `drover restart` does.
-    held: bool,
-    /// Starts caused by a config change or `drover restart` (crash
-    /// restarts are `counters.restarts`).
-    deploys: u32,
-    /// When the stop grace of the current stop ends.
-    kill_at: Option<SystemTime>,
-}
-
-impl Instance {
-    fn new() -> Self {
-        Instance {
-            phase: Phase::Stopped,
-            pid: None,
-            pgid: None,
-            start_ticks: None,
-            started_at: None,
-            started: None,
-            counters: Counters::default(),
-            last_exit: None,
-            error: None,
-            epoch: 0,
-            then: Then::Stop,
-            kill_sent: false,
-            needs_restart: false,
-            worktree: None,
-            held: false,
-            deploys: 0,
-            kill_at: None,
-        }
-    }
-
-    fn set_phase(&mut self, phase: Phase) {
-        self.phase = phase;
-        self.epoch += 1;
-    }
-
-    /// Whether a process of this instance may still exist.
-    fn has_processes(&self) -> bool {
-        self.pid.is_some() || matches!(self.phase, Phase::Stopping | Phase::Draining)
-    }
 }
 
 struct WorkerRt {
@@ -222,6 +122,23 @@ struct WorkerRt {
     sink: Arc<Sink>,
     /// Removed from the config: retire every instance, then drop the worker.
     removed: bool,
+    /// The running probe of each instance that has one.
+    probes: HashMap<u32, ProbeHandle>,
+    /// Where its rolling restart stands.
+    rollout: Progress,
+}
+
+impl WorkerRt {
+    fn new(spec: Worker, sink: Arc<Sink>) -> Self {
+        WorkerRt {
+            spec,
+            instances: BTreeMap::new(),
+            sink,
+            removed: false,
+            probes: HashMap::new(),
+            rollout: Progress::Done,
+        }
+    }
 }
 
 pub struct Options {
@@ -264,6 +181,19 @@ pub struct Supervisor {
     watch: Option<watch::Sender<WatchSettings>>,
     pub(super) shutting_down: bool,
     stop_waiters: Vec<oneshot::Sender<Reply>>,
+    pub(super) timers: Timers<TimerKey>,
+    /// The dependencies of the config in force.
+    pub(super) graph: Graph,
+    /// Workers whose instances changed state since the last `propagate`.
+    pub(super) touched: BTreeSet<String>,
+    /// Removed workers still being retired, in dependency order.
+    removing: BTreeSet<String>,
+    /// Levels of workers still to stop on shutdown, dependents first.
+    stop_levels: Vec<Vec<String>>,
+    /// The socket instances send sd_notify datagrams to.
+    notify: Option<super::probes::notify::NotifySocket>,
+    /// Told once every instance is up (or has failed to come up).
+    ready: Option<super::runtime::Ready>,
     /// The full status reply, encoded, until the next event that is not a
     /// status request: concurrent `status` calls share one encoding.
     status_cache: Option<Arc<Vec<u8>>>,
@@ -304,6 +234,13 @@ impl Supervisor {
             shutting_down: false,
             stop_waiters: Vec::new(),
             status_cache: None,
+            timers: Timers::default(),
+            graph: Graph::default(),
+            touched: BTreeSet::new(),
+            removing: BTreeSet::new(),
+            stop_levels: Vec::new(),
+            notify: None,
+            ready: None,
         }
     }
 
@@ -322,10 +259,63 @@ impl Supervisor {
         let state_dir = self.config.supervisor.state_dir.clone();
         let _ = crate::os::fsutil::ensure_private_dir(&state_dir.join("runs"));
         self.ledger = RunLedger::open(&state_dir);
+        self.bind_notify();
+        self.graph = Graph::of(&self.config);
         self.boot_jobs();
+        self.run_dependency_jobs(None);
         let changes = plan(&self.config.workers, &BTreeMap::new());
         self.apply(changes);
+        self.propagate();
         self.flush_state();
+    }
+
+    /// Where to say "ready" (the `start --detach` parent) once every
+    /// instance is up; systemd hears it too.
+    pub fn set_ready(&mut self, ready: super::runtime::Ready) {
+        self.ready = Some(ready);
+    }
+
+    /// Binds the socket instances send `READY=1` and `STATUS=` to. Without
+    /// it (a state_dir path too long for a socket), `notify` probes fail
+    /// with the reason and everything else runs.
+    fn bind_notify(&mut self) {
+        let (tx, mut rx) = mpsc::channel::<NotifyEvent>(256);
+        match super::probes::notify::bind(&self.config.supervisor.state_dir, tx) {
+            Ok(sock) => {
+                self.notify = Some(sock);
+                let events = self.tx.clone();
+                tokio::spawn(async move {
+                    while let Some(ev) = rx.recv().await {
+                        if events.send(Event::Notify(ev)).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot bind the notify socket; notify probes cannot pass"),
+        }
+    }
+
+    /// Once no instance is starting (every one is ready, or failed and
+    /// backs off, or waits on a dependency that failed): READY=1 to
+    /// drover's own manager and "ready" to a waiting `start --detach`.
+    fn maybe_announce_ready(&mut self) {
+        if self.ready.is_none() {
+            return;
+        }
+        // A waiting instance is settled unless something it may wait for
+        // is still on its way: an instance starting, a dependency run.
+        let starting =
+            self.workers.values().any(|w| w.instances.values().any(|i| i.state == State::Starting));
+        let deps_running = self.dependency_runs_active();
+        if starting || deps_running {
+            return;
+        }
+        if let Some(mut r) = self.ready.take() {
+            tracing::info!(pid = std::process::id(), "ready");
+            super::runtime::sd_notify("READY=1");
+            r.send("ready\n");
+        }
     }
 
     /// Runs until shutdown completes. `control` carries control requests
@@ -340,13 +330,24 @@ impl Supervisor {
     ) {
         let mut last_flush = Instant::now();
         loop {
+            let deadline = self.timers.next();
+            let due = async move {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             let ev = tokio::select! {
                 biased;
-                Some(ev) = control.recv() => ev,
-                Some(ev) = events.recv() => ev,
+                Some(ev) = control.recv() => Some(ev),
+                Some(ev) = events.recv() => Some(ev),
+                _ = due => None,
                 else => break,
             };
-            self.handle(ev);
+            match ev {
+                Some(ev) => self.handle(ev),
+                None => self.fire_timers(),
+            }
             // Take whatever else is already queued, up to a bound, before
             // writing state once: a burst of exits costs one state write,
             // not one each; a control request waits for one batch at most.
@@ -369,6 +370,7 @@ impl Supervisor {
                 self.flush_state();
                 last_flush = Instant::now();
             }
+            self.propagate();
             self.ledger.check_wal();
             if self.shutting_down && self.all_stopped() {
                 break;
@@ -395,7 +397,10 @@ impl Supervisor {
                     self.recheck_groups();
                 }
             }
-            Event::Timer { worker, index, epoch, kind } => self.on_timer(&worker, index, epoch, kind),
+            Event::Probe { worker, index, incarnation, role, verdict } => {
+                self.on_probe(&worker, index, incarnation, role, verdict)
+            }
+            Event::Notify(ev) => self.on_notify(ev),
             Event::JobTick { job, epoch } => self.on_job_tick(&job, epoch),
             Event::LedgerRetry => self.on_ledger_retry(),
             Event::RunTimer { run, inc, epoch, kind } => self.on_run_timer(run, inc, epoch, kind),
@@ -414,6 +419,17 @@ impl Supervisor {
         }
     }
 
+    /// Every timer that is due.
+    fn fire_timers(&mut self) {
+        self.status_cache = None;
+        let now = Instant::now();
+        while let Some(key) = self.timers.pop_due(now) {
+            match key {
+                TimerKey::Instance(name, index, kind) => self.on_instance_timer(&name, index, kind),
+            }
+        }
+    }
+
     // ----- processes -----
 
     fn sink_for(&self, name: &str) -> Arc<Sink> {
@@ -428,326 +444,17 @@ impl Supervisor {
         Arc::new(Sink::new(name.to_string(), file, self.echo.clone(), secrets))
     }
 
-    fn spawn(&mut self, name: &str, index: u32) {
-        let state_dir = self.config.supervisor.state_dir.clone();
-        let Some(w) = self.workers.get_mut(name) else { return };
-        let spec = &w.spec;
-        let inst = w.instances.entry(index).or_insert_with(Instance::new);
-        inst.error = None;
-        inst.kill_sent = false;
-        inst.needs_restart = false;
-
-        let dir = match spec.spawn_mode {
-            SpawnMode::SameDir => Ok(spec.dir.clone()),
-            SpawnMode::Worktree => match &inst.worktree {
-                Some(p) if p.is_dir() => Ok(p.clone()),
-                _ => worktree::create(&self.reaper, &spec.dir, &state_dir, name, index),
-            },
-        }
-        .map_err(|e| (e, false));
-        let result = dir.and_then(|dir| {
-            if spec.spawn_mode == SpawnMode::Worktree {
-                inst.worktree = Some(dir.clone());
-            }
-            let mut cmd = std::process::Command::new(&spec.command[0]);
-            cmd.args(&spec.command[1..])
-                .current_dir(&dir)
-                .envs(&spec.env)
-                .env("DROVER_WORKER", name)
-                .env("DROVER_INSTANCE", index.to_string())
-                .env("DROVER_CAPACITY", spec.capacity.to_string())
-                .env("DROVER_STATE_DIR", &state_dir)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-            proc::give_back_fd_limit(&mut cmd);
-            crate::os::identity::apply(&mut cmd, &spec.identity);
-            let spawned = if proc::descriptors_short() {
-                Err(std::io::Error::from_raw_os_error(nix::libc::EMFILE))
-            } else {
-                self.reaper.spawn(&mut cmd)
-            };
-            spawned.map_err(|e| {
-                let short = out_of_resources(&e);
-                let mut msg = format!("cannot start {:?} in {}: {e}", spec.command[0], dir.display());
-                if short {
-                    msg.push_str(&format!(
-                        "; drover is short of resources (it keeps {} descriptors in reserve): \
-                         retrying, not counted as a crash",
-                        proc::FD_RESERVE
-                    ));
-                }
-                (msg, short)
-            })
-        });
-        let now = SystemTime::now();
-        match result {
-            Ok(mut child) => {
-                let pid = child.id() as i32;
-                inst.pid = Some(pid);
-                inst.pgid = Some(pid);
-                inst.start_ticks = proc::start_ticks(pid);
-                inst.started_at = Some(now);
-                inst.started = Some(Instant::now());
-                inst.set_phase(Phase::Running);
-                for (stream, pipe) in [
-                    ("out", child.stdout.take().map(std::os::fd::OwnedFd::from)),
-                    ("err", child.stderr.take().map(std::os::fd::OwnedFd::from)),
-                ] {
-                    if let Some(fd) = pipe
-                        && let Ok(rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
-                    {
-                        tokio::spawn(pump(w.sink.clone(), index, stream, rx, None));
-                    }
-                }
-                self.by_pid.insert(pid, Proc::Instance(name.to_string(), index));
-                tracing::info!(worker = name, instance = index, pid, "started");
-            }
-            Err((msg, true)) => {
-                // Not the worker's failure: never a step toward parking.
-                let delay = after_resource_shortage(spec, &mut inst.counters);
-                tracing::warn!(worker = name, instance = index, error = %msg, delay_ms = millis(delay), "start failed");
-                inst.error = Some(msg);
-                inst.set_phase(Phase::Backoff { until: later(now, delay) });
-                let epoch = inst.epoch;
-                self.timer(name, index, epoch, TimerKind::Restart, delay);
-            }
-            Err((msg, false)) => {
-                tracing::warn!(worker = name, instance = index, error = %msg, "start failed");
-                inst.error = Some(msg);
-                inst.started_at = Some(now);
-                inst.then = Then::Policy { exit: None, uptime: Duration::ZERO };
-                self.settle(name, index);
-            }
-        }
-        self.dirty = true;
-    }
-
     fn on_exit(&mut self, pid: i32, exit: Exit) {
-        let (name, index) = match self.by_pid.remove(&pid) {
-            Some(Proc::Instance(name, index)) => (name, index),
-            Some(Proc::Run(id)) => return self.on_run_exit(id, exit),
+        match self.by_pid.remove(&pid) {
+            Some(Proc::Instance(name, index)) => self.on_exit_of_instance(&name, index, pid, exit),
+            Some(Proc::Run(id)) => self.on_run_exit(id, exit),
             // A run step whose spawn the actor has not heard of yet.
             None => {
                 if !self.discarded.remove(&pid) {
                     self.early_exits.insert(pid, exit);
                 }
-                return;
-            }
-        };
-        let Some(inst) = self.workers.get_mut(&name).and_then(|w| w.instances.get_mut(&index)) else {
-            return;
-        };
-        let uptime = inst.started.map(|s| s.elapsed()).unwrap_or_default();
-        tracing::info!(worker = %name, instance = index, pid, exit = %exit, uptime_ms = millis(uptime), "exited");
-        inst.pid = None;
-        inst.last_exit = Some(exit.clone());
-        if inst.phase == Phase::Running {
-            inst.then = Then::Policy { exit: Some(exit), uptime };
-        }
-        self.dirty = true;
-        let group_left = inst.pgid.is_some_and(proc::group_alive);
-        if group_left && inst.phase == Phase::Running {
-            // Its children live on in the group: stop them before the
-            // exit is acted on, so a restart never doubles them.
-            inst.set_phase(Phase::Draining);
-            self.signal_stop(&name, index);
-        } else if !group_left {
-            self.settle(&name, index);
-        }
-    }
-
-    /// Sends the stop signal to an instance's group and arms the kill timer.
-    fn signal_stop(&mut self, name: &str, index: u32) {
-        let Some(w) = self.workers.get_mut(name) else { return };
-        let (sig, grace) = (w.spec.stop_signal.to_nix(), w.spec.stop_grace.0);
-        let Some(inst) = w.instances.get_mut(&index) else { return };
-        if let Some(pgid) = inst.pgid {
-            let _ = proc::signal_group(pgid, sig);
-            // A stopped (SIGSTOP) process would not see the signal.
-            let _ = proc::signal_group(pgid, NixSignal::SIGCONT);
-        }
-        inst.kill_at = SystemTime::now().checked_add(grace);
-        let epoch = inst.epoch;
-        self.timer(name, index, epoch, TimerKind::Kill, grace);
-    }
-
-    /// Asks an instance to stop; `then` says what follows.
-    fn stop_instance(&mut self, name: &str, index: u32, then: Then) {
-        let Some(inst) = self.workers.get_mut(name).and_then(|w| w.instances.get_mut(&index)) else { return };
-        inst.then = then;
-        match inst.phase {
-            Phase::Running => {
-                inst.set_phase(Phase::Stopping);
-                self.signal_stop(name, index);
-            }
-            Phase::Draining => inst.phase = Phase::Stopping,
-            Phase::Stopping => {}
-            Phase::Backoff { .. } | Phase::Parked { .. } | Phase::Stopped => self.settle(name, index),
-        }
-        self.dirty = true;
-    }
-
-    /// Kills what drover adopted from an instance: processes that left its
-    /// group (`setsid`) and were re-parented to drover when their parent
-    /// died, with everything they started (whatever its environment or
-    /// session). They are found by the worker and instance in their
-    /// environment; with `None`, every child drover does not track goes.
-    fn kill_escapees(&self, of: Option<(&str, u32)>) {
-        for pid in proc::own_children() {
-            if self.by_pid.contains_key(&pid) || proc::is_zombie(pid) {
-                continue;
-            }
-            if let Some((name, index)) = of {
-                let ours = proc::environ_var(pid, "DROVER_WORKER").as_deref() == Some(name)
-                    && proc::environ_var(pid, "DROVER_INSTANCE") == Some(index.to_string());
-                if !ours {
-                    continue;
-                }
-            }
-            // What it started lives on in sessions of their own, with
-            // their parent (it) alive: not yet drover's children. Taken
-            // before the kill, which would scatter them.
-            let below = proc::descendants(pid, MAX_ESCAPEE_TREE);
-            tracing::warn!(
-                pid,
-                worker = of.map(|o| o.0),
-                descendants = below.len(),
-                "killing a process that left its worker's process group"
-            );
-            for p in std::iter::once(pid).chain(below) {
-                // It may lead a group of its own by now.
-                if proc::pgid_of(p) == Some(p) {
-                    let _ = proc::signal_group(p, NixSignal::SIGKILL);
-                } else {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), NixSignal::SIGKILL);
-                }
             }
         }
-    }
-
-    /// The instance has no process left: act on its `then`.
-    fn settle(&mut self, name: &str, index: u32) {
-        if self.workers.get(name).and_then(|w| w.instances.get(&index)).is_some_and(|i| i.pgid.is_some()) {
-            self.kill_escapees(Some((name, index)));
-        }
-        let Some(w) = self.workers.get_mut(name) else { return };
-        let Some(inst) = w.instances.get_mut(&index) else { return };
-        inst.pid = None;
-        if let Some(pgid) = inst.pgid.take() {
-            crate::os::groups::remove(pgid);
-        }
-        inst.start_ticks = None;
-        let then = std::mem::replace(&mut inst.then, Then::Stop);
-        if self.shutting_down {
-            inst.set_phase(Phase::Stopped);
-            return;
-        }
-        match then {
-            Then::Stop => {
-                inst.set_phase(Phase::Stopped);
-                // A hand stop may have cut into a rollout: carry on with the rest.
-                self.continue_rollout(name);
-            }
-            Then::Retire => {
-                if let Some(wt) = w.instances.remove(&index).and_then(|i| i.worktree) {
-                    worktree::remove(&self.reaper, &w.spec.dir, &wt);
-                }
-                if w.removed && w.instances.is_empty() {
-                    self.workers.remove(name);
-                }
-            }
-            Then::Start => {
-                inst.counters = Counters { restarts: inst.counters.restarts, ..Counters::default() };
-                self.deploy(name, index);
-                self.continue_rollout(name);
-            }
-            Then::Policy { exit, uptime } => {
-                match after_exit(&w.spec, &mut inst.counters, exit.as_ref(), uptime) {
-                    AfterExit::Restart { delay } if delay.is_zero() => {
-                        self.spawn(name, index);
-                    }
-                    AfterExit::Restart { delay } => {
-                        inst.set_phase(Phase::Backoff { until: later(SystemTime::now(), delay) });
-                        let epoch = inst.epoch;
-                        tracing::info!(
-                            worker = name,
-                            instance = index,
-                            delay_ms = millis(delay),
-                            "restart after backoff"
-                        );
-                        self.timer(name, index, epoch, TimerKind::Restart, delay);
-                    }
-                    AfterExit::Park { reason } => {
-                        tracing::warn!(worker = name, instance = index, %reason, "parked");
-                        inst.set_phase(Phase::Parked { reason });
-                    }
-                    AfterExit::Stop => inst.set_phase(Phase::Stopped),
-                }
-            }
-        }
-        self.dirty = true;
-    }
-
-    fn on_timer(&mut self, name: &str, index: u32, epoch: u64, kind: TimerKind) {
-        let Some(inst) = self.workers.get_mut(name).and_then(|w| w.instances.get_mut(&index)) else { return };
-        if inst.epoch != epoch {
-            return;
-        }
-        match kind {
-            TimerKind::Restart => {
-                if matches!(inst.phase, Phase::Backoff { .. }) && !self.shutting_down {
-                    self.spawn(name, index);
-                }
-            }
-            TimerKind::Kill | TimerKind::Recheck => {
-                if !matches!(inst.phase, Phase::Stopping | Phase::Draining) {
-                    return;
-                }
-                match inst.pgid {
-                    Some(pgid) if proc::group_alive(pgid) => {
-                        if kind == TimerKind::Kill {
-                            tracing::warn!(worker = name, instance = index, pgid, "stop grace over; SIGKILL");
-                            inst.kill_sent = true;
-                            let _ = proc::signal_group(pgid, NixSignal::SIGKILL);
-                        }
-                        self.timer(name, index, epoch, TimerKind::Recheck, Duration::from_millis(100));
-                    }
-                    _ if inst.pid.is_none() => self.settle(name, index),
-                    _ => {}
-                }
-            }
-        }
-    }
-
-    /// After a stray was reaped: instances whose leader is gone and whose
-    /// group may now be empty.
-    fn recheck_groups(&mut self) {
-        let done: Vec<(String, u32)> = self
-            .workers
-            .iter()
-            .flat_map(|(n, w)| w.instances.iter().map(move |(i, inst)| (n, *i, inst)))
-            .filter(|(_, _, inst)| {
-                inst.pid.is_none()
-                    && matches!(inst.phase, Phase::Stopping | Phase::Draining)
-                    && !inst.pgid.is_some_and(proc::group_alive)
-            })
-            .map(|(n, i, _)| (n.clone(), i))
-            .collect();
-        for (n, i) in done {
-            self.settle(&n, i);
-        }
-        self.recheck_run_groups();
-    }
-
-    fn timer(&self, name: &str, index: u32, epoch: u64, kind: TimerKind, after: Duration) {
-        let tx = self.tx.clone();
-        let worker = name.to_string();
-        tokio::spawn(async move {
-            tokio::time::sleep(after).await;
-            let _ = tx.send(Event::Timer { worker, index, epoch, kind });
-        });
     }
 
     // ----- config changes -----
@@ -760,102 +467,67 @@ impl Supervisor {
                 (Change::Stop { .. }, _) | (_, None) => {
                     let Some(w) = self.workers.get_mut(&name) else { continue };
                     w.removed = true;
-                    let idx: Vec<u32> = w.instances.keys().copied().collect();
-                    if idx.is_empty() {
+                    if w.instances.is_empty() {
                         self.workers.remove(&name);
                     }
-                    for i in idx {
-                        self.stop_instance(&name, i, Then::Retire);
-                    }
+                    self.removing.insert(name.clone());
                 }
-                (Change::Start { .. }, Some(spec)) => {
-                    let sink = self.sink_for(&name);
-                    let cap = spec.capacity;
-                    self.workers.insert(
-                        name.clone(),
-                        WorkerRt { spec, instances: BTreeMap::new(), sink, removed: false },
-                    );
-                    for i in 0..cap {
-                        self.spawn(&name, i);
-                    }
-                }
-                (change @ (Change::Restart { .. } | Change::Update { .. }), Some(spec)) => {
-                    let Some(w) = self.workers.get_mut(&name) else { continue };
+                (change, Some(spec)) => {
+                    self.removing.remove(&name);
+                    let Some(w) = self.workers.get_mut(&name) else {
+                        let sink = self.sink_for(&name);
+                        self.workers.insert(name.clone(), WorkerRt::new(spec, sink));
+                        self.scale(&name);
+                        continue;
+                    };
+                    // Changed, or added back while its instances were
+                    // still being retired: those finish retiring and their
+                    // slots start afresh (see `Effect::Retire`).
                     w.sink.set_secrets(secret_values(&spec.env, &spec.secret_env));
                     w.spec = spec;
                     w.removed = false;
-
-                    let restart = matches!(change, Change::Restart { .. });
+                    let restart = !matches!(change, Change::Update { .. });
                     for inst in w.instances.values_mut() {
-                        inst.needs_restart |= restart;
                         // A parked instance gets a fresh start from any change.
-                        if matches!(inst.phase, Phase::Parked { .. }) {
-                            inst.needs_restart = true;
-                        }
+                        inst.stale |= restart || matches!(inst.state, State::Parked { .. });
                     }
                     self.scale(&name);
                     self.continue_rollout(&name);
                 }
             }
         }
+        self.retire_removed();
     }
 
-    /// Starts missing indices below capacity; stops those above it, from the top.
-    fn scale(&mut self, name: &str) {
-        let Some(w) = self.workers.get(name) else { return };
-        let cap = w.spec.capacity;
-        let above: Vec<u32> = w.instances.keys().copied().filter(|&i| i >= cap).collect();
-        let missing: Vec<u32> = (0..cap).filter(|i| !w.instances.contains_key(i)).collect();
-        for i in above.into_iter().rev() {
-            self.stop_instance(name, i, Then::Retire);
+    /// Retires removed workers in dependency order: one that another
+    /// removed worker depends on goes after it.
+    pub(super) fn retire_removed(&mut self) {
+        if self.removing.is_empty() {
+            return;
         }
-        for i in missing {
-            self.spawn(name, i);
-        }
-    }
-
-    /// Replaces, one at a time, the instances whose settings are stale:
-    /// a worker with capacity > 1 is never fully down during a change.
-    fn continue_rollout(&mut self, name: &str) {
-        let Some(w) = self.workers.get_mut(name) else { return };
-        if w.instances.values().any(|i| matches!(i.phase, Phase::Stopping) && i.then == Then::Start) {
-            return; // one is being replaced already
-        }
-        // Instances without a process take the new settings at once.
-        let idle: Vec<u32> = w
-            .instances
-            .iter()
-            .filter(|(_, i)| {
-                i.needs_restart && matches!(i.phase, Phase::Backoff { .. } | Phase::Parked { .. })
-            })
-            .map(|(k, _)| *k)
-            .collect();
-        for &i in &idle {
-            if let Some(inst) = w.instances.get_mut(&i) {
-                inst.counters = Counters::default();
+        let old = Graph::from_edges(
+            self.workers
+                .iter()
+                .map(|(n, w)| {
+                    let deps = w.spec.depends_on.iter().map(|(d, c)| (Node::Worker(d.clone()), *c)).collect();
+                    (Node::Worker(n.clone()), deps)
+                })
+                .collect(),
+        );
+        let removed: std::collections::BTreeSet<Node> =
+            self.removing.iter().map(|n| Node::Worker(n.clone())).collect();
+        // The first level whose workers still have processes is the one
+        // being stopped; the levels after it wait.
+        for level in old.removal_levels(&removed) {
+            let names: Vec<String> = level.iter().map(|n| node_name(n).to_string()).collect();
+            for n in &names {
+                self.drive_all(n, |_| Some(Input::Stop(Then::Retire)));
+            }
+            if names.iter().any(|n| self.workers.contains_key(n)) {
+                return;
             }
         }
-        for i in idle {
-            self.deploy(name, i);
-        }
-        // A stopped instance (it finished under on-failure or never)
-        // runs again with the new settings.
-        let Some(w) = self.workers.get(name) else { return };
-        let stopped: Vec<u32> = w
-            .instances
-            .iter()
-            .filter(|(_, i)| i.needs_restart && i.phase == Phase::Stopped && !i.held)
-            .map(|(k, _)| *k)
-            .collect();
-        for i in stopped {
-            self.deploy(name, i);
-        }
-        let Some(w) = self.workers.get_mut(name) else { return };
-        let next =
-            w.instances.iter().find(|(_, i)| i.needs_restart && i.phase == Phase::Running).map(|(k, _)| *k);
-        if let Some(i) = next {
-            self.stop_instance(name, i, Then::Start);
-        }
+        self.removing.retain(|n| self.workers.contains_key(n));
     }
 
     fn actual(&self) -> BTreeMap<&str, &Worker> {
@@ -875,7 +547,9 @@ impl Supervisor {
                     return Response::Ok { message: format!("no change (generation {})", self.generation) };
                 }
                 let changes = plan(&loaded.config.workers, &self.actual());
+                let old_jobs = std::mem::take(&mut self.config.jobs);
                 self.config = loaded.config;
+                self.graph = Graph::of(&self.config);
                 self.generation += 1;
                 self.applied_at = SystemTime::now();
                 // Comma-separated names; a list with none is left out.
@@ -891,8 +565,10 @@ impl Supervisor {
                     updated = names(|c| matches!(c, Change::Update { .. })),
                     "config applied"
                 );
-                self.apply(changes);
                 self.apply_jobs();
+                self.run_dependency_jobs(Some(&old_jobs));
+                self.apply(changes);
+                self.release_waiting();
                 if let Some(w) = &self.watch {
                     let new = WatchSettings::of(&self.config);
                     w.send_if_modified(|cur| std::mem::replace(cur, new.clone()) != new);
@@ -1015,21 +691,18 @@ impl Supervisor {
     }
 
     fn unpark(&mut self, name: &str) -> Response {
-        let Some(w) = self.workers.get_mut(name) else {
+        let Some(w) = self.workers.get(name) else {
             return Response::Error { message: format!("no worker named {name:?}") };
         };
         let parked: Vec<u32> = w
             .instances
-            .iter_mut()
-            .filter(|(_, i)| matches!(i.phase, Phase::Parked { .. }))
-            .map(|(k, i)| {
-                i.counters = Counters { restarts: i.counters.restarts, ..Counters::default() };
-                *k
-            })
+            .iter()
+            .filter(|(_, i)| matches!(i.state, State::Parked { .. }))
+            .map(|(k, _)| *k)
             .collect();
         let n = parked.len();
         for i in parked {
-            self.spawn(name, i);
+            self.drive(name, i, Input::Start(Why::Release));
         }
         Response::Ok { message: format!("unparked {n} instance{} of {name}", if n == 1 { "" } else { "s" }) }
     }
@@ -1056,17 +729,58 @@ impl Supervisor {
         }
         tracing::info!("stopping every worker");
         self.shutting_down = true;
-        let all: Vec<(String, u32)> =
-            self.workers.iter().flat_map(|(n, w)| w.instances.keys().map(move |i| (n.clone(), *i))).collect();
-        for (n, i) in all {
-            self.stop_instance(&n, i, Then::Stop);
+        self.timers.cancel_where(|k| matches!(k, TimerKey::Instance(_, _, TimerKind::Restart)));
+        // Dependents first, each level in parallel; workers being removed
+        // (outside the graph) with the first.
+        let mut levels: Vec<Vec<String>> = self
+            .graph
+            .stop_levels()
+            .into_iter()
+            .map(|l| {
+                l.iter()
+                    .filter_map(|n| match n {
+                        Node::Worker(w) if self.workers.contains_key(w) => Some(w.clone()),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .filter(|l| !l.is_empty())
+            .collect();
+        let outside: Vec<String> =
+            self.workers.keys().filter(|n| !levels.iter().any(|l| l.contains(n))).cloned().collect();
+        match levels.first_mut() {
+            Some(first) => first.extend(outside),
+            None => levels.push(outside),
         }
+        levels.reverse();
+        self.stop_levels = levels;
         self.stop_all_runs();
+        self.advance_shutdown();
+    }
+
+    /// Stops the next level of workers once the one before is down.
+    fn advance_shutdown(&mut self) {
+        if !self.shutting_down {
+            return;
+        }
+        while let Some(level) = self.stop_levels.last().cloned() {
+            for n in &level {
+                self.drive_all(n, |_| Some(Input::Stop(Then::Stop)));
+            }
+            let down = level.iter().all(|n| {
+                self.workers.get(n).is_none_or(|w| w.instances.values().all(|i| !i.has_processes()))
+            });
+            if !down {
+                return;
+            }
+            self.stop_levels.pop();
+        }
     }
 
     fn all_stopped(&self) -> bool {
         self.runs.is_empty()
             && self.spawns_in_flight == 0
+            && self.stop_levels.is_empty()
             && self.workers.values().all(|w| w.instances.values().all(|i| !i.has_processes()))
     }
 
@@ -1115,6 +829,7 @@ impl Supervisor {
                     name: name.clone(),
                     capacity: w.spec.capacity,
                     state: worker_state(w),
+                    rollout: rollout_status(w),
                     instances: w.instances.iter().map(|(i, inst)| instance_status(*i, inst)).collect(),
                 })
                 .collect(),
@@ -1165,8 +880,8 @@ fn millis(d: Duration) -> u64 {
 }
 
 fn instance_status(index: u32, inst: &Instance) -> InstanceStatus {
-    let error = match &inst.phase {
-        Phase::Parked { reason } => Some(match &inst.error {
+    let error = match &inst.state {
+        State::Parked { reason } => Some(match &inst.error {
             Some(e) => format!("{reason}; last error: {e}"),
             None => reason.clone(),
         }),
@@ -1177,32 +892,37 @@ fn instance_status(index: u32, inst: &Instance) -> InstanceStatus {
         pid: inst.pid,
         pgid: inst.pgid,
         start_ticks: inst.start_ticks,
-        state: inst.phase.name().into(),
+        state: inst.state.name().into(),
         restarts: inst.counters.restarts,
         deploys: inst.deploys,
         held: inst.held,
         started_at: inst.started_at.map(rfc3339),
         last_exit: inst.last_exit.clone(),
         error,
-        next_start_at: match inst.phase {
-            Phase::Backoff { until } => Some(rfc3339(until)),
+        next_start_at: match inst.state {
+            State::Backoff { until } => Some(rfc3339(until)),
             _ => None,
         },
-        kill_at: match inst.phase {
-            Phase::Stopping | Phase::Draining if !inst.kill_sent => inst.kill_at.map(rfc3339),
+        kill_at: match inst.state {
+            State::Stopping { .. } if !inst.kill_sent => inst.kill_at.map(rfc3339),
             _ => None,
         },
+        waiting_for: match &inst.state {
+            State::Waiting { on } => on.clone(),
+            _ => Vec::new(),
+        },
+        notify_status: inst.notify_status.clone(),
     }
 }
 
 /// One word for a worker: the state all its instances share, else the
 /// one that most needs attention.
 fn worker_state(w: &WorkerRt) -> String {
-    let names: Vec<&str> = w.instances.values().map(|i| i.phase.name()).collect();
+    let names: Vec<&str> = w.instances.values().map(|i| i.state.name()).collect();
     if w.removed {
         return "stopping".into();
     }
-    for s in ["parked", "backoff", "stopping", "starting"] {
+    for s in ["parked", "backoff", "stopping", "starting", "waiting"] {
         if names.contains(&s) {
             return s.into();
         }
@@ -1211,5 +931,16 @@ fn worker_state(w: &WorkerRt) -> String {
         "stopped".into()
     } else {
         "running".into()
+    }
+}
+
+/// What status says of a worker's rollout, when one is under way.
+fn rollout_status(w: &WorkerRt) -> Option<String> {
+    match &w.rollout {
+        Progress::Done => None,
+        Progress::Waiting(i) => Some(format!("replacing instance {i}")),
+        Progress::Stalled(i, why) => Some(format!(
+            "stalled: the replacement of instance {i} is not ready ({why}); the others keep running"
+        )),
     }
 }

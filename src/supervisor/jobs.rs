@@ -5,7 +5,7 @@
 //! last tick in the ledger, so a restart neither fires every job at once
 //! nor forgets.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -17,9 +17,10 @@ use serde::{Deserialize, Serialize};
 use super::actor::{Event, Proc, Supervisor};
 use super::admission::{self, Admission};
 use super::clock::{later, rfc3339};
+use super::graph::Node;
 use super::logs::{LogFile, Sink, pump};
 use super::run_ledger::{LedgerError, Write};
-use crate::config::model::{Job, Step, Trigger, secret_values};
+use crate::config::model::{Condition, Job, Step, Trigger, secret_values};
 use crate::config::resolve::parse_cron;
 use crate::config::types::Signal;
 use crate::ledger::{Kind, NewRun, Run, RunState, Source};
@@ -38,6 +39,17 @@ pub struct JobRt {
     pub epoch: u64,
     /// Runs waiting for a slot (on_overlap = "queue" or "replace").
     pub queue: VecDeque<i64>,
+    /// How its latest run in this supervisor's life ended, for those that
+    /// depend on it.
+    pub last_outcome: Option<RunState>,
+    /// A run of it started in this supervisor's life.
+    pub started: bool,
+}
+
+impl JobRt {
+    pub fn new(spec: Job) -> Self {
+        JobRt { spec, next: None, epoch: 0, queue: VecDeque::new(), last_outcome: None, started: false }
+    }
 }
 
 /// A run with a process (or about to have one).
@@ -232,7 +244,7 @@ impl Supervisor {
         let names: Vec<String> = self.config.jobs.keys().cloned().collect();
         for name in names {
             let spec = self.config.jobs[&name].clone();
-            self.jobs.insert(name.clone(), JobRt { spec, next: None, epoch: 0, queue: VecDeque::new() });
+            self.jobs.insert(name.clone(), JobRt::new(spec));
             self.arm_schedule(&name, true);
         }
     }
@@ -292,7 +304,11 @@ impl Supervisor {
         }
         let tick = job.next.unwrap_or_else(SystemTime::now);
         let trigger = job.spec.trigger.clone();
-        let admitted = if self.ledger.is_busy() {
+        let waiting = self.job_blocked_by(name);
+        let admitted = if !waiting.is_empty() {
+            self.ledger_write(Write::CountSkip { job: name.into() });
+            Err(Refused::Skip(format!("waiting for {}", waiting.join(", "))))
+        } else if self.ledger.is_busy() {
             Err(Refused::Ledger(LedgerError::Busy("waiting writes".into())))
         } else {
             self.admit(name, Source::Schedule, None, 0)
@@ -485,6 +501,10 @@ impl Supervisor {
 
     /// Starts the current step of a run that is ours (claimed or released).
     fn start_claimed(&mut self, run: Run, approved: Option<u32>) {
+        if let Some(job) = run.job.as_deref().and_then(|j| self.jobs.get_mut(j)) {
+            job.started = true;
+            self.touched.insert(run.job.clone().unwrap_or_default());
+        }
         let state_dir = self.config.supervisor.state_dir.clone();
         let log = run_log_path(&state_dir, run.id);
         let sup = &self.config.supervisor;
@@ -825,6 +845,13 @@ impl Supervisor {
 
     fn finalize(&mut self, id: i64, state: RunState, exit: Option<&Exit>, error: Option<String>) {
         let rp = self.runs.remove(&id);
+        if let Some(j) = rp.as_ref().and_then(|r| r.job.as_deref())
+            && let Some(job) = self.jobs.get_mut(j)
+        {
+            job.last_outcome = Some(state);
+            // Those that depend on it look again.
+            self.touched.insert(j.to_string());
+        }
         self.ledger_write(Write::Finish { id, state, exit: exit.cloned(), error: error.clone() });
         tracing::info!(run = id, state = state.as_str(), error = error.as_deref(), "run ended");
 
@@ -1137,8 +1164,7 @@ impl Supervisor {
                     trigger_changed
                 }
                 None => {
-                    self.jobs
-                        .insert(name.clone(), JobRt { spec, next: None, epoch: 0, queue: VecDeque::new() });
+                    self.jobs.insert(name.clone(), JobRt::new(spec));
                     true
                 }
             };
@@ -1168,6 +1194,63 @@ impl Supervisor {
                 Some("supervisor stopped before the run started".into()),
             );
         }
+    }
+
+    // ----- dependencies -----
+
+    /// `succeeded`: the latest run in this supervisor's life succeeded;
+    /// `started`: a run of it started.
+    pub(super) fn job_meets(&self, name: &str, cond: Condition) -> bool {
+        let Some(j) = self.jobs.get(name) else { return false };
+        match cond {
+            Condition::Started => j.started,
+            _ => j.last_outcome == Some(RunState::Succeeded),
+        }
+    }
+
+    /// What job `name` waits for before its ticks may run, as "db (ready)".
+    pub(super) fn job_blocked_by(&self, name: &str) -> Vec<String> {
+        if self.jobs.get(name).is_none_or(|j| j.spec.depends_on.is_empty()) {
+            return Vec::new();
+        }
+        self.graph
+            .blocked_by(&Node::Job(name.to_string()), |node, cond| self.met(node, cond))
+            .into_iter()
+            .map(|(node, cond)| match node {
+                Node::Worker(n) | Node::Job(n) => format!("{n} ({})", cond.name()),
+            })
+            .collect()
+    }
+
+    /// Runs, source `dependency`, the jobs a worker or job depends on: all
+    /// of them at start (`old` is `None`), those whose config changed on a
+    /// reload.
+    pub(super) fn run_dependency_jobs(&mut self, old: Option<&BTreeMap<String, Job>>) {
+        for name in self.graph.jobs_to_run_at_start() {
+            let changed = match old {
+                None => true,
+                Some(old) => old.get(&name) != self.config.jobs.get(&name),
+            };
+            if !changed || !self.jobs.contains_key(&name) {
+                continue;
+            }
+            if let Some(j) = self.jobs.get_mut(&name) {
+                // A changed job is a new dependency: the old outcome is void.
+                j.last_outcome = None;
+                self.touched.insert(name.clone());
+            }
+            match self.admit(&name, Source::Dependency, None, 0) {
+                Ok(id) => tracing::info!(job = %name, run = id, "dependency run started"),
+                Err(e) => tracing::warn!(job = %name, reason = %e, "cannot run a dependency"),
+            }
+        }
+    }
+
+    /// Whether a run of a job something depends on is queued or running.
+    pub(super) fn dependency_runs_active(&self) -> bool {
+        self.graph.jobs_to_run_at_start().iter().any(|j| {
+            self.jobs.get(j).is_some_and(|rt| !rt.queue.is_empty()) || !self.running_of(j).is_empty()
+        })
     }
 
     pub(super) fn jobs_status(&self) -> Vec<JobStatus> {

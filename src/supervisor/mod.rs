@@ -16,5 +16,7 @@ pub mod protocol;
 pub mod reconcile;
 pub mod run_ledger;
 pub mod runtime;
+pub mod timers;
 pub mod watch;
+pub mod workers;
 pub mod worktree;

@@ -228,6 +228,10 @@ pub struct WorkerStatus {
     pub name: String,
     pub capacity: u32,
     pub state: String,
+    /// A rolling restart under way: which instance it waits for, or why
+    /// it stalled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<String>,
     pub instances: Vec<InstanceStatus>,
 }
 
@@ -239,7 +243,7 @@ pub struct InstanceStatus {
     pub pgid: Option<i32>,
     #[serde(default)]
     pub start_ticks: Option<u64>,
-    /// starting, running, backoff, parked, stopping, stopped.
+    /// waiting, starting, running, backoff, parked, stopping, stopped.
     pub state: String,
     /// Restarts after a crash (an exit the policy restarted).
     pub restarts: u32,
@@ -259,6 +263,12 @@ pub struct InstanceStatus {
     /// still there (none once SIGKILL is sent).
     #[serde(default)]
     pub kill_at: Option<String>,
+    /// For a waiting instance: the dependencies not met, as "db (ready)".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting_for: Vec<String>,
+    /// The last `STATUS=` line the instance sent (sd_notify).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify_status: Option<String>,
 }
 
 #[cfg(test)]

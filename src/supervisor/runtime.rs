@@ -363,11 +363,12 @@ pub async fn serve(
     let (watch_tx, watch_rx) = tokio::sync::watch::channel(sup.watch_settings());
     sup.set_watch(watch_tx);
     super::watch::start(loaded.path.clone(), &loaded.text, watch_rx, tx.clone());
+    // "ready" (READY=1 to systemd, the line to `start --detach`) comes
+    // from the actor once every instance is up, not merely spawned.
+    sup.set_ready(Ready(ready.0.take()));
+    tracing::info!(pid = std::process::id(), state_dir = %state_dir.display(), "started");
     sup.boot();
     tokio::spawn(control::serve(listener, ctl_tx));
-    tracing::info!(pid = std::process::id(), state_dir = %state_dir.display(), "ready");
-    sd_notify("READY=1");
-    ready.send("ready\n");
     sup.run(rx, ctl_rx).await;
     sd_notify("STOPPING=1");
     Ok(())

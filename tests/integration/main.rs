@@ -14,6 +14,7 @@ mod identity;
 mod jobs;
 mod ledger_faults;
 mod output;
+mod readiness;
 mod reload;
 mod schema;
 mod security;

@@ -6,9 +6,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{Phase, Supervisor, Then, rfc3339};
-use crate::supervisor::policy::Counters;
+use super::{Supervisor, rfc3339};
 use crate::supervisor::protocol::{Affected, InstanceAction, Response, Target};
+use crate::supervisor::workers::instance::{Input, Why};
 
 /// The instances `targets` name, in order and without repeats, checked
 /// against the workers there are (name → capacity). An unknown name or an
@@ -111,37 +111,24 @@ impl Supervisor {
 
     /// Stops an instance by hand, by the normal stop path, and keeps it stopped.
     fn hold(&mut self, name: &str, index: u32) {
-        let Some(inst) = self.workers.get_mut(name).and_then(|w| w.instances.get_mut(&index)) else { return };
-        inst.held = true;
-        self.stop_instance(name, index, Then::Stop);
+        self.drive(name, index, Input::Hold);
     }
 
-    /// Lets a held (or policy-stopped, or parked) instance run again.
+    /// Lets a held (or policy-stopped, or parked) instance run again; one
+    /// in backoff starts now, as `systemctl start` would.
     fn release(&mut self, name: &str, index: u32) {
-        let Some(inst) = self.workers.get_mut(name).and_then(|w| w.instances.get_mut(&index)) else { return };
-        inst.held = false;
-        match inst.phase {
-            // Due after a backoff: now, as `systemctl start` would.
-            Phase::Stopped | Phase::Parked { .. } | Phase::Backoff { .. } => {
-                // A fresh start, not a crash: the crash-loop count begins anew.
-                inst.counters = Counters { restarts: inst.counters.restarts, ..Counters::default() };
-                self.spawn(name, index);
-            }
-            // A hand stop still under way: start it again once it is done.
-            Phase::Stopping if inst.then == Then::Stop => inst.then = Then::Start,
-            // Running, or being replaced or drained.
-            _ => {}
-        }
+        self.drive(name, index, Input::Start(Why::Release));
     }
 
     /// Replaces these instances one at a time per worker, as a rollout
-    /// does; held ones are released and started.
+    /// does (the next only once the last is ready); held or stopped ones
+    /// are released and start at once.
     fn restart_instances(&mut self, list: &[(String, u32)]) {
         let mut names: Vec<&str> = Vec::new();
         for (n, i) in list {
             if let Some(inst) = self.workers.get_mut(n).and_then(|w| w.instances.get_mut(i)) {
                 inst.held = false;
-                inst.needs_restart = true;
+                inst.stale = true;
             }
             if !names.contains(&n.as_str()) {
                 names.push(n);
@@ -149,32 +136,7 @@ impl Supervisor {
         }
         for name in names {
             self.continue_rollout(name);
-            // Stopped instances start at once, even while the rollout waits
-            // for a replacement in progress.
-            let stopped: Vec<u32> = list
-                .iter()
-                .filter(|(n, _)| n == name)
-                .map(|(_, i)| *i)
-                .filter(|i| {
-                    self.workers
-                        .get(name)
-                        .and_then(|w| w.instances.get(i))
-                        .is_some_and(|inst| inst.phase == Phase::Stopped && inst.needs_restart)
-                })
-                .collect();
-            for i in stopped {
-                self.deploy(name, i);
-            }
         }
-    }
-
-    /// Starts an instance for a config change or `drover restart`: a
-    /// deploy, counted apart from the restarts after a crash.
-    pub(super) fn deploy(&mut self, name: &str, index: u32) {
-        if let Some(inst) = self.workers.get_mut(name).and_then(|w| w.instances.get_mut(&index)) {
-            inst.deploys = inst.deploys.saturating_add(1);
-        }
-        self.spawn(name, index);
     }
 }
 

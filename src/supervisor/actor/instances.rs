@@ -1,0 +1,500 @@
+//! The workers' instances at work: [`Supervisor::drive`] feeds an input to
+//! an instance's state machine (`workers::instance::step`) and carries out
+//! the effects it returns, the only place that spawns, signals, probes or
+//! sets a timer for an instance. After each event, `propagate` moves on
+//! what depends on instance states: rollouts and waiting dependents.
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::sys::signal::Signal as NixSignal;
+
+use super::{Event, MAX_ESCAPEE_TREE, Proc, Supervisor, TimerKey, millis, out_of_resources};
+use crate::config::model::{Condition, SpawnMode};
+use crate::os::proc;
+use crate::os::reaper::Exit;
+use crate::supervisor::graph::Node;
+use crate::supervisor::logs::pump_watched;
+use crate::supervisor::probes::{self, Notice, NotifyEvent, ProbeContext, Role, Verdict};
+use crate::supervisor::workers::instance::{self, Ctx, Effect, Input, Instance, State, Then, TimerKind, Why};
+use crate::supervisor::workers::rollout::{self, Action, Progress};
+use crate::supervisor::worktree;
+
+/// A spawned process's output pipes, handed to the pumps once the
+/// instance's probes (a `log` probe watches the lines) are set up.
+type Pipes = [Option<OwnedFd>; 2];
+
+impl Supervisor {
+    /// Feeds `input` to instance `name:index` and carries out what it says.
+    pub(super) fn drive(&mut self, name: &str, index: u32, input: Input) {
+        let blocked = self.blocked_by(name);
+        let shutting_down = self.shutting_down;
+        let Some(w) = self.workers.get_mut(name) else { return };
+        let Some(inst) = w.instances.get_mut(&index) else { return };
+        let before = (inst.state.name(), inst.is_ready());
+        let ctx = Ctx {
+            spec: &w.spec,
+            now: Instant::now(),
+            wall: SystemTime::now(),
+            shutting_down,
+            blocked: &blocked,
+        };
+        let effects = instance::step(inst, input, &ctx);
+        if before != (inst.state.name(), inst.is_ready()) {
+            self.touched.insert(name.to_string());
+        }
+        self.dirty = true;
+        let mut pipes: Pipes = [None, None];
+        for fx in effects {
+            self.execute(name, index, fx, &mut pipes);
+        }
+        if pipes.iter().any(Option::is_some) {
+            self.start_pumps(name, index, pipes);
+        }
+    }
+
+    fn execute(&mut self, name: &str, index: u32, fx: Effect, pipes: &mut Pipes) {
+        match fx {
+            Effect::Spawn => self.spawn(name, index, pipes),
+            Effect::SignalStop => {
+                let Some(w) = self.workers.get(name) else { return };
+                if let Some(pgid) = w.instances.get(&index).and_then(|i| i.pgid) {
+                    let _ = proc::signal_group(pgid, w.spec.stop_signal.to_nix());
+                    // A stopped (SIGSTOP) process would not see the signal.
+                    let _ = proc::signal_group(pgid, NixSignal::SIGCONT);
+                }
+            }
+            Effect::KillGroup => {
+                if let Some(pgid) = self.instance(name, index).and_then(|i| i.pgid) {
+                    tracing::warn!(worker = name, instance = index, pgid, "stop grace over; SIGKILL");
+                    let _ = proc::signal_group(pgid, NixSignal::SIGKILL);
+                }
+            }
+            Effect::SetTimer(kind, after) => {
+                let at = Instant::now().checked_add(after).unwrap_or_else(far_future);
+                self.timers.set(TimerKey::Instance(name.to_string(), index, kind), at);
+                if kind == TimerKind::Restart {
+                    tracing::info!(
+                        worker = name,
+                        instance = index,
+                        delay_ms = millis(after),
+                        "restart after backoff"
+                    );
+                }
+            }
+            Effect::CancelTimer(kind) => {
+                self.timers.cancel(&TimerKey::Instance(name.to_string(), index, kind))
+            }
+            Effect::StartProbe(role) => self.start_probe(name, index, role),
+            Effect::StopProbe => {
+                if let Some(w) = self.workers.get_mut(name) {
+                    w.probes.remove(&index);
+                }
+            }
+            Effect::Cleanup { pgid } => {
+                self.kill_escapees(Some((name, index)));
+                crate::os::groups::remove(pgid);
+            }
+            Effect::Retire => {
+                let Some(w) = self.workers.get_mut(name) else { return };
+                w.probes.remove(&index);
+                if let Some(wt) = w.instances.remove(&index).and_then(|i| i.worktree) {
+                    worktree::remove(&self.reaper, &w.spec.dir, &wt);
+                }
+                if w.removed && w.instances.is_empty() {
+                    self.workers.remove(name);
+                } else if !w.removed && index < w.spec.capacity {
+                    // Its worker came back (or grew) while it retired.
+                    self.scale(name);
+                }
+                self.touched.insert(name.to_string());
+            }
+            Effect::Parked(reason) => tracing::warn!(worker = name, instance = index, %reason, "parked"),
+        }
+    }
+
+    pub(super) fn instance(&self, name: &str, index: u32) -> Option<&Instance> {
+        self.workers.get(name).and_then(|w| w.instances.get(&index))
+    }
+
+    /// Spawns the instance's process and reports the outcome to its state
+    /// machine; the output pipes wait in `pipes` until its probes are set.
+    fn spawn(&mut self, name: &str, index: u32, pipes: &mut Pipes) {
+        let state_dir = self.config.supervisor.state_dir.clone();
+        let notify = self.notify.as_ref().map(|n| n.path().to_path_buf());
+        let Some(w) = self.workers.get_mut(name) else { return };
+        let spec = &w.spec;
+        let Some(inst) = w.instances.get_mut(&index) else { return };
+        let dir = match spec.spawn_mode {
+            SpawnMode::SameDir => Ok(spec.dir.clone()),
+            SpawnMode::Worktree => match &inst.worktree {
+                Some(p) if p.is_dir() => Ok(p.clone()),
+                _ => worktree::create(&self.reaper, &spec.dir, &state_dir, name, index),
+            },
+        };
+        let result = dir.map_err(|e| (e, false)).and_then(|dir| {
+            if spec.spawn_mode == SpawnMode::Worktree {
+                inst.worktree = Some(dir.clone());
+            }
+            let mut cmd = std::process::Command::new(&spec.command[0]);
+            cmd.args(&spec.command[1..])
+                .current_dir(&dir)
+                .envs(instance_env(name, index, spec.capacity, &spec.env, &state_dir))
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            if let Some(path) = &notify {
+                cmd.env("NOTIFY_SOCKET", path);
+            } else {
+                // drover's own manager's socket is not the instance's.
+                cmd.env_remove("NOTIFY_SOCKET");
+            }
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+            proc::give_back_fd_limit(&mut cmd);
+            crate::os::identity::apply(&mut cmd, &spec.identity);
+            let spawned = if proc::descriptors_short() {
+                Err(std::io::Error::from_raw_os_error(nix::libc::EMFILE))
+            } else {
+                self.reaper.spawn(&mut cmd)
+            };
+            spawned.map_err(|e| {
+                let short = out_of_resources(&e);
+                let mut msg = format!("cannot start {:?} in {}: {e}", spec.command[0], dir.display());
+                if short {
+                    msg.push_str(&format!(
+                        "; drover is short of resources (it keeps {} descriptors in reserve): \
+                         retrying, not counted as a crash",
+                        proc::FD_RESERVE
+                    ));
+                }
+                (msg, short)
+            })
+        });
+        match result {
+            Ok(mut child) => {
+                let pid = child.id() as i32;
+                pipes[0] = child.stdout.take().map(OwnedFd::from);
+                pipes[1] = child.stderr.take().map(OwnedFd::from);
+                self.by_pid.insert(pid, Proc::Instance(name.to_string(), index));
+                tracing::info!(worker = name, instance = index, pid, "started");
+                self.drive(name, index, Input::Spawned { pid, start_ticks: proc::start_ticks(pid) });
+            }
+            Err((error, short)) => {
+                tracing::warn!(worker = name, instance = index, %error, "start failed");
+                self.drive(name, index, Input::SpawnFailed { error, short });
+            }
+        }
+    }
+
+    fn start_pumps(&self, name: &str, index: u32, pipes: Pipes) {
+        let Some(w) = self.workers.get(name) else { return };
+        let watch = w.probes.get(&index).and_then(|p| p.line_watch());
+        for (stream, pipe) in ["out", "err"].into_iter().zip(pipes) {
+            if let Some(fd) = pipe
+                && let Ok(rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
+            {
+                tokio::spawn(pump_watched(w.sink.clone(), index, stream, rx, None, watch.clone()));
+            }
+        }
+    }
+
+    fn start_probe(&mut self, name: &str, index: u32, role: Role) {
+        let state_dir = self.config.supervisor.state_dir.clone();
+        let Some(w) = self.workers.get_mut(name) else { return };
+        let probe = match role {
+            Role::Ready => w.spec.ready.clone(),
+            Role::Health => w.spec.health.clone(),
+        };
+        let (Some(probe), Some(inst)) = (probe, w.instances.get(&index)) else { return };
+        let ctx = ProbeContext {
+            env: instance_env(name, index, w.spec.capacity, &w.spec.env, &state_dir),
+            dir: inst.worktree.clone().unwrap_or_else(|| w.spec.dir.clone()),
+            reaper: self.reaper.clone(),
+        };
+        let (tx, worker, incarnation) = (self.tx.clone(), name.to_string(), inst.incarnation);
+        let report = move |verdict| {
+            let _ = tx.send(Event::Probe { worker, index, incarnation, role, verdict });
+        };
+        match probes::spawn_probe(role, &probe, ctx, report) {
+            Ok(handle) => {
+                w.probes.insert(index, handle);
+            }
+            Err(e) => {
+                let reason = format!("its {} probe cannot run: {e}", role_name(role));
+                tracing::warn!(worker = name, instance = index, %reason);
+                self.drive(name, index, Input::ProbeFailed(reason));
+            }
+        }
+    }
+
+    /// A verdict of a probe; one of an earlier process is ignored.
+    pub(super) fn on_probe(
+        &mut self,
+        name: &str,
+        index: u32,
+        incarnation: u64,
+        role: Role,
+        verdict: Verdict,
+    ) {
+        let Some(inst) = self.instance(name, index) else { return };
+        if inst.incarnation != incarnation {
+            return;
+        }
+        match &verdict {
+            Verdict::Ready => tracing::info!(worker = name, instance = index, "ready"),
+            other => tracing::warn!(worker = name, instance = index, verdict = ?other, "probe failed"),
+        }
+        if let Some(w) = self.workers.get_mut(name) {
+            // Its task has ended with the verdict.
+            w.probes.remove(&index);
+        }
+        self.drive(name, index, Input::Probe(role, verdict));
+    }
+
+    /// A datagram on the notify socket, from an instance's process.
+    pub(super) fn on_notify(&mut self, ev: NotifyEvent) {
+        let by_pid = &self.by_pid;
+        let Some((name, index)) = ev.attribute(|pid| match by_pid.get(&pid) {
+            Some(Proc::Instance(n, i)) => Some((n.clone(), *i)),
+            _ => None,
+        }) else {
+            return;
+        };
+        let Some(w) = self.workers.get_mut(&name) else { return };
+        if let Notice::Status(text) = &ev.notice
+            && let Some(inst) = w.instances.get_mut(&index)
+        {
+            inst.notify_status = Some(text.clone());
+            self.dirty = true;
+        }
+        if let Some(p) = w.probes.get(&index) {
+            p.notice(&ev.notice);
+        }
+    }
+
+    pub(super) fn on_exit_of_instance(&mut self, name: &str, index: u32, pid: i32, exit: Exit) {
+        let Some(inst) = self.instance(name, index) else { return };
+        let uptime = inst.started.map(|s| s.elapsed()).unwrap_or_default();
+        tracing::info!(worker = %name, instance = index, pid, exit = %exit, uptime_ms = millis(uptime), "exited");
+        let group_alive = inst.pgid.is_some_and(proc::group_alive);
+        self.drive(name, index, Input::Exited { exit, group_alive });
+    }
+
+    pub(super) fn on_instance_timer(&mut self, name: &str, index: u32, kind: TimerKind) {
+        let Some(inst) = self.instance(name, index) else { return };
+        let group_alive = inst.pgid.is_some_and(proc::group_alive);
+        self.drive(name, index, Input::Timer { kind, group_alive });
+    }
+
+    /// After a stray was reaped: instances whose leader is gone and whose
+    /// group may now be empty.
+    pub(super) fn recheck_groups(&mut self) {
+        let done: Vec<(String, u32)> = self
+            .workers
+            .iter()
+            .flat_map(|(n, w)| w.instances.iter().map(move |(i, inst)| (n, *i, inst)))
+            .filter(|(_, _, inst)| {
+                inst.pid.is_none()
+                    && matches!(inst.state, State::Stopping { .. })
+                    && !inst.pgid.is_some_and(proc::group_alive)
+            })
+            .map(|(n, i, _)| (n.clone(), i))
+            .collect();
+        for (n, i) in done {
+            self.drive(&n, i, Input::GroupEmpty);
+        }
+        self.recheck_run_groups();
+    }
+
+    /// Asks every instance of `name` something, in index order.
+    pub(super) fn drive_all(&mut self, name: &str, input: impl Fn(u32) -> Option<Input>) {
+        let Some(w) = self.workers.get(name) else { return };
+        let idx: Vec<u32> = w.instances.keys().copied().collect();
+        for i in idx {
+            if let Some(inp) = input(i) {
+                self.drive(name, i, inp);
+            }
+        }
+    }
+
+    /// Starts missing indices below capacity; retires those above it, from the top.
+    pub(super) fn scale(&mut self, name: &str) {
+        let Some(w) = self.workers.get_mut(name) else { return };
+        let cap = w.spec.capacity;
+        let above: Vec<u32> = w.instances.keys().copied().filter(|&i| i >= cap).rev().collect();
+        let missing: Vec<u32> = (0..cap).filter(|i| !w.instances.contains_key(i)).collect();
+        for &i in &missing {
+            w.instances.insert(i, Instance::new());
+        }
+        for i in above {
+            self.drive(name, i, Input::Stop(Then::Retire));
+        }
+        for i in missing {
+            self.drive(name, i, Input::Start(Why::Wanted));
+        }
+    }
+
+    /// Moves a rolling restart on: see `workers::rollout`.
+    pub(super) fn continue_rollout(&mut self, name: &str) {
+        let Some(w) = self.workers.get_mut(name) else { return };
+        if w.removed || self.shutting_down {
+            return;
+        }
+        let (actions, progress) = rollout::next(&w.instances);
+        if let Progress::Stalled(i, why) = &progress
+            && w.rollout != progress
+        {
+            tracing::warn!(worker = name, instance = i, reason = %why, "rollout stalled: the replacement is not ready");
+        }
+        w.rollout = progress;
+        for a in actions {
+            match a {
+                Action::Deploy(i) => self.drive(name, i, Input::Start(Why::Deploy)),
+                Action::Replace(i) => self.drive(name, i, Input::Stop(Then::Start)),
+            }
+        }
+    }
+
+    /// Carries on after the instances of `touched` workers changed state:
+    /// their rollouts, and whatever waits on them.
+    pub(super) fn propagate(&mut self) {
+        while !self.touched.is_empty() {
+            let touched = std::mem::take(&mut self.touched);
+            for name in &touched {
+                self.continue_rollout(name);
+            }
+            self.release_waiting();
+            self.retire_removed();
+            self.advance_shutdown();
+        }
+        self.maybe_announce_ready();
+    }
+
+    /// Tells each waiting instance what it still waits for; those with
+    /// nothing left start.
+    pub(super) fn release_waiting(&mut self) {
+        let waiting: Vec<String> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.instances.values().any(|i| matches!(i.state, State::Waiting { .. })))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in waiting {
+            let on = self.blocked_by(&name);
+            self.drive_all(&name, |_| Some(Input::Blocked { on: on.clone() }));
+        }
+    }
+
+    /// The dependencies of worker `name` not met now, as "db (ready)".
+    pub(super) fn blocked_by(&self, name: &str) -> Vec<String> {
+        let Some(w) = self.workers.get(name) else { return Vec::new() };
+        if w.spec.depends_on.is_empty() {
+            return Vec::new();
+        }
+        self.graph
+            .blocked_by(&Node::Worker(name.to_string()), |node, cond| self.met(node, cond))
+            .into_iter()
+            .map(|(node, cond)| format!("{} ({})", node_name(&node), cond.name()))
+            .collect()
+    }
+
+    /// Whether `node` meets `cond` now.
+    pub(in crate::supervisor) fn met(&self, node: &Node, cond: Condition) -> bool {
+        match node {
+            Node::Worker(n) => self.worker_meets(n, cond),
+            Node::Job(j) => self.job_meets(j, cond),
+        }
+    }
+
+    /// `started`: every instance spawned; `ready`: every instance ready. A
+    /// worker being removed meets nothing.
+    pub(super) fn worker_meets(&self, name: &str, cond: Condition) -> bool {
+        let Some(w) = self.workers.get(name).filter(|w| !w.removed) else { return false };
+        let insts =
+            w.instances.values().filter(|i| !matches!(i.state, State::Stopping { then: Then::Retire }));
+        let mut insts = insts.peekable();
+        if insts.peek().is_none() {
+            return w.spec.capacity == 0;
+        }
+        match cond {
+            Condition::Ready => insts.all(Instance::is_ready),
+            _ => insts.all(|i| i.is_started() || i.is_ready()),
+        }
+    }
+
+    /// Kills what drover adopted from an instance: processes that left its
+    /// group (`setsid`) and were re-parented to drover when their parent
+    /// died, with everything they started (whatever its environment or
+    /// session). They are found by the worker and instance in their
+    /// environment; with `None`, every child drover does not track goes.
+    pub(super) fn kill_escapees(&self, of: Option<(&str, u32)>) {
+        for pid in proc::own_children() {
+            if self.by_pid.contains_key(&pid) || proc::is_zombie(pid) {
+                continue;
+            }
+            if let Some((name, index)) = of {
+                let ours = proc::environ_var(pid, "DROVER_WORKER").as_deref() == Some(name)
+                    && proc::environ_var(pid, "DROVER_INSTANCE") == Some(index.to_string());
+                if !ours {
+                    continue;
+                }
+            }
+            // What it started lives on in sessions of their own, with
+            // their parent (it) alive: not yet drover's children. Taken
+            // before the kill, which would scatter them.
+            let below = proc::descendants(pid, MAX_ESCAPEE_TREE);
+            tracing::warn!(
+                pid,
+                worker = of.map(|o| o.0),
+                descendants = below.len(),
+                "killing a process that left its worker's process group"
+            );
+            for p in std::iter::once(pid).chain(below) {
+                // It may lead a group of its own by now.
+                if proc::pgid_of(p) == Some(p) {
+                    let _ = proc::signal_group(p, NixSignal::SIGKILL);
+                } else {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), NixSignal::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+/// The variables drover gives an instance, over the worker's `env`; its
+/// probes expand `${NAME}` from the same.
+fn instance_env(
+    name: &str,
+    index: u32,
+    capacity: u32,
+    env: &BTreeMap<String, String>,
+    state_dir: &std::path::Path,
+) -> BTreeMap<String, String> {
+    let mut all = env.clone();
+    all.insert("DROVER_WORKER".into(), name.into());
+    all.insert("DROVER_INSTANCE".into(), index.to_string());
+    all.insert("DROVER_CAPACITY".into(), capacity.to_string());
+    all.insert("DROVER_STATE_DIR".into(), state_dir.display().to_string());
+    all
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Ready => "ready",
+        Role::Health => "health",
+    }
+}
+
+pub(super) fn node_name(node: &Node) -> &str {
+    match node {
+        Node::Worker(n) | Node::Job(n) => n,
+    }
+}
+
+/// A deadline past any real one, for an arithmetic overflow.
+fn far_future() -> Instant {
+    let now = Instant::now();
+    now.checked_add(Duration::from_secs(86_400 * 365)).unwrap_or(now)
+}
