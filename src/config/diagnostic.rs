@@ -82,9 +82,10 @@ pub fn display_key(path: &[String]) -> String {
 }
 
 /// Array positions in our config are only under `steps`, `command`,
-/// `permanent_exit_codes`; a numeric segment after them is an index.
+/// `permanent_exit_codes`, `env_file`; a numeric segment after them is an index.
 fn is_index(parent: &[String], seg: &str) -> bool {
-    matches!(parent[0].as_str(), "steps" | "command" | "permanent_exit_codes") && seg.parse::<usize>().is_ok()
+    matches!(parent[0].as_str(), "steps" | "command" | "permanent_exit_codes" | "env_file")
+        && seg.parse::<usize>().is_ok()
 }
 
 /// Maps byte offsets to (line, column) with one scan of the text, so a

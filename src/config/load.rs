@@ -198,36 +198,58 @@ pub struct Loaded {
 /// reader for ever (and the supervisor re-reads its config on its event
 /// loop), so it is opened without blocking and refused after a look.
 pub fn read_text(path: &Path) -> Result<String, Diagnostic> {
-    use std::os::unix::fs::OpenOptionsExt;
     let fail = |msg: String| Diagnostic::file(path, msg);
-    let mut file = std::fs::OpenOptions::new()
+    let (file, size) = open_regular(path).map_err(|e| {
+        fail(match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                "no such file (name another with -c FILE or DROVER_CONFIG)".to_string()
+            }
+            std::io::ErrorKind::IsADirectory => "is a directory, not a config file".into(),
+            std::io::ErrorKind::InvalidInput => format!("{e}; write the config to a file and name that"),
+            _ => format!("cannot open: {e}"),
+        })
+    })?;
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes).map_err(|e| fail(format!("cannot read: {e}")))?;
+    text_from_bytes(path, bytes, size)
+}
+
+/// Opens `path` for reading, and its size, if it is a regular file: it is
+/// opened without blocking and refused after a look, as a FIFO, a
+/// terminal or a device could block the reader for ever.
+fn open_regular(path: &Path) -> std::io::Result<(std::fs::File, u64)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
-        .open(path)
-        .map_err(|e| {
-            fail(match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    "no such file (name another with -c FILE or DROVER_CONFIG)".to_string()
-                }
-                _ => format!("cannot open: {e}"),
-            })
-        })?;
-    let meta = file.metadata().map_err(|e| fail(format!("cannot read: {e}")))?;
+        .open(path)?;
+    let meta = file.metadata()?;
     if meta.is_dir() {
-        return Err(fail("is a directory, not a config file".into()));
+        return Err(std::io::ErrorKind::IsADirectory.into());
     }
     if !meta.is_file() {
-        return Err(fail(
-            "is not a regular file (a FIFO, a terminal or a device); write the config to a file and name that"
-                .into(),
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "is not a regular file (a FIFO, a terminal or a device)",
         ));
     }
+    Ok((file, meta.len()))
+}
+
+/// The UTF-8 text of the regular file at `path`, of at most `max` bytes
+/// (env files; the config itself has [`read_text`], with its own messages).
+pub fn read_regular(path: &Path, max: u64) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind};
+    let (file, size) = open_regular(path)?;
     let mut bytes = Vec::new();
-    (&mut file)
-        .take(MAX_CONFIG_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| fail(format!("cannot read: {e}")))?;
-    text_from_bytes(path, bytes, meta.len())
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("is {} KiB; at most {} KiB is read", size.max(bytes.len() as u64) >> 10, max >> 10),
+        ));
+    }
+    String::from_utf8(bytes).map_err(|_| Error::new(ErrorKind::InvalidData, "is not UTF-8 text"))
 }
 
 /// The config text in `bytes` read from `path` (whose size on disk is
@@ -821,6 +843,13 @@ fn schema_diagnostics(
                 "invalid name {found}: use 1 to 63 lowercase letters, digits, '-' or '_', starting with a letter or digit"
             ))
         }
+        K::Pattern { .. } if path.last().map(String::as_str) == Some("umask") => {
+            one(format!("expected an octal mask of 3 or 4 digits such as \"027\", found {found}"))
+        }
+        K::AnyOf { .. } if title == "Limit" || title == "LimitValue" => one(format!(
+            "expected a number, \"infinity\", a size such as \"64MiB\" (for limits in bytes), \
+             or {{ soft = …, hard = … }} with both, found {found}"
+        )),
         K::AnyOf { .. } if title == "ByteSize" => {
             one(format!("expected a size such as 1048576 or \"10MiB\", found {found}"))
         }

@@ -3,6 +3,8 @@
 //! model the runtime uses.
 
 pub mod diagnostic;
+pub mod env_file;
+pub mod identity;
 pub mod load;
 pub mod model;
 pub mod raw;

@@ -9,8 +9,10 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::ser::SerializeMap;
 
+pub use super::env_file::EnvFile;
 pub use super::raw::{OnOverlap, RestartPolicy, SpawnMode};
 use super::types::{ByteSize, HumanDuration, Signal};
+pub use crate::os::identity::Identity;
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Config {
@@ -99,6 +101,12 @@ pub struct Settings {
     pub env: BTreeMap<String, String>,
     /// Keys of `env` never printed: this table's and every table's above it.
     pub secret_env: BTreeSet<String>,
+    /// The env files read into `env`: this table's and every table's above it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub env_file: Vec<EnvFile>,
+    /// User, groups, umask, nice, oom_score_adj, no_new_privs, limits.
+    #[serde(flatten)]
+    pub identity: Identity,
     /// How an instance is known to be ready; `None`: ready once spawned.
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ready_view")]
     pub ready: Option<Probe>,
@@ -220,6 +228,8 @@ impl Default for Settings {
             stop_grace: HumanDuration::from_secs(30),
             env: BTreeMap::new(),
             secret_env: BTreeSet::new(),
+            env_file: Vec::new(),
+            identity: Identity::default(),
             ready: None,
             health: None,
         }
@@ -240,6 +250,10 @@ pub struct Worker {
     pub stop_grace: HumanDuration,
     pub env: BTreeMap<String, String>,
     pub secret_env: BTreeSet<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub env_file: Vec<EnvFile>,
+    #[serde(flatten)]
+    pub identity: Identity,
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ready_view")]
     pub ready: Option<Probe>,
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "health_view")]
@@ -271,6 +285,8 @@ impl Worker {
             stop_grace: s.stop_grace,
             env: s.env,
             secret_env: s.secret_env,
+            env_file: s.env_file,
+            identity: s.identity,
             ready: s.ready,
             health: s.health,
             depends_on: BTreeMap::new(),
@@ -295,6 +311,8 @@ pub struct Job {
     pub dir: PathBuf,
     pub env: BTreeMap<String, String>,
     pub secret_env: BTreeSet<String>,
+    pub env_file: Vec<EnvFile>,
+    pub identity: Identity,
     pub stop_signal: Signal,
     pub stop_grace: HumanDuration,
     /// Workers and jobs (by name) a run waits for, and for what.
@@ -330,6 +348,10 @@ impl Serialize for Job {
             stop_grace: HumanDuration,
             env: &'a BTreeMap<String, String>,
             secret_env: &'a BTreeSet<String>,
+            #[serde(skip_serializing_if = "<[EnvFile]>::is_empty")]
+            env_file: &'a [EnvFile],
+            #[serde(flatten)]
+            identity: &'a Identity,
             #[serde(skip_serializing_if = "BTreeMap::is_empty")]
             depends_on: &'a BTreeMap<String, Condition>,
         }
@@ -361,6 +383,8 @@ impl Serialize for Job {
             stop_grace: self.stop_grace,
             env: &self.env,
             secret_env: &self.secret_env,
+            env_file: &self.env_file,
+            identity: &self.identity,
             depends_on: &self.depends_on,
         }
         .serialize(s)

@@ -24,8 +24,10 @@ pub struct RawConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub supervisor: Option<RawSupervisor>,
     /// Settings every worker inherits unless it sets them itself (tables
-    /// such as `backoff` and `env` are merged key by key). Jobs inherit
-    /// `env`, `stop_signal` and `stop_grace`.
+    /// such as `backoff`, `env` and `limits` are merged key by key). Jobs
+    /// inherit `env`, `env_file`, `stop_signal`, `stop_grace` and the
+    /// identity keys (`user`, `group`, `umask`, `nice`, `oom_score_adj`,
+    /// `no_new_privs`, `limits`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub defaults: Option<RawSettings>,
     /// Long-running processes, by name. Each is kept running `capacity` times.
@@ -155,6 +157,33 @@ pub struct RawSettings {
     /// Keys of `env` whose values are secret: `drover config` shows them as
     /// "(secret)". A worker's or job's list adds to this one.
     pub secret_env: Option<Vec<String>>,
+    /// Run as this user (its primary group and supplementary groups too,
+    /// unless `group` is set). Needs drover to run as root, or as that user.
+    pub user: Option<String>,
+    /// Run with this primary group (default: the user's).
+    pub group: Option<String>,
+    /// File mode creation mask, in octal ("027"). Default: drover's.
+    #[schemars(regex(pattern = r"^[0-7]{3,4}$"))]
+    pub umask: Option<String>,
+    /// Scheduling priority, -20 (highest) to 19. Lowering it below
+    /// drover's needs root.
+    #[schemars(range(min = -20, max = 19))]
+    pub nice: Option<i32>,
+    /// The kernel OOM killer's bias for this process, -1000 (never) to
+    /// 1000 (first). Lowering it below drover's needs root.
+    #[schemars(range(min = -1000, max = 1000))]
+    pub oom_score_adj: Option<i32>,
+    /// Set PR_SET_NO_NEW_PRIVS: setuid programs and file capabilities gain
+    /// nothing.
+    #[schemars(extend("default" = false))]
+    pub no_new_privs: Option<bool>,
+    /// Resource limits (setrlimit): `{ nofile = 65536, core = 0 }`; a
+    /// number sets soft and hard alike, `{ soft, hard }` each.
+    pub limits: Option<RawLimits>,
+    /// KEY=VALUE files (systemd EnvironmentFile syntax), relative to the
+    /// config file's directory, read in order; `env` is over them. A
+    /// leading `-` ("-local.env") makes a missing file no error.
+    pub env_file: Option<Vec<String>>,
     /// How drover knows an instance is ready (default: ready once spawned).
     pub ready: Option<RawProbe>,
     /// How drover knows a running instance is healthy (default: not probed).
@@ -193,6 +222,33 @@ pub struct RawWorker {
     pub env: Option<BTreeMap<String, String>>,
     /// Keys of `env` whose values are secret (added to `defaults.secret_env`).
     pub secret_env: Option<Vec<String>>,
+    /// Run as this user (its primary group and supplementary groups too,
+    /// unless `group` is set). Needs drover to run as root, or as that user.
+    pub user: Option<String>,
+    /// Run with this primary group (default: the user's).
+    pub group: Option<String>,
+    /// File mode creation mask, in octal ("027"). Default: drover's.
+    #[schemars(regex(pattern = r"^[0-7]{3,4}$"))]
+    pub umask: Option<String>,
+    /// Scheduling priority, -20 (highest) to 19. Lowering it below
+    /// drover's needs root.
+    #[schemars(range(min = -20, max = 19))]
+    pub nice: Option<i32>,
+    /// The kernel OOM killer's bias for this process, -1000 (never) to
+    /// 1000 (first). Lowering it below drover's needs root.
+    #[schemars(range(min = -1000, max = 1000))]
+    pub oom_score_adj: Option<i32>,
+    /// Set PR_SET_NO_NEW_PRIVS: setuid programs and file capabilities gain
+    /// nothing.
+    #[schemars(extend("default" = false))]
+    pub no_new_privs: Option<bool>,
+    /// Resource limits (setrlimit): `{ nofile = 65536, core = 0 }`; a
+    /// number sets soft and hard alike, `{ soft, hard }` each.
+    pub limits: Option<RawLimits>,
+    /// KEY=VALUE files (systemd EnvironmentFile syntax), relative to the
+    /// config file's directory, read in order; `env` is over them. A
+    /// leading `-` ("-local.env") makes a missing file no error.
+    pub env_file: Option<Vec<String>>,
     /// How drover knows an instance is ready (replaces `defaults.ready` whole).
     pub ready: Option<RawProbe>,
     /// How drover knows a running instance is healthy (replaces `defaults.health` whole).
@@ -250,6 +306,33 @@ pub struct RawJob {
     pub env: Option<BTreeMap<String, String>>,
     /// Keys of `env` whose values are secret (added to `defaults.secret_env`).
     pub secret_env: Option<Vec<String>>,
+    /// Run as this user (its primary group and supplementary groups too,
+    /// unless `group` is set). Needs drover to run as root, or as that user.
+    pub user: Option<String>,
+    /// Run with this primary group (default: the user's).
+    pub group: Option<String>,
+    /// File mode creation mask, in octal ("027"). Default: drover's.
+    #[schemars(regex(pattern = r"^[0-7]{3,4}$"))]
+    pub umask: Option<String>,
+    /// Scheduling priority, -20 (highest) to 19. Lowering it below
+    /// drover's needs root.
+    #[schemars(range(min = -20, max = 19))]
+    pub nice: Option<i32>,
+    /// The kernel OOM killer's bias for this process, -1000 (never) to
+    /// 1000 (first). Lowering it below drover's needs root.
+    #[schemars(range(min = -1000, max = 1000))]
+    pub oom_score_adj: Option<i32>,
+    /// Set PR_SET_NO_NEW_PRIVS: setuid programs and file capabilities gain
+    /// nothing.
+    #[schemars(extend("default" = false))]
+    pub no_new_privs: Option<bool>,
+    /// Resource limits (setrlimit): `{ nofile = 65536, core = 0 }`; a
+    /// number sets soft and hard alike, `{ soft, hard }` each.
+    pub limits: Option<RawLimits>,
+    /// KEY=VALUE files (systemd EnvironmentFile syntax), relative to the
+    /// config file's directory, read in order; `env` is over them. A
+    /// leading `-` ("-local.env") makes a missing file no error.
+    pub env_file: Option<Vec<String>>,
     /// Signal sent to stop a run (overrides `defaults.stop_signal`).
     pub stop_signal: Option<Signal>,
     /// Grace before SIGKILL (overrides `defaults.stop_grace`).
@@ -324,6 +407,149 @@ impl JsonSchema for RawDependsOn {
             "anyOf": [
                 { "type": "object", "additionalProperties": { "type": "string" } },
                 { "type": "array", "items": { "type": "string" } }
+            ]
+        })
+    }
+}
+
+/// Resource limits by name (those of `ulimit` and systemd's `Limit…=`).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Address space (bytes).
+    #[serde(rename = "as")]
+    pub as_: Option<RawLimit>,
+    /// Core file size (bytes); 0: no core dumps.
+    pub core: Option<RawLimit>,
+    /// CPU time (seconds).
+    pub cpu: Option<RawLimit>,
+    /// Data segment (bytes).
+    pub data: Option<RawLimit>,
+    /// Size of a file written (bytes).
+    pub fsize: Option<RawLimit>,
+    /// File locks.
+    pub locks: Option<RawLimit>,
+    /// Locked memory (bytes).
+    pub memlock: Option<RawLimit>,
+    /// POSIX message queues (bytes).
+    pub msgqueue: Option<RawLimit>,
+    /// Ceiling of the nice value (20 - limit).
+    pub nice: Option<RawLimit>,
+    /// Open files.
+    pub nofile: Option<RawLimit>,
+    /// Processes (threads) of the user.
+    pub nproc: Option<RawLimit>,
+    /// Resident set (bytes; not enforced by Linux).
+    pub rss: Option<RawLimit>,
+    /// Real-time priority.
+    pub rtprio: Option<RawLimit>,
+    /// Real-time CPU time (microseconds).
+    pub rttime: Option<RawLimit>,
+    /// Queued signals.
+    pub sigpending: Option<RawLimit>,
+    /// Stack size (bytes).
+    pub stack: Option<RawLimit>,
+}
+
+impl RawLimits {
+    /// The limits set, by name.
+    pub fn set(&self) -> Vec<(&'static str, &RawLimit)> {
+        [
+            ("as", &self.as_),
+            ("core", &self.core),
+            ("cpu", &self.cpu),
+            ("data", &self.data),
+            ("fsize", &self.fsize),
+            ("locks", &self.locks),
+            ("memlock", &self.memlock),
+            ("msgqueue", &self.msgqueue),
+            ("nice", &self.nice),
+            ("nofile", &self.nofile),
+            ("nproc", &self.nproc),
+            ("rss", &self.rss),
+            ("rtprio", &self.rtprio),
+            ("rttime", &self.rttime),
+            ("sigpending", &self.sigpending),
+            ("stack", &self.stack),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
+        .collect()
+    }
+}
+
+/// One limit: a value for soft and hard alike, or `{ soft, hard }`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum RawLimit {
+    Both(LimitValue),
+    Pair { soft: LimitValue, hard: LimitValue },
+}
+
+impl<'de> Deserialize<'de> for RawLimit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Pair {
+            soft: LimitValue,
+            hard: LimitValue,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Both(LimitValue),
+            Pair(Pair),
+        }
+        // `untagged` only for this leaf, which the schema checks first.
+        Ok(match Either::deserialize(d)? {
+            Either::Both(v) => RawLimit::Both(v),
+            Either::Pair(p) => RawLimit::Pair { soft: p.soft, hard: p.hard },
+        })
+    }
+}
+
+impl JsonSchema for RawLimit {
+    fn schema_name() -> Cow<'static, str> {
+        "Limit".into()
+    }
+    fn json_schema(g: &mut SchemaGenerator) -> Schema {
+        let v = g.subschema_for::<LimitValue>();
+        json_schema!({
+            "title": "Limit",
+            "description": "A limit for soft and hard alike, or { soft = …, hard = … }.",
+            "anyOf": [
+                v,
+                {
+                    "type": "object",
+                    "properties": { "soft": v, "hard": v },
+                    "required": ["soft", "hard"],
+                    "additionalProperties": false
+                }
+            ]
+        })
+    }
+}
+
+/// A limit's value: a number, a size ("64MiB", for limits in bytes), or
+/// "infinity".
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum LimitValue {
+    Number(u64),
+    Text(String),
+}
+
+impl JsonSchema for LimitValue {
+    fn schema_name() -> Cow<'static, str> {
+        "LimitValue".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "title": "LimitValue",
+            "description": "A number, a size with a unit (\"64MiB\", for limits in bytes), or \"infinity\".",
+            "anyOf": [
+                { "type": "integer", "minimum": 0 },
+                { "type": "string", "pattern": "^\\s*([0-9]+\\s*([kKmMgG]i?[bB]?|[bB])?|infinity|unlimited)\\s*$" }
             ]
         })
     }

@@ -5,8 +5,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::identity::{self, RawIdentity};
 use super::model::{
-    Backoff, Condition, Config, CrashLoop, Job, Probe, ProbeKind, Settings, Step, Supervisor, Trigger, Worker,
+    Backoff, Condition, Config, CrashLoop, EnvFile, Job, Probe, ProbeKind, Settings, Step, Supervisor,
+    Trigger, Worker,
 };
 use super::raw::{
     OnOverlap, RawBackoff, RawConfig, RawCrashLoop, RawDependsOn, RawJob, RawProbe, RawSettings, SpawnMode,
@@ -20,11 +22,16 @@ pub struct Problem {
     pub message: String,
 }
 
-struct Problems(Vec<Problem>);
+/// The problems found so far.
+pub(super) struct Problems(Vec<Problem>);
 
 impl Problems {
-    fn add(&mut self, path: &[&str], message: impl Into<String>) {
+    pub(super) fn add(&mut self, path: &[&str], message: impl Into<String>) {
         self.0.push(Problem { path: path.iter().map(|s| s.to_string()).collect(), message: message.into() });
+    }
+
+    pub(super) fn add_owned(&mut self, path: Vec<String>, message: impl Into<String>) {
+        self.0.push(Problem { path, message: message.into() });
     }
 }
 
@@ -121,7 +128,11 @@ pub fn resolve(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
 
     let empty = RawSettings::default();
     let raw_defaults = raw.defaults.as_ref().unwrap_or(&empty);
-    let defaults = overlay(&Settings::default(), raw_defaults);
+    let me = crate::os::identity::drover_ids();
+    let files = identity::env_files(&mut p, &["defaults"], base_dir, raw_defaults.env_file.as_ref());
+    let mut defaults = overlay(&Settings::default(), raw_defaults, files);
+    defaults.identity =
+        identity::resolve(&mut p, &["defaults"], &defaults.identity, raw_identity(raw_defaults), me);
     check_settings(&mut p, &["defaults"], &defaults, raw_defaults);
 
     let mut workers = BTreeMap::new();
@@ -140,8 +151,18 @@ pub fn resolve(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
             secret_env: w.secret_env.clone(),
             ready: w.ready.clone(),
             health: w.health.clone(),
+            user: w.user.clone(),
+            group: w.group.clone(),
+            umask: w.umask.clone(),
+            nice: w.nice,
+            oom_score_adj: w.oom_score_adj,
+            no_new_privs: w.no_new_privs,
+            limits: w.limits.clone(),
+            env_file: w.env_file.clone(),
         };
-        let s = overlay(&defaults, &own);
+        let files = identity::env_files(&mut p, &at, base_dir, own.env_file.as_ref());
+        let mut s = overlay(&defaults, &own, files);
+        s.identity = identity::resolve(&mut p, &at, &s.identity, raw_identity(&own), me);
         check_settings(&mut p, &at, &s, &own);
         let dir = resolve_dir(&mut p, &["workers", name, "dir"], base_dir, w.dir.as_deref());
         let capacity = w.capacity.unwrap_or(1);
@@ -156,7 +177,7 @@ pub fn resolve(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
 
     let mut jobs = BTreeMap::new();
     for (name, j) in &raw.jobs {
-        if let Some(job) = resolve_job(&mut p, name, j, &defaults, base_dir) {
+        if let Some(job) = resolve_job(&mut p, name, j, &defaults, base_dir, me) {
             jobs.insert(name.clone(), job);
         }
     }
@@ -246,6 +267,7 @@ fn resolve_job(
     j: &RawJob,
     defaults: &Settings,
     base_dir: &Path,
+    me: (u32, u32),
 ) -> Option<Job> {
     let at = ["jobs", name];
     check_name(p, &at, name);
@@ -342,9 +364,23 @@ fn resolve_job(
     if retain == 0 {
         p.add(&["jobs", name, "retain"], "must be at least 1");
     }
+    let (own_files, file_env) = identity::env_files(p, &at, base_dir, j.env_file.as_ref());
     let mut env = defaults.env.clone();
+    env.extend(file_env);
     env.extend(j.env.clone().unwrap_or_default());
     check_env(p, &["jobs", name, "env"], j.env.as_ref());
+    let mut env_file = defaults.env_file.clone();
+    env_file.extend(own_files);
+    let own_identity = RawIdentity {
+        user: j.user.as_ref(),
+        group: j.group.as_ref(),
+        umask: j.umask.as_ref(),
+        nice: j.nice,
+        oom_score_adj: j.oom_score_adj,
+        no_new_privs: j.no_new_privs,
+        limits: j.limits.as_ref(),
+    };
+    let identity = identity::resolve(p, &at, &defaults.identity, own_identity, me);
     let mut secret_env = defaults.secret_env.clone();
     secret_env.extend(j.secret_env.iter().flatten().cloned());
     check_secrets(p, &["jobs", name], &env, j.secret_env.as_ref());
@@ -363,18 +399,38 @@ fn resolve_job(
         dir: resolve_dir(p, &["jobs", name, "dir"], base_dir, j.dir.as_deref()),
         env,
         secret_env,
+        env_file,
+        identity,
         stop_signal: j.stop_signal.unwrap_or(defaults.stop_signal),
         stop_grace: j.stop_grace.unwrap_or(defaults.stop_grace),
         depends_on: BTreeMap::new(),
     })
 }
 
-/// `base` overlaid by the keys `own` sets; tables merge key by key.
-fn overlay(base: &Settings, own: &RawSettings) -> Settings {
+/// The identity keys `own` sets.
+fn raw_identity(own: &RawSettings) -> RawIdentity<'_> {
+    RawIdentity {
+        user: own.user.as_ref(),
+        group: own.group.as_ref(),
+        umask: own.umask.as_ref(),
+        nice: own.nice,
+        oom_score_adj: own.oom_score_adj,
+        no_new_privs: own.no_new_privs,
+        limits: own.limits.as_ref(),
+    }
+}
+
+/// `base` overlaid by the keys `own` sets and by the variables of its env
+/// files (`files`: its own files and what they set; `env` is over them);
+/// tables merge key by key. The identity is `base`'s, to be resolved.
+fn overlay(base: &Settings, own: &RawSettings, files: (Vec<EnvFile>, BTreeMap<String, String>)) -> Settings {
     let b = own.backoff.clone().unwrap_or_default();
     let c = own.crash_loop.clone().unwrap_or_default();
     let mut env = base.env.clone();
+    env.extend(files.1);
     env.extend(own.env.clone().unwrap_or_default());
+    let mut env_file = base.env_file.clone();
+    env_file.extend(files.0);
     let mut secret_env = base.secret_env.clone();
     secret_env.extend(own.secret_env.iter().flatten().cloned());
     Settings {
@@ -396,6 +452,8 @@ fn overlay(base: &Settings, own: &RawSettings) -> Settings {
         stop_grace: own.stop_grace.unwrap_or(base.stop_grace),
         env,
         secret_env,
+        env_file,
+        identity: base.identity.clone(),
         // A probe of the worker's own replaces the default whole.
         ready: match &own.ready {
             Some(r) => Some(probe(r, true)),
@@ -988,6 +1046,69 @@ mod tests {
 
     fn probe_http(url: &str) -> RawProbe {
         RawProbe { http: Some(url.into()), ..Default::default() }
+    }
+
+    #[test]
+    fn env_files_layer_under_each_tables_env_and_identity_is_inherited() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("common.env"), "A=common\nB=common\nC=common\n").unwrap();
+        std::fs::write(dir.path().join("web.env"), "B=web-file\nC=web-file\nSECRET=s3cret\n").unwrap();
+        let mut raw = RawConfig {
+            defaults: Some(RawSettings {
+                env_file: Some(vec!["common.env".into()]),
+                env: Some([("A".to_string(), "defaults-env".to_string())].into()),
+                umask: Some("027".into()),
+                nice: Some(5),
+                limits: Some(super::super::raw::RawLimits {
+                    nofile: Some(super::super::raw::RawLimit::Both(super::super::raw::LimitValue::Number(
+                        100,
+                    ))),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut web = worker(&["true"]);
+        web.env_file = Some(vec!["web.env".into(), "-absent.env".into()]);
+        web.env = Some([("C".to_string(), "web-env".to_string())].into());
+        web.secret_env = Some(vec!["SECRET".into()]);
+        web.nice = Some(10);
+        raw.workers.insert("web".into(), web);
+        raw.jobs.insert("j".into(), job("true"));
+        let c = resolve(&raw, dir.path()).unwrap();
+        let env = &c.workers["web"].env;
+        // defaults' file < defaults.env < the worker's file < the worker's env.
+        assert_eq!(env["A"], "defaults-env");
+        assert_eq!(env["B"], "web-file");
+        assert_eq!(env["C"], "web-env");
+        assert_eq!(c.workers["web"].env_file.len(), 3);
+        assert!(c.workers["web"].env_file[2].optional);
+        let id = &c.workers["web"].identity;
+        assert_eq!((id.umask, id.nice, id.limits["nofile"].soft), (Some(0o027), Some(10), 100));
+        // Jobs inherit the identity keys and env files of [defaults] too.
+        let j = &c.jobs["j"];
+        assert_eq!((j.identity.nice, j.env["B"].as_str()), (Some(5), "common"));
+        assert_eq!(j.env_file.len(), 1);
+    }
+
+    #[test]
+    fn identity_problems_are_blamed_where_written() {
+        let mut raw = RawConfig {
+            defaults: Some(RawSettings { user: Some("no-such-user-drover".into()), ..Default::default() }),
+            ..Default::default()
+        };
+        raw.workers.insert("a".into(), worker(&["true"]));
+        let mut b = worker(&["true"]);
+        b.umask = Some("99".into());
+        b.env_file = Some(vec!["-".into()]);
+        raw.workers.insert("b".into(), b);
+        let errs = errors_of(&raw);
+        assert!(errs["defaults.user"].starts_with("unknown user \"no-such-user-drover\""), "{errs:#?}");
+        assert!(errs["workers.b.umask"].contains("octal"), "{errs:#?}");
+        assert!(errs["workers.b.env_file.0"].contains("a file name"), "{errs:#?}");
+        // The inherited unknown user is not reported again per worker.
+        assert_eq!(errs.len(), 3, "{errs:#?}");
     }
 
     fn errors_of(raw: &RawConfig) -> BTreeMap<String, String> {

@@ -3,5 +3,6 @@
 
 pub mod fsutil;
 pub mod groups;
+pub mod identity;
 pub mod proc;
 pub mod reaper;

@@ -238,8 +238,7 @@ impl Supervisor {
 
     /// The config watcher's settings, kept in step with the config.
     pub fn watch_settings(&self) -> WatchSettings {
-        let s = &self.config.supervisor;
-        WatchSettings { enabled: s.reload, debounce: s.debounce.0 }
+        WatchSettings::of(&self.config)
     }
 
     pub fn set_watch(&mut self, tx: watch::Sender<WatchSettings>) {
@@ -569,13 +568,8 @@ impl Supervisor {
                 self.apply(changes);
                 self.release_waiting();
                 if let Some(w) = &self.watch {
-                    w.send_if_modified(|cur| {
-                        let new = WatchSettings {
-                            enabled: self.config.supervisor.reload,
-                            debounce: self.config.supervisor.debounce.0,
-                        };
-                        std::mem::replace(cur, new) != new
-                    });
+                    let new = WatchSettings::of(&self.config);
+                    w.send_if_modified(|cur| std::mem::replace(cur, new.clone()) != new);
                 }
                 Response::Ok { message: format!("applied generation {}", self.generation) }
             }

@@ -69,6 +69,8 @@ pub struct RunProc {
     /// Start from an empty environment, not drover's: `env` is all of it
     /// (a session started with its caller's environment).
     pub clear_env: bool,
+    /// The job's user, groups and limits, as at the run's start.
+    pub identity: Arc<crate::os::identity::Identity>,
     pub stop_signal: Signal,
     pub stop_grace: Duration,
     pub timeout: Option<Duration>,
@@ -552,6 +554,13 @@ impl Supervisor {
             dir,
             env,
             clear_env,
+            identity: Arc::new(
+                run.job
+                    .as_deref()
+                    .and_then(|j| self.jobs.get(j))
+                    .map(|j| j.spec.identity.clone())
+                    .unwrap_or_default(),
+            ),
             stop_signal,
             stop_grace,
             timeout,
@@ -606,6 +615,7 @@ impl Supervisor {
         }
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         proc::give_back_fd_limit(&mut cmd);
+        crate::os::identity::apply(&mut cmd, &rp.identity);
         rp.spawning = true;
         // The spawn happens off the event loop: each one blocks its thread
         // until the child has exec'd, and runs come by the hundred.

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::model::{Job, Trigger, Worker};
+use crate::config::model::{Identity, Job, Trigger, Worker};
 
 /// What the supervisor runs now, as far as planning is concerned: each
 /// worker's applied settings.
@@ -17,7 +17,37 @@ pub type Actual<'a> = BTreeMap<&'a str, &'a Worker>;
 /// capacity, ready, health, depends_on) applies to the running processes
 /// as they are: a probe change takes effect at the next check, a
 /// dependency change at the next start.
-pub const RESTART_FIELDS: &[&str] = &["command", "dir", "env", "spawn_mode", "stop_signal"];
+pub const RESTART_FIELDS: &[&str] = &[
+    "command",
+    "dir",
+    "env",
+    "spawn_mode",
+    "stop_signal",
+    "user",
+    "group",
+    "umask",
+    "nice",
+    "oom_score_adj",
+    "no_new_privs",
+    "limits",
+];
+
+/// The identity keys of `a` and `b` that differ. A user or group whose
+/// number, groups or home changed in the system's database counts as
+/// changed too: the processes must be started again to get them.
+fn identity_changes(a: &Identity, b: &Identity) -> [(&'static str, bool); 7] {
+    let uid = |i: &Identity| i.switch.as_ref().map(|s| s.uid);
+    let gids = |i: &Identity| i.switch.as_ref().map(|s| (s.gid, s.groups.clone()));
+    [
+        ("user", a.user != b.user || uid(a) != uid(b) || a.login_env != b.login_env),
+        ("group", a.group != b.group || gids(a) != gids(b)),
+        ("umask", a.umask != b.umask),
+        ("nice", a.nice != b.nice),
+        ("oom_score_adj", a.oom_score_adj != b.oom_score_adj),
+        ("no_new_privs", a.no_new_privs != b.no_new_privs),
+        ("limits", a.limits != b.limits),
+    ]
+}
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
@@ -46,7 +76,7 @@ impl Change {
 
 /// The fields of `a` and `b` that differ, by name.
 pub fn changed_fields(a: &Worker, b: &Worker) -> Vec<String> {
-    differing(&[
+    let mut checks = vec![
         ("command", a.command != b.command),
         ("dir", a.dir != b.dir),
         ("env", a.env != b.env),
@@ -61,7 +91,11 @@ pub fn changed_fields(a: &Worker, b: &Worker) -> Vec<String> {
         ("ready", a.ready != b.ready),
         ("health", a.health != b.health),
         ("depends_on", a.depends_on != b.depends_on),
-    ])
+        // The files' variables are in `env`: a new list alone changes no process.
+        ("env_file", a.env_file != b.env_file),
+    ];
+    checks.extend(identity_changes(&a.identity, &b.identity));
+    differing(&checks)
 }
 
 /// The names whose flag is set.
@@ -143,7 +177,7 @@ pub fn changed_job_fields(a: &Job, b: &Job) -> Vec<String> {
             (is_every(x) || is_every(y), is_schedule(x) || is_schedule(y), false)
         }
     };
-    differing(&[
+    let mut checks = vec![
         (steps_key, a.steps != b.steps || a.flow != b.flow),
         ("every", every),
         ("schedule", schedule),
@@ -161,7 +195,10 @@ pub fn changed_job_fields(a: &Job, b: &Job) -> Vec<String> {
         ("stop_signal", a.stop_signal != b.stop_signal),
         ("stop_grace", a.stop_grace != b.stop_grace),
         ("depends_on", a.depends_on != b.depends_on),
-    ])
+        ("env_file", a.env_file != b.env_file),
+    ];
+    checks.extend(identity_changes(&a.identity, &b.identity));
+    differing(&checks)
 }
 
 /// The job changes that take `actual` to `desired`, by job name.
@@ -241,6 +278,51 @@ mod tests {
     }
 
     #[test]
+    fn identity_changes_restart_and_an_env_file_list_alone_does_not() {
+        use crate::config::model::EnvFile;
+        use crate::os::identity::{Rlimit, Switch};
+        let old: BTreeMap<_, _> = ["user", "group", "umask", "nice", "oom", "nnp", "limits", "ids", "files"]
+            .into_iter()
+            .map(|n| (n.to_string(), w("x", 1)))
+            .collect();
+        let mut new = old.clone();
+        fn id<'a>(n: &str, new: &'a mut BTreeMap<String, Worker>) -> &'a mut Identity {
+            &mut new.get_mut(n).unwrap().identity
+        }
+        id("user", &mut new).user = Some("app".into());
+        id("group", &mut new).group = Some("app".into());
+        id("umask", &mut new).umask = Some(0o027);
+        id("nice", &mut new).nice = Some(5);
+        id("oom", &mut new).oom_score_adj = Some(500);
+        id("nnp", &mut new).no_new_privs = true;
+        id("limits", &mut new).limits.insert("nofile".into(), Rlimit { soft: 10, hard: 10 });
+        // Same names, but the database now gives the user another uid.
+        id("ids", &mut new).switch = Some(Switch { uid: 1001, gid: 1001, groups: vec![1001] });
+        new.get_mut("files").unwrap().env_file.push(EnvFile { path: "/x/.env".into(), optional: false });
+        let p = plan(&new, &actual(&old));
+        let fields = |n: &str| -> (bool, Vec<String>) {
+            match p.iter().find(|c| c.worker() == n) {
+                Some(Change::Restart { fields, .. }) => (true, fields.clone()),
+                Some(Change::Update { fields, .. }) => (false, fields.clone()),
+                other => panic!("{n}: {other:?}"),
+            }
+        };
+        for (n, key) in [
+            ("user", "user"),
+            ("group", "group"),
+            ("umask", "umask"),
+            ("nice", "nice"),
+            ("oom", "oom_score_adj"),
+            ("nnp", "no_new_privs"),
+            ("limits", "limits"),
+        ] {
+            assert_eq!(fields(n), (true, vec![key.to_string()]), "{n}");
+        }
+        assert_eq!(fields("ids"), (true, vec!["user".to_string(), "group".to_string()]));
+        assert_eq!(fields("files"), (false, vec!["env_file".to_string()]));
+    }
+
+    #[test]
     fn same_config_plans_nothing() {
         let d: BTreeMap<_, _> = [("a".to_string(), w("x", 2)), ("b".into(), w("y", 1))].into();
         assert!(plan(&d, &actual(&d)).is_empty());
@@ -303,6 +385,8 @@ mod tests {
             dir: "/".into(),
             env: Default::default(),
             secret_env: Default::default(),
+            env_file: Vec::new(),
+            identity: Default::default(),
             stop_signal: crate::config::types::Signal::SIGTERM,
             stop_grace: HumanDuration::from_secs(10),
             depends_on: Default::default(),
@@ -315,9 +399,12 @@ mod tests {
             ("same".into(), job(Trigger::Manual)),
             ("gone".into(), job(Trigger::Manual)),
             ("kind".into(), job(Trigger::Manual)),
+            ("who".into(), job(Trigger::Manual)),
         ]
         .into();
         let mut new = old.clone();
+        new.get_mut("who").unwrap().identity.user = Some("app".into());
+        new.get_mut("who").unwrap().identity.nice = Some(3);
         new.remove("gone");
         new.insert("nightly".into(), job(cron("0 3 * * *")));
         new.get_mut("tick").unwrap().trigger = every(20);
@@ -331,6 +418,7 @@ mod tests {
                 JobChange::ChangeJob { job: "kind".into(), fields: vec!["every".into(), "capacity".into()] },
                 JobChange::AddJob { job: "nightly".into(), trigger: "schedule 0 3 * * *".into() },
                 JobChange::ChangeJob { job: "tick".into(), fields: vec!["every".into()] },
+                JobChange::ChangeJob { job: "who".into(), fields: vec!["user".into(), "nice".into()] },
                 JobChange::RemoveJob { job: "gone".into() },
             ]
         );

@@ -5,7 +5,9 @@
 //! holds the config path, plus the directory of whatever a symlinked path
 //! resolves to (a Kubernetes ConfigMap re-points `..data`). Events are
 //! filtered by name and coalesced for `debounce`; the actor then re-reads
-//! the file and does nothing if the result did not change.
+//! the file and does nothing if the result did not change. The env files
+//! the config names are watched the same way: a change to one reloads the
+//! config, and the workers whose env changed are restarted by the reload.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -17,10 +19,28 @@ use tokio::sync::{mpsc, watch};
 use super::actor::Event;
 
 /// What the watcher needs from the config, updated on every reload.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WatchSettings {
     pub enabled: bool,
     pub debounce: Duration,
+    /// The env files the config reads, watched beside it (a missing
+    /// optional one too: creating it is a change).
+    pub files: BTreeSet<PathBuf>,
+}
+
+impl WatchSettings {
+    /// The settings `config` asks for.
+    pub fn of(config: &crate::config::Config) -> Self {
+        let files = config
+            .defaults
+            .env_file
+            .iter()
+            .chain(config.workers.values().flat_map(|w| &w.env_file))
+            .chain(config.jobs.values().flat_map(|j| &j.env_file))
+            .map(|f| f.path.clone())
+            .collect();
+        WatchSettings { enabled: config.supervisor.reload, debounce: config.supervisor.debounce.0, files }
+    }
 }
 
 /// The directories to watch and the file names in them that matter.
@@ -30,7 +50,24 @@ struct Targets {
     names: BTreeSet<String>,
 }
 
-fn targets(config: &Path) -> Targets {
+fn targets(config: &Path, env_files: &BTreeSet<PathBuf>) -> Targets {
+    let mut t = Targets::default();
+    for f in env_files {
+        t.extend(file_targets(f));
+    }
+    t.extend(file_targets(config));
+    t
+}
+
+impl Targets {
+    fn extend(&mut self, other: Targets) {
+        self.dirs.extend(other.dirs);
+        self.names.extend(other.names);
+    }
+}
+
+/// The directories and names that matter for one file.
+fn file_targets(config: &Path) -> Targets {
     let mut t = Targets::default();
     let mut add = |p: &Path| {
         if let (Some(dir), Some(name)) = (p.parent(), p.file_name()) {
@@ -88,7 +125,8 @@ pub fn start(
     tx: mpsc::UnboundedSender<Event>,
 ) {
     let (raw_tx, raw_rx) = mpsc::unbounded_channel::<notify::Result<notify::Event>>();
-    let mut w = Watch { config, watcher: None, watched: Targets::default(), raw_tx };
+    let files = settings.borrow().files.clone();
+    let mut w = Watch { config, files, watcher: None, watched: Targets::default(), raw_tx };
     let enabled = settings.borrow().enabled;
     w.set(enabled);
     if enabled && crate::config::load::read_text(&w.config).ok().as_deref() != Some(loaded_text) {
@@ -101,6 +139,8 @@ pub fn start(
 /// is a limited resource: 128 per user by default).
 struct Watch {
     config: PathBuf,
+    /// The env files watched with it.
+    files: BTreeSet<PathBuf>,
     watcher: Option<notify::RecommendedWatcher>,
     watched: Targets,
     raw_tx: mpsc::UnboundedSender<notify::Result<notify::Event>>,
@@ -126,7 +166,7 @@ impl Watch {
             }
         }
         let Some(watcher) = self.watcher.as_mut() else { return };
-        let want = targets(&self.config);
+        let want = targets(&self.config, &self.files);
         for d in self.watched.dirs.difference(&want.dirs) {
             let _ = watcher.unwatch(d);
         }
@@ -173,7 +213,11 @@ async fn run(
                 if changed.is_err() {
                     return;
                 }
-                let on = settings.borrow().enabled;
+                let (on, files) = {
+                    let s = settings.borrow();
+                    (s.enabled, s.files.clone())
+                };
+                w.files = files;
                 w.set(on);
                 continue;
             }
@@ -215,10 +259,14 @@ mod tests {
         std::fs::write(d.join("..2026_01/daemon.toml"), "").unwrap();
         std::os::unix::fs::symlink("..2026_01", d.join("..data")).unwrap();
         std::os::unix::fs::symlink("..data/daemon.toml", d.join("daemon.toml")).unwrap();
-        let t = targets(&d.join("daemon.toml"));
+        let t = targets(&d.join("daemon.toml"), &BTreeSet::new());
         assert!(t.dirs.contains(d));
         assert!(t.names.contains("daemon.toml"));
         let real = std::fs::canonicalize(d.join("..2026_01")).unwrap();
         assert!(t.dirs.contains(&real), "{t:?}");
+        // Env files elsewhere add their directory and name.
+        let t = targets(&d.join("daemon.toml"), &[d.join("env/app.env")].into());
+        assert!(t.dirs.contains(&d.join("env")) && t.names.contains("app.env"), "{t:?}");
+        assert!(t.names.contains("daemon.toml"));
     }
 }

@@ -190,9 +190,25 @@ fn invalid_corpus_json_diagnostics_agree_with_the_text_ones() {
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
 }
 
+/// The valid files `check` can pass here: a `*-root.toml` file names
+/// other users, which only a root drover may run as.
+fn checkable_valid() -> Vec<PathBuf> {
+    let root = nix::unistd::Uid::effective().is_root();
+    corpus("valid")
+        .into_iter()
+        .filter(|f| {
+            let needs_root = f.to_string_lossy().ends_with("-root.toml");
+            if needs_root && !root {
+                eprintln!("skipping {}: it switches users, which needs root", f.display());
+            }
+            root || !needs_root
+        })
+        .collect()
+}
+
 #[test]
 fn every_valid_corpus_file_passes() {
-    let files = corpus("valid");
+    let files = checkable_valid();
     assert!(files.len() >= 8, "only {} valid files", files.len());
     for file in &files {
         let out = check_path(file);
@@ -211,7 +227,7 @@ fn every_valid_corpus_file_passes() {
 
 #[test]
 fn all_valid_files_at_once_pass_and_json_is_an_empty_array() {
-    let files = corpus("valid");
+    let files = checkable_valid();
     let out = run(Sandbox::new().drover().arg("check").args(&files));
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert_eq!(out.stdout.lines().count(), files.len(), "{}", out.stdout);
@@ -292,7 +308,17 @@ fn doc_keys(root: &Value, node: &Value, v: &toml::Value, path: &str, cov: &mut C
             cov.enums.entry(def.to_string()).or_default().insert(s.to_string());
         }
     }
-    let node = deref(root, node);
+    let mut node = deref(root, node);
+    if v.is_table()
+        && node.get("properties").is_none()
+        && let Some(alt) = node
+            .get("anyOf")
+            .and_then(Value::as_array)
+            .and_then(|alts| alts.iter().find(|a| deref(root, a).get("properties").is_some()))
+    {
+        // A value that may be a table or not (`limits.nofile`): the table form.
+        node = deref(root, alt);
+    }
     match v {
         toml::Value::Table(t) => {
             for (k, child) in t {

@@ -10,6 +10,7 @@ mod control;
 mod controls;
 mod export;
 mod faults;
+mod identity;
 mod jobs;
 mod ledger_faults;
 mod output;

@@ -47,6 +47,9 @@ fn the_published_schema_says_the_rules_json_schema_can() {
     let v = jsonschema::options().should_validate_formats(false).build(&schema).expect("the schema compiles");
     for entry in std::fs::read_dir(repo().join("tests/corpus/valid")).unwrap() {
         let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue; // an env file the configs read
+        }
         let errors: Vec<String> = v.iter_errors(&as_json(&path)).map(|e| e.to_string()).collect();
         assert!(errors.is_empty(), "{}: {errors:?}", path.display());
     }

@@ -153,6 +153,7 @@ impl Supervisor {
             }
             std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
             proc::give_back_fd_limit(&mut cmd);
+            crate::os::identity::apply(&mut cmd, &spec.identity);
             let spawned = if proc::descriptors_short() {
                 Err(std::io::Error::from_raw_os_error(nix::libc::EMFILE))
             } else {
