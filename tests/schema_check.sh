@@ -15,6 +15,8 @@ cd "$(dirname "$0")/.."
 # not fit its kind), and what probe strings mean (URL scheme, HOST:PORT,
 # ${NAME} placeholders, a regex that compiles, a zero timeout).
 SCHEMA_PASSES=(
+  env-file-missing-or-malformed
+  identity-unknown-user
   backoff-initial-over-max
   bad-cron
   depends-on-condition-misfit
