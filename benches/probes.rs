@@ -103,8 +103,12 @@ fn main() {
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let failures = Arc::new(AtomicU64::new(0));
     let (ticks, wall) = rt.block_on(async {
-        let ctx =
-            ProbeContext { env: Default::default(), dir: ".".into(), reaper: Arc::new(Reaper::default()) };
+        let ctx = ProbeContext {
+            env: Default::default(),
+            dir: ".".into(),
+            reaper: Arc::new(Reaper::default()),
+            identity: Default::default(),
+        };
         let kinds = std::iter::repeat_n(ProbeKind::Tcp(addr.clone()), a.tcp)
             .chain(std::iter::repeat_n(ProbeKind::Http(format!("http://{addr}/health")), a.http));
         let mut handles = Vec::new();

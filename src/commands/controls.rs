@@ -148,7 +148,8 @@ fn outcome(action: InstanceAction, a: &Affected, now: Option<&InstanceStatus>) -
         },
         InstanceAction::Start => match i.state.as_str() {
             "running" => Outcome::Done(format!("{name} running{pid}")),
-            "stopping" => Outcome::Pending("start"),
+            // Being spawned, or spawned and not yet ready.
+            "stopping" | "starting" => Outcome::Pending("start"),
             "stopped" if i.held => Outcome::Failed(format!("{name} was stopped by hand again")),
             "stopped" => {
                 Outcome::Done(format!("{name} started and has exited ({})", why().unwrap_or_default()))
@@ -162,7 +163,7 @@ fn outcome(action: InstanceAction, a: &Affected, now: Option<&InstanceStatus>) -
         }
         InstanceAction::Restart => match i.state.as_str() {
             "running" => Outcome::Done(format!("restarted {name}{pid}")),
-            "stopping" => Outcome::Pending("restart"),
+            "stopping" | "starting" => Outcome::Pending("restart"),
             "stopped" if i.held => Outcome::Failed(format!("{name} was stopped by hand")),
             "stopped" => {
                 Outcome::Done(format!("restarted {name}; it has exited ({})", why().unwrap_or_default()))
@@ -363,6 +364,10 @@ mod tests {
             outcome(InstanceAction::Restart, &a, Some(&i)),
             Outcome::Done("restarted web:1 (pid 101)".into())
         );
+        // Being spawned, or not ready yet: still under way.
+        i.state = "starting".into();
+        assert_eq!(outcome(InstanceAction::Restart, &a, Some(&i)), Outcome::Pending("restart"));
+        assert_eq!(outcome(InstanceAction::Start, &a, Some(&i)), Outcome::Pending("start"));
         i.state = "backoff".into();
         i.error = Some("cannot start \"nope\"".into());
         assert!(

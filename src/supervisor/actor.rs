@@ -16,10 +16,11 @@ mod instances;
 
 use instances::node_name;
 
+use super::child::{InFlight, LaunchError, Started};
 use super::clock::rfc3339;
 use super::control::Reply;
 use super::graph::{Graph, Node};
-use super::jobs::{JobRt, RunProc, RunTimer, SessionDirs, SpawnedProc};
+use super::jobs::{JobRt, RunProc, RunTimer, SessionDirs};
 use super::logs::{Echo, LogFile, Sink, log_path};
 use super::probes::{NotifyEvent, ProbeHandle, Role, Verdict};
 use super::protocol::{
@@ -55,12 +56,21 @@ pub enum Event {
     },
     /// An instance sent a notice to the notify socket.
     Notify(NotifyEvent),
-    /// A run step's process was spawned (off the event loop).
+    /// An instance's process was spawned (off the event loop), or not.
+    InstanceSpawned {
+        worker: String,
+        index: u32,
+        incarnation: u64,
+        /// Its git worktree, in worktree mode, when one was made.
+        worktree: Option<PathBuf>,
+        result: Result<Started, LaunchError>,
+    },
+    /// A run step's process was spawned (off the event loop), or not.
     RunSpawned {
         run: i64,
         inc: u64,
         step: u32,
-        result: Result<SpawnedProc, String>,
+        result: Result<Started, LaunchError>,
     },
     /// One output stream of a run's step reached its end.
     RunOutputClosed {
@@ -160,13 +170,9 @@ pub struct Supervisor {
     pub(super) jobs: BTreeMap<String, JobRt>,
     pub(super) runs: HashMap<i64, RunProc>,
     pub(super) session_dirs: SessionDirs,
-    /// Run spawns handed to a blocking thread and not yet reported.
-    pub(super) spawns_in_flight: usize,
-    /// Exits of run processes reaped before their spawn was reported.
-    pub(super) early_exits: HashMap<i32, Exit>,
-    /// Processes of runs cancelled while they were being spawned: their
-    /// exit is of no interest.
-    pub(super) discarded: std::collections::HashSet<i32>,
+    /// Spawns (of instances and run steps) handed to blocking threads and
+    /// not yet reported, and the exits that came before their report.
+    pub(super) in_flight: InFlight,
     applied_at: SystemTime,
     watch: Option<watch::Sender<WatchSettings>>,
     pub(super) shutting_down: bool,
@@ -217,9 +223,7 @@ impl Supervisor {
             jobs: BTreeMap::new(),
             runs: HashMap::new(),
             session_dirs: SessionDirs::new(),
-            spawns_in_flight: 0,
-            early_exits: HashMap::new(),
-            discarded: std::collections::HashSet::new(),
+            in_flight: InFlight::default(),
             applied_at: SystemTime::now(),
             watch: None,
             shutting_down: false,
@@ -394,6 +398,9 @@ impl Supervisor {
             }
             Event::Notify(ev) => self.on_notify(ev),
             Event::RunOutputClosed { run, inc, step } => self.on_run_output_closed(run, inc, step),
+            Event::InstanceSpawned { worker, index, incarnation, worktree, result } => {
+                self.on_instance_spawned(&worker, index, incarnation, worktree, result)
+            }
             Event::RunSpawned { run, inc, step, result } => self.on_run_spawned(run, inc, step, result),
             Event::Control(req, reply) => self.on_request(req, reply),
             Event::Shutdown => self.shutdown(),
@@ -446,12 +453,8 @@ impl Supervisor {
         match self.by_pid.remove(&pid) {
             Some(Proc::Instance(name, index)) => self.on_exit_of_instance(&name, index, pid, exit),
             Some(Proc::Run(id)) => self.on_run_exit(id, exit),
-            // A run step whose spawn the actor has not heard of yet.
-            None => {
-                if !self.discarded.remove(&pid) {
-                    self.early_exits.insert(pid, exit);
-                }
-            }
+            // A child whose spawn the actor has not heard of yet.
+            None => self.in_flight.unowned_exit(pid, exit),
         }
     }
 
@@ -777,7 +780,7 @@ impl Supervisor {
 
     fn all_stopped(&self) -> bool {
         self.runs.is_empty()
-            && self.spawns_in_flight == 0
+            && self.in_flight.is_empty()
             && self.stop_levels.is_empty()
             && self.workers.values().all(|w| w.instances.values().all(|i| !i.has_processes()))
     }
@@ -865,13 +868,6 @@ impl Supervisor {
 
 /// Whether a spawn failed for want of drover's own resources
 /// (descriptors, processes, memory) rather than anything the worker did.
-fn out_of_resources(e: &std::io::Error) -> bool {
-    use nix::errno::Errno;
-    e.raw_os_error().is_some_and(|n| {
-        [Errno::EMFILE, Errno::ENFILE, Errno::EAGAIN, Errno::ENOMEM].contains(&Errno::from_raw(n))
-    })
-}
-
 /// A duration in whole milliseconds, for the log.
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)

@@ -7,7 +7,6 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -16,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::actor::{Event, Proc, Supervisor, TimerKey};
 use super::admission::{self, Admission};
+use super::child::{self, Launch, LaunchError, Output, Started};
 use super::clock::{later, rfc3339};
 use super::graph::Node;
 use super::logs::{LogFile, Sink, pump};
@@ -123,14 +123,6 @@ pub enum RunTimer {
     Kill,
     /// The step's output did not close within [`DRAIN`].
     Drain,
-}
-
-/// A step's process, handed from the spawning thread to the actor.
-#[derive(Debug)]
-pub struct SpawnedProc {
-    pub pid: i32,
-    pub stdout: Option<std::os::fd::OwnedFd>,
-    pub stderr: Option<std::os::fd::OwnedFd>,
 }
 
 /// A job's line in `status`.
@@ -598,32 +590,28 @@ impl Supervisor {
         rp.pending_end = None;
         rp.open_streams = 0;
         rp.group_left = None;
-        let mut cmd = std::process::Command::new(&step.command[0]);
-        if rp.clear_env {
-            cmd.env_clear();
-        }
-        cmd.args(&step.command[1..])
-            .current_dir(&rp.dir)
-            .envs(rp.env.iter().cloned())
-            .env("DROVER_RUN", id.to_string())
-            .env("DROVER_STATE_DIR", &state_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        let mut env = rp.env.clone();
+        env.push(("DROVER_RUN".into(), id.to_string()));
+        env.push(("DROVER_STATE_DIR".into(), state_dir.display().to_string()));
         if let Some(j) = &rp.job {
-            cmd.env("DROVER_JOB", j).env("DROVER_STEP", &step.name);
+            env.push(("DROVER_JOB".into(), j.clone()));
+            env.push(("DROVER_STEP".into(), step.name.clone()));
         }
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        proc::give_back_fd_limit(&mut cmd);
-        crate::os::identity::apply(&mut cmd, &rp.identity);
+        let launch = Launch {
+            argv: step.command.clone(),
+            dir: rp.dir.clone(),
+            env,
+            clear_env: rp.clear_env,
+            remove_env: vec![],
+            identity: (*rp.identity).clone(),
+            output: Output::Piped,
+        };
         rp.spawning = true;
-        // The spawn happens off the event loop: each one blocks its thread
-        // until the child has exec'd, and runs come by the hundred.
-        let (reaper, tx, inc, step_index) = (self.reaper.clone(), self.tx.clone(), rp.inc, rp.step);
-        let program = step.command[0].clone();
-        let dir = rp.dir.clone();
+        // Off the event loop: each spawn blocks its thread until the child
+        // has exec'd, and runs come by the hundred.
+        let (tx, inc, step_index) = (self.tx.clone(), rp.inc, rp.step);
         let flow = rp.kind == Kind::Flow;
-        self.spawns_in_flight += 1;
+        self.in_flight.begin();
         if flow {
             self.ledger_write(Write::Step {
                 id,
@@ -633,26 +621,7 @@ impl Supervisor {
                 error: None,
             });
         }
-        tokio::task::spawn_blocking(move || {
-            let result = reaper
-                .spawn(&mut cmd)
-                .map(|mut child| SpawnedProc {
-                    pid: child.id() as i32,
-                    stdout: child.stdout.take().map(std::os::fd::OwnedFd::from),
-                    stderr: child.stderr.take().map(std::os::fd::OwnedFd::from),
-                })
-                .map_err(|e| {
-                    // The OS says only "not found": tell the directory
-                    // from the program (this runs off the event loop).
-                    if !dir.is_dir() {
-                        format!(
-                            "cannot start {program:?}: its directory {} does not exist or is not a directory",
-                            dir.display()
-                        )
-                    } else {
-                        format!("cannot start {program:?} in {}: {e}", dir.display())
-                    }
-                });
+        child::start_off_loop(self.reaper.clone(), launch, move |result| {
             let _ = tx.send(Event::RunSpawned { run: id, inc, step: step_index, result });
         });
     }
@@ -663,9 +632,9 @@ impl Supervisor {
         id: i64,
         inc: u64,
         step: u32,
-        result: Result<SpawnedProc, String>,
+        result: Result<Started, LaunchError>,
     ) {
-        self.spawns_in_flight = self.spawns_in_flight.saturating_sub(1);
+        self.in_flight.landed();
         // A run asked to stop while this spawn was in flight is still
         // current: its process gets the stop signal and grace below.
         let current = self.runs.get(&id).is_some_and(|rp| rp.inc == inc && rp.step == step);
@@ -673,9 +642,9 @@ impl Supervisor {
             rp.spawning = false;
         }
         let sp = match result {
-            Err(msg) => {
+            Err(e) => {
                 if current {
-                    self.step_ended(id, None, Some(msg));
+                    self.step_ended(id, None, Some(e.message));
                 }
                 return;
             }
@@ -685,11 +654,7 @@ impl Supervisor {
         if !current {
             // Its run is gone (it cannot be: a run with a spawn in flight
             // is kept until the spawn lands); it must not run on.
-            let _ = proc::signal_group(pid, NixSignal::SIGKILL);
-            crate::os::groups::remove(pid);
-            if self.early_exits.remove(&pid).is_none() {
-                self.discarded.insert(pid);
-            }
+            self.in_flight.discard(pid);
             return;
         }
         let state_dir = self.config.supervisor.state_dir.clone();
@@ -715,7 +680,7 @@ impl Supervisor {
         let log = run_log_path(&state_dir, id);
         self.ledger_write(Write::SetProcess { id, pid, pgid: pid, pid_start: proc::start_ticks(pid), log });
         // It may have ended before this event was handled.
-        if let Some(exit) = self.early_exits.remove(&pid) {
+        if let Some(exit) = self.in_flight.take_early_exit(pid) {
             self.by_pid.remove(&pid);
             self.on_run_exit(id, exit);
             return;

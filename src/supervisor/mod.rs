@@ -4,6 +4,7 @@
 
 pub mod actor;
 pub mod admission;
+pub mod child;
 pub mod clock;
 pub mod control;
 pub mod graph;

@@ -6,15 +6,16 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal as NixSignal;
 
-use super::{Event, MAX_ESCAPEE_TREE, Proc, Supervisor, TimerKey, millis, out_of_resources};
+use super::{Event, MAX_ESCAPEE_TREE, Proc, Supervisor, TimerKey, millis};
 use crate::config::model::{Condition, SpawnMode};
 use crate::os::proc;
 use crate::os::reaper::Exit;
+use crate::supervisor::child::{self, Launch, LaunchError, Output, Started};
 use crate::supervisor::graph::Node;
 use crate::supervisor::logs::pump_watched;
 use crate::supervisor::probes::{self, Notice, NotifyEvent, ProbeContext, Role, Verdict};
@@ -46,30 +47,24 @@ impl Supervisor {
             self.touched.insert(name.to_string());
         }
         self.dirty = true;
-        let mut pipes: Pipes = [None, None];
         for fx in effects {
-            self.execute(name, index, fx, &mut pipes);
-        }
-        if pipes.iter().any(Option::is_some) {
-            self.start_pumps(name, index, pipes);
+            self.execute(name, index, fx);
         }
     }
 
-    fn execute(&mut self, name: &str, index: u32, fx: Effect, pipes: &mut Pipes) {
+    fn execute(&mut self, name: &str, index: u32, fx: Effect) {
         match fx {
-            Effect::Spawn => self.spawn(name, index, pipes),
+            Effect::Spawn => self.spawn(name, index),
             Effect::SignalStop => {
                 let Some(w) = self.workers.get(name) else { return };
                 if let Some(pgid) = w.instances.get(&index).and_then(|i| i.pgid) {
-                    let _ = proc::signal_group(pgid, w.spec.stop_signal.to_nix());
-                    // A stopped (SIGSTOP) process would not see the signal.
-                    let _ = proc::signal_group(pgid, NixSignal::SIGCONT);
+                    child::signal_stop(pgid, w.spec.stop_signal.to_nix());
                 }
             }
             Effect::KillGroup => {
                 if let Some(pgid) = self.instance(name, index).and_then(|i| i.pgid) {
                     tracing::warn!(worker = name, instance = index, pgid, "stop grace over; SIGKILL");
-                    let _ = proc::signal_group(pgid, NixSignal::SIGKILL);
+                    child::kill(pgid);
                 }
             }
             Effect::SetTimer(kind, after) => {
@@ -119,71 +114,97 @@ impl Supervisor {
         self.workers.get(name).and_then(|w| w.instances.get(&index))
     }
 
-    /// Spawns the instance's process and reports the outcome to its state
-    /// machine; the output pipes wait in `pipes` until its probes are set.
-    fn spawn(&mut self, name: &str, index: u32, pipes: &mut Pipes) {
+    /// Starts spawning the instance's process on a blocking thread (with
+    /// its git worktree, in worktree mode, made there too); the outcome
+    /// comes back as [`Event::InstanceSpawned`].
+    fn spawn(&mut self, name: &str, index: u32) {
         let state_dir = self.config.supervisor.state_dir.clone();
-        let notify = self.notify.as_ref().map(|n| n.path().to_path_buf());
-        let Some(w) = self.workers.get_mut(name) else { return };
+        let notify = self.notify.as_ref().map(|n| n.path().display().to_string());
+        let Some(w) = self.workers.get(name) else { return };
         let spec = &w.spec;
-        let Some(inst) = w.instances.get_mut(&index) else { return };
-        let dir = match spec.spawn_mode {
-            SpawnMode::SameDir => Ok(spec.dir.clone()),
-            SpawnMode::Worktree => match &inst.worktree {
-                Some(p) if p.is_dir() => Ok(p.clone()),
-                _ => worktree::create(&self.reaper, &spec.dir, &state_dir, name, index),
-            },
+        let Some(inst) = w.instances.get(&index) else { return };
+        let mut env: Vec<(String, String)> =
+            instance_env(name, index, spec.capacity, &spec.env, &state_dir).into_iter().collect();
+        let mut remove_env = vec![];
+        match notify {
+            Some(path) => env.push(("NOTIFY_SOCKET".into(), path)),
+            // drover's own manager's socket is not the instance's.
+            None => remove_env.push("NOTIFY_SOCKET"),
+        }
+        let mut launch = Launch {
+            argv: spec.command.clone(),
+            dir: spec.dir.clone(),
+            env,
+            clear_env: false,
+            remove_env,
+            identity: spec.identity.clone(),
+            output: Output::Piped,
         };
-        let result = dir.map_err(|e| (e, false)).and_then(|dir| {
-            if spec.spawn_mode == SpawnMode::Worktree {
-                inst.worktree = Some(dir.clone());
-            }
-            let mut cmd = std::process::Command::new(&spec.command[0]);
-            cmd.args(&spec.command[1..])
-                .current_dir(&dir)
-                .envs(instance_env(name, index, spec.capacity, &spec.env, &state_dir))
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            if let Some(path) = &notify {
-                cmd.env("NOTIFY_SOCKET", path);
-            } else {
-                // drover's own manager's socket is not the instance's.
-                cmd.env_remove("NOTIFY_SOCKET");
-            }
-            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-            proc::give_back_fd_limit(&mut cmd);
-            crate::os::identity::apply(&mut cmd, &spec.identity);
-            let spawned = if proc::descriptors_short() {
-                Err(std::io::Error::from_raw_os_error(nix::libc::EMFILE))
-            } else {
-                self.reaper.spawn(&mut cmd)
+        let worktree = (spec.spawn_mode == SpawnMode::Worktree).then(|| inst.worktree.clone());
+        let (reaper, tx, worker, incarnation) =
+            (self.reaper.clone(), self.tx.clone(), name.to_string(), inst.incarnation);
+        self.in_flight.begin();
+        tokio::task::spawn_blocking(move || {
+            let made = match worktree {
+                None => Ok(None),
+                Some(Some(p)) if p.is_dir() => Ok(Some(p)),
+                Some(_) => worktree::create(&reaper, &launch.dir, &state_dir, &worker, index).map(Some),
             };
-            spawned.map_err(|e| {
-                let short = out_of_resources(&e);
-                let mut msg = format!("cannot start {:?} in {}: {e}", spec.command[0], dir.display());
-                if short {
-                    msg.push_str(&format!(
-                        "; drover is short of resources (it keeps {} descriptors in reserve): \
-                         retrying, not counted as a crash",
-                        proc::FD_RESERVE
-                    ));
+            let (worktree, result) = match made {
+                Err(message) => (None, Err(LaunchError { message, short: false })),
+                Ok(worktree) => {
+                    if let Some(p) = &worktree {
+                        launch.dir = p.clone();
+                    }
+                    (worktree, child::start(&reaper, &launch))
                 }
-                (msg, short)
-            })
+            };
+            let _ = tx.send(Event::InstanceSpawned { worker, index, incarnation, worktree, result });
         });
+    }
+
+    /// A spawn handed to a blocking thread came back. One that no longer
+    /// belongs to its instance (it cannot: an instance with a spawn in
+    /// flight is kept until it lands) is killed.
+    pub(super) fn on_instance_spawned(
+        &mut self,
+        name: &str,
+        index: u32,
+        incarnation: u64,
+        worktree: Option<PathBuf>,
+        result: Result<Started, LaunchError>,
+    ) {
+        self.in_flight.landed();
+        let current = self
+            .workers
+            .get_mut(name)
+            .and_then(|w| w.instances.get_mut(&index))
+            .filter(|i| i.spawning && i.incarnation == incarnation);
+        let Some(inst) = current else {
+            if let Ok(started) = result {
+                self.in_flight.discard(started.pid);
+            }
+            return;
+        };
+        if worktree.is_some() {
+            inst.worktree = worktree;
+        }
         match result {
-            Ok(mut child) => {
-                let pid = child.id() as i32;
-                pipes[0] = child.stdout.take().map(OwnedFd::from);
-                pipes[1] = child.stderr.take().map(OwnedFd::from);
+            Ok(started) => {
+                let pid = started.pid;
                 self.by_pid.insert(pid, Proc::Instance(name.to_string(), index));
                 tracing::info!(worker = name, instance = index, pid, "started");
                 self.drive(name, index, Input::Spawned { pid, start_ticks: proc::start_ticks(pid) });
+                // After the probes are set: a `log` probe watches the lines.
+                self.start_pumps(name, index, [started.stdout, started.stderr]);
+                if let Some(exit) = self.in_flight.take_early_exit(pid) {
+                    self.by_pid.remove(&pid);
+                    self.on_exit_of_instance(name, index, pid, exit);
+                }
             }
-            Err((error, short)) => {
-                tracing::warn!(worker = name, instance = index, %error, "start failed");
-                self.drive(name, index, Input::SpawnFailed { error, short });
+            Err(e) => {
+                tracing::warn!(worker = name, instance = index, error = %e.message, "start failed");
+                self.drive(name, index, Input::SpawnFailed { error: e.message, short: e.short });
             }
         }
     }
@@ -212,6 +233,7 @@ impl Supervisor {
             env: instance_env(name, index, w.spec.capacity, &w.spec.env, &state_dir),
             dir: inst.worktree.clone().unwrap_or_else(|| w.spec.dir.clone()),
             reaper: self.reaper.clone(),
+            identity: w.spec.identity.clone(),
         };
         let (tx, worker, incarnation) = (self.tx.clone(), name.to_string(), inst.incarnation);
         let report = move |verdict| {

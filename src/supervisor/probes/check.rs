@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,8 +18,10 @@ use hyper_util::rt::TokioIo;
 use nix::sys::signal::Signal;
 use tokio::net::TcpStream;
 
+use crate::os::identity::Identity;
 use crate::os::proc;
 use crate::os::reaper::Reaper;
+use crate::supervisor::child::{self, Launch, Output};
 
 /// A polled check with its strings already expanded.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,6 +42,9 @@ pub struct ExecContext {
     pub dir: PathBuf,
     pub env: BTreeMap<String, String>,
     pub reaper: Arc<Reaper>,
+    /// The instance's user, group and limits: a check runs as its
+    /// instance does.
+    pub identity: Identity,
 }
 
 /// Runs `check` once; it fails if it has not passed within `timeout`.
@@ -162,34 +166,25 @@ impl Drop for GroupGuard {
 /// group is SIGKILLed.
 async fn exec_check(argv: &[String], ctx: &ExecContext, timeout: Duration) -> Result<(), String> {
     let Some(program) = argv.first() else { return Err("exec probe has an empty command".into()) };
-    let mut cmd = Command::new(program);
-    cmd.args(&argv[1..])
-        .current_dir(&ctx.dir)
-        .envs(&ctx.env)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    proc::give_back_fd_limit(&mut cmd);
+    let launch = Launch {
+        argv: argv.to_vec(),
+        dir: ctx.dir.clone(),
+        env: ctx.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        clear_env: false,
+        remove_env: vec![],
+        identity: ctx.identity.clone(),
+        output: Output::Null,
+    };
     let reaper = ctx.reaper.clone();
     // Off the event loop: a spawn blocks its thread until the child execs.
+    // The guard is made there: if the probe is dropped meanwhile, the
+    // result is dropped on its own and the group killed.
     let spawned = tokio::task::spawn_blocking(move || {
-        if proc::descriptors_short() {
-            return Err(io::Error::from_raw_os_error(nix::libc::EMFILE));
-        }
-        // The guard is made here: if the probe is dropped while this
-        // runs, the result is dropped on its own and the group killed.
-        reaper.spawn_waited(&mut cmd).map(|(child, rx)| (GroupGuard(child.id() as i32), rx))
+        child::start_waited(&reaper, &launch).map(|(started, rx)| (GroupGuard(started.pid), rx))
     })
     .await
     .map_err(|e| format!("cannot start {program:?}: {e}"))?;
-    let (_guard, exited) = spawned.map_err(|e| {
-        if !ctx.dir.is_dir() {
-            format!("cannot start {program:?}: its directory {} is not a directory", ctx.dir.display())
-        } else {
-            format!("cannot start {program:?}: {}", short(&e))
-        }
-    })?;
+    let (_guard, exited) = spawned.map_err(|e| e.message)?;
     match tokio::time::timeout(timeout, exited).await {
         Err(_) => Err(timed_out(timeout)),
         Ok(Err(_)) => Err(format!("{program:?} ended unseen (the reaper stopped)")),
@@ -210,7 +205,12 @@ pub(crate) mod tests {
     }
 
     fn no_exec() -> ExecContext {
-        ExecContext { dir: ".".into(), env: BTreeMap::new(), reaper: Arc::new(Reaper::default()) }
+        ExecContext {
+            dir: ".".into(),
+            env: BTreeMap::new(),
+            reaper: Arc::new(Reaper::default()),
+            identity: Identity::default(),
+        }
     }
 
     /// A one-thread HTTP server answering each connection with `status`,
@@ -324,6 +324,7 @@ pub(crate) mod tests {
                         dir: dir.path().to_path_buf(),
                         env: BTreeMap::from([("PROBE_X".to_string(), "yes".to_string())]),
                         reaper: Arc::new(Reaper::default()),
+                        identity: Identity::default(),
                     };
                     let _reaping = reap_on_sigchld(ctx.reaper.clone());
                     let sh = |s: &str| Check::Exec(vec!["sh".into(), "-c".into(), s.into()]);
@@ -359,6 +360,7 @@ pub(crate) mod tests {
                     dir: dir.path().to_path_buf(),
                     env: BTreeMap::new(),
                     reaper: Arc::new(Reaper::default()),
+                    identity: Identity::default(),
                 };
                 // As drover is: the orphaned grandchild is reaped here, not
                 // left to an init that may not reap.

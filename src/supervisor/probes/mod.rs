@@ -27,6 +27,7 @@ pub use log_match::LineWatch;
 pub use notify::{Notice, NotifyEvent};
 pub use tracker::{Role, Tracker, Verdict};
 
+use crate::os::identity::Identity;
 use crate::os::reaper::Reaper;
 
 pub use crate::config::model::{Probe, ProbeKind};
@@ -43,6 +44,8 @@ pub struct ProbeContext {
     /// The instance's directory (its worktree, in worktree mode).
     pub dir: PathBuf,
     pub reaper: Arc<Reaper>,
+    /// The instance's user, group and limits, which exec checks run with.
+    pub identity: Identity,
 }
 
 /// What a probe does once its strings are expanded.
@@ -140,7 +143,7 @@ pub fn spawn_probe(
         Role::Ready => Tracker::ready(probe.interval, probe.start_timeout, now),
         Role::Health => Tracker::health(probe.interval, probe.failures, now, random_phase()),
     };
-    let exec = ExecContext { dir: ctx.dir, env: ctx.env, reaper: ctx.reaper };
+    let exec = ExecContext { dir: ctx.dir, env: ctx.env, reaper: ctx.reaper, identity: ctx.identity };
     let missing = match (kind, role) {
         (Kind::Notify, Role::Health) => {
             format!("no WATCHDOG=1 within {}", humantime::format_duration(probe.interval))
@@ -253,6 +256,7 @@ mod tests {
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             dir: ".".into(),
             reaper: Arc::new(Reaper::default()),
+            identity: Identity::default(),
         }
     }
 
@@ -447,7 +451,12 @@ mod tests {
                     1,
                 );
                 p.timeout = Duration::from_secs(60);
-                let c = ProbeContext { env: BTreeMap::new(), dir: dir.path().into(), reaper };
+                let c = ProbeContext {
+                    env: BTreeMap::new(),
+                    dir: dir.path().into(),
+                    reaper,
+                    identity: Identity::default(),
+                };
                 let (h, mut rx) = start(Role::Ready, &p, c);
                 let deadline = std::time::Instant::now() + Duration::from_secs(10);
                 let pid: i32 = loop {
