@@ -16,13 +16,14 @@ mod instances;
 
 use instances::node_name;
 
-use super::child::{InFlight, LaunchError, Started};
+use super::child::InFlight;
 use super::clock::rfc3339;
-use super::control::Reply;
+use super::events::Reply;
+pub use super::events::{Event, Proc, TimerKey};
 use super::graph::{Graph, Node};
-use super::jobs::{JobRt, RunProc, RunTimer, SessionDirs};
+use super::jobs::{JobRt, RunProc, SessionDirs};
 use super::logs::{Echo, LogFile, Sink, log_path};
-use super::probes::{NotifyEvent, ProbeHandle, Role, Verdict};
+use super::probes::{NotifyEvent, ProbeHandle};
 use super::protocol::{
     InstanceAction, InstanceStatus, ReloadStatus, Request, Response, StatusReport, SupervisorStatus, Target,
     WorkerStatus,
@@ -42,49 +43,6 @@ use crate::os::fsutil::write_atomic;
 use crate::os::proc;
 use crate::os::reaper::{Exit, Reaped, Reaper};
 
-/// Everything that can wake the supervisor.
-#[derive(Debug)]
-pub enum Event {
-    Reaped(Vec<Reaped>),
-    /// A probe of an instance came to a verdict.
-    Probe {
-        worker: String,
-        index: u32,
-        incarnation: u64,
-        role: Role,
-        verdict: Verdict,
-    },
-    /// An instance sent a notice to the notify socket.
-    Notify(NotifyEvent),
-    /// An instance's process was spawned (off the event loop), or not.
-    InstanceSpawned {
-        worker: String,
-        index: u32,
-        incarnation: u64,
-        /// Its git worktree, in worktree mode, when one was made.
-        worktree: Option<PathBuf>,
-        result: Result<Started, LaunchError>,
-    },
-    /// A run step's process was spawned (off the event loop), or not.
-    RunSpawned {
-        run: i64,
-        inc: u64,
-        step: u32,
-        result: Result<Started, LaunchError>,
-    },
-    /// One output stream of a run's step reached its end.
-    RunOutputClosed {
-        run: i64,
-        inc: u64,
-        step: u32,
-    },
-    Control(Request, oneshot::Sender<Reply>),
-    /// SIGTERM / SIGINT; a second one while stopping kills at once.
-    Shutdown,
-    /// SIGHUP, `drover reload`, or the file watcher.
-    Reload(Option<oneshot::Sender<Response>>),
-}
-
 /// The most events other than control requests handled between two looks
 /// at the control channel (an `Event::Reaped` holds up to
 /// [`REAPED_CHUNK`] exits).
@@ -98,25 +56,6 @@ const FLUSH_EVERY: Duration = Duration::from_millis(200);
 
 /// The most exits one `Event::Reaped` carries.
 pub const REAPED_CHUNK: usize = 32;
-
-/// A timer the actor owns (see `timers`).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum TimerKey {
-    Instance(String, u32, TimerKind),
-    /// A job's scheduled tick (or a tick delayed by a locked ledger).
-    JobTick(String),
-    /// A run's timeout, its stop grace, or the drain of its step's output.
-    Run(i64, RunTimer),
-    /// Time to try a locked ledger again.
-    LedgerRetry,
-}
-
-/// Whose process a pid is.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Proc {
-    Instance(String, u32),
-    Run(i64),
-}
 
 struct WorkerRt {
     spec: Worker,

@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tokio::sync::{Semaphore, SemaphorePermit, mpsc, oneshot};
 
-use super::actor::Event;
+use super::events::{Event, Reply};
 use super::protocol::{MAX_REQUEST, Request, Response};
 
 pub fn socket_path(state_dir: &Path) -> PathBuf {
@@ -21,14 +21,6 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
 
 /// A client that sends nothing for this long is dropped.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What the actor answers a request with: a response, or one it encoded
-/// already (a cached status report, shared by every client that asks).
-#[derive(Debug)]
-pub enum Reply {
-    Response(Response),
-    Encoded(Arc<Vec<u8>>),
-}
 
 /// A response as it goes on the wire: one JSON line.
 pub fn encode(resp: &Response) -> Vec<u8> {

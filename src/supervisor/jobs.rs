@@ -11,14 +11,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal as NixSignal;
-use serde::{Deserialize, Serialize};
 
-use super::actor::{Event, Proc, Supervisor, TimerKey};
+use super::actor::Supervisor;
 use super::admission::{self, Admission};
 use super::child::{self, Launch, LaunchError, Output, Started};
 use super::clock::{later, rfc3339};
+use super::events::{Event, Proc, RunTimer, TimerKey};
 use super::graph::Node;
 use super::logs::{LogFile, Sink, pump};
+use super::protocol::{JobStatus, RunSummary};
 use super::run_ledger::{LedgerError, Write};
 use crate::config::model::{Condition, Job, Step, Trigger, secret_values};
 use crate::config::resolve::parse_cron;
@@ -116,37 +117,6 @@ static NEXT_INC: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::ne
 /// How long a step's output may stay open after its process ended (a
 /// process that left the group can hold the pipe) before the run ends anyway.
 const DRAIN: Duration = Duration::from_secs(1);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum RunTimer {
-    Timeout,
-    Kill,
-    /// The step's output did not close within [`DRAIN`].
-    Drain,
-}
-
-/// A job's line in `status`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct JobStatus {
-    pub name: String,
-    pub kind: Kind,
-    pub trigger: String,
-    pub next_tick: Option<String>,
-    pub active: Vec<i64>,
-    pub queued: usize,
-    pub skips: u64,
-    pub last_run: Option<RunSummary>,
-    /// A dependency run held until these are met, as "db (ready)".
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub waiting_for: Vec<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RunSummary {
-    pub id: i64,
-    pub state: RunState,
-    pub ended_at: Option<String>,
-}
 
 /// The tick after `after`, for a schedule or an interval.
 pub fn next_tick(trigger: &Trigger, after: SystemTime) -> Option<SystemTime> {

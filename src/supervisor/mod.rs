@@ -7,6 +7,7 @@ pub mod admission;
 pub mod child;
 pub mod clock;
 pub mod control;
+pub mod events;
 pub mod graph;
 pub mod jobs;
 pub mod logs;

@@ -6,9 +6,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::jobs::JobStatus;
 use super::reconcile::{Change, JobChange};
-use crate::ledger::Run;
+use crate::ledger::{Kind, Run, RunState};
 
 use crate::os::reaper::Exit;
 
@@ -293,4 +292,27 @@ mod tests {
             assert!(err.contains("unknown field `x`"), "{extra}: {err}");
         }
     }
+}
+
+/// A job's line in `status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub name: String,
+    pub kind: Kind,
+    pub trigger: String,
+    pub next_tick: Option<String>,
+    pub active: Vec<i64>,
+    pub queued: usize,
+    pub skips: u64,
+    pub last_run: Option<RunSummary>,
+    /// A dependency run held until these are met, as "db (ready)".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting_for: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub id: i64,
+    pub state: RunState,
+    pub ended_at: Option<String>,
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 
-use super::actor::Event;
+use super::events::Event;
 
 /// What the watcher needs from the config, updated on every reload.
 #[derive(Clone, Debug, PartialEq, Eq)]

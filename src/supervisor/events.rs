@@ -1,0 +1,94 @@
+//! What wakes the supervisor: the events its inbox carries, the timers it
+//! owns, and whose process a pid is. Everything that feeds the actor
+//! (control, watch, pumps, probes, spawning threads) depends on this
+//! module, not on the actor.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use super::child::{LaunchError, Started};
+use super::probes::{NotifyEvent, Role, Verdict};
+use super::protocol::{Request, Response};
+use super::workers::instance::TimerKind;
+use crate::os::reaper::Reaped;
+
+/// Everything that can wake the supervisor.
+#[derive(Debug)]
+pub enum Event {
+    Reaped(Vec<Reaped>),
+    /// A probe of an instance came to a verdict.
+    Probe {
+        worker: String,
+        index: u32,
+        incarnation: u64,
+        role: Role,
+        verdict: Verdict,
+    },
+    /// An instance sent a notice to the notify socket.
+    Notify(NotifyEvent),
+    /// An instance's process was spawned (off the event loop), or not.
+    InstanceSpawned {
+        worker: String,
+        index: u32,
+        incarnation: u64,
+        /// Its git worktree, in worktree mode, when one was made.
+        worktree: Option<PathBuf>,
+        result: Result<Started, LaunchError>,
+    },
+    /// A run step's process was spawned (off the event loop), or not.
+    RunSpawned {
+        run: i64,
+        inc: u64,
+        step: u32,
+        result: Result<Started, LaunchError>,
+    },
+    /// One output stream of a run's step reached its end.
+    RunOutputClosed {
+        run: i64,
+        inc: u64,
+        step: u32,
+    },
+    Control(Request, oneshot::Sender<Reply>),
+    /// SIGTERM / SIGINT; a second one while stopping kills at once.
+    Shutdown,
+    /// SIGHUP, `drover reload`, or the file watcher.
+    Reload(Option<oneshot::Sender<Response>>),
+}
+
+/// What the actor answers a request with: a response, or one it encoded
+/// already (a cached status report, shared by every client that asks).
+#[derive(Debug)]
+pub enum Reply {
+    Response(Response),
+    Encoded(Arc<Vec<u8>>),
+}
+
+/// A timer the actor owns (see `timers`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TimerKey {
+    Instance(String, u32, TimerKind),
+    /// A job's scheduled tick (or a tick delayed by a locked ledger).
+    JobTick(String),
+    /// A run's timeout, its stop grace, or the drain of its step's output.
+    Run(i64, RunTimer),
+    /// Time to try a locked ledger again.
+    LedgerRetry,
+}
+
+/// Whose process a pid is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Proc {
+    Instance(String, u32),
+    Run(i64),
+}
+
+/// A run's timers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RunTimer {
+    Timeout,
+    Kill,
+    /// The step's output did not close within [`DRAIN`].
+    Drain,
+}
