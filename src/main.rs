@@ -4,6 +4,10 @@ use clap::Parser;
 use drover::cli::{Cli, Command};
 
 fn main() -> ExitCode {
+    // Between a worker's fork and its program: pass on its sockets.
+    if let Some(code) = drover::os::listen::shim_main() {
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     // A shell asking for completions: answered, then exit.
     drover::commands::completions::answer_if_asked();
     let cli = Cli::parse();

@@ -438,6 +438,7 @@ mod tests {
             capacity: 3,
             state: "running".into(),
             rollout: None,
+            sockets: vec![],
             instances: vec![inst(0, "running"), held, inst(2, "stopped")],
         });
         assert!(problems(&ok).is_empty());

@@ -84,7 +84,7 @@ pub fn display_key(path: &[String]) -> String {
 /// Array positions in our config are only under `steps`, `command`,
 /// `permanent_exit_codes`, `env_file`; a numeric segment after them is an index.
 fn is_index(parent: &[String], seg: &str) -> bool {
-    matches!(parent[0].as_str(), "steps" | "command" | "permanent_exit_codes" | "env_file")
+    matches!(parent[0].as_str(), "steps" | "command" | "permanent_exit_codes" | "env_file" | "sockets")
         && seg.parse::<usize>().is_ok()
 }
 

@@ -10,6 +10,7 @@ pub mod model;
 pub mod raw;
 pub mod resolve;
 pub mod schema;
+pub mod sockets;
 pub mod types;
 pub mod warnings;
 

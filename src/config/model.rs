@@ -11,6 +11,7 @@ use serde::ser::SerializeMap;
 
 pub use super::env_file::EnvFile;
 pub use super::raw::{OnOverlap, RestartPolicy, SpawnMode};
+pub use super::sockets::{Address, Socket};
 use super::types::{ByteSize, HumanDuration, Signal};
 pub use crate::os::identity::Identity;
 
@@ -261,6 +262,9 @@ pub struct Worker {
     /// Workers and jobs (by name) this one waits for, and for what.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub depends_on: BTreeMap<String, Condition>,
+    /// The listening sockets drover holds for it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sockets: Vec<Socket>,
 }
 
 impl Worker {
@@ -290,6 +294,7 @@ impl Worker {
             ready: s.ready,
             health: s.health,
             depends_on: BTreeMap::new(),
+            sockets: Vec::new(),
         }
     }
 }

@@ -249,6 +249,11 @@ pub struct RawWorker {
     /// config file's directory, read in order; `env` is over them. A
     /// leading `-` ("-local.env") makes a missing file no error.
     pub env_file: Option<Vec<String>>,
+    /// Listening sockets drover binds and holds across restarts and
+    /// reloads, passed to every instance from fd 3 on (LISTEN_FDS,
+    /// LISTEN_PID, LISTEN_FDNAMES): "tcp://127.0.0.1:8000",
+    /// "tcp://[::1]:8000", "unix://PATH", or `{ address, name, mode }`.
+    pub sockets: Option<Vec<super::sockets::RawSocket>>,
     /// How drover knows an instance is ready (replaces `defaults.ready` whole).
     pub ready: Option<RawProbe>,
     /// How drover knows a running instance is healthy (replaces `defaults.health` whole).

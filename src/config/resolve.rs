@@ -13,6 +13,7 @@ use super::model::{
 use super::raw::{
     OnOverlap, RawBackoff, RawConfig, RawCrashLoop, RawDependsOn, RawJob, RawProbe, RawSettings, SpawnMode,
 };
+use super::sockets;
 use super::types::{ByteSize, HumanDuration, is_valid_name};
 
 /// A rule broken at a key path (`["workers", "web", "backoff"]`).
@@ -23,7 +24,8 @@ pub struct Problem {
 }
 
 /// The problems found so far.
-pub(super) struct Problems(Vec<Problem>);
+#[derive(Default)]
+pub(super) struct Problems(pub(super) Vec<Problem>);
 
 impl Problems {
     pub(super) fn add(&mut self, path: &[&str], message: impl Into<String>) {
@@ -169,11 +171,14 @@ pub fn resolve(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
         if capacity == 0 {
             p.add(&["workers", name, "capacity"], "must be at least 1");
         }
-        workers.insert(
-            name.clone(),
-            Worker::new(w.command.clone(), dir, capacity, w.spawn_mode.unwrap_or(SpawnMode::SameDir), s),
-        );
+        let mut worker =
+            Worker::new(w.command.clone(), dir, capacity, w.spawn_mode.unwrap_or(SpawnMode::SameDir), s);
+        worker.sockets = sockets::resolve(&mut p, name, base_dir, w.sockets.as_ref());
+        workers.insert(name.clone(), worker);
     }
+    let held: BTreeMap<String, Vec<_>> =
+        workers.iter().map(|(n, w)| (n.clone(), w.sockets.clone())).collect();
+    sockets::check_shared(&mut p, &held);
 
     let mut jobs = BTreeMap::new();
     for (name, j) in &raw.jobs {

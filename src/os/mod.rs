@@ -4,5 +4,6 @@
 pub mod fsutil;
 pub mod groups;
 pub mod identity;
+pub mod listen;
 pub mod proc;
 pub mod reaper;

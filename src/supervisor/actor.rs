@@ -25,8 +25,8 @@ use super::jobs::{JobRt, RunProc, SessionDirs};
 use super::logs::{Echo, LogFile, Sink, log_path};
 use super::probes::{NotifyEvent, ProbeHandle};
 use super::protocol::{
-    InstanceAction, InstanceStatus, ReloadStatus, Request, Response, StatusReport, SupervisorStatus, Target,
-    WorkerStatus,
+    InstanceAction, InstanceStatus, ReloadStatus, Request, Response, SocketStatus, StatusReport,
+    SupervisorStatus, Target, WorkerStatus,
 };
 use super::reconcile::{Change, plan, plan_jobs};
 use super::run_ledger::RunLedger;
@@ -34,6 +34,7 @@ use super::timers::Timers;
 use super::watch::WatchSettings;
 use super::workers::instance::{Input, Instance, State, Then, TimerKind, Why};
 use super::workers::rollout::Progress;
+use super::workers::sockets::Sockets;
 use super::worktree;
 use crate::config::load::load_text;
 use crate::config::model::{Config, Worker, secret_values};
@@ -67,10 +68,18 @@ struct WorkerRt {
     probes: HashMap<u32, ProbeHandle>,
     /// Where its rolling restart stands.
     rollout: Progress,
+    /// The listening sockets held for it.
+    sockets: Sockets,
 }
 
 impl WorkerRt {
     fn new(spec: Worker, sink: Arc<Sink>) -> Self {
+        let mut sockets = Sockets::default();
+        if !sockets.sync(&spec.sockets)
+            && let Some(e) = sockets.error()
+        {
+            tracing::warn!(worker = %sink.name, error = %e, "socket not bound; the worker cannot start");
+        }
         WorkerRt {
             spec,
             instances: BTreeMap::new(),
@@ -78,6 +87,7 @@ impl WorkerRt {
             removed: false,
             probes: HashMap::new(),
             rollout: Progress::Done,
+            sockets,
         }
     }
 }
@@ -399,6 +409,33 @@ impl Supervisor {
 
     // ----- config changes -----
 
+    /// On a reload: binds again the sockets that could not be bound, and
+    /// gives a worker whose sockets are all bound now a fresh start.
+    fn retry_sockets(&mut self) {
+        let failed: Vec<String> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.sockets.error().is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in failed {
+            let Some(w) = self.workers.get_mut(&name) else { continue };
+            if !w.sockets.sync(&w.spec.sockets) {
+                continue;
+            }
+            tracing::info!(worker = %name, "its sockets are bound now");
+            let idle: Vec<u32> = w
+                .instances
+                .iter()
+                .filter(|(_, i)| matches!(i.state, State::Backoff { .. } | State::Parked { .. }))
+                .map(|(k, _)| *k)
+                .collect();
+            for i in idle {
+                self.drive(&name, i, Input::Start(Why::Wanted));
+            }
+        }
+    }
+
     fn apply(&mut self, changes: Vec<Change>) {
         for change in changes {
             let name = change.worker().to_string();
@@ -424,6 +461,9 @@ impl Supervisor {
                     // still being retired: those finish retiring and their
                     // slots start afresh (see `Effect::Retire`).
                     w.sink.set_secrets(secret_values(&spec.env, &spec.secret_env));
+                    if w.spec.sockets != spec.sockets && !w.sockets.sync(&spec.sockets) {
+                        tracing::warn!(worker = %name, error = w.sockets.error().unwrap_or_default(), "socket not bound");
+                    }
                     w.spec = spec;
                     w.removed = false;
                     let restart = !matches!(change, Change::Update { .. });
@@ -508,6 +548,7 @@ impl Supervisor {
                 self.apply_jobs();
                 self.run_dependency_jobs(Some(&old_jobs));
                 self.apply(changes);
+                self.retry_sockets();
                 self.release_waiting();
                 if let Some(w) = &self.watch {
                     let new = WatchSettings::of(&self.config);
@@ -770,6 +811,7 @@ impl Supervisor {
                     capacity: w.spec.capacity,
                     state: worker_state(w),
                     rollout: rollout_status(w),
+                    sockets: socket_status(w),
                     instances: w.instances.iter().map(|(i, inst)| instance_status(*i, inst)).collect(),
                 })
                 .collect(),
@@ -810,6 +852,20 @@ impl Supervisor {
 /// A duration in whole milliseconds, for the log.
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn socket_status(w: &WorkerRt) -> Vec<SocketStatus> {
+    let error = w.sockets.error();
+    w.sockets
+        .report(&w.spec.sockets)
+        .into_iter()
+        .map(|(address, name, bound)| SocketStatus {
+            error: error.filter(|e| !bound && e.contains(&address)).map(str::to_string),
+            address,
+            name,
+            bound,
+        })
+        .collect()
 }
 
 fn instance_status(index: u32, inst: &Instance) -> InstanceStatus {

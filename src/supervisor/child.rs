@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -17,6 +17,7 @@ use nix::sys::signal::Signal;
 use tokio::sync::oneshot;
 
 use crate::os::identity::Identity;
+use crate::os::listen;
 use crate::os::proc;
 use crate::os::reaper::{Exit, Reaper};
 
@@ -40,7 +41,14 @@ pub struct Launch {
     pub remove_env: Vec<&'static str>,
     pub identity: Identity,
     pub output: Output,
+    /// Listening sockets passed as fds 3, 4, … (LISTEN_FDS), with their
+    /// names (LISTEN_FDNAMES). Shared: the worker holds them meanwhile.
+    pub sockets: Vec<(Arc<OwnedFd>, String)>,
 }
+
+/// The socket-activation variables; a child without sockets gets none of
+/// drover's own (drover may be socket-activated itself).
+const LISTEN_VARS: [&str; 3] = ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"];
 
 /// A child that was spawned.
 #[derive(Debug)]
@@ -61,31 +69,78 @@ pub struct LaunchError {
 }
 
 impl Launch {
-    fn command(&self) -> Result<Command, LaunchError> {
+    /// The command to spawn, and the descriptors that must stay open
+    /// until it is spawned.
+    fn command(&self) -> Result<(Command, Vec<OwnedFd>), LaunchError> {
         let Some(program) = self.argv.first() else {
             return Err(LaunchError { message: "the command is empty".into(), short: false });
         };
-        let mut cmd = Command::new(program);
+        let (mut cmd, high) = if self.sockets.is_empty() {
+            let mut cmd = Command::new(program);
+            cmd.args(&self.argv[1..]);
+            (cmd, Vec::new())
+        } else {
+            self.through_shim(program)?
+        };
         if self.clear_env {
             cmd.env_clear();
         }
-        for name in &self.remove_env {
+        for name in self.remove_env.iter().chain(&LISTEN_VARS) {
             cmd.env_remove(name);
         }
         let out = || match self.output {
             Output::Piped => Stdio::piped(),
             Output::Null => Stdio::null(),
         };
-        cmd.args(&self.argv[1..])
-            .current_dir(&self.dir)
+        cmd.current_dir(&self.dir)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out())
             .stderr(out());
+        if !self.sockets.is_empty() {
+            let names: Vec<&str> = self.sockets.iter().map(|(_, n)| n.as_str()).collect();
+            cmd.env("LISTEN_FDNAMES", names.join(":"));
+        }
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         proc::give_back_fd_limit(&mut cmd);
         crate::os::identity::apply(&mut cmd, &self.identity);
-        Ok(cmd)
+        if !high.is_empty() {
+            let keep: Vec<RawFd> = high.iter().map(AsRawFd::as_raw_fd).collect();
+            // SAFETY: the hook only calls fcntl, which is async-signal-safe.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    listen::keep_across_exec(&keep)
+                });
+            }
+        }
+        Ok((cmd, high))
+    }
+
+    /// The command that runs the program through drover's shim, which puts
+    /// the sockets at fd 3 on and sets LISTEN_PID to its own pid. The shim
+    /// cannot report a program it does not find as a failed start, so that
+    /// is looked for here.
+    fn through_shim(&self, program: &str) -> Result<(Command, Vec<OwnedFd>), LaunchError> {
+        let path_var = self
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| std::ffi::OsString::from(v))
+            .or_else(|| if self.clear_env { None } else { std::env::var_os("PATH") });
+        if listen::find_program(program, &self.dir, path_var.as_deref()).is_none() {
+            return Err(self.failure(&io::Error::from_raw_os_error(nix::libc::ENOENT)));
+        }
+        let raw: Vec<RawFd> = self.sockets.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
+        let high = listen::high_copies(&raw).map_err(|e| self.failure(&e))?;
+        let high_raw: Vec<RawFd> = high.iter().map(AsRawFd::as_raw_fd).collect();
+        let (shim, args) = listen::shim_command(&high_raw, &self.argv).map_err(|e| LaunchError {
+            message: format!("cannot pass the sockets to {program:?}: {e}"),
+            short: false,
+        })?;
+        let mut cmd = Command::new(shim);
+        cmd.args(args);
+        Ok((cmd, high))
     }
 
     /// The error of a failed spawn, saying what the OS does not: whether
@@ -114,7 +169,7 @@ impl Launch {
     }
 
     fn spawn_with<T>(&self, spawn: impl FnOnce(&mut Command) -> io::Result<T>) -> Result<T, LaunchError> {
-        let mut cmd = self.command()?;
+        let (mut cmd, _open_until_spawned) = self.command()?;
         let spawned = if proc::descriptors_short() {
             Err(io::Error::from_raw_os_error(nix::libc::EMFILE))
         } else {
@@ -238,6 +293,7 @@ mod tests {
             remove_env: vec![],
             identity: Identity::default(),
             output: Output::Null,
+            sockets: vec![],
         }
     }
 

@@ -575,6 +575,7 @@ impl Supervisor {
             remove_env: vec![],
             identity: (*rp.identity).clone(),
             output: Output::Piped,
+            sockets: vec![],
         };
         rp.spawning = true;
         // Off the event loop: each spawn blocks its thread until the child

@@ -231,7 +231,23 @@ pub struct WorkerStatus {
     /// it stalled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<String>,
+    /// The listening sockets drover holds for it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sockets: Vec<SocketStatus>,
     pub instances: Vec<InstanceStatus>,
+}
+
+/// One of a worker's sockets in status.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SocketStatus {
+    /// "tcp://127.0.0.1:8000", "unix:///run/app.sock".
+    pub address: String,
+    /// Its name in LISTEN_FDNAMES.
+    pub name: String,
+    pub bound: bool,
+    /// Why it is not bound: the address and the OS error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -30,6 +30,7 @@ pub const RESTART_FIELDS: &[&str] = &[
     "oom_score_adj",
     "no_new_privs",
     "limits",
+    "sockets",
 ];
 
 /// The identity keys of `a` and `b` that differ. A user or group whose
@@ -93,6 +94,7 @@ pub fn changed_fields(a: &Worker, b: &Worker) -> Vec<String> {
         ("depends_on", a.depends_on != b.depends_on),
         // The files' variables are in `env`: a new list alone changes no process.
         ("env_file", a.env_file != b.env_file),
+        ("sockets", a.sockets != b.sockets),
     ];
     checks.extend(identity_changes(&a.identity, &b.identity));
     differing(&checks)

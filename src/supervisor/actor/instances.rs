@@ -120,7 +120,19 @@ impl Supervisor {
     fn spawn(&mut self, name: &str, index: u32) {
         let state_dir = self.config.supervisor.state_dir.clone();
         let notify = self.notify.as_ref().map(|n| n.path().display().to_string());
-        let Some(w) = self.workers.get(name) else { return };
+        let Some(w) = self.workers.get_mut(name) else { return };
+        if w.sockets.error().is_some() {
+            // A socket that could not be bound is tried again at each start.
+            w.sockets.sync(&w.spec.sockets);
+        }
+        let sockets = match w.sockets.for_launch() {
+            Ok(s) => s,
+            Err(error) => {
+                tracing::warn!(worker = name, instance = index, %error, "start failed");
+                self.drive(name, index, Input::SpawnFailed { error, short: false });
+                return;
+            }
+        };
         let spec = &w.spec;
         let Some(inst) = w.instances.get(&index) else { return };
         let mut env: Vec<(String, String)> =
@@ -139,6 +151,7 @@ impl Supervisor {
             remove_env,
             identity: spec.identity.clone(),
             output: Output::Piped,
+            sockets,
         };
         let worktree = (spec.spawn_mode == SpawnMode::Worktree).then(|| inst.worktree.clone());
         let (reaper, tx, worker, incarnation) =

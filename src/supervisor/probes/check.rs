@@ -174,6 +174,7 @@ async fn exec_check(argv: &[String], ctx: &ExecContext, timeout: Duration) -> Re
         remove_env: vec![],
         identity: ctx.identity.clone(),
         output: Output::Null,
+        sockets: vec![],
     };
     let reaper = ctx.reaper.clone();
     // Off the event loop: a spawn blocks its thread until the child execs.

@@ -3,3 +3,4 @@
 
 pub mod instance;
 pub mod rollout;
+pub mod sockets;
