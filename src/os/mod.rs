@@ -6,3 +6,4 @@ pub mod groups;
 pub mod identity;
 pub mod proc;
 pub mod reaper;
+pub mod usage;
