@@ -181,6 +181,28 @@ fn since(rfc: &str) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// CPU time over time since start, as a percentage of one core: the
+/// average over the instance's life, not the current load.
+fn cpu_percent(cpu_seconds: f64, started_at: &str) -> String {
+    let up = humantime::parse_rfc3339_weak(started_at)
+        .ok()
+        .and_then(|t| SystemTime::now().duration_since(t).ok())
+        .map_or(0.0, |d| d.as_secs_f64());
+    if up <= 0.0 { "-".into() } else { format!("{:.1}", 100.0 * cpu_seconds / up) }
+}
+
+/// A byte count in binary units, one decimal: "12.3M".
+fn mem_text(bytes: u64) -> String {
+    let mut v = bytes as f64;
+    for unit in ["B", "K", "M", "G"] {
+        if v < 1024.0 {
+            return if unit == "B" { format!("{bytes}B") } else { format!("{v:.1}{unit}") };
+        }
+        v /= 1024.0;
+    }
+    format!("{v:.1}T")
+}
+
 pub fn render_status(r: &StatusReport, state_dir: &Path) -> String {
     let mut out = String::new();
     let s = &r.supervisor;
@@ -223,9 +245,21 @@ pub fn render_status(r: &StatusReport, state_dir: &Path) -> String {
     }
     if !r.workers.is_empty() {
         let mut rows = vec![
-            ["WORKER", "INST", "STATE", "PID", "UPTIME", "RESTARTS", "DEPLOYS", "LAST EXIT", "NOTE"]
-                .map(String::from)
-                .to_vec(),
+            [
+                "WORKER",
+                "INST",
+                "STATE",
+                "PID",
+                "UPTIME",
+                "CPU%",
+                "MEM",
+                "RESTARTS",
+                "DEPLOYS",
+                "LAST EXIT",
+                "NOTE",
+            ]
+            .map(String::from)
+            .to_vec(),
         ];
         for w in &r.workers {
             for i in &w.instances {
@@ -236,6 +270,8 @@ pub fn render_status(r: &StatusReport, state_dir: &Path) -> String {
                     i.state.clone(),
                     i.pid.map_or("-".into(), |p| p.to_string()),
                     if running { i.started_at.as_deref().map_or("-".into(), since) } else { "-".into() },
+                    i.cpu_seconds.zip(i.started_at.as_deref()).map_or("-".into(), |(c, t)| cpu_percent(c, t)),
+                    i.rss_bytes.map_or("-".into(), mem_text),
                     i.restarts.to_string(),
                     i.deploys.to_string(),
                     i.last_exit.as_ref().map_or("-".into(), |e| e.to_string()),
@@ -256,6 +292,8 @@ pub fn render_status(r: &StatusReport, state_dir: &Path) -> String {
                     w.name.clone(),
                     "-".into(),
                     "rollout".into(),
+                    String::new(),
+                    String::new(),
                     String::new(),
                     String::new(),
                     String::new(),
@@ -429,4 +467,25 @@ pub fn plan(ctx: &Ctx, json: bool) -> u8 {
         );
     }
     if nothing { exit::OK } else { exit::FAILED }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_and_cpu_columns() {
+        assert_eq!(mem_text(512), "512B");
+        assert_eq!(mem_text(1536), "1.5K");
+        assert_eq!(mem_text(300 * 1024 * 1024), "300.0M");
+        assert_eq!(mem_text(3 * 1024 * 1024 * 1024), "3.0G");
+        let ten_s_ago = rfc3339_of(SystemTime::now() - Duration::from_secs(10));
+        let pct: f64 = cpu_percent(5.0, &ten_s_ago).parse().unwrap();
+        assert!((45.0..=50.1).contains(&pct), "{pct}");
+        assert_eq!(cpu_percent(1.0, "not a time"), "-");
+    }
+
+    fn rfc3339_of(t: SystemTime) -> String {
+        humantime::format_rfc3339(t).to_string()
+    }
 }

@@ -342,6 +342,8 @@ mod tests {
             kill_at: None,
             waiting_for: vec![],
             notify_status: None,
+            cpu_seconds: None,
+            rss_bytes: None,
         }
     }
 

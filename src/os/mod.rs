@@ -7,3 +7,4 @@ pub mod identity;
 pub mod listen;
 pub mod proc;
 pub mod reaper;
+pub mod usage;

@@ -141,9 +141,9 @@ pub struct Supervisor {
     notify: Option<super::probes::notify::NotifySocket>,
     /// Told once every instance is up (or has failed to come up).
     ready: Option<super::runtime::Ready>,
-    /// The full status reply, encoded, until the next event that is not a
-    /// status request: concurrent `status` calls share one encoding.
-    status_cache: Option<Arc<Vec<u8>>>,
+    /// The full status report, until the next event that is not a status
+    /// request: concurrent `status` calls share one.
+    status_cache: Option<Arc<StatusReport>>,
 }
 
 impl Supervisor {
@@ -586,17 +586,16 @@ impl Supervisor {
     fn on_request(&mut self, req: Request, reply: oneshot::Sender<Reply>) {
         let resp = match req {
             Request::Status { name: None } => {
-                let line = match &self.status_cache {
-                    Some(line) => line.clone(),
+                let report = match &self.status_cache {
+                    Some(r) => r.clone(),
                     None => {
                         let state = if self.shutting_down { "stopping" } else { "running" };
-                        let resp = Response::Status(Box::new(self.report(state, true)));
-                        let line = Arc::new(super::control::encode(&resp));
-                        self.status_cache = Some(line.clone());
-                        line
+                        let r = Arc::new(self.report(state, true));
+                        self.status_cache = Some(r.clone());
+                        r
                     }
                 };
-                let _ = reply.send(Reply::Encoded(line));
+                let _ = reply.send(Reply::Status(report));
                 return;
             }
             // The full status (no name) is answered from the cache above.
@@ -604,7 +603,8 @@ impl Supervisor {
                 if self.workers.contains_key(&n) {
                     let mut r = self.report(if self.shutting_down { "stopping" } else { "running" }, true);
                     r.workers.retain(|w| w.name == n);
-                    Response::Status(Box::new(r))
+                    let _ = reply.send(Reply::Status(Arc::new(r)));
+                    return;
                 } else {
                     Response::Error { message: format!("no worker named {n:?}") }
                 }
@@ -901,6 +901,8 @@ fn instance_status(index: u32, inst: &Instance) -> InstanceStatus {
             _ => Vec::new(),
         },
         notify_status: inst.notify_status.clone(),
+        cpu_seconds: None,
+        rss_bytes: None,
     }
 }
 

@@ -105,8 +105,18 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Event>) {
                 Err(message) => Reply::Response(Response::Error { message }),
             };
             let line = match reply {
-                Reply::Response(resp) => Arc::new(encode(&resp)),
-                Reply::Encoded(line) => line,
+                Reply::Response(resp) => encode(&resp),
+                Reply::Status(report) => {
+                    let with_usage = tokio::task::spawn_blocking(move || {
+                        let mut r = (*report).clone();
+                        r.add_usage();
+                        encode(&Response::Status(Box::new(r)))
+                    });
+                    match with_usage.await {
+                        Ok(line) => line,
+                        Err(_) => encode(&Response::Error { message: "cannot read the status".into() }),
+                    }
+                }
             };
             // Timed out or failed: the connection is dropped either way.
             let _ = tokio::time::timeout(WRITE_TIMEOUT, w.write_all(&line)).await;

@@ -62,7 +62,10 @@ pub enum Event {
 #[derive(Debug)]
 pub enum Reply {
     Response(Response),
-    Encoded(Arc<Vec<u8>>),
+    /// A status report (shared by every client that asks until the state
+    /// changes): the server adds the instances' usage, read from /proc
+    /// off the actor's loop, and encodes it.
+    Status(Arc<super::protocol::StatusReport>),
 }
 
 /// A timer the actor owns (see `timers`).

@@ -284,6 +284,32 @@ pub struct InstanceStatus {
     /// The last `STATUS=` line the instance sent (sd_notify).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify_status: Option<String>,
+    /// CPU time its processes used, in seconds (read when status is
+    /// asked, never stored in the state file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<f64>,
+    /// Resident memory of its processes, in bytes (as `cpu_seconds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
+}
+
+impl StatusReport {
+    /// Fills in what each running instance uses, from /proc: blocking
+    /// file reads, so never on the actor's event loop.
+    pub fn add_usage(&mut self) {
+        let instances = || self.workers.iter().flat_map(|w| &w.instances);
+        let pgids: Vec<i32> = instances().filter(|i| i.pid.is_some()).filter_map(|i| i.pgid).collect();
+        let usage = crate::os::usage::of_groups(&pgids);
+        for i in self.workers.iter_mut().flat_map(|w| &mut w.instances) {
+            if i.pid.is_none() {
+                continue;
+            }
+            if let Some(u) = i.pgid.and_then(|g| usage.get(&g)) {
+                i.cpu_seconds = Some(u.cpu_seconds);
+                i.rss_bytes = Some(u.rss_bytes);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ mod harness;
 mod chaos;
 mod check;
 mod config_cmd;
+mod containment;
 mod control;
 mod controls;
 mod export;
