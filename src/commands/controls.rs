@@ -328,6 +328,7 @@ mod tests {
     fn inst(index: u32, state: &str) -> InstanceStatus {
         InstanceStatus {
             index,
+            surge: false,
             pid: (state == "running" || state == "stopping").then_some(100 + index as i32),
             pgid: None,
             start_ticks: None,

@@ -29,7 +29,7 @@ pub struct RawSocketTable {
     /// Its name in LISTEN_FDNAMES (default: the worker's name).
     pub name: Option<String>,
     /// The mode of a unix socket's file, in octal.
-    #[schemars(regex(pattern = r"^[0-7]{3,4}$"), extend("default" = "0600"))]
+    #[schemars(extend("default" = "0600"))]
     pub mode: Option<String>,
 }
 

@@ -169,6 +169,25 @@ pub fn raise_fd_limit() {
     }
 }
 
+/// Marks every descriptor drover inherited beyond stdio close-on-exec, so
+/// that none of them reaches a worker: what drover opens is close-on-exec
+/// already, and a worker gets only stdio and its sockets. A descriptor
+/// drover was handed on purpose is used by drover itself, never passed on.
+pub fn close_inherited_on_exec() {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return };
+    let fds: Vec<i32> = dir.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect();
+    for fd in fds.into_iter().filter(|&fd| fd > 2) {
+        // SAFETY: fcntl on a number; one that is closed (the listing's own
+        // descriptor) just fails.
+        unsafe {
+            let flags = nix::libc::fcntl(fd, nix::libc::F_GETFD);
+            if flags >= 0 && flags & nix::libc::FD_CLOEXEC == 0 {
+                nix::libc::fcntl(fd, nix::libc::F_SETFD, flags | nix::libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
 /// Descriptors drover keeps free for itself (control connections, the
 /// state file, /proc reads): a worker's start or a log file that would eat
 /// into them waits instead.

@@ -877,7 +877,9 @@ fn instance_status(index: u32, inst: &Instance) -> InstanceStatus {
         _ => inst.error.clone(),
     };
     InstanceStatus {
-        index,
+        // A surge instance shows as the slot it replaces.
+        index: inst.surge_for.unwrap_or(index),
+        surge: inst.surge_for.is_some(),
         pid: inst.pid,
         pgid: inst.pgid,
         start_ticks: inst.start_ticks,

@@ -253,6 +253,10 @@ pub struct SocketStatus {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct InstanceStatus {
     pub index: u32,
+    /// Started beside instance `index` to replace it (a worker with
+    /// sockets), or the old one it replaced, on its way out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub surge: bool,
     pub pid: Option<i32>,
     /// The process group drover signals to stop this instance.
     pub pgid: Option<i32>,

@@ -325,6 +325,21 @@ mod tests {
     }
 
     #[test]
+    fn a_changed_socket_list_restarts_the_worker() {
+        use crate::config::model::{Address, Socket};
+        let old: BTreeMap<_, _> = [("web".to_string(), w("x", 1))].into();
+        let mut new = old.clone();
+        let web = new.get_mut("web").unwrap();
+        web.sockets.push(Socket {
+            address: Address::Tcp("127.0.0.1:80".parse().unwrap()),
+            name: "web".into(),
+            mode: None,
+        });
+        let p = plan(&new, &actual(&old));
+        assert!(matches!(&p[..], [Change::Restart { fields, .. }] if fields == &["sockets"]), "{p:?}");
+    }
+
+    #[test]
     fn same_config_plans_nothing() {
         let d: BTreeMap<_, _> = [("a".to_string(), w("x", 2)), ("b".into(), w("y", 1))].into();
         assert!(plan(&d, &actual(&d)).is_empty());

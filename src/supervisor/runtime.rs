@@ -301,6 +301,7 @@ pub async fn serve(
     }
 
     proc::raise_fd_limit();
+    proc::close_inherited_on_exec();
     if let Err(e) = Reaper::become_subreaper() {
         tracing::warn!(error = %e, "cannot become a child subreaper; orphaned grandchildren go to init");
     }

@@ -22,6 +22,7 @@ mod security;
 mod sessions;
 mod shell;
 mod soak;
+mod sockets;
 mod state;
 mod stopping;
 mod supervise;

@@ -20,7 +20,7 @@ use crate::supervisor::graph::Node;
 use crate::supervisor::logs::pump_watched;
 use crate::supervisor::probes::{self, Notice, NotifyEvent, ProbeContext, Role, Verdict};
 use crate::supervisor::workers::instance::{self, Ctx, Effect, Input, Instance, State, Then, TimerKind, Why};
-use crate::supervisor::workers::rollout::{self, Action, Progress};
+use crate::supervisor::workers::rollout::{self, Action, Progress, SURGE};
 use crate::supervisor::worktree;
 
 /// A spawned process's output pipes, handed to the pumps once the
@@ -135,8 +135,9 @@ impl Supervisor {
         };
         let spec = &w.spec;
         let Some(inst) = w.instances.get(&index) else { return };
+        let slot = inst.surge_for.unwrap_or(index);
         let mut env: Vec<(String, String)> =
-            instance_env(name, index, spec.capacity, &spec.env, &state_dir).into_iter().collect();
+            instance_env(name, slot, spec.capacity, &spec.env, &state_dir).into_iter().collect();
         let mut remove_env = vec![];
         match notify {
             Some(path) => env.push(("NOTIFY_SOCKET".into(), path)),
@@ -225,11 +226,13 @@ impl Supervisor {
     fn start_pumps(&self, name: &str, index: u32, pipes: Pipes) {
         let Some(w) = self.workers.get(name) else { return };
         let watch = w.probes.get(&index).and_then(|p| p.line_watch());
+        // A surge instance's lines carry the slot it replaces.
+        let label = w.instances.get(&index).and_then(|i| i.surge_for).unwrap_or(index);
         for (stream, pipe) in ["out", "err"].into_iter().zip(pipes) {
             if let Some(fd) = pipe
                 && let Ok(rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
             {
-                tokio::spawn(pump_watched(w.sink.clone(), index, stream, rx, None, watch.clone()));
+                tokio::spawn(pump_watched(w.sink.clone(), label, stream, rx, None, watch.clone()));
             }
         }
     }
@@ -243,7 +246,13 @@ impl Supervisor {
         };
         let (Some(probe), Some(inst)) = (probe, w.instances.get(&index)) else { return };
         let ctx = ProbeContext {
-            env: instance_env(name, index, w.spec.capacity, &w.spec.env, &state_dir),
+            env: instance_env(
+                name,
+                inst.surge_for.unwrap_or(index),
+                w.spec.capacity,
+                &w.spec.env,
+                &state_dir,
+            ),
             dir: inst.worktree.clone().unwrap_or_else(|| w.spec.dir.clone()),
             reaper: self.reaper.clone(),
             identity: w.spec.identity.clone(),
@@ -358,7 +367,7 @@ impl Supervisor {
     pub(super) fn scale(&mut self, name: &str) {
         let Some(w) = self.workers.get_mut(name) else { return };
         let cap = w.spec.capacity;
-        let above: Vec<u32> = w.instances.keys().copied().filter(|&i| i >= cap).rev().collect();
+        let above: Vec<u32> = w.instances.keys().copied().filter(|&i| i >= cap && i != SURGE).rev().collect();
         let missing: Vec<u32> = (0..cap).filter(|i| !w.instances.contains_key(i)).collect();
         for &i in &missing {
             w.instances.insert(i, Instance::new());
@@ -377,7 +386,7 @@ impl Supervisor {
         if w.removed || self.shutting_down {
             return;
         }
-        let (actions, progress) = rollout::next(&w.instances);
+        let (actions, progress) = rollout::next(&w.instances, !w.spec.sockets.is_empty());
         if let Progress::Stalled(i, why) = &progress
             && w.rollout != progress
         {
@@ -388,8 +397,52 @@ impl Supervisor {
             match a {
                 Action::Deploy(i) => self.drive(name, i, Input::Start(Why::Deploy)),
                 Action::Replace(i) => self.drive(name, i, Input::Stop(Then::Start)),
+                Action::Surge(k) => self.start_surge(name, k),
+                Action::Promote(k) => self.promote_surge(name, k),
+                Action::DropSurge => self.drive(name, SURGE, Input::Stop(Then::Retire)),
             }
         }
+    }
+
+    /// Starts the replacement of slot `k` beside it, under [`SURGE`].
+    fn start_surge(&mut self, name: &str, k: u32) {
+        let Some(w) = self.workers.get_mut(name) else { return };
+        let Some(old) = w.instances.get(&k) else { return };
+        // What status counts carries over to the slot's next instance.
+        let mut surge = Instance { surge_for: Some(k), deploys: old.deploys, ..Instance::new() };
+        surge.counters.restarts = old.counters.restarts;
+        w.instances.insert(SURGE, surge);
+        tracing::info!(worker = name, instance = k, "starting its replacement beside it");
+        self.drive(name, SURGE, Input::Start(Why::Deploy));
+    }
+
+    /// The surge instance is ready: it becomes slot `k`, and the old one,
+    /// now under [`SURGE`], is retired.
+    fn promote_surge(&mut self, name: &str, k: u32) {
+        let Some(w) = self.workers.get_mut(name) else { return };
+        let (Some(mut new), Some(mut old)) = (w.instances.remove(&SURGE), w.instances.remove(&k)) else {
+            return;
+        };
+        new.surge_for = None;
+        old.surge_for = Some(k);
+        for (inst, key) in [(&new, k), (&old, SURGE)] {
+            if let Some(pid) = inst.pid {
+                self.by_pid.insert(pid, Proc::Instance(name.to_string(), key));
+            }
+        }
+        // Probes report under the key they started with: the new one's
+        // health probe starts again under its new key.
+        w.probes.remove(&SURGE);
+        w.probes.remove(&k);
+        w.instances.insert(k, new);
+        w.instances.insert(SURGE, old);
+        let health = w.spec.health.is_some();
+        tracing::info!(worker = name, instance = k, "replacement ready; stopping the old instance");
+        if health {
+            self.start_probe(name, k, Role::Health);
+        }
+        self.touched.insert(name.to_string());
+        self.drive(name, SURGE, Input::Stop(Then::Retire));
     }
 
     /// Carries on after the instances of `touched` workers changed state:
@@ -448,8 +501,10 @@ impl Supervisor {
     /// worker being removed meets nothing.
     pub(super) fn worker_meets(&self, name: &str, cond: Condition) -> bool {
         let Some(w) = self.workers.get(name).filter(|w| !w.removed) else { return false };
-        let insts =
-            w.instances.values().filter(|i| !matches!(i.state, State::Stopping { then: Then::Retire }));
+        let insts = w
+            .instances
+            .values()
+            .filter(|i| i.surge_for.is_none() && !matches!(i.state, State::Stopping { then: Then::Retire }));
         let mut insts = insts.peekable();
         if insts.peek().is_none() {
             return w.spec.capacity == 0;

@@ -197,6 +197,9 @@ pub struct Instance {
     pub notify_status: Option<String>,
     /// Its git worktree, in worktree mode.
     pub worktree: Option<PathBuf>,
+    /// A surge instance: the slot it replaces (or, swapped out, the slot
+    /// it held). Its DROVER_INSTANCE and log label are that slot's.
+    pub surge_for: Option<u32>,
 }
 
 impl Default for Instance {
@@ -227,6 +230,7 @@ impl Instance {
             kill_sent: false,
             notify_status: None,
             worktree: None,
+            surge_for: None,
         }
     }
 
