@@ -266,7 +266,8 @@ pub fn render_status(r: &StatusReport, state_dir: &Path) -> String {
                 let running = i.state == "running";
                 rows.push(vec![
                     w.name.clone(),
-                    i.index.to_string(),
+                    // A replacement started beside it (or the old one leaving).
+                    if i.surge { format!("{} surge", i.index) } else { i.index.to_string() },
                     i.state.clone(),
                     i.pid.map_or("-".into(), |p| p.to_string()),
                     if running { i.started_at.as_deref().map_or("-".into(), since) } else { "-".into() },
