@@ -39,6 +39,9 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// hold a connection for one round trip; the load benchmark runs 100.
 pub const MAX_CLIENTS: usize = 256;
 
+/// Status replies that read usage from /proc at once.
+const USAGE_READERS: usize = 2;
+
 /// Plans carry a config file: their request line may be this long (a
 /// 4 MiB file, escaped), read one at a time.
 pub const MAX_PLAN_REQUEST: usize = 9 * 1024 * 1024;
@@ -57,6 +60,10 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Event>) {
     let mut failing = false;
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
     let big = Arc::new(Semaphore::new(1));
+    // Status replies read /proc (a descriptor or two each) on blocking
+    // threads: a few at a time, or 256 clients asking at once would open
+    // hundreds of files beside their sockets.
+    let usage = Arc::new(Semaphore::new(USAGE_READERS));
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => {
@@ -85,7 +92,7 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Event>) {
             continue;
         };
 
-        let (tx, big) = (tx.clone(), big.clone());
+        let (tx, big, usage) = (tx.clone(), big.clone(), usage.clone());
         tokio::spawn(async move {
             let _slot = slot;
             let (r, mut w) = stream.into_split();
@@ -107,6 +114,7 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Event>) {
             let line = match reply {
                 Reply::Response(resp) => encode(&resp),
                 Reply::Status(report) => {
+                    let _reading = usage.acquire_owned().await;
                     let with_usage = tokio::task::spawn_blocking(move || {
                         let mut r = (*report).clone();
                         r.add_usage();

@@ -300,7 +300,10 @@ fn clients_that_never_read_cannot_exhaust_descriptors() {
         config.push_str(&format!("[jobs.job-{j:04}-{}]\ncommand = [\"true\"]\n", "x".repeat(40)));
     }
     sb.write("daemon.toml", config);
-    let limit = 1024;
+    // drover's limit is low so that the hogs outnumber it while this test
+    // process (whose limit CI machines often keep at 1024, shared with the
+    // tests running beside it) stays well inside its own.
+    let limit = 512;
     let sup = Supervisor::start_with(&sb, |cmd| unsafe {
         cmd.pre_exec(move || {
             nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, limit, limit)?;
@@ -313,14 +316,14 @@ fn clients_that_never_read_cannot_exhaust_descriptors() {
     // More than the limit: every one sends `status` and never reads.
     let mut hogs = Vec::new();
     let mut most = 0;
-    for _ in 0..1200 {
+    for _ in 0..640 {
         if let Ok(mut s) = UnixStream::connect(&sock) {
             let _ = s.write_all(b"{\"cmd\":\"status\",\"name\":null}\n");
             hogs.push(s);
         }
         most = most.max(open_fds(sup.pid));
     }
-    assert!(hogs.len() > 1000, "only {} connections", hogs.len());
+    assert!(hogs.len() > 600, "only {} connections", hogs.len());
 
     // A well-behaved client gets its answer (told to come back while the
     // cap is full, until the hogs' replies time out).
