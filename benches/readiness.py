@@ -47,6 +47,8 @@ class H(http.server.BaseHTTPRequestHandler):
         self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
     def log_message(self, *a):
         pass
+# The last run's closed probe connections may linger in TIME_WAIT.
+socketserver.ThreadingTCPServer.allow_reuse_address = True
 with socketserver.ThreadingTCPServer(("127.0.0.1", int(sys.argv[1])), H) as s:
     s.serve_forever()
 """

@@ -98,7 +98,11 @@ fn detach_stdio(log: &Path) {
 }
 
 fn run(loaded: crate::config::Loaded, overrides: Overrides, echo: bool, mut ready: Ready) -> u8 {
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    // The actor runs on this thread (block_on); one worker thread runs the
+    // pumps, probes and control connections beside it. A second worker
+    // bought nothing but cross-thread wake-ups: 100 probed workers cost a
+    // fifth more CPU with two (benches/readiness.py).
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             let msg = format!("cannot start the runtime: {e}");
