@@ -98,6 +98,7 @@ fn detach_stdio(log: &Path) {
 }
 
 fn run(loaded: crate::config::Loaded, overrides: Overrides, echo: bool, mut ready: Ready) -> u8 {
+    crate::os::memory::limit_arenas();
     // The actor runs on this thread (block_on); one worker thread runs the
     // pumps, probes and control connections beside it. A second worker
     // bought nothing but cross-thread wake-ups: 100 probed workers cost a

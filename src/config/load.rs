@@ -349,7 +349,7 @@ pub fn load_text(path: &Path, text: String, overrides: &Overrides) -> Result<Loa
     let mut wrong = Vec::new();
     let mut missing = Vec::new();
     for e in validator.iter_errors(&merged) {
-        for (path, prefer_key, msg) in schema_diagnostics(schema_value, &e) {
+        for (path, prefer_key, msg) in schema_diagnostics(&schema_value, &e) {
             match e.kind() {
                 jsonschema::error::ValidationErrorKind::Required { property } => {
                     missing.push((path.clone(), property.as_str().unwrap_or_default().to_string()));
@@ -373,7 +373,7 @@ pub fn load_text(path: &Path, text: String, overrides: &Overrides) -> Result<Loa
         for (i, (p, property)) in missing.iter().enumerate() {
             let mut at = p.clone();
             at.push(property.clone());
-            let stand_in = match schema::node_at(schema_value, &at).and_then(|n| n.get("type")) {
+            let stand_in = match schema::node_at(&schema_value, &at).and_then(|n| n.get("type")) {
                 Some(t) if t == "array" => serde_json::json!(["true"]),
                 Some(t) if t == "string" => serde_json::json!(format!("missing-{i}")),
                 _ => {

@@ -135,20 +135,16 @@ pub fn cached() -> &'static Value {
     S.get_or_init(schema)
 }
 
-/// The schema and its validator, compiled once (only loading a config
-/// needs it).
-pub fn validator() -> (&'static Value, &'static jsonschema::Validator) {
-    static V: OnceLock<jsonschema::Validator> = OnceLock::new();
-    let s = cached();
-    (
-        s,
-        V.get_or_init(|| {
-            jsonschema::options()
-                .should_validate_formats(false)
-                .build(s)
-                .expect("the generated schema compiles")
-        }),
-    )
+/// The schema and its validator, made for each load rather than kept:
+/// the supervisor would otherwise hold both (half a megabyte) for the
+/// few milliseconds a reload needs them.
+pub fn validator() -> (Value, jsonschema::Validator) {
+    let s = schema();
+    let v = jsonschema::options()
+        .should_validate_formats(false)
+        .build(&s)
+        .expect("the generated schema compiles");
+    (s, v)
 }
 
 /// The schema node that describes the value at `path` in a document,

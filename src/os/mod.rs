@@ -5,6 +5,7 @@ pub mod fsutil;
 pub mod groups;
 pub mod identity;
 pub mod listen;
+pub mod memory;
 pub mod proc;
 pub mod reaper;
 pub mod usage;

@@ -60,7 +60,7 @@ pub const REAPED_CHUNK: usize = 32;
 
 struct WorkerRt {
     spec: Worker,
-    instances: BTreeMap<u32, Instance>,
+    instances: BTreeMap<u32, Box<Instance>>,
     sink: Arc<Sink>,
     /// Removed from the config: retire every instance, then drop the worker.
     removed: bool,
@@ -212,6 +212,7 @@ impl Supervisor {
         self.apply(changes);
         self.propagate();
         self.flush_state();
+        crate::os::memory::release_free();
     }
 
     /// Where to say "ready" (the `start --detach` parent) once every
@@ -260,6 +261,9 @@ impl Supervisor {
             tracing::info!(pid = std::process::id(), "ready");
             super::runtime::sd_notify("READY=1");
             r.send("ready\n");
+            // Start-up is over: what it allocated and ran is not needed.
+            crate::os::memory::release_free();
+            crate::os::memory::release_code();
         }
     }
 
@@ -554,6 +558,8 @@ impl Supervisor {
                     let new = WatchSettings::of(&self.config);
                     w.send_if_modified(|cur| std::mem::replace(cur, new.clone()) != new);
                 }
+                crate::os::memory::release_free();
+                crate::os::memory::release_code();
                 Response::Ok { message: format!("applied generation {}", self.generation) }
             }
             Err(diags) => {

@@ -111,7 +111,7 @@ impl Supervisor {
     }
 
     pub(super) fn instance(&self, name: &str, index: u32) -> Option<&Instance> {
-        self.workers.get(name).and_then(|w| w.instances.get(&index))
+        self.workers.get(name).and_then(|w| w.instances.get(&index)).map(|i| &**i)
     }
 
     /// Starts spawning the instance's process on a blocking thread (with
@@ -370,7 +370,7 @@ impl Supervisor {
         let above: Vec<u32> = w.instances.keys().copied().filter(|&i| i >= cap && i != SURGE).rev().collect();
         let missing: Vec<u32> = (0..cap).filter(|i| !w.instances.contains_key(i)).collect();
         for &i in &missing {
-            w.instances.insert(i, Instance::new());
+            w.instances.insert(i, Box::new(Instance::new()));
         }
         for i in above {
             self.drive(name, i, Input::Stop(Then::Retire));
@@ -411,7 +411,7 @@ impl Supervisor {
         // What status counts carries over to the slot's next instance.
         let mut surge = Instance { surge_for: Some(k), deploys: old.deploys, ..Instance::new() };
         surge.counters.restarts = old.counters.restarts;
-        w.instances.insert(SURGE, surge);
+        w.instances.insert(SURGE, Box::new(surge));
         tracing::info!(worker = name, instance = k, "starting its replacement beside it");
         self.drive(name, SURGE, Input::Start(Why::Deploy));
     }
@@ -510,7 +510,7 @@ impl Supervisor {
             return w.spec.capacity == 0;
         }
         match cond {
-            Condition::Ready => insts.all(Instance::is_ready),
+            Condition::Ready => insts.all(|i| i.is_ready()),
             _ => insts.all(|i| i.is_started() || i.is_ready()),
         }
     }

@@ -10,6 +10,7 @@
 //! both accepting on the same sockets; once it is ready the two swap keys
 //! and the old one, now under [`SURGE`], is retired.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 
 use super::instance::{Instance, State, Then};
@@ -65,7 +66,12 @@ fn live(i: &Instance) -> bool {
 
 /// The next actions of the rollout over `instances`; `surge` for a worker
 /// with sockets.
-pub fn next(instances: &BTreeMap<u32, Instance>, surge: bool) -> (Vec<Action>, Progress) {
+pub fn next<I: Borrow<Instance>>(instances: &BTreeMap<u32, I>, surge: bool) -> (Vec<Action>, Progress) {
+    let view: BTreeMap<u32, &Instance> = instances.iter().map(|(k, i)| (*k, i.borrow())).collect();
+    next_in(&view, surge)
+}
+
+fn next_in(instances: &BTreeMap<u32, &Instance>, surge: bool) -> (Vec<Action>, Progress) {
     let mut actions: Vec<Action> = instances
         .iter()
         .filter(|(k, i)| {
@@ -104,7 +110,7 @@ pub fn next(instances: &BTreeMap<u32, Instance>, surge: bool) -> (Vec<Action>, P
     }
 }
 
-fn next_surge(instances: &BTreeMap<u32, Instance>, mut actions: Vec<Action>) -> (Vec<Action>, Progress) {
+fn next_surge(instances: &BTreeMap<u32, &Instance>, mut actions: Vec<Action>) -> (Vec<Action>, Progress) {
     if let Some(s) = instances.get(&SURGE) {
         let Some(k) = s.surge_for else { return (actions, Progress::Done) };
         // The old instance, swapped out: the next waits until it is gone.
