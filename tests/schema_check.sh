@@ -13,7 +13,9 @@ cd "$(dirname "$0")/.."
 # upper bound (a string pattern cannot compare lengths of time), what a
 # depends_on name refers to (unknown, itself, a cycle, a condition that does
 # not fit its kind), and what probe strings mean (URL scheme, HOST:PORT,
-# ${NAME} placeholders, a regex that compiles, a zero timeout).
+# ${NAME} placeholders, a regex that compiles, a zero timeout), and what
+# a socket address holds (an IP, not a host name; a mode only on a unix
+# socket; one address per worker).
 SCHEMA_PASSES=(
   env-file-missing-or-malformed
   identity-unknown-user
@@ -36,6 +38,9 @@ SCHEMA_PASSES=(
   probe-https
   probe-tcp-no-port
   secret-env-defaults-unset
+  sockets-host-name
+  sockets-shared
+  sockets-tcp-mode
   secret-env-typo
   timezone-typo
   unknown-timezone
