@@ -237,6 +237,20 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         instance: Option<u32>,
     },
+    /// State changes as they happen: instances started, ready, unhealthy,
+    /// exited, in backoff, parked, stopped; reloads; job runs. Prints the
+    /// recent ones (up to 256) and exits; with -f, keeps printing.
+    Events {
+        /// One JSON object a line (time, kind, names, details).
+        #[arg(long)]
+        json: bool,
+        /// Keep printing events as they happen, until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only these workers and jobs (reloads are always shown).
+        #[arg(add = ArgValueCandidates::new(|| Names::Both.candidates()))]
+        names: Vec<String>,
+    },
     /// Validate config files; exit 0 when all are valid, 1 otherwise.
     Check {
         /// Files to check (default: the -c file).

@@ -5,6 +5,7 @@ mod client;
 pub mod completions;
 mod config_cmds;
 mod controls;
+mod events;
 mod export;
 mod logread;
 mod logs;
@@ -89,6 +90,7 @@ pub fn run(cli: Cli) -> u8 {
         Command::Logs { name, follow, lines, since, instance } => {
             logs::logs(&ctx, name.as_deref(), logs::Options { follow, lines, since, instance })
         }
+        Command::Events { json, follow, names } => events::events(&ctx, json, follow, names),
         Command::Trigger { job } => runs::trigger(&ctx, &job),
         Command::Runs { action, json, job, state, limit } => match action {
             None => runs::list(&ctx, json, job.as_deref(), state.as_deref(), limit),

@@ -144,6 +144,8 @@ pub struct Supervisor {
     /// The full status report, until the next event that is not a status
     /// request: concurrent `status` calls share one.
     status_cache: Option<Arc<StatusReport>>,
+    /// State changes as they happen, for `drover events` and `top`.
+    pub(super) live: super::live::Live,
 }
 
 impl Supervisor {
@@ -186,6 +188,7 @@ impl Supervisor {
             stop_levels: Vec::new(),
             notify: None,
             ready: None,
+            live: super::live::Live::new(),
         }
     }
 
@@ -549,6 +552,7 @@ impl Supervisor {
                     updated = names(|c| matches!(c, Change::Update { .. })),
                     "config applied"
                 );
+                let summary = changes.iter().map(change_line).collect();
                 self.apply_jobs();
                 self.run_dependency_jobs(Some(&old_jobs));
                 self.apply(changes);
@@ -560,12 +564,15 @@ impl Supervisor {
                 }
                 crate::os::memory::release_free();
                 crate::os::memory::release_code();
+                self.live
+                    .emit(super::live::What::ReloadApplied { generation: self.generation, changes: summary });
                 Response::Ok { message: format!("applied generation {}", self.generation) }
             }
             Err(diags) => {
                 let error = diags.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n");
                 tracing::error!(%error, "reload failed; the last good config stays in force");
                 self.last_reload = Some(ReloadStatus { at, ok: false, error: Some(error.clone()) });
+                self.live.emit(super::live::What::ReloadFailed { error: error.clone() });
                 self.dirty = true;
                 Response::Error { message: error }
             }
@@ -663,6 +670,24 @@ impl Supervisor {
                 }
             }
             Request::Unpark { name } => self.unpark(&name),
+            Request::Events { names, follow } => {
+                let unknown: Vec<&str> = names
+                    .iter()
+                    .filter(|n| !self.workers.contains_key(*n) && !self.jobs.contains_key(*n))
+                    .map(String::as_str)
+                    .collect();
+                if !unknown.is_empty() {
+                    Response::Error { message: format!("no worker or job named {}", unknown.join(", ")) }
+                } else {
+                    match self.live.subscribe(names, follow) {
+                        Ok(sub) => {
+                            let _ = reply.send(Reply::Events(sub));
+                            return;
+                        }
+                        Err(message) => Response::Error { message },
+                    }
+                }
+            }
             Request::LogPath { name } => {
                 let state_dir = &self.config.supervisor.state_dir;
                 if self.workers.contains_key(&name) {
@@ -858,6 +883,17 @@ impl Supervisor {
 /// A duration in whole milliseconds, for the log.
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A change of a reload as an event shows it: "restart web".
+fn change_line(c: &Change) -> String {
+    let verb = match c {
+        Change::Start { .. } => "start",
+        Change::Stop { .. } => "stop",
+        Change::Restart { .. } => "restart",
+        Change::Update { .. } => "update",
+    };
+    format!("{verb} {}", c.worker())
 }
 
 fn socket_status(w: &WorkerRt) -> Vec<SocketStatus> {

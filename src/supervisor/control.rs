@@ -8,11 +8,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::time::SystemTime;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
-use tokio::sync::{Semaphore, SemaphorePermit, mpsc, oneshot};
 
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{Semaphore, SemaphorePermit, broadcast, mpsc, oneshot};
+
+use super::clock::rfc3339;
 use super::events::{Event, Reply};
+use super::live::{LiveEvent, Subscription, What};
 use super::protocol::{MAX_REQUEST, Request, Response};
 
 pub fn socket_path(state_dir: &Path) -> PathBuf {
@@ -95,10 +100,10 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Event>) {
         let (tx, big, usage) = (tx.clone(), big.clone(), usage.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            let (r, mut w) = stream.into_split();
+            let (mut r, mut w) = stream.into_split();
             let gone =
                 || Reply::Response(Response::Error { message: "the supervisor is shutting down".into() });
-            let reply = match read_request(r, &big).await {
+            let reply = match read_request(&mut r, &big).await {
                 // A long plan keeps its permit until it is answered: its
                 // text is in memory until then.
                 Ok((req, _permit)) => {
@@ -112,6 +117,7 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Event>) {
                 Err(message) => Reply::Response(Response::Error { message }),
             };
             let line = match reply {
+                Reply::Events(sub) => return stream_events(sub, r, w).await,
                 Reply::Response(resp) => encode(&resp),
                 Reply::Status(report) => {
                     let _reading = usage.acquire_owned().await;
@@ -130,6 +136,77 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Event>) {
             let _ = tokio::time::timeout(WRITE_TIMEOUT, w.write_all(&line)).await;
         });
     }
+}
+
+/// Events written to a follower in one go, at most.
+const EVENTS_BATCH: usize = 64;
+
+/// Serves a subscription: the recent events, then (following) each one
+/// as it comes, until the client closes its end, falls too far behind
+/// (a last `lagged` line) or does not read for [`WRITE_TIMEOUT`], or the
+/// supervisor stops.
+async fn stream_events(sub: Subscription, mut r: OwnedReadHalf, mut w: OwnedWriteHalf) {
+    let Subscription { recent, rx, names } = sub;
+    let mut buf = Vec::new();
+    for ev in &recent {
+        push_event(&mut buf, ev);
+    }
+    if !write_within(&mut w, &buf).await {
+        return;
+    }
+    let Some(mut rx) = rx else { return };
+    let mut scratch = [0u8; 64];
+    loop {
+        let first = tokio::select! {
+            ev = rx.recv() => ev,
+            // A follower sends nothing after its request: anything read,
+            // or the end, means it is gone.
+            _ = r.read(&mut scratch) => return,
+        };
+        buf.clear();
+        let mut next = first;
+        for _ in 0..EVENTS_BATCH {
+            match next {
+                Ok(ev) => {
+                    if ev.what.concerns(&names) {
+                        push_event(&mut buf, &ev);
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    let lagged =
+                        LiveEvent { time: rfc3339(SystemTime::now()), what: What::Lagged { missed } };
+                    push_event(&mut buf, &lagged);
+                    let _ = write_within(&mut w, &buf).await;
+                    return;
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    let _ = write_within(&mut w, &buf).await;
+                    return;
+                }
+            }
+            next = match rx.try_recv() {
+                Ok(ev) => Ok(ev),
+                Err(broadcast::error::TryRecvError::Lagged(n)) => Err(broadcast::error::RecvError::Lagged(n)),
+                Err(broadcast::error::TryRecvError::Closed) => Err(broadcast::error::RecvError::Closed),
+                Err(broadcast::error::TryRecvError::Empty) => break,
+            };
+        }
+        if !buf.is_empty() && !write_within(&mut w, &buf).await {
+            return;
+        }
+    }
+}
+
+/// One event as a JSON line.
+fn push_event(buf: &mut Vec<u8>, ev: &LiveEvent) {
+    if serde_json::to_writer(&mut *buf, ev).is_ok() {
+        buf.push(b'\n');
+    }
+}
+
+/// Writes `data` unless the client takes longer than [`WRITE_TIMEOUT`].
+async fn write_within(w: &mut OwnedWriteHalf, data: &[u8]) -> bool {
+    matches!(tokio::time::timeout(WRITE_TIMEOUT, w.write_all(data)).await, Ok(Ok(())))
 }
 
 /// Reads one request line from a client: at most [`MAX_REQUEST`] bytes
@@ -243,6 +320,26 @@ pub fn request(
     req: &Request,
     timeout: Option<Duration>,
 ) -> Result<Option<Response>, ClientError> {
+    let mut reader = send(state_dir, req, timeout)?;
+    let mut buf = String::new();
+    match reader.read_line(&mut buf) {
+        Ok(0) => Ok(None),
+        Ok(_) => serde_json::from_str(&buf)
+            .map(Some)
+            .map_err(|e| ClientError::Io(std::io::Error::other(format!("bad response: {e}")))),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(None),
+        Err(e) => Err(ClientError::Io(e)),
+    }
+}
+
+/// Connects (see [`request`] for the checks), sends `req` and hands back
+/// the connection to read the answer from: one line, or a stream of them
+/// for a subscription.
+pub fn send(
+    state_dir: &Path,
+    req: &Request,
+    timeout: Option<Duration>,
+) -> Result<BufReader<UnixStream>, ClientError> {
     let path = socket_path(state_dir);
     if !trusted_state_dir(state_dir)? || !owned_by_me(&path, "control socket")? {
         return Err(ClientError::NoSupervisor);
@@ -268,14 +365,5 @@ pub fn request(
     let mut line = serde_json::to_vec(req).expect("request serializes");
     line.push(b'\n');
     stream.write_all(&line).map_err(ClientError::Io)?;
-    let mut reader = BufReader::new(stream);
-    let mut buf = String::new();
-    match reader.read_line(&mut buf) {
-        Ok(0) => Ok(None),
-        Ok(_) => serde_json::from_str(&buf)
-            .map(Some)
-            .map_err(|e| ClientError::Io(std::io::Error::other(format!("bad response: {e}")))),
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(None),
-        Err(e) => Err(ClientError::Io(e)),
-    }
+    Ok(BufReader::new(stream))
 }

@@ -66,6 +66,8 @@ pub enum Reply {
     /// changes): the server adds the instances' usage, read from /proc
     /// off the actor's loop, and encodes it.
     Status(Arc<super::protocol::StatusReport>),
+    /// A subscription to state changes: the server streams it.
+    Events(super::live::Subscription),
 }
 
 /// A timer the actor owns (see `timers`).

@@ -18,6 +18,7 @@ use super::child::{self, Launch, LaunchError, Output, Started};
 use super::clock::{later, rfc3339};
 use super::events::{Event, Proc, RunTimer, TimerKey};
 use super::graph::Node;
+use super::live::What;
 use super::logs::{LogFile, Sink, pump};
 use super::protocol::{JobStatus, RunSummary};
 use super::run_ledger::{LedgerError, Write};
@@ -268,7 +269,9 @@ impl Supervisor {
         let waiting = self.job_blocked_by(name);
         let admitted = if !waiting.is_empty() {
             self.ledger_write(Write::CountSkip { job: name.into() });
-            Err(Refused::Skip(format!("waiting for {}", waiting.join(", "))))
+            let reason = format!("waiting for {}", waiting.join(", "));
+            self.live.emit(What::RunSkipped { job: name.into(), reason: reason.clone() });
+            Err(Refused::Skip(reason))
         } else if self.ledger.is_busy() {
             Err(Refused::Ledger(LedgerError::Busy("waiting writes".into())))
         } else {
@@ -322,9 +325,14 @@ impl Supervisor {
         );
         if let Admission::Skip(why) = decision {
             self.ledger_write(Write::CountSkip { job: name.into() });
+            let reason = why.strip_prefix("skipped: ").unwrap_or(&why).to_string();
+            self.live.emit(What::RunSkipped { job: name.into(), reason });
             return Err(Refused::Skip(why));
         }
         let id = self.create_run(name, &spec, source, parent, first_step)?;
+        if !matches!(decision, Admission::Start) {
+            self.live.emit(What::RunQueued { job: name.into(), run: id });
+        }
         let Some(job) = self.jobs.get_mut(name) else { return Ok(id) };
         match decision {
             Admission::Start => self.start_run(id),
@@ -452,6 +460,7 @@ impl Supervisor {
 
     /// Starts the current step of a run that is ours (claimed or released).
     fn start_claimed(&mut self, run: Run, approved: Option<u32>) {
+        self.live.emit(What::RunStarted { job: run.job.clone(), run: run.id });
         if let Some(job) = run.job.as_deref().and_then(|j| self.jobs.get_mut(j)) {
             job.started = true;
             self.touched.insert(run.job.clone().unwrap_or_default());
@@ -646,7 +655,10 @@ impl Supervisor {
             }
         }
         tracing::info!(run = id, job = rp.job.as_deref(), step = %rp.steps[step as usize].name, pid, "run step started");
+        let started =
+            What::RunStep { job: rp.job.clone(), run: id, step: rp.steps[step as usize].name.clone(), pid };
         let stop_now = rp.stopping.is_some();
+        self.live.emit(started);
         self.by_pid.insert(pid, Proc::Run(id));
         let log = run_log_path(&state_dir, id);
         self.ledger_write(Write::SetProcess { id, pid, pgid: pid, pid_start: proc::start_ticks(pid), log });
@@ -775,8 +787,9 @@ impl Supervisor {
         }
         self.ledger_write(Write::Finish { id, state, exit: exit.cloned(), error: error.clone() });
         tracing::info!(run = id, state = state.as_str(), error = error.as_deref(), "run ended");
-
         let job = rp.as_ref().and_then(|r| r.job.clone());
+        self.live.emit(What::RunEnded { job: job.clone(), run: id, state: state.as_str().into() });
+
         let kind = rp.as_ref().map_or(Kind::Job, |r| r.kind);
         self.prune(job.as_deref(), kind);
         if let Some(j) = job {

@@ -10,6 +10,7 @@ pub mod control;
 pub mod events;
 pub mod graph;
 pub mod jobs;
+pub mod live;
 pub mod logs;
 pub mod own_log;
 pub mod policy;

@@ -77,6 +77,14 @@ pub enum Request {
     RunInfo {
         key: String,
     },
+    /// The recent state changes about `names` (none: all), one JSON line
+    /// each; with `follow`, those to come too, until the client goes.
+    Events {
+        #[serde(default)]
+        names: Vec<String>,
+        #[serde(default)]
+        follow: bool,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

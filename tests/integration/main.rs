@@ -15,6 +15,7 @@ mod faults;
 mod identity;
 mod jobs;
 mod ledger_faults;
+mod live;
 mod output;
 mod readiness;
 mod reload;

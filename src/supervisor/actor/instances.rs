@@ -17,6 +17,7 @@ use crate::os::proc;
 use crate::os::reaper::Exit;
 use crate::supervisor::child::{self, Launch, LaunchError, Output, Started};
 use crate::supervisor::graph::Node;
+use crate::supervisor::live::What;
 use crate::supervisor::logs::pump_watched;
 use crate::supervisor::probes::{self, Notice, NotifyEvent, ProbeContext, Role, Verdict};
 use crate::supervisor::workers::instance::{self, Ctx, Effect, Input, Instance, State, Then, TimerKind, Why};
@@ -45,6 +46,10 @@ impl Supervisor {
         let effects = instance::step(inst, input, &ctx);
         if before != (inst.state.name(), inst.is_ready()) {
             self.touched.insert(name.to_string());
+            let label = inst.surge_for.unwrap_or(index);
+            if let Some(what) = changed_to(name, label, &inst.state, ctx.wall) {
+                self.live.emit(what);
+            }
         }
         self.dirty = true;
         for fx in effects {
@@ -208,6 +213,8 @@ impl Supervisor {
                 let pid = started.pid;
                 self.by_pid.insert(pid, Proc::Instance(name.to_string(), index));
                 tracing::info!(worker = name, instance = index, pid, "started");
+                let instance = inst.surge_for.unwrap_or(index);
+                self.live.emit(What::Started { worker: name.to_string(), instance, pid });
                 self.drive(name, index, Input::Spawned { pid, start_ticks: proc::start_ticks(pid) });
                 // After the probes are set: a `log` probe watches the lines.
                 self.start_pumps(name, index, [started.stdout, started.stderr]);
@@ -288,7 +295,15 @@ impl Supervisor {
         }
         match &verdict {
             Verdict::Ready => tracing::info!(worker = name, instance = index, "ready"),
-            other => tracing::warn!(worker = name, instance = index, verdict = ?other, "probe failed"),
+            other => {
+                tracing::warn!(worker = name, instance = index, verdict = ?other, "probe failed");
+                let instance = inst.surge_for.unwrap_or(index);
+                self.live.emit(What::Unhealthy {
+                    worker: name.to_string(),
+                    instance,
+                    reason: other.to_string(),
+                });
+            }
         }
         if let Some(w) = self.workers.get_mut(name) {
             // Its task has ended with the verdict.
@@ -322,7 +337,15 @@ impl Supervisor {
         let Some(inst) = self.instance(name, index) else { return };
         let uptime = inst.started.map(|s| s.elapsed()).unwrap_or_default();
         tracing::info!(worker = %name, instance = index, pid, exit = %exit, uptime_ms = millis(uptime), "exited");
-        let group_alive = inst.pgid.is_some_and(proc::group_alive);
+        let (instance, group_alive) =
+            (inst.surge_for.unwrap_or(index), inst.pgid.is_some_and(proc::group_alive));
+        self.live.emit(What::Exited {
+            worker: name.to_string(),
+            instance,
+            code: exit.code,
+            signal: exit.signal.clone(),
+            uptime_ms: millis(uptime),
+        });
         self.drive(name, index, Input::Exited { exit, group_alive });
     }
 
@@ -588,4 +611,21 @@ pub(super) fn node_name(node: &Node) -> &str {
 fn far_future() -> Instant {
     let now = Instant::now();
     now.checked_add(Duration::from_secs(86_400 * 365)).unwrap_or(now)
+}
+
+/// The event for an instance that has just moved to `state`, if it is one
+/// `drover events` shows (starting is told by `started`, with its pid).
+fn changed_to(worker: &str, instance: u32, state: &State, now: SystemTime) -> Option<What> {
+    let worker = worker.to_string();
+    Some(match state {
+        State::Ready => What::Ready { worker, instance },
+        State::Backoff { until } => What::Backoff {
+            worker,
+            instance,
+            delay_ms: millis(until.duration_since(now).unwrap_or_default()),
+        },
+        State::Parked { reason } => What::Parked { worker, instance, reason: reason.clone() },
+        State::Stopped => What::Stopped { worker, instance },
+        State::Waiting { .. } | State::Starting | State::Stopping { .. } => return None,
+    })
 }

@@ -1,0 +1,240 @@
+//! `drover events` with real workers: a follower sees instances start,
+//! crash, back off and park, reloads and job runs as they happen; without
+//! -f the recent events are printed; names filter; the subscriber cap and
+//! bad subscription requests leave the supervisor serving.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::{SUPERVISOR, Sandbox, Supervisor, sh};
+
+const LIMIT: Duration = Duration::from_secs(15);
+
+/// A `drover events -f --json` running in the background; its lines
+/// arrive on a channel. Killed and reaped when dropped.
+struct Follower {
+    child: Child,
+    lines: mpsc::Receiver<Value>,
+    seen: Vec<Value>,
+}
+
+impl Follower {
+    fn start(sb: &Sandbox, names: &[&str]) -> Self {
+        let mut child = sb
+            .drover()
+            .args(["-c", "daemon.toml", "events", "-f", "--json"])
+            .args(names)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn drover events");
+        let out = BufReader::new(child.stdout.take().expect("stdout"));
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                let v: Value =
+                    serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        Follower { child, lines, seen: Vec::new() }
+    }
+
+    /// Waits for an event that `f` accepts and returns it.
+    fn wait(&mut self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        if let Some(v) = self.seen.iter().find(|v| f(v)) {
+            return v.clone();
+        }
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) => {
+                    self.seen.push(v.clone());
+                    if f(&v) {
+                        return v;
+                    }
+                }
+                Err(_) => panic!("no {what} event within {LIMIT:?}; saw {:#?}", self.seen),
+            }
+        }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn kind<'a>(k: &'a str, worker: &'a str) -> impl Fn(&Value) -> bool + 'a {
+    move |v| v["kind"] == k && (v["worker"] == worker || v["job"] == worker)
+}
+
+/// `flaky` exits 3 at once (parked after two rapid failures); `steady` runs.
+fn config(steady_mode: &str) -> String {
+    format!(
+        "{SUPERVISOR}[defaults]\nstop_grace = \"2s\"\nbackoff = {{ initial = \"200ms\", max = \"1s\" }}\n\
+         crash_loop = {{ max_failures = 2 }}\n\n\
+         [workers.flaky]\ncommand = {}\n\n\
+         [workers.steady]\ncommand = {}\nenv = {{ MODE = \"{steady_mode}\" }}\n\n\
+         [jobs.hello]\ncommand = {}\n",
+        sh("exit 3"),
+        sh("exec sleep 1000"),
+        sh("echo hello"),
+    )
+}
+
+#[test]
+fn a_follower_sees_crashes_backoff_parking_reloads_and_runs() {
+    let sb = Sandbox::new();
+    sb.write("daemon.toml", config("one"));
+    let sup = Supervisor::start(&sb);
+    let mut all = Follower::start(&sb, &[]);
+    let mut flaky = Follower::start(&sb, &["flaky"]);
+
+    // What happened before it connected comes first.
+    let started = all.wait("started", kind("started", "steady"));
+    assert!(started["pid"].as_i64().is_some_and(|p| p > 0), "{started}");
+    assert!(started["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{started}");
+    let exited = flaky.wait("exited", kind("exited", "flaky"));
+    assert_eq!(exited["code"], 3, "{exited}");
+    assert!(exited["uptime_ms"].is_u64(), "{exited}");
+    let backoff = flaky.wait("backoff", kind("backoff", "flaky"));
+    assert!(backoff["delay_ms"].as_u64().is_some_and(|d| d <= 1000), "{backoff}");
+    let parked = flaky.wait("parked", kind("parked", "flaky"));
+    assert!(parked["reason"].as_str().is_some_and(|r| !r.is_empty()), "{parked}");
+
+    // A reload that restarts steady.
+    sb.write("daemon.toml", config("two"));
+    let r = sb.cli(&["reload"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let applied = all.wait("reload_applied", |v| v["kind"] == "reload_applied");
+    assert_eq!(applied["generation"], 2, "{applied}");
+    assert!(
+        applied["changes"].as_array().is_some_and(|c| c.iter().any(|c| c == "restart steady")),
+        "{applied}"
+    );
+    // A restart is told by the exit it asked for and the new start.
+    let term = all.wait("exited by SIGTERM", |v| kind("exited", "steady")(v) && v["signal"] == "SIGTERM");
+    let again = all.wait("restarted", |v| kind("started", "steady")(v) && v["pid"] != started["pid"]);
+    assert!(again["time"].as_str() >= term["time"].as_str(), "{term} {again}");
+    // A failed reload.
+    sb.write("daemon.toml", "[workers.x]\ncommand = 5\n");
+    let r = sb.cli(&["reload"]);
+    assert_eq!(r.code, Some(1), "{}", r.stdout);
+    let failed = all.wait("reload_failed", |v| v["kind"] == "reload_failed");
+    assert!(failed["error"].as_str().is_some_and(|e| e.contains("daemon.toml")), "{failed}");
+    sb.write("daemon.toml", config("two"));
+
+    // A job run, from queued to ended.
+    let r = sb.cli(&["trigger", "hello"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    all.wait("run_started", kind("run_started", "hello"));
+    let step = all.wait("run_step", kind("run_step", "hello"));
+    assert_eq!(step["step"], "main", "{step}");
+    let ended = all.wait("run_ended", kind("run_ended", "hello"));
+    assert_eq!(ended["state"], "succeeded", "{ended}");
+
+    // The filtered follower saw flaky and reloads, nothing of steady or hello.
+    flaky.wait("reload_failed", |v| v["kind"] == "reload_failed");
+    assert!(flaky.seen.iter().all(|v| v["worker"] != "steady" && v["job"].is_null()), "{:#?}", flaky.seen);
+    drop((all, flaky));
+    drop(sup);
+}
+
+#[test]
+fn without_follow_the_recent_events_are_printed_as_text_and_names_are_checked() {
+    let sb = Sandbox::new();
+    sb.write("daemon.toml", config("one"));
+    let sup = Supervisor::start(&sb);
+    sup.wait_for("flaky parked", LIMIT, |v| crate::harness::instance(v, "flaky", 0)["state"] == "parked");
+
+    let r = sb.cli(&["events", "flaky"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(r.stdout.contains("flaky:0  exited with code 3 after"), "{}", r.stdout);
+    assert!(r.stdout.contains("flaky:0  parked: "), "{}", r.stdout);
+    assert!(!r.stdout.contains("steady"), "{}", r.stdout);
+
+    let r = sb.cli(&["events", "--json", "steady"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let kinds: Vec<Value> = r
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("JSON line")["kind"].clone())
+        .collect();
+    assert!(kinds.contains(&Value::from("started")) && kinds.contains(&Value::from("ready")), "{kinds:?}");
+
+    let r = sb.cli(&["events", "nosuch"]);
+    assert_eq!(r.code, Some(1), "{}", r.stdout);
+    assert!(r.stderr.contains("no worker or job named nosuch"), "{}", r.stderr);
+    drop(sup);
+}
+
+/// Sends one raw request line and reads the first line back.
+fn raw(sock: &std::path::Path, line: &str) -> (UnixStream, String) {
+    let mut s = UnixStream::connect(sock).expect("connect");
+    s.set_read_timeout(Some(LIMIT)).expect("timeout");
+    s.write_all(line.as_bytes()).expect("write");
+    let mut r = BufReader::new(s.try_clone().expect("clone"));
+    let mut first = String::new();
+    r.read_line(&mut first).expect("read");
+    (s, first)
+}
+
+#[test]
+fn followers_are_capped_and_bad_subscriptions_are_refused() {
+    let sb = Sandbox::new();
+    sb.write("daemon.toml", config("one"));
+    let sup = Supervisor::start(&sb);
+    let sock = sb.state_dir().join("drover.sock");
+
+    for bad in [
+        "{\"cmd\":\"events\",\"names\":5}\n",
+        "{\"cmd\":\"events\",\"follow\":\"yes\"}\n",
+        "{\"cmd\":\"events\",\"x\":1}\n",
+        "{\"cmd\":\"events\",\"names\":[\"\\ud800\"]}\n",
+    ] {
+        let (_, first) = raw(&sock, bad);
+        assert!(
+            first.contains("\"reply\":\"error\"") && first.contains("malformed request"),
+            "{bad}: {first}"
+        );
+    }
+
+    // Each follower gets the recent events at once; the 33rd is refused.
+    let followers: Vec<UnixStream> = (0..32)
+        .map(|_| raw(&sock, "{\"cmd\":\"events\",\"follow\":true}\n"))
+        .map(|(s, first)| {
+            assert!(first.contains("\"kind\""), "{first}");
+            s
+        })
+        .collect();
+    let (_, first) = raw(&sock, "{\"cmd\":\"events\",\"follow\":true}\n");
+    assert!(first.contains("32 event subscribers are connected already"), "{first}");
+    let r = sb.cli(&["events", "-f"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains("the limit"), "{}", r.stderr);
+    // Plain status still answers, and a closed follower frees its place.
+    let (code, _) = sb.status_json();
+    assert_eq!(code, Some(0));
+    drop(followers);
+    crate::harness::wait_until("a follower's place freed", LIMIT, || {
+        let (mut s, first) = raw(&sock, "{\"cmd\":\"events\",\"follow\":true}\n");
+        let ok = first.contains("\"kind\"");
+        let _ = s.shutdown(std::net::Shutdown::Both);
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        ok.then_some(())
+    });
+    drop(sup);
+}
