@@ -7,7 +7,8 @@
 //! random (reordered, added, dropped) and cycles are written too, which must
 //! be refused and change nothing; an env file and a limit change under a
 //! running worker. Meanwhile the test kills instances, restarts the socket
-//! worker, and SIGKILLs drover mid-rollout with a surge instance alive.
+//! worker, connects `drover events` followers that read, lag (never read)
+//! and vanish, and SIGKILLs drover mid-rollout with a surge instance alive.
 //!
 //! After each step: every worker is in a settled state; no worker has more
 //! process groups alive than its capacity, plus one (the surge) when it has
@@ -291,6 +292,51 @@ impl Drop for Client {
     }
 }
 
+/// `drover events -f --json`, read by a thread or never read at all.
+struct Subscriber {
+    child: std::process::Child,
+    reader: Option<std::thread::JoinHandle<usize>>,
+    _unread: Option<std::process::ChildStdout>,
+}
+
+impl Subscriber {
+    fn start(sb: &Sandbox, reads: bool) -> Self {
+        let mut child = sb
+            .drover()
+            .args(["-c", "daemon.toml", "events", "-f", "--json"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (reader, unread) = if reads {
+            let reader = std::thread::spawn(move || {
+                use std::io::BufRead;
+                std::io::BufReader::new(out).lines().map_while(Result::ok).count()
+            });
+            (Some(reader), None)
+        } else {
+            // Never read: the pipe stays open and fills.
+            (None, Some(out))
+        };
+        Subscriber { child, reader, _unread: unread }
+    }
+
+    /// Kills it; the lines a reading one got.
+    fn end(&mut self) -> usize {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.reader.take().and_then(|r| r.join().ok()).unwrap_or(0)
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
 /// The live process groups of each worker's instances, from the processes'
 /// environment.
 fn groups_by_worker(sb: &Sandbox) -> BTreeMap<String, BTreeSet<i32>> {
@@ -463,6 +509,7 @@ fn chaos_with_readiness_dependencies_and_sockets_keeps_every_promise() {
         worker(v, "web")["instances"][0]["state"] == "running"
     });
     let client = Client::start(port);
+    let mut subscribers: Vec<Subscriber> = Vec::new();
     let end = Instant::now() + Duration::from_secs(secs);
     check(&sb, &sup, &desired, port, &api_env, &log);
 
@@ -580,6 +627,19 @@ fn chaos_with_readiness_dependencies_and_sockets_keeps_every_promise() {
                     log.fail(&format!("trigger migrate: {}", r.stderr));
                 }
             }
+            86..93 => {
+                // A follower of `drover events`: one that reads, one that
+                // never does (it lags once its pipe is full), or one vanishing.
+                if subscribers.len() >= 4 || (!subscribers.is_empty() && rng.chance(40)) {
+                    let mut s = subscribers.remove(rng.below(subscribers.len() as u64) as usize);
+                    log.say(&format!("events follower {} vanishes", s.child.id()));
+                    s.end();
+                } else {
+                    let reads = rng.chance(50);
+                    log.say(&format!("events follower that {}", if reads { "reads" } else { "never reads" }));
+                    subscribers.push(Subscriber::start(&sb, reads));
+                }
+            }
             _ => {
                 // drover itself dies: the client waits (its socket dies with
                 // drover and the instances it passed it to).
@@ -617,6 +677,10 @@ fn chaos_with_readiness_dependencies_and_sockets_keeps_every_promise() {
         check(&sb, &sup, &desired, port, &api_env, &log);
     }
 
+    let mut followed = 0;
+    for mut s in subscribers.drain(..) {
+        followed += s.end();
+    }
     let (asked, failed) = client.finish();
     if !failed.is_empty() {
         log.fail(&format!(
@@ -653,7 +717,8 @@ fn chaos_with_readiness_dependencies_and_sockets_keeps_every_promise() {
         log.fail(&format!("processes left after the final stop: {left:?}"));
     }
     eprintln!(
-        "chaos_ready: {} steps, {asked} requests, {ordered} dependencies stopped in order, seed {seed}: \
+        "chaos_ready: {} steps, {asked} requests, {followed} events followed, {ordered} dependencies \
+         stopped in order, seed {seed}: \
          every invariant held",
         log.step
     );
