@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 # Invalid corpus files with no error the schema can express: directories
 # that must exist, cron values out of range, the backoff order, unique step
 # names, time zones, secret_env naming a set key, durations past their
-# upper bound (a string pattern cannot compare lengths of time), what a
+# upper bound (a string pattern cannot compare lengths of time) and sizes
+# below their lower bound (max_memory), what a
 # depends_on name refers to (unknown, itself, a cycle, a condition that does
 # not fit its kind), and what probe strings mean (URL scheme, HOST:PORT,
 # ${NAME} placeholders, a regex that compiles, a zero timeout), and what
@@ -31,6 +32,7 @@ SCHEMA_PASSES=(
   duration-backoff-initial-years
   duration-every-years
   duration-jitter-years
+  max-memory-too-small
   missing-dir
   probe-bad-placeholder
   probe-bad-regex
