@@ -55,7 +55,7 @@ ME = os.getpid()
 SLEEP = shutil.which("sleep") or "/bin/sleep"
 WORKER_ARGS = ["3600"]
 
-ALL_SYSTEMS = ["floor", "drover", "runit", "horust", "pm2", "supervisord"]
+ALL_SYSTEMS = ["floor", "drover", "runit", "s6", "horust", "pm2", "supervisord"]
 
 # Popen children the harness waits for itself; the orphan reaper leaves them be.
 OWN: set[int] = set()
@@ -619,7 +619,52 @@ class Runit(System):
         return f"runit {r.stdout.strip() or '?'}"
 
 
-ADAPTERS = {c.name: c for c in (Floor, Drover, Runit, Horust, Pm2, Supervisord)}
+class S6(System):
+    name = "s6"
+    status_label = "`s6-svstat w0` (one service)"
+
+    def available(self):
+        if not all(shutil.which(t) for t in ("s6-svscan", "s6-svscanctl", "s6-svstat")):
+            return "s6 not installed (bash benches/setup.sh)"
+        return None
+
+    def prepare(self, n, tmp):
+        super().prepare(n, tmp)
+        self.scandir = tmp / "scan"
+        self.scandir.mkdir()
+        for i in range(n):
+            d = self.scandir / f"w{i}"
+            d.mkdir()
+            run = d / "run"
+            run.write_text(f"#!/bin/sh\nexec {SLEEP} {' '.join(WORKER_ARGS)}\n")
+            run.chmod(0o755)
+
+    def launch(self):
+        self.proc = self.spawn(["s6-svscan", str(self.scandir)])
+
+    def supervisors(self, tab):
+        root = self.proc.pid
+        return {root} | {p for p, st in tab.items() if st[2] == root and st[0] == "s6-supervise"}
+
+    def status_cmd(self):
+        # s6-svstat answers for one service directory per call.
+        return ["s6-svstat", str(self.scandir / "w0")]
+
+    def check_status(self, out):
+        if not out.startswith("up "):
+            raise Failed(f"s6-svstat: {out.strip()[:60]}")
+
+    def stop(self):
+        # s6-svscanctl -t: s6-svscan sends SIGTERM to every s6-supervise,
+        # each of which brings its service down and exits.
+        return self.spawn(["s6-svscanctl", "-t", str(self.scandir)])
+
+    def versions(self):
+        r = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "s6"], capture_output=True, text=True)
+        return f"s6 {r.stdout.strip() or '?'}"
+
+
+ADAPTERS = {c.name: c for c in (Floor, Drover, Runit, S6, Horust, Pm2, Supervisord)}
 
 
 # --------------------------------------------------------------------------

@@ -20,6 +20,8 @@ edit is "add one worker with N running". Side by side, in one run:
                newI`: PM2's way to start one app and touch no other
   runit        create a service directory (by rename) in runsvdir's directory:
                runsvdir rescans it every 5 s; fewer edits (--runit-edits), kept
+  s6           the same rename, then `s6-svscanctl -a` for an immediate scan
+               (`-an` after renaming it out, to remove)
   horust       cannot reload: probed only (a service file added while it runs
                is not started; SIGHUP ends horust)
 
@@ -63,7 +65,7 @@ from compare import Failed, log, read_stat, table, workers_in  # noqa: E402
 
 REPO = HERE.parent
 SLEEP = C.SLEEP
-ALL_SYSTEMS = ["drover", "supervisord", "pm2", "pm2-only", "runit", "horust"]
+ALL_SYSTEMS = ["drover", "supervisord", "pm2", "pm2-only", "runit", "s6", "horust"]
 STYLES = ["in-place", "rename"]
 
 # The marker program: takes the time first thing, writes "SECONDS.NANOS PID"
@@ -431,7 +433,36 @@ class RunitR(ReloadMixin, C.Runit):
         return {}
 
 
-ADAPTERS = {"drover": DroverR, "supervisord": SupervisordR, "pm2": Pm2R, "pm2-only": Pm2OnlyR, "runit": RunitR}
+class S6R(ReloadMixin, C.S6):
+    how = "service dir renamed into the scan directory, then `s6-svscanctl -a` (`-an` to remove)"
+
+    def setup(self, n, tmp, marker):
+        super().setup(n, tmp, marker)
+        (tmp / "staging").mkdir()
+        (tmp / "removed").mkdir()
+
+    def add(self, i, style):
+        # s6's convention, as runit's: the service directory is built
+        # elsewhere and renamed in; -a makes s6-svscan scan at once.
+        d = self.tmp / "staging" / self.new_name(i)
+        d.mkdir()
+        run = d / "run"
+        run.write_text("#!/bin/sh\nexec " + shlex.join(self.marker.argv(self.marker_path(i))) + "\n")
+        run.chmod(0o755)
+        os.rename(d, self.scandir / self.new_name(i))
+        t: dict = {}
+        run_cmd(self, ["s6-svscanctl", "-a", str(self.scandir)], t, "svscanctl_ms")
+        return t
+
+    def remove(self, i, style):
+        # -n: the s6-supervise of a directory that is gone brings its service down and exits.
+        os.rename(self.scandir / self.new_name(i), self.tmp / "removed" / self.new_name(i))
+        t: dict = {}
+        run_cmd(self, ["s6-svscanctl", "-an", str(self.scandir)], t, "svscanctl_ms")
+        return t
+
+
+ADAPTERS = {"drover": DroverR, "supervisord": SupervisordR, "pm2": Pm2R, "pm2-only": Pm2OnlyR, "runit": RunitR, "s6": S6R}
 
 
 # --------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import reload  # noqa: E402
 
 RESULTS = HERE / "results"
 # The order of the table's columns.
-SYSTEMS = ["floor", "drover", "supervisord", "pm2", "horust", "runit"]
+SYSTEMS = ["floor", "drover", "supervisord", "pm2", "horust", "runit", "s6"]
 
 
 def compare_cell(results: list[dict], system: str, n: int, row: str) -> tuple[float | None, str]:

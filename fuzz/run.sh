@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 secs=${1:-600}
-for target in config_file config_overrides control notify_datagram env_file export; do
+for target in config_file config_overrides control notify_datagram env_file export dependencies probe_expand; do
   echo "== $target: ${secs}s"
   cargo +nightly fuzz run -O "$target" "corpus/$target" -- \
     -max_total_time="$secs" -timeout=10 -rss_limit_mb=1024 -malloc_limit_mb=256 \

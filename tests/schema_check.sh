@@ -10,10 +10,13 @@ cd "$(dirname "$0")/.."
 # Invalid corpus files with no error the schema can express: directories
 # that must exist, cron values out of range, the backoff order, unique step
 # names, time zones, secret_env naming a set key, durations past their
-# upper bound (a string pattern cannot compare lengths of time), what a
+# upper bound (a string pattern cannot compare lengths of time) and sizes
+# below their lower bound (max_memory), what a
 # depends_on name refers to (unknown, itself, a cycle, a condition that does
 # not fit its kind), and what probe strings mean (URL scheme, HOST:PORT,
-# ${NAME} placeholders, a regex that compiles, a zero timeout).
+# ${NAME} placeholders, a regex that compiles, a zero timeout), and what
+# a socket address holds (an IP, not a host name; a mode only on a unix
+# socket; one address per worker).
 SCHEMA_PASSES=(
   env-file-missing-or-malformed
   identity-unknown-user
@@ -29,6 +32,7 @@ SCHEMA_PASSES=(
   duration-backoff-initial-years
   duration-every-years
   duration-jitter-years
+  max-memory-too-small
   missing-dir
   probe-bad-placeholder
   probe-bad-regex
@@ -36,6 +40,9 @@ SCHEMA_PASSES=(
   probe-https
   probe-tcp-no-port
   secret-env-defaults-unset
+  sockets-host-name
+  sockets-shared
+  sockets-tcp-mode
   secret-env-typo
   timezone-typo
   unknown-timezone

@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde::ser::SerializeMap;
 
 pub use super::env_file::EnvFile;
-pub use super::raw::{OnOverlap, RestartPolicy, SpawnMode};
+pub use super::raw::{Containment, OnOverlap, RestartPolicy, SpawnMode};
 pub use super::sockets::{Address, Socket};
 use super::types::{ByteSize, HumanDuration, Signal};
 pub use crate::os::identity::Identity;
@@ -75,6 +75,7 @@ pub struct Supervisor {
     pub debounce: HumanDuration,
     pub log_max_size: ByteSize,
     pub log_keep: u32,
+    pub containment: Containment,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -108,6 +109,9 @@ pub struct Settings {
     /// User, groups, umask, nice, oom_score_adj, no_new_privs, limits.
     #[serde(flatten)]
     pub identity: Identity,
+    /// The memory an instance may use: memory.max, or sampled RSS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_memory: Option<ByteSize>,
     /// How an instance is known to be ready; `None`: ready once spawned.
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ready_view")]
     pub ready: Option<Probe>,
@@ -231,6 +235,7 @@ impl Default for Settings {
             secret_env: BTreeSet::new(),
             env_file: Vec::new(),
             identity: Identity::default(),
+            max_memory: None,
             ready: None,
             health: None,
         }
@@ -255,6 +260,8 @@ pub struct Worker {
     pub env_file: Vec<EnvFile>,
     #[serde(flatten)]
     pub identity: Identity,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_memory: Option<ByteSize>,
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ready_view")]
     pub ready: Option<Probe>,
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "health_view")]
@@ -291,6 +298,7 @@ impl Worker {
             secret_env: s.secret_env,
             env_file: s.env_file,
             identity: s.identity,
+            max_memory: s.max_memory,
             ready: s.ready,
             health: s.health,
             depends_on: BTreeMap::new(),

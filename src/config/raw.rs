@@ -60,6 +60,26 @@ pub struct RawSupervisor {
     /// Rotated log files kept per log, besides the current one.
     #[schemars(extend("default" = 5), range(max = 100))]
     pub log_keep: Option<u32>,
+    /// How drover keeps hold of everything an instance or run step starts:
+    /// "cgroup", a cgroup v2 of its own (nothing escapes it; drover must be
+    /// able to create cgroups below its own: root, or a delegated subtree);
+    /// "process-group", its process group, the subreaper and an
+    /// environment marker; "auto", cgroups where drover can create them.
+    #[schemars(extend("default" = "auto"))]
+    pub containment: Option<Containment>,
+}
+
+/// How drover contains the processes of an instance or a run step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Containment {
+    // Cgroups where drover can create them, else process groups.
+    #[default]
+    Auto,
+    // A cgroup v2 per instance and run step; drover fails to start without it.
+    Cgroup,
+    // Process groups, the subreaper and an environment marker.
+    ProcessGroup,
 }
 
 /// How a worker is restarted after its process exits: "always" after every
@@ -184,6 +204,12 @@ pub struct RawSettings {
     /// config file's directory, read in order; `env` is over them. A
     /// leading `-` ("-local.env") makes a missing file no error.
     pub env_file: Option<Vec<String>>,
+    /// Memory the instance may use ("512MiB"): with the cgroup memory
+    /// controller, the cgroup's memory.max (the kernel's OOM kill is the
+    /// reason shown); without it, the resident memory of its processes,
+    /// sampled every few seconds: above it, a graceful restart counted as a
+    /// failure.
+    pub max_memory: Option<ByteSize>,
     /// How drover knows an instance is ready (default: ready once spawned).
     pub ready: Option<RawProbe>,
     /// How drover knows a running instance is healthy (default: not probed).
@@ -254,6 +280,12 @@ pub struct RawWorker {
     /// LISTEN_PID, LISTEN_FDNAMES): "tcp://127.0.0.1:8000",
     /// "tcp://[::1]:8000", "unix://PATH", or `{ address, name, mode }`.
     pub sockets: Option<Vec<super::sockets::RawSocket>>,
+    /// Memory the instance may use ("512MiB"): with the cgroup memory
+    /// controller, the cgroup's memory.max (the kernel's OOM kill is the
+    /// reason shown); without it, the resident memory of its processes,
+    /// sampled every few seconds: above it, a graceful restart counted as a
+    /// failure.
+    pub max_memory: Option<ByteSize>,
     /// How drover knows an instance is ready (replaces `defaults.ready` whole).
     pub ready: Option<RawProbe>,
     /// How drover knows a running instance is healthy (replaces `defaults.health` whole).

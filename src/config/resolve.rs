@@ -119,6 +119,7 @@ pub fn resolve(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
         debounce: sup.debounce.unwrap_or(HumanDuration::from_millis(50)),
         log_max_size: sup.log_max_size.unwrap_or(ByteSize(10 * ByteSize::MIB)),
         log_keep: sup.log_keep.unwrap_or(5),
+        containment: sup.containment.unwrap_or_default(),
     };
     if supervisor.state_dir.as_os_str().as_encoded_bytes().contains(&0) {
         p.add(&["supervisor", "state_dir"], "must not contain a NUL byte; write a plain directory path");
@@ -161,6 +162,7 @@ pub fn resolve(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
             no_new_privs: w.no_new_privs,
             limits: w.limits.clone(),
             env_file: w.env_file.clone(),
+            max_memory: w.max_memory,
         };
         let files = identity::env_files(&mut p, &at, base_dir, own.env_file.as_ref());
         let mut s = overlay(&defaults, &own, files);
@@ -459,6 +461,7 @@ fn overlay(base: &Settings, own: &RawSettings, files: (Vec<EnvFile>, BTreeMap<St
         secret_env,
         env_file,
         identity: base.identity.clone(),
+        max_memory: own.max_memory.or(base.max_memory),
         // A probe of the worker's own replaces the default whole.
         ready: match &own.ready {
             Some(r) => Some(probe(r, true)),
@@ -476,6 +479,9 @@ fn overlay(base: &Settings, own: &RawSettings, files: (Vec<EnvFile>, BTreeMap<St
 /// repeat a `[defaults]` mistake once per worker).
 fn check_settings(p: &mut Problems, at: &[&str], s: &Settings, own: &RawSettings) {
     let path = |key: &'static str| [at, &[key]].concat();
+    if own.max_memory.is_some_and(|m| m.0 < ByteSize::MIB) {
+        p.add(&path("max_memory"), "must be at least 1MiB");
+    }
     if let Some(RawBackoff { initial, max, multiplier }) = &own.backoff {
         check_at_most(p, &[at, &["backoff", "initial"]].concat(), *initial, DAY);
         check_at_most(p, &[at, &["backoff", "max"]].concat(), *max, DAY);

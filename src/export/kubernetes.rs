@@ -265,6 +265,12 @@ fn deployment(
     if w.spawn_mode == SpawnMode::Worktree {
         out.lose(format!("{key}.spawn_mode"), "git worktrees per instance have no Kubernetes equivalent");
     }
+    if w.max_memory.is_some() {
+        out.lose(
+            format!("{key}.max_memory"),
+            "not exported yet (resources.limits.memory would be its equivalent)",
+        );
+    }
     stop_signal(key, w.stop_signal, out);
     if w.command.iter().chain(w.env.values()).any(|a| a.contains("DROVER_INSTANCE")) {
         out.lose(

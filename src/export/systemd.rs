@@ -657,6 +657,10 @@ fn worker_service(
     if w.spawn_mode == SpawnMode::Worktree {
         out.lose(format!("{key}.spawn_mode"), "git worktrees per instance have no systemd equivalent");
     }
+    if w.max_memory.is_some() {
+        // MemoryMax= is the mapping; until the export writes it, say so.
+        out.lose(format!("{key}.max_memory"), "not exported yet (MemoryMax= would be its equivalent)");
+    }
     let mut f = UnitFile::default();
     f.comment(&format!(
         "{key}: instance N is {unit}@N.service, N = 0 to {} (its DROVER_INSTANCE); {unit}.target starts them all",

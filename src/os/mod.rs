@@ -1,6 +1,7 @@
 //! Thin layers over the OS: processes and their groups, the reaper,
 //! files written atomically, the lock.
 
+pub mod cgroup;
 pub mod fsutil;
 pub mod groups;
 pub mod identity;

@@ -359,6 +359,8 @@ impl Supervisor {
             }
             Event::RunSpawned { run, inc, step, result } => self.on_run_spawned(run, inc, step, result),
             Event::Control(req, reply) => self.on_request(req, reply),
+            // Not wired to instances yet: their cgroups are not made.
+            Event::CgroupEmpty(_) => {}
             Event::Shutdown => self.shutdown(),
             Event::Reload(reply) => {
                 #[cfg(debug_assertions)]

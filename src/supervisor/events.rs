@@ -53,6 +53,8 @@ pub enum Event {
     Control(Request, oneshot::Sender<Reply>),
     /// SIGTERM / SIGINT; a second one while stopping kills at once.
     Shutdown,
+    /// A cgroup drover watches has no process left (`cgroup.events`).
+    CgroupEmpty(PathBuf),
     /// SIGHUP, `drover reload`, or the file watcher.
     Reload(Option<oneshot::Sender<Response>>),
 }

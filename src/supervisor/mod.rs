@@ -6,6 +6,7 @@ pub mod actor;
 pub mod admission;
 pub mod child;
 pub mod clock;
+pub mod containment;
 pub mod control;
 pub mod events;
 pub mod graph;

@@ -31,23 +31,23 @@ use serde_json::Value;
 use crate::harness::{Sandbox, Supervisor, all_pids, sh, stat, wait_until};
 
 /// splitmix64: tiny, seedable, good enough to pick actions.
-struct Rng(u64);
+pub(super) struct Rng(pub(super) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(super) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
-    fn below(&mut self, n: u64) -> u64 {
+    pub(super) fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
-    fn chance(&mut self, percent: u64) -> bool {
+    pub(super) fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
     }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> Option<&'a T> {
+    pub(super) fn pick<'a, T>(&mut self, items: &'a [T]) -> Option<&'a T> {
         (!items.is_empty()).then(|| &items[self.below(items.len() as u64) as usize])
     }
 }
@@ -155,16 +155,16 @@ fn write_config(sb: &Sandbox, rng: &mut Rng, text: &str, log: &mut Log) {
 }
 
 /// The actions so far, printed as they happen (shown when the test fails).
-struct Log {
-    seed: u64,
-    step: usize,
+pub(super) struct Log {
+    pub(super) seed: u64,
+    pub(super) step: usize,
 }
 
 impl Log {
-    fn say(&self, what: &str) {
+    pub(super) fn say(&self, what: &str) {
         eprintln!("[chaos seed {} step {}] {what}", self.seed, self.step);
     }
-    fn fail(&self, what: &str) -> ! {
+    pub(super) fn fail(&self, what: &str) -> ! {
         panic!(
             "chaos invariant broken at step {} (reproduce with DROVER_CHAOS_SEED={}): {what}",
             self.step, self.seed
@@ -172,7 +172,7 @@ impl Log {
     }
 }
 
-fn seed() -> u64 {
+pub(super) fn seed() -> u64 {
     std::env::var("DROVER_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
     })
@@ -339,7 +339,7 @@ fn chaos_keeps_every_promise() {
     eprintln!("chaos: {} steps, seed {seed}: every invariant held", log.step);
 }
 
-fn instance_pids(status: &Value) -> Vec<i32> {
+pub(super) fn instance_pids(status: &Value) -> Vec<i32> {
     status["workers"]
         .as_array()
         .into_iter()
@@ -367,7 +367,7 @@ fn active_runs(sb: &Sandbox) -> Vec<i64> {
 }
 
 /// The process groups drover knows: its instances' and its active runs'.
-fn known_groups(sb: &Sandbox, sup: &Supervisor) -> BTreeSet<i32> {
+pub(super) fn known_groups(sb: &Sandbox, sup: &Supervisor) -> BTreeSet<i32> {
     let mut groups: BTreeSet<i32> = instance_pids(&sup.status()).into_iter().collect();
     for r in all_runs(sb) {
         if let Some(g) = r["pgid"].as_i64().or(r["pid"].as_i64()) {
@@ -414,15 +414,7 @@ fn check(sb: &Sandbox, sup: &Supervisor, desired: &Desired, terminal: &mut BTree
         }
         Ok(())
     };
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let v = sup.status();
-        match settled(&v) {
-            Ok(()) => break,
-            Err(e) if Instant::now() > deadline => log.fail(&format!("running set: {e}\nstatus: {v:#}")),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
+    wait_settled(sup, log, settled);
 
     // 2. No instance twice: one process group per (worker, index).
     let mut groups: BTreeMap<(String, String), BTreeSet<i32>> = BTreeMap::new();
@@ -435,16 +427,47 @@ fn check(sb: &Sandbox, sup: &Supervisor, desired: &Desired, terminal: &mut BTree
         log.fail(&format!("instance {k:?} runs in {} process groups at once: {g:?}", g.len()));
     }
 
-    // 3. No process of the test outside a group drover knows. A process
-    //    caught between two reports (just started, or just stopped) is
-    //    polled until it is gone or its group is known (2 s at most).
+    check_no_strays(sb, sup, log);
+    check_no_zombies(sup, log);
+
+    // 5. The ledger: intact, terminal states final, no step run twice.
+    check_ledger(&sb.state_dir().join("ledger.sqlite"), terminal, log);
+    let markers = std::fs::read_to_string(sb.path("markers")).unwrap_or_default();
+    let mut seen = BTreeSet::new();
+    for line in markers.lines() {
+        if !seen.insert(line) {
+            log.fail(&format!("run step {line:?} started twice"));
+        }
+    }
+}
+
+/// Polls status until `settled` accepts it (15 s at most).
+pub(super) fn wait_settled(sup: &Supervisor, log: &Log, settled: impl Fn(&Value) -> Result<(), String>) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let v = sup.status();
+        match settled(&v) {
+            Ok(()) => break,
+            Err(e) if Instant::now() > deadline => log.fail(&format!("running set: {e}\nstatus: {v:#}")),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// 3. No process of the test outside a group drover knows. A process
+///    caught between two reports (just started, or just stopped) is
+///    polled until it is gone or its group is known (2 s at most).
+pub(super) fn check_no_strays(sb: &Sandbox, sup: &Supervisor, log: &Log) {
     let before = known_groups(sb, sup);
     let procs = sb.processes();
     let after = known_groups(sb, sup);
     let suspects: Vec<(i32, u64, i32)> = procs
         .iter()
         .filter(|(p, _)| *p != sup.pid)
-        .filter_map(|(p, _)| stat(*p).map(|s| (*p, s.start, s.pgid)))
+        .filter_map(|(p, _)| stat(*p).map(|s| (*p, s)))
+        // The test's own clients (drover supervisors and followers) are not drover's.
+        .filter(|(_, s)| s.ppid != std::process::id() as i32)
+        .map(|(p, s)| (p, s.start, s.pgid))
         .filter(|(_, _, g)| !before.contains(g) && !after.contains(g))
         .collect();
     // Each suspect must be gone or in a known group within 2 s.
@@ -465,8 +488,10 @@ fn check(sb: &Sandbox, sup: &Supervisor, desired: &Desired, terminal: &mut BTree
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
 
-    // 4. No zombie child of drover outlives a moment.
+/// 4. No zombie child of drover outlives a moment.
+pub(super) fn check_no_zombies(sup: &Supervisor, log: &Log) {
     let zombies = || -> Vec<i32> {
         all_pids()
             .into_iter()
@@ -480,16 +505,6 @@ fn check(sb: &Sandbox, sup: &Supervisor, desired: &Desired, terminal: &mut BTree
                 log.fail(&format!("drover leaves zombies: {:?}", zombies()));
             }
             std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    // 5. The ledger: intact, terminal states final, no step run twice.
-    check_ledger(&sb.state_dir().join("ledger.sqlite"), terminal, log);
-    let markers = std::fs::read_to_string(sb.path("markers")).unwrap_or_default();
-    let mut seen = BTreeSet::new();
-    for line in markers.lines() {
-        if !seen.insert(line) {
-            log.fail(&format!("run step {line:?} started twice"));
         }
     }
 }

@@ -4,6 +4,7 @@
 mod harness;
 
 mod chaos;
+mod chaos_ready;
 mod check;
 mod config_cmd;
 mod containment;

@@ -16,7 +16,7 @@ use crate::harness::{SUPERVISOR, Sandbox, Supervisor, instance, repo, wait_until
 
 const LIMIT: Duration = Duration::from_secs(20);
 
-fn free_port() -> u16 {
+pub(super) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap()
 }
 
@@ -31,7 +31,7 @@ fn server(port: u16, reply: &str, extra: &str) -> String {
 }
 
 /// One request: the server's answer ("REPLY PID").
-fn ask(port: u16) -> std::io::Result<String> {
+pub(super) fn ask(port: u16) -> std::io::Result<String> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.write_all(b"hi\n")?;

@@ -1,0 +1,150 @@
+//! Which containment drover uses (`[supervisor] containment`), chosen once
+//! at start, and the watch that tells the actor when a cgroup is empty:
+//! inotify on each live cgroup's `cgroup.events`, read by a task of its
+//! own, so nothing polls and the actor reads no file for it.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
+
+use super::events::Event;
+use crate::config::model::Containment;
+use crate::os::cgroup::{self, Hierarchy};
+
+/// The containment in force: cgroups (with their hierarchy), or process
+/// groups, the subreaper and the environment marker.
+#[derive(Clone, Debug, Default)]
+pub struct Mode {
+    pub cgroups: Option<Arc<Hierarchy>>,
+}
+
+impl Mode {
+    /// What status says: "cgroup" or "process-group".
+    pub fn name(&self) -> &'static str {
+        if self.cgroups.is_some() { "cgroup" } else { "process-group" }
+    }
+
+    /// Whether `max_memory` is the cgroup's memory.max (else it is sampled).
+    pub fn memory_controller(&self) -> bool {
+        self.cgroups.as_ref().is_some_and(|h| h.memory)
+    }
+}
+
+/// Sets up what the config asks for. With "auto", cgroups where drover
+/// can make them; with "cgroup", their absence is a start-up error.
+/// Called with the state_dir's lock held: leftovers of a dead drover in
+/// its cgroups are killed and removed here.
+pub fn choose(wanted: Containment, state_dir: &Path) -> Result<Mode, String> {
+    if wanted == Containment::ProcessGroup {
+        return Ok(Mode::default());
+    }
+    match Hierarchy::set_up(state_dir) {
+        Ok((h, leftovers)) => {
+            if leftovers > 0 {
+                tracing::warn!(
+                    cgroups = leftovers,
+                    "killed what the previous supervisor left in its cgroups"
+                );
+            }
+            tracing::info!(cgroup = %h.base.display(), memory = h.memory, "containment: cgroup");
+            Ok(Mode { cgroups: Some(Arc::new(h)) })
+        }
+        Err(e) if wanted == Containment::Cgroup => {
+            Err(format!("cannot use cgroups (supervisor.containment = \"cgroup\"): {e}"))
+        }
+        Err(e) => {
+            tracing::info!(reason = %e, "containment: process-group (cgroups cannot be used)");
+            Ok(Mode::default())
+        }
+    }
+}
+
+struct Fd(Inotify);
+
+impl AsRawFd for Fd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+/// Watches cgroups until they are empty; each empty one is reported once
+/// as [`Event::CgroupEmpty`].
+pub struct Watch {
+    fd: Arc<AsyncFd<Fd>>,
+    dirs: Arc<Mutex<HashMap<WatchDescriptor, PathBuf>>>,
+    tx: mpsc::UnboundedSender<Event>,
+}
+
+impl Watch {
+    /// Starts the task that reads the watch (on the runtime).
+    pub fn start(tx: mpsc::UnboundedSender<Event>) -> std::io::Result<Watch> {
+        let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+        // SAFETY: `Fd` owns the inotify descriptor and always returns it:
+        // it stays open and the same for the AsyncFd's whole life.
+        let registered = unsafe { AsyncFd::register_with_interest(Fd(ino), tokio::io::Interest::READABLE) };
+        let fd = Arc::new(registered.map_err(std::io::Error::from)?);
+        let dirs: Arc<Mutex<HashMap<WatchDescriptor, PathBuf>>> = Arc::default();
+        let (task_fd, task_dirs, task_tx) = (fd.clone(), dirs.clone(), tx.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok(mut ready) = task_fd.readable().await else { break };
+                let events = match ready.try_io(|f| f.get_ref().0.read_events().map_err(std::io::Error::from))
+                {
+                    Ok(Ok(events)) => events,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "cannot read the cgroup watch");
+                        break;
+                    }
+                    Err(_would_block) => continue,
+                };
+                for ev in events {
+                    let mut dirs = lock(&task_dirs);
+                    if ev.mask.contains(AddWatchFlags::IN_IGNORED) {
+                        dirs.remove(&ev.wd);
+                        continue;
+                    }
+                    let Some(dir) = dirs.get(&ev.wd) else { continue };
+                    if !cgroup::populated(dir) {
+                        let dir = dir.clone();
+                        let _ = task_fd.get_ref().0.rm_watch(ev.wd);
+                        dirs.remove(&ev.wd);
+                        if task_tx.send(Event::CgroupEmpty(dir)).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Watch { fd, dirs, tx })
+    }
+
+    /// Reports `dir` once it is empty (at once if it is already).
+    pub fn add(&self, dir: &Path) {
+        match self.fd.get_ref().0.add_watch(&dir.join("cgroup.events"), AddWatchFlags::IN_MODIFY) {
+            Ok(wd) => {
+                lock(&self.dirs).insert(wd, dir.to_path_buf());
+            }
+            Err(e) => {
+                // The exit of the leader and the kill's recheck still end it.
+                tracing::warn!(cgroup = %dir.display(), error = %e, "cannot watch a cgroup{}", hint(e));
+            }
+        }
+        // Set before this look: an emptying in between is seen either way.
+        if !cgroup::populated(dir) {
+            let _ = self.tx.send(Event::CgroupEmpty(dir.to_path_buf()));
+        }
+    }
+}
+
+fn hint(e: nix::errno::Errno) -> &'static str {
+    if e == nix::errno::Errno::ENOSPC { " (raise fs.inotify.max_user_watches)" } else { "" }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
