@@ -14,7 +14,7 @@ use std::time::Duration;
 use super::cron::cron_to_calendars;
 use super::{Exported, built_in};
 use crate::config::model::{
-    Condition, Config, Job, OnOverlap, Probe, ProbeKind, RestartPolicy, SpawnMode, Trigger, Worker,
+    Condition, Config, Identity, Job, OnOverlap, Probe, ProbeKind, RestartPolicy, SpawnMode, Trigger, Worker,
 };
 
 /// The oldest systemd the output is checked on (`systemd-analyze verify`,
@@ -470,10 +470,47 @@ impl<'a> Dependencies<'a> {
     }
 }
 
-/// Losses common to workers and jobs: nothing yet. `user`, `group`,
-/// `limits` (`Limit*=`) and `sockets` (`.socket` units) map here once the
-/// model has them.
-fn identity_and_limits(_f: &mut UnitFile, _key: &str, _out: &mut Exported) {}
+/// The identity keys and rlimits, each a directive of the same meaning:
+/// systemd applies them as drover does, between fork and exec. Nothing is
+/// lost: `User=` sets HOME, USER and LOGNAME as drover's `user` does.
+fn identity_and_limits(f: &mut UnitFile, id: &Identity) {
+    if let Some(u) = &id.user {
+        f.set("User", u);
+    }
+    if let Some(g) = &id.group {
+        f.set("Group", g);
+    }
+    if let Some(m) = id.umask {
+        f.set("UMask", format!("{m:04o}"));
+    }
+    if let Some(n) = id.nice {
+        f.set("Nice", n);
+    }
+    if let Some(n) = id.oom_score_adj {
+        f.set("OOMScoreAdjust", n);
+    }
+    if id.no_new_privs {
+        f.set("NoNewPrivileges", "yes");
+    }
+    // drover's resource names are the RLIMIT_ suffixes, as systemd's
+    // Limit*= are; values are in the rlimit's own units (bytes, seconds,
+    // microseconds for rttime), which is how systemd reads a bare number.
+    let value =
+        |v: u64| if v == crate::os::identity::INFINITY { "infinity".to_string() } else { v.to_string() };
+    for (name, l) in &id.limits {
+        f.set(&format!("Limit{}", name.to_uppercase()), format!("{}:{}", value(l.soft), value(l.hard)));
+    }
+}
+
+/// max_memory: `MemoryMax=` (the cgroup's hard limit: the kernel's OOM
+/// kill inside the unit, and Restart= brings it back). Takes the bytes so
+/// it can be wired where the model has the key.
+#[allow(dead_code)]
+fn memory_max(f: &mut UnitFile, max_memory: Option<u64>) {
+    if let Some(b) = max_memory {
+        f.set("MemoryMax", b);
+    }
+}
 
 fn stop_settings(f: &mut UnitFile, signal: crate::config::types::Signal, grace: Duration) {
     // drover signals the whole process group, then SIGKILLs it.
@@ -683,7 +720,16 @@ fn worker_service(
     restart_settings(&mut f, o, key, w, out);
     probe_settings(&mut f, key, w, out);
     stop_settings(&mut f, w.stop_signal, w.stop_grace.0);
-    identity_and_limits(&mut f, key, out);
+    identity_and_limits(&mut f, &w.identity);
+    if !w.sockets.is_empty() {
+        // Sockets= in a template unit with a .socket per address is the
+        // mapping; until it is written, the export says the sockets are dropped.
+        out.lose(
+            format!("{key}.sockets"),
+            "no .socket unit is written: the program must bind the address itself",
+        );
+    }
+    // max_memory: `memory_max(&mut f, w.max_memory.map(|b| b.0))` once the model has the key.
     f.0
 }
 
@@ -785,7 +831,7 @@ fn job_service(
         f.set("TimeoutStartSec", span(t.0));
     }
     stop_settings(&mut f, j.stop_signal, j.stop_grace.0);
-    identity_and_limits(&mut f, key, out);
+    identity_and_limits(&mut f, &j.identity);
     f.0
 }
 

@@ -100,6 +100,8 @@ fn the_example_configs_export_to_systemd_as_the_golden_files_say() {
         "tests/corpus/valid/flows.toml",
         "tests/corpus/valid/secret-env.toml",
         "tests/corpus/valid/readiness.toml",
+        "config/identity.toml",
+        "config/sockets.toml",
     ] {
         let r = export_systemd(
             &sb,
