@@ -498,7 +498,14 @@ fn identity_and_limits(f: &mut UnitFile, id: &Identity) {
     let value =
         |v: u64| if v == crate::os::identity::INFINITY { "infinity".to_string() } else { v.to_string() };
     for (name, l) in &id.limits {
-        f.set(&format!("Limit{}", name.to_uppercase()), format!("{}:{}", value(l.soft), value(l.hard)));
+        // LimitNICE= takes 0..40 and no "infinity": the ceiling is
+        // 20 - value, and above 40 (nice -20) a larger value allows nothing more.
+        let (soft, hard) = if name == "nice" {
+            (l.soft.min(40).to_string(), l.hard.min(40).to_string())
+        } else {
+            (value(l.soft), value(l.hard))
+        };
+        f.set(&format!("Limit{}", name.to_uppercase()), format!("{soft}:{hard}"));
     }
 }
 
