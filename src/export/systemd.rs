@@ -16,6 +16,7 @@ use super::{Exported, built_in};
 use crate::config::model::{
     Condition, Config, Identity, Job, OnOverlap, Probe, ProbeKind, RestartPolicy, SpawnMode, Trigger, Worker,
 };
+use crate::config::sockets::Address;
 
 /// The oldest systemd the output is checked on (`systemd-analyze verify`,
 /// Debian 12) and the default of `--systemd-version`.
@@ -61,6 +62,7 @@ pub fn export(config: &Config, o: &Options) -> Exported {
         let env_file = secret_file(o, name, &w.env, &w.secret_env, &mut files, &mut out);
         let text = worker_service(o, name, &key, w, env_file.as_deref(), &deps, &mut out);
         files.insert(format!("{unit}@.service"), text);
+        files.extend(socket_units(o, name, w, &mut out));
         files.insert(format!("{unit}.target"), worker_target(o, name, w));
         wants.push(format!("{unit}.target"));
     }
@@ -729,15 +731,63 @@ fn worker_service(
     stop_settings(&mut f, w.stop_signal, w.stop_grace.0);
     identity_and_limits(&mut f, &w.identity);
     if !w.sockets.is_empty() {
-        // Sockets= in a template unit with a .socket per address is the
-        // mapping; until it is written, the export says the sockets are dropped.
-        out.lose(
-            format!("{key}.sockets"),
-            "no .socket unit is written: the program must bind the address itself",
-        );
+        // Every instance inherits the socket unit's descriptors (and, through
+        // Sockets=, wants it and starts after it): systemd holds them across
+        // restarts, as drover does, with the same LISTEN_* protocol.
+        if let [_] = w.sockets[..] {
+            f.set("Sockets", format!("{unit}.socket"));
+        } else {
+            let all: Vec<String> = (0..w.sockets.len()).map(|i| format!("{unit}-{i}.socket")).collect();
+            f.set("Sockets", all.join(" "));
+            out.lose(
+                format!("{key}.sockets"),
+                "systemd passes the descriptors of several socket units in its own order: \
+                 find them by LISTEN_FDNAMES, not by position",
+            );
+        }
     }
     // max_memory: `memory_max(&mut f, w.max_memory.map(|b| b.0))` once the model has the key.
     f.0
+}
+
+/// The socket units of a worker: `P-NAME.socket` for one socket,
+/// `P-NAME-I.socket` for socket I of several (FileDescriptorName= names
+/// every descriptor of a unit alike, so one unit a socket).
+fn socket_units(o: &Options, name: &str, w: &Worker, out: &mut Exported) -> Vec<(String, String)> {
+    let unit = unit_name(o, name);
+    let one = w.sockets.len() == 1;
+    w.sockets
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let file = if one { format!("{unit}.socket") } else { format!("{unit}-{i}.socket") };
+            let mut f = UnitFile::default();
+            f.comment(&format!(
+                "workers.{name}.sockets[{i}]: held by systemd across restarts, passed to every instance"
+            ));
+            f.section("Unit");
+            f.set("Description", format!("drover worker {name}, socket {}", s.name));
+            f.set("PartOf", format!("{unit}.target"));
+            f.section("Socket");
+            // A unix path under the config's directory moves under --workdir.
+            match &s.address {
+                Address::Tcp(a) => f.set("ListenStream", a),
+                Address::Unix(p) => match path_value(&on_target(o, p)) {
+                    Ok(p) => f.set("ListenStream", p),
+                    Err(e) => out.fail(format!("workers.{name}.sockets[{i}]"), e),
+                },
+            }
+            f.set("FileDescriptorName", &s.name);
+            // systemd binds with SO_REUSEADDR, as drover does; drover makes unix
+            // sockets 0600 unless `mode` says otherwise (systemd's default is 0666).
+            if matches!(s.address, Address::Unix(_)) {
+                f.set("SocketMode", format!("{:04o}", s.mode.unwrap_or(0o600)));
+            }
+            // Traffic before the target starts the instances starts the first.
+            f.set("Service", format!("{unit}@0.service"));
+            (file, f.0)
+        })
+        .collect()
 }
 
 fn worker_target(o: &Options, name: &str, w: &Worker) -> String {
