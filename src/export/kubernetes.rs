@@ -271,12 +271,6 @@ fn deployment(
     if w.spawn_mode == SpawnMode::Worktree {
         out.lose(format!("{key}.spawn_mode"), "git worktrees per instance have no Kubernetes equivalent");
     }
-    if w.max_memory.is_some() {
-        out.lose(
-            format!("{key}.max_memory"),
-            "not exported yet (resources.limits.memory would be its equivalent)",
-        );
-    }
     stop_signal(key, w.stop_signal, out);
     if w.command.iter().chain(w.env.values()).any(|a| a.contains("DROVER_INSTANCE")) {
         out.lose(
@@ -314,9 +308,7 @@ fn deployment(
                         startup_probe: probes.startup,
                         security_context: security,
                         ports: id::container_ports(&ports),
-                        // max_memory: `id::memory_limit(w.max_memory.map(|b| b.0))` once the
-                        // model has the key.
-                        resources: id::memory_limit(None),
+                        resources: id::memory_limit(w.max_memory.map(|b| b.0)),
                         ..container(o, name, &w.command, &env, workdir)
                     }],
                     termination_grace_period_seconds: Some(whole_seconds(w.stop_grace.0)),

@@ -512,9 +512,7 @@ fn identity_and_limits(f: &mut UnitFile, id: &Identity) {
 }
 
 /// max_memory: `MemoryMax=` (the cgroup's hard limit: the kernel's OOM
-/// kill inside the unit, and Restart= brings it back). Takes the bytes so
-/// it can be wired where the model has the key.
-#[allow(dead_code)]
+/// kill inside the unit, and Restart= brings it back).
 fn memory_max(f: &mut UnitFile, max_memory: Option<u64>) {
     if let Some(b) = max_memory {
         f.set("MemoryMax", b);
@@ -703,10 +701,6 @@ fn worker_service(
     if w.spawn_mode == SpawnMode::Worktree {
         out.lose(format!("{key}.spawn_mode"), "git worktrees per instance have no systemd equivalent");
     }
-    if w.max_memory.is_some() {
-        // MemoryMax= is the mapping; until the export writes it, say so.
-        out.lose(format!("{key}.max_memory"), "not exported yet (MemoryMax= would be its equivalent)");
-    }
     let mut f = UnitFile::default();
     f.comment(&format!(
         "{key}: instance N is {unit}@N.service, N = 0 to {} (its DROVER_INSTANCE); {unit}.target starts them all",
@@ -750,7 +744,7 @@ fn worker_service(
             );
         }
     }
-    // max_memory: `memory_max(&mut f, w.max_memory.map(|b| b.0))` once the model has the key.
+    memory_max(&mut f, w.max_memory.map(|b| b.0));
     f.0
 }
 
