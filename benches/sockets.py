@@ -9,7 +9,7 @@ port itself (SO_REUSEADDR), as it must there. A client thread asks every
 5 ms (connect, one line, the answer; 2 s timeout). Each system restarts the
 service --restarts times (default 20) with its own restart command, each
 time waiting until a new pid answers; drover also applies --reloads config
-edits (default 20) that change the command's environment. Reported side by
+edits (default 20) that change its command (an argument the server ignores). Reported side by
 side in one run: requests, failed requests, the longest time with no
 answer, and the p99 latency of the requests during the run.
 
@@ -173,11 +173,10 @@ class Drover(System):
 [supervisor]
 reload = false
 [workers.web]
-command = {json.dumps(self.argv)}
+command = {json.dumps(self.argv + [f"gen{token}"])}
 sockets = ["tcp://127.0.0.1:{PORT}"]
 ready = {{ log = "serving" }}
 stop_grace = "5s"
-env = {{ TOKEN = "{token}" }}
 """)
 
     def start(self):
