@@ -13,8 +13,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 mod controls;
 mod instances;
+mod memory;
 
 use instances::node_name;
+pub use memory::Sample;
 
 use super::child::InFlight;
 use super::clock::rfc3339;
@@ -146,6 +148,8 @@ pub struct Supervisor {
     status_cache: Option<Arc<StatusReport>>,
     /// State changes as they happen, for `drover events` and `top`.
     pub(super) live: super::live::Live,
+    /// A memory sample of the instances with `max_memory` is being read.
+    memory_sample_pending: bool,
 }
 
 impl Supervisor {
@@ -181,6 +185,7 @@ impl Supervisor {
             stop_waiters: Vec::new(),
             status_cache: None,
             timers: Timers::default(),
+            memory_sample_pending: false,
             graph: Graph::default(),
             touched: BTreeSet::new(),
             removing: BTreeSet::new(),
@@ -361,6 +366,7 @@ impl Supervisor {
             Event::Control(req, reply) => self.on_request(req, reply),
             // Not wired to instances yet: their cgroups are not made.
             Event::CgroupEmpty(_) => {}
+            Event::MemorySampled(samples) => self.on_memory_sampled(samples),
             Event::Shutdown => self.shutdown(),
             Event::Reload(reply) => {
                 #[cfg(debug_assertions)]
@@ -389,6 +395,7 @@ impl Supervisor {
                 TimerKey::JobTick(job) => self.on_job_tick(&job),
                 TimerKey::Run(run, kind) => self.on_run_timer(run, kind),
                 TimerKey::LedgerRetry => self.on_ledger_retry(),
+                TimerKey::MemorySample => self.on_memory_timer(),
             }
         }
     }
@@ -560,6 +567,7 @@ impl Supervisor {
                 self.apply(changes);
                 self.retry_sockets();
                 self.release_waiting();
+                self.arm_memory_sampling();
                 if let Some(w) = &self.watch {
                     let new = WatchSettings::of(&self.config);
                     w.send_if_modified(|cur| std::mem::replace(cur, new.clone()) != new);

@@ -177,13 +177,20 @@ fn soak_keeps_memory_descriptors_and_ledger_flat() {
     let _ = reader.join();
     let kept = ledger_count(&sb, "SELECT count(*) FROM runs");
     assert!((40..=51).contains(&kept), "{kept} runs kept; retain = 50");
+    // A leak raises the floor: the fewest descriptors of the last third
+    // are no more than warm-up reached.
+    let tail = &samples[samples.len() - samples.len().div_ceil(3)..];
+    let floor = tail.iter().map(|s| s.fds).min().unwrap_or(0);
+    assert!(floor <= base_fds, "descriptors never fell back to {base_fds}: {samples:#?}");
     for s in &after {
         assert!(
             s.rss_kib < base.rss_kib + 1024,
             "RSS grew {} KiB after warm-up: {samples:#?}",
             s.rss_kib - base.rss_kib
         );
-        assert!(s.fds <= base_fds, "descriptors grew from {base_fds} to {}: {samples:#?}", s.fds);
+        // A spike of a few (probes and spawns in flight on a loaded
+        // machine) is no leak; a runaway is.
+        assert!(s.fds <= base_fds + 16, "descriptors grew from {base_fds} to {}: {samples:#?}", s.fds);
 
         assert!(
             s.ledger_bytes < base.ledger_bytes + (1 << 20),
