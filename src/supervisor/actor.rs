@@ -100,6 +100,9 @@ pub struct Options {
     pub echo: bool,
 }
 
+/// How long drover's exit waits for event followers to take their last line.
+const END_OF_STREAMS: Duration = Duration::from_secs(1);
+
 pub struct Supervisor {
     opts: Options,
     pub(super) config: Config,
@@ -334,6 +337,9 @@ impl Supervisor {
             }
         }
         self.finish_shutdown();
+        // Followers get their last line before the process ends, unless
+        // one takes longer than a moment to take it.
+        let _ = tokio::time::timeout(END_OF_STREAMS, self.end_live()).await;
     }
 
     fn handle(&mut self, ev: Event) {
@@ -377,6 +383,12 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    /// Ends every event stream (see `Live::end`); the future resolves
+    /// once each follower has its last line.
+    fn end_live(&mut self) -> impl std::future::Future<Output = ()> + use<> {
+        std::mem::take(&mut self.live).end("the supervisor stopped")
     }
 
     /// Arms (or re-arms) `key` to fire `after` from now.
