@@ -146,10 +146,18 @@ pub struct Supervisor {
     status_cache: Option<Arc<StatusReport>>,
     /// State changes as they happen, for `drover events` and `top`.
     pub(super) live: super::live::Live,
+    /// The containment chosen at start (a reload does not change it).
+    pub(super) containment: super::containment::Mode,
 }
 
 impl Supervisor {
-    pub fn new(opts: Options, config: Config, reaper: Arc<Reaper>, tx: mpsc::UnboundedSender<Event>) -> Self {
+    pub fn new(
+        opts: Options,
+        config: Config,
+        containment: super::containment::Mode,
+        reaper: Arc<Reaper>,
+        tx: mpsc::UnboundedSender<Event>,
+    ) -> Self {
         let state_path = config.supervisor.state_dir.join("state.json");
         let echo = opts.echo.then(Echo::start);
         Supervisor {
@@ -189,6 +197,7 @@ impl Supervisor {
             notify: None,
             ready: None,
             live: super::live::Live::new(),
+            containment,
         }
     }
 
@@ -535,6 +544,12 @@ impl Supervisor {
                 if loaded.config == self.config {
                     return Response::Ok { message: format!("no change (generation {})", self.generation) };
                 }
+                if loaded.config.supervisor.containment != self.config.supervisor.containment {
+                    tracing::warn!(
+                        in_use = self.containment.name(),
+                        "supervisor.containment changed: it takes effect at the next start"
+                    );
+                }
                 let changes = plan(&loaded.config.workers, &self.actual());
                 let old_jobs = std::mem::take(&mut self.config.jobs);
                 self.config = loaded.config;
@@ -835,6 +850,8 @@ impl Supervisor {
                 generation: self.generation,
                 applied_at: Some(rfc3339(self.applied_at)),
                 last_reload: self.last_reload.clone(),
+                containment: Some(self.containment.name().into()),
+                cgroup: self.containment.cgroups.as_ref().map(|h| h.base.clone()),
             },
             workers: self
                 .workers

@@ -221,6 +221,13 @@ pub struct SupervisorStatus {
     #[serde(default)]
     pub applied_at: Option<String>,
     pub last_reload: Option<ReloadStatus>,
+    /// "cgroup" or "process-group": how instances are contained, chosen
+    /// at start (absent in state files of older drovers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub containment: Option<String>,
+    /// In cgroup mode, the cgroup the instances' cgroups are made in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

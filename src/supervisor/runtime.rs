@@ -299,6 +299,8 @@ pub async fn serve(
     if killed > 0 {
         tracing::warn!(groups = killed, "stopped what the previous supervisor left running");
     }
+    // With the lock held: the state_dir's cgroups are this drover's alone.
+    let containment = super::containment::choose(loaded.config.supervisor.containment, &state_dir)?;
 
     proc::raise_fd_limit();
     proc::close_inherited_on_exec();
@@ -360,7 +362,7 @@ pub async fn serve(
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())?;
 
     let opts = Options { config_path: loaded.path.clone(), overrides, echo };
-    let mut sup = Supervisor::new(opts, loaded.config, reaper, tx.clone());
+    let mut sup = Supervisor::new(opts, loaded.config, containment.clone(), reaper, tx.clone());
     let (watch_tx, watch_rx) = tokio::sync::watch::channel(sup.watch_settings());
     sup.set_watch(watch_tx);
     super::watch::start(loaded.path.clone(), &loaded.text, watch_rx, tx.clone());
@@ -372,5 +374,10 @@ pub async fn serve(
     tokio::spawn(control::serve(listener, ctl_tx));
     sup.run(rx, ctl_rx).await;
     sd_notify("STOPPING=1");
+    if let Some(h) = &containment.cgroups
+        && let Err(e) = crate::os::cgroup::remove(&h.base)
+    {
+        tracing::warn!(cgroup = %h.base.display(), error = %e, "cannot remove drover's cgroup");
+    }
     Ok(())
 }
