@@ -247,6 +247,9 @@ pub struct Supervisor<'a> {
     pub pid: i32,
     /// Every process group seen in a status report.
     pgids: RefCell<BTreeSet<i32>>,
+    /// drover's cgroup (cgroup mode), removed when a SIGKILLed drover
+    /// could not.
+    cgroup: RefCell<Option<PathBuf>>,
 }
 
 impl<'a> Supervisor<'a> {
@@ -266,7 +269,14 @@ impl<'a> Supervisor<'a> {
         setup(&mut cmd);
         let child = cmd.spawn().expect("spawn drover start");
         let pid = child.id() as i32;
-        let mut s = Supervisor { sb, child, exited: None, pid, pgids: RefCell::default() };
+        let mut s = Supervisor {
+            sb,
+            child,
+            exited: None,
+            pid,
+            pgids: RefCell::default(),
+            cgroup: RefCell::default(),
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(st) = s.try_wait() {
@@ -300,6 +310,9 @@ impl<'a> Supervisor<'a> {
     }
 
     fn record(&self, v: &Value) {
+        if let Some(c) = v["supervisor"]["cgroup"].as_str() {
+            *self.cgroup.borrow_mut() = Some(PathBuf::from(c));
+        }
         let mut pgids = self.pgids.borrow_mut();
         for w in v["workers"].as_array().into_iter().flatten() {
             for i in w["instances"].as_array().into_iter().flatten() {
@@ -407,6 +420,10 @@ impl Drop for Supervisor<'_> {
             }
         }
         self.kill_groups();
+        if let Some(c) = self.cgroup.borrow().as_ref() {
+            // Empty once drover is gone (no process is in it).
+            let _ = std::fs::remove_dir(c);
+        }
     }
 }
 
