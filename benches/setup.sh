@@ -3,6 +3,7 @@
 # are missing. Idempotent: a second run does nothing but check.
 #
 #   runit        Debian package (runsvdir, runsv, sv); the system's init is untouched
+#   s6           Debian package (s6-svscan, s6-supervise, s6-svc, s6-svscanctl, s6-svstat)
 #   supervisord  PyPI `supervisor` (supervisord, supervisorctl)
 #   pm2          npm `pm2`, installed under benches/.tools/node_modules
 #   horust       crates.io `horust` and `horustctl`, installed under benches/.tools/bin
@@ -33,6 +34,20 @@ if ! skipped runit; then
         fi
         # runit's postinst does not take over init; runit-init is a separate package.
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends runit
+    fi
+fi
+
+# --- s6 --------------------------------------------------------------------
+if ! skipped s6; then
+    if command -v s6-svscan >/dev/null && command -v s6-svscanctl >/dev/null && command -v s6-svstat >/dev/null; then
+        log "s6: present ($(command -v s6-svscan))"
+    else
+        log "s6: installing (Debian package s6)"
+        if ! apt-cache show s6 >/dev/null 2>&1; then
+            $sudo apt-get update -qq
+        fi
+        # Only the tools: nothing is started and init is untouched.
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends s6
     fi
 fi
 

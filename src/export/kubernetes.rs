@@ -9,11 +9,12 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, Job as KJob, JobSpec, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, EnvVarSource, PodSpec, PodTemplateSpec, Secret, SecretKeySelector,
+    Container, EnvVar, EnvVarSource, PodSpec, PodTemplateSpec, Secret, SecretKeySelector, Service,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 
 use super::cron::every_to_cron;
+use super::kubernetes_identity as id;
 use super::{Exported, built_in, object_name, whole_seconds};
 use crate::config::model::{
     Condition, Config, Job, OnOverlap, RestartPolicy, SpawnMode, Step, Trigger, Worker,
@@ -36,7 +37,8 @@ pub struct Options {
 }
 
 /// One YAML document per object, in a stable order: Secrets, then
-/// Deployments, then CronJobs and Jobs, each by name.
+/// Deployments (each followed by its Service), then CronJobs and Jobs,
+/// each by name.
 pub fn export(config: &Config, o: &Options) -> Exported {
     let mut out = Exported::default();
     let mut docs: Vec<(u8, String, String)> = Vec::new();
@@ -53,8 +55,12 @@ pub fn export(config: &Config, o: &Options) -> Exported {
         if let Some((secret_name, s)) = secret {
             push(0, &secret_name, None, to_yaml(&s), &mut out);
         }
-        let d = deployment(o, name, &key, w, env, &mut out);
+        let (d, service) = deployment(o, name, &key, w, env, &mut out);
         push(1, name, None, to_yaml(&d), &mut out);
+        if let Some(s) = service {
+            // Stable sort: the Service stays right after its Deployment.
+            push(1, name, None, to_yaml(&s), &mut out);
+        }
     }
     for (name, j) in &config.jobs {
         let key = format!("jobs.{name}");
@@ -244,7 +250,7 @@ fn deployment(
     w: &Worker,
     env: Vec<EnvVar>,
     out: &mut Exported,
-) -> Deployment {
+) -> (Deployment, Option<Service>) {
     let defaults = built_in();
     match w.restart {
         RestartPolicy::Always => {}
@@ -265,12 +271,6 @@ fn deployment(
     if w.spawn_mode == SpawnMode::Worktree {
         out.lose(format!("{key}.spawn_mode"), "git worktrees per instance have no Kubernetes equivalent");
     }
-    if w.max_memory.is_some() {
-        out.lose(
-            format!("{key}.max_memory"),
-            "not exported yet (resources.limits.memory would be its equivalent)",
-        );
-    }
     stop_signal(key, w.stop_signal, out);
     if w.command.iter().chain(w.env.values()).any(|a| a.contains("DROVER_INSTANCE")) {
         out.lose(
@@ -284,13 +284,17 @@ fn deployment(
     let workdir = working_dir(o, key, &w.dir, out);
     let probes = super::kubernetes_probes::probes(name, key, w, out);
     depends_on(key, &w.depends_on, out);
+    let security = id::security_context(key, &w.identity, out);
+    id::env_file_note(key, &w.env_file, &w.secret_env, out);
+    let ports = id::ports(key, &w.sockets, out);
     let pod_labels = labels(o, name, "worker");
     let selector: BTreeMap<String, String> = pod_labels
         .iter()
         .filter(|(k, _)| k.as_str() != "app.kubernetes.io/component")
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    Deployment {
+    let service = id::service(meta(o, name, "worker"), selector.clone(), &ports);
+    let d = Deployment {
         metadata: meta(o, name, "worker"),
         spec: Some(DeploymentSpec {
             replicas: Some(i32::try_from(w.capacity).unwrap_or(i32::MAX)),
@@ -302,6 +306,9 @@ fn deployment(
                         readiness_probe: probes.readiness,
                         liveness_probe: probes.liveness,
                         startup_probe: probes.startup,
+                        security_context: security,
+                        ports: id::container_ports(&ports),
+                        resources: id::memory_limit(w.max_memory.map(|b| b.0)),
                         ..container(o, name, &w.command, &env, workdir)
                     }],
                     termination_grace_period_seconds: Some(whole_seconds(w.stop_grace.0)),
@@ -311,7 +318,8 @@ fn deployment(
             ..Default::default()
         }),
         ..Default::default()
-    }
+    };
+    (d, service)
 }
 
 /// Kubernetes starts every object at once: nothing waits for another.
@@ -344,6 +352,8 @@ fn job_pod(
 ) -> PodTemplateSpec {
     stop_signal(key, j.stop_signal, out);
     depends_on(key, &j.depends_on, out);
+    let security = id::security_context(key, &j.identity, out);
+    id::env_file_note(key, &j.env_file, &j.secret_env, out);
     let workdir = working_dir(o, key, &j.dir, out);
     for (i, s) in j.steps.iter().enumerate() {
         if s.approve {
@@ -356,12 +366,13 @@ fn job_pod(
     let mut env = env;
     env.push(plain("DROVER_JOB", name));
     let step_env = |s: &Step| [env.clone(), vec![plain("DROVER_STEP", &s.name)]].concat();
-    let as_container = |s: &Step| container(o, &s.name, &s.command, &step_env(s), workdir.clone());
+    let secured = |c: Container| Container { security_context: security.clone(), ..c };
+    let as_container = |s: &Step| secured(container(o, &s.name, &s.command, &step_env(s), workdir.clone()));
     let (last, before) = j.steps.split_last().map_or((None, &[][..]), |(l, b)| (Some(l), b));
     let main = match (j.flow, last) {
         (true, Some(s)) => as_container(s),
-        (_, Some(s)) => container(o, name, &s.command, &step_env(s), workdir.clone()),
-        (_, None) => container(o, name, &[], &env, workdir.clone()),
+        (_, Some(s)) => secured(container(o, name, &s.command, &step_env(s), workdir.clone())),
+        (_, None) => secured(container(o, name, &[], &env, workdir.clone())),
     };
     PodTemplateSpec {
         metadata: Some(ObjectMeta { labels: Some(labels(o, name, "job")), ..Default::default() }),

@@ -4,6 +4,7 @@
 
 pub mod cron;
 pub mod kubernetes;
+mod kubernetes_identity;
 mod kubernetes_probes;
 pub mod systemd;
 

@@ -14,8 +14,9 @@ use std::time::Duration;
 use super::cron::cron_to_calendars;
 use super::{Exported, built_in};
 use crate::config::model::{
-    Condition, Config, Job, OnOverlap, Probe, ProbeKind, RestartPolicy, SpawnMode, Trigger, Worker,
+    Condition, Config, Identity, Job, OnOverlap, Probe, ProbeKind, RestartPolicy, SpawnMode, Trigger, Worker,
 };
+use crate::config::sockets::Address;
 
 /// The oldest systemd the output is checked on (`systemd-analyze verify`,
 /// Debian 12) and the default of `--systemd-version`.
@@ -61,6 +62,7 @@ pub fn export(config: &Config, o: &Options) -> Exported {
         let env_file = secret_file(o, name, &w.env, &w.secret_env, &mut files, &mut out);
         let text = worker_service(o, name, &key, w, env_file.as_deref(), &deps, &mut out);
         files.insert(format!("{unit}@.service"), text);
+        files.extend(socket_units(o, name, w, &mut out));
         files.insert(format!("{unit}.target"), worker_target(o, name, w));
         wants.push(format!("{unit}.target"));
     }
@@ -470,10 +472,52 @@ impl<'a> Dependencies<'a> {
     }
 }
 
-/// Losses common to workers and jobs: nothing yet. `user`, `group`,
-/// `limits` (`Limit*=`) and `sockets` (`.socket` units) map here once the
-/// model has them.
-fn identity_and_limits(_f: &mut UnitFile, _key: &str, _out: &mut Exported) {}
+/// The identity keys and rlimits, each a directive of the same meaning:
+/// systemd applies them as drover does, between fork and exec. Nothing is
+/// lost: `User=` sets HOME, USER and LOGNAME as drover's `user` does.
+fn identity_and_limits(f: &mut UnitFile, id: &Identity) {
+    if let Some(u) = &id.user {
+        f.set("User", u);
+    }
+    if let Some(g) = &id.group {
+        f.set("Group", g);
+    }
+    if let Some(m) = id.umask {
+        f.set("UMask", format!("{m:04o}"));
+    }
+    if let Some(n) = id.nice {
+        f.set("Nice", n);
+    }
+    if let Some(n) = id.oom_score_adj {
+        f.set("OOMScoreAdjust", n);
+    }
+    if id.no_new_privs {
+        f.set("NoNewPrivileges", "yes");
+    }
+    // drover's resource names are the RLIMIT_ suffixes, as systemd's
+    // Limit*= are; values are in the rlimit's own units (bytes, seconds,
+    // microseconds for rttime), which is how systemd reads a bare number.
+    let value =
+        |v: u64| if v == crate::os::identity::INFINITY { "infinity".to_string() } else { v.to_string() };
+    for (name, l) in &id.limits {
+        // LimitNICE= takes 0..40 and no "infinity": the ceiling is
+        // 20 - value, and above 40 (nice -20) a larger value allows nothing more.
+        let (soft, hard) = if name == "nice" {
+            (l.soft.min(40).to_string(), l.hard.min(40).to_string())
+        } else {
+            (value(l.soft), value(l.hard))
+        };
+        f.set(&format!("Limit{}", name.to_uppercase()), format!("{soft}:{hard}"));
+    }
+}
+
+/// max_memory: `MemoryMax=` (the cgroup's hard limit: the kernel's OOM
+/// kill inside the unit, and Restart= brings it back).
+fn memory_max(f: &mut UnitFile, max_memory: Option<u64>) {
+    if let Some(b) = max_memory {
+        f.set("MemoryMax", b);
+    }
+}
 
 fn stop_settings(f: &mut UnitFile, signal: crate::config::types::Signal, grace: Duration) {
     // drover signals the whole process group, then SIGKILLs it.
@@ -657,10 +701,6 @@ fn worker_service(
     if w.spawn_mode == SpawnMode::Worktree {
         out.lose(format!("{key}.spawn_mode"), "git worktrees per instance have no systemd equivalent");
     }
-    if w.max_memory.is_some() {
-        // MemoryMax= is the mapping; until the export writes it, say so.
-        out.lose(format!("{key}.max_memory"), "not exported yet (MemoryMax= would be its equivalent)");
-    }
     let mut f = UnitFile::default();
     f.comment(&format!(
         "{key}: instance N is {unit}@N.service, N = 0 to {} (its DROVER_INSTANCE); {unit}.target starts them all",
@@ -687,8 +727,65 @@ fn worker_service(
     restart_settings(&mut f, o, key, w, out);
     probe_settings(&mut f, key, w, out);
     stop_settings(&mut f, w.stop_signal, w.stop_grace.0);
-    identity_and_limits(&mut f, key, out);
+    identity_and_limits(&mut f, &w.identity);
+    if !w.sockets.is_empty() {
+        // Every instance inherits the socket unit's descriptors (and, through
+        // Sockets=, wants it and starts after it): systemd holds them across
+        // restarts, as drover does, with the same LISTEN_* protocol.
+        if let [_] = w.sockets[..] {
+            f.set("Sockets", format!("{unit}.socket"));
+        } else {
+            let all: Vec<String> = (0..w.sockets.len()).map(|i| format!("{unit}-{i}.socket")).collect();
+            f.set("Sockets", all.join(" "));
+            out.lose(
+                format!("{key}.sockets"),
+                "systemd passes the descriptors of several socket units in its own order: \
+                 find them by LISTEN_FDNAMES, not by position",
+            );
+        }
+    }
+    memory_max(&mut f, w.max_memory.map(|b| b.0));
     f.0
+}
+
+/// The socket units of a worker: `P-NAME.socket` for one socket,
+/// `P-NAME-I.socket` for socket I of several (FileDescriptorName= names
+/// every descriptor of a unit alike, so one unit a socket).
+fn socket_units(o: &Options, name: &str, w: &Worker, out: &mut Exported) -> Vec<(String, String)> {
+    let unit = unit_name(o, name);
+    let one = w.sockets.len() == 1;
+    w.sockets
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let file = if one { format!("{unit}.socket") } else { format!("{unit}-{i}.socket") };
+            let mut f = UnitFile::default();
+            f.comment(&format!(
+                "workers.{name}.sockets[{i}]: held by systemd across restarts, passed to every instance"
+            ));
+            f.section("Unit");
+            f.set("Description", format!("drover worker {name}, socket {}", s.name));
+            f.set("PartOf", format!("{unit}.target"));
+            f.section("Socket");
+            // A unix path under the config's directory moves under --workdir.
+            match &s.address {
+                Address::Tcp(a) => f.set("ListenStream", a),
+                Address::Unix(p) => match path_value(&on_target(o, p)) {
+                    Ok(p) => f.set("ListenStream", p),
+                    Err(e) => out.fail(format!("workers.{name}.sockets[{i}]"), e),
+                },
+            }
+            f.set("FileDescriptorName", &s.name);
+            // systemd binds with SO_REUSEADDR, as drover does; drover makes unix
+            // sockets 0600 unless `mode` says otherwise (systemd's default is 0666).
+            if matches!(s.address, Address::Unix(_)) {
+                f.set("SocketMode", format!("{:04o}", s.mode.unwrap_or(0o600)));
+            }
+            // Traffic before the target starts the instances starts the first.
+            f.set("Service", format!("{unit}@0.service"));
+            (file, f.0)
+        })
+        .collect()
 }
 
 fn worker_target(o: &Options, name: &str, w: &Worker) -> String {
@@ -789,7 +886,7 @@ fn job_service(
         f.set("TimeoutStartSec", span(t.0));
     }
     stop_settings(&mut f, j.stop_signal, j.stop_grace.0);
-    identity_and_limits(&mut f, key, out);
+    identity_and_limits(&mut f, &j.identity);
     f.0
 }
 

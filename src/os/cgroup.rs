@@ -200,7 +200,7 @@ fn wait_empty(dir: &Path, limit: Duration) {
     if ino.add_watch(&dir.join("cgroup.events"), AddWatchFlags::IN_MODIFY).is_err() {
         return;
     }
-    let end = Instant::now() + limit;
+    let end = Instant::now().checked_add(limit).unwrap_or_else(Instant::now);
     while populated(dir) {
         let left = end.saturating_duration_since(Instant::now());
         if left.is_zero() {

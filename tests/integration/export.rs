@@ -16,6 +16,8 @@ fn the_example_configs_export_as_the_golden_files_say() {
         ("config/jobs.toml", &[][..]),
         ("tests/corpus/valid/flows.toml", &[][..]),
         ("tests/corpus/valid/secret-env.toml", &["--emit-secrets"][..]),
+        ("config/identity.toml", &[][..]),
+        ("config/sockets.toml", &[][..]),
     ] {
         let args = [
             &["--allow-lossy", "--workdir", "/app", "--namespace", "prod", "--image", "acme/app:1.4"][..],
@@ -98,6 +100,8 @@ fn the_example_configs_export_to_systemd_as_the_golden_files_say() {
         "tests/corpus/valid/flows.toml",
         "tests/corpus/valid/secret-env.toml",
         "tests/corpus/valid/readiness.toml",
+        "config/identity.toml",
+        "config/sockets.toml",
     ] {
         let r = export_systemd(
             &sb,
@@ -202,4 +206,48 @@ fn systemd_losses_fail_unless_allowed_and_the_version_is_checked() {
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     let top = std::fs::read_to_string(sb.path("only/drover.target")).unwrap();
     assert!(top.contains("WantedBy=multi-user.target"), "{top}");
+}
+
+#[test]
+fn identity_limits_and_sockets_map_to_the_pod_or_are_listed() {
+    let sb = Sandbox::new();
+    // Names are all a config takes, and a pod needs the image's numeric
+    // ids: lost, with the id they have here. The user running the tests is
+    // the one a non-root drover may name.
+    use std::os::unix::fs::MetadataExt;
+    let env = sb.write("vars.env", "FROM_FILE=yes\n");
+    let uid = std::fs::metadata(&env).expect("the env file just written").uid();
+    let me = run(std::process::Command::new("id").arg("-un")).stdout.trim().to_string();
+    let config = sb.write(
+        "daemon.toml",
+        format!(
+            "[workers.w]\ncommand = [\"true\"]\nuser = \"{me}\"\nno_new_privs = true\n\
+             umask = \"027\"\nnice = 5\noom_score_adj = 100\nlimits = {{ nofile = 1024 }}\n\
+             env_file = [\"vars.env\"]\nsockets = [\"tcp://127.0.0.1:8080\", \"unix://w.sock\"]\n"
+        ),
+    );
+    // Lossy: exit 1, each key named, nothing written.
+    let r = export(&sb, &config, &[]);
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    for key in ["user", "umask", "nice", "oom_score_adj", "limits.nofile", "sockets[1]", "sockets"] {
+        assert!(r.stderr.contains(&format!("workers.w.{key}")), "{key}: {}", r.stderr);
+    }
+    assert!(r.stdout.is_empty());
+    let r = export(&sb, &config, &["--allow-lossy"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    // Round trip: the escalation flag, the file's value in
+    // env, and one port on the container and the Service.
+    for want in [
+        "allowPrivilegeEscalation: false".to_string(),
+        "name: FROM_FILE\n          value: yes".to_string(),
+        "containerPort: 8080".to_string(),
+        "kind: Service".to_string(),
+        "targetPort: 8080".to_string(),
+    ] {
+        assert!(r.stdout.contains(want.as_str()), "{want}: {}", r.stdout);
+    }
+    assert_eq!(r.stdout.matches("containerPort:").count(), 1, "{}", r.stdout);
+    assert!(r.stderr.contains("workers.w.env_file"), "{}", r.stderr);
+    assert!(r.stderr.contains(&format!("(id {uid} on this machine)")), "{}", r.stderr);
+    assert!(!r.stdout.contains("runAsUser"), "{}", r.stdout);
 }

@@ -1,7 +1,9 @@
 //! `drover events` with real workers: a follower sees instances start,
 //! crash, back off and park, reloads and job runs as they happen; without
 //! -f the recent events are printed; names filter; the subscriber cap and
-//! bad subscription requests leave the supervisor serving.
+//! bad subscription requests leave the supervisor serving; a follower that
+//! stops reading during a restart storm is dropped with a `lagged` line
+//! while status and a reading follower are served on.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -236,5 +238,143 @@ fn followers_are_capped_and_bad_subscriptions_are_refused() {
         let _ = s.read_to_end(&mut rest);
         ok.then_some(())
     });
+    drop(sup);
+}
+
+/// Whether `pid` sleeps in a write to its stdout: a pipe nobody reads is
+/// full. Both the syscall (write, fd 1) and a sleeping wait channel, so a
+/// write caught while it copies into a pipe with room does not count.
+fn blocked_on_stdout(pid: u32) -> bool {
+    let syscall = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+    let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+    syscall.starts_with("1 0x1 ") && wchan.contains("pipe")
+}
+
+/// The payload the supervisor's end of a follower's socket can hold at
+/// most before its writes block (the default send buffer counts more
+/// than the payload).
+fn socket_buffer() -> usize {
+    std::fs::read_to_string("/proc/sys/net/core/wmem_default")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(212_992)
+}
+
+/// A child killed and reaped when dropped, however the test ends.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_follower_that_never_reads_is_dropped_with_a_lagged_line_and_nothing_else_slows() {
+    let sb = Sandbox::new();
+    let quiet = format!("{SUPERVISOR}[workers.steady]\ncommand = {}\n", sh("exec sleep 1000"));
+    sb.write("daemon.toml", &quiet);
+    let sup = Supervisor::start(&sb);
+    let mut reader = Follower::start(&sb, &[]);
+    reader.wait("started", kind("started", "steady"));
+
+    // The follower that stops reading: its first line proves it is
+    // subscribed; then its stdout pipe is left to fill.
+    let mut idle = Reaped(
+        sb.drover()
+            .args(["-c", "daemon.toml", "events", "-f", "--json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn drover events"),
+    );
+    let mut idle_out = idle.0.stdout.take().expect("stdout");
+    let mut first = Vec::new();
+    let mut byte = [0u8; 1];
+    while first.last() != Some(&b'\n') {
+        assert_eq!(idle_out.read(&mut byte).expect("read the idle follower"), 1, "{first:?}");
+        first.push(byte[0]);
+    }
+
+    // A storm: 40 instances of a command that fails at once, restarted
+    // after 10 ms, never parked. Each cycle is several events.
+    let storm = format!(
+        "{quiet}\n[workers.storm]\ncommand = [\"/bin/false\"]\ncapacity = 40\n\
+         backoff = {{ initial = \"10ms\", max = \"10ms\" }}\n\
+         crash_loop = {{ max_failures = 4000000000 }}\n"
+    );
+    sb.write("daemon.toml", &storm);
+    let r = sb.cli(&["reload"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+
+    // Phases, seen through the reading follower: the idle one blocks on
+    // its full pipe; then more than a socket's worth of events (its
+    // supervisor side blocks too); then more than the backlog of 1024
+    // (its place in the broadcast is overrun). Status answers throughout.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = 0usize;
+    let mut blocked_at: Option<usize> = None;
+    let mut bytes_after = 0usize;
+    let mut overrun_from: Option<usize> = None;
+    let mut slowest = Duration::ZERO;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "storm phases not reached: {seen} events, blocked at {blocked_at:?}, {bytes_after} bytes after"
+        );
+        let asked = Instant::now();
+        let (code, _) = sb.status_json();
+        slowest = slowest.max(asked.elapsed());
+        assert_eq!(code, Some(0), "status failed during the storm");
+        assert!(slowest < Duration::from_secs(5), "status took {slowest:?} during the storm");
+        while let Ok(v) = reader.lines.recv_timeout(Duration::from_millis(50)) {
+            assert_ne!(v["kind"], "lagged", "the reading follower was dropped: {v}");
+            seen += 1;
+            if blocked_at.is_some() {
+                bytes_after += v.to_string().len() + 1;
+            }
+            if seen % 256 == 0 {
+                break;
+            }
+        }
+        if blocked_at.is_none() && blocked_on_stdout(idle.0.id()) {
+            blocked_at = Some(seen);
+        }
+        if overrun_from.is_none() && bytes_after > socket_buffer() + 64 * 1024 {
+            overrun_from = Some(seen);
+        }
+        if overrun_from.is_some_and(|from| seen > from + 1024 + 2 * 64) {
+            break;
+        }
+    }
+    assert!(seen > 1024 + 256, "{seen}");
+
+    // Drained now, the idle follower gets what was buffered, then the
+    // lagged line, and exits 1.
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = idle_out.read_to_string(&mut rest);
+        let _ = tx.send(rest);
+    });
+    let rest = rx.recv_timeout(LIMIT).expect("the idle follower's stream did not end");
+    let last = rest.lines().last().unwrap_or_default();
+    let last: Value =
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("last line not JSON ({e}): {last}"));
+    assert_eq!(last["kind"], "lagged", "{last}");
+    assert!(last["missed"].as_u64().is_some_and(|m| m > 0), "{last}");
+    let status =
+        crate::harness::wait_until("the idle follower exits", LIMIT, || idle.0.try_wait().ok().flatten());
+    assert_eq!(status.code(), Some(1), "{status:?}");
+
+    // The reading follower is still served, and status still answers.
+    let next = reader.lines.recv_timeout(LIMIT).expect("no event after the idle follower was dropped");
+    assert_ne!(next["kind"], "lagged", "{next}");
+    let (code, _) = sb.status_json();
+    assert_eq!(code, Some(0));
+    eprintln!("{seen} events; slowest status {slowest:?}");
+    drop((reader, idle));
     drop(sup);
 }
