@@ -115,6 +115,8 @@ impl Hierarchy {
             return Err("the kernel has no cgroup.kill (Linux 5.14 or later is needed)".into());
         }
         let memory = memory && write(&base.join("cgroup.subtree_control"), "+memory").is_ok();
+        // For the panic hook, which has no Hierarchy to hand.
+        let _ = BASE.set(base.clone());
         Ok((Hierarchy { base, memory }, leftovers))
     }
 
@@ -141,10 +143,27 @@ impl Hierarchy {
         Ok(dir)
     }
 
-    /// SIGKILLs everything in drover's cgroups (a panic's last act).
+    /// SIGKILLs everything in drover's cgroups.
     pub fn kill_all(&self) -> io::Result<()> {
         kill(&self.base)
     }
+
+    /// At drover's exit: kills what is left in its cgroups (nothing, but
+    /// for a bug), removes them and its own directory. Blocks for at most
+    /// a few seconds.
+    pub fn tear_down(&self) -> io::Result<()> {
+        clean_leftovers(&self.base);
+        remove(&self.base)
+    }
+}
+
+/// The base of the hierarchy set up in this process.
+static BASE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// SIGKILLs everything in the cgroups of the hierarchy this process set
+/// up, if any: a panic's last act (one write to cgroup.kill).
+pub fn kill_set_up() -> bool {
+    BASE.get().is_some_and(|b| kill(b).is_ok())
 }
 
 /// Turns the memory controller on for the cgroups drover makes, if the
@@ -269,6 +288,18 @@ pub fn remove(dir: &Path) -> io::Result<()> {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }
+}
+
+/// Removes the cgroup; one that still has processes is killed first and
+/// removed once they are gone (waited for by inotify, at most a few
+/// seconds). Blocks: call it off the event loop.
+pub fn remove_when_empty(dir: &Path) -> io::Result<()> {
+    if remove(dir).is_ok() {
+        return Ok(());
+    }
+    kill(dir)?;
+    wait_empty(dir, LEFTOVER_WAIT);
+    remove(dir)
 }
 
 /// How many times the kernel's OOM killer struck in the cgroup

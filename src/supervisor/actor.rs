@@ -148,6 +148,10 @@ pub struct Supervisor {
     pub(super) live: super::live::Live,
     /// The containment chosen at start (a reload does not change it).
     pub(super) containment: super::containment::Mode,
+    /// In cgroup mode, what tells when an instance's or run step's cgroup
+    /// is empty (`None` also if inotify could not be had: then the stop's
+    /// timers look instead).
+    pub(super) cgroup_watch: Option<super::containment::Watch>,
 }
 
 impl Supervisor {
@@ -160,6 +164,11 @@ impl Supervisor {
     ) -> Self {
         let state_path = config.supervisor.state_dir.join("state.json");
         let echo = opts.echo.then(Echo::start);
+        let cgroup_watch = containment.cgroups.as_ref().and_then(|_| {
+            super::containment::Watch::start(tx.clone())
+                .map_err(|e| tracing::warn!(error = %e, "cannot watch cgroups; a stop looks again after its grace"))
+                .ok()
+        });
         Supervisor {
             opts,
             config,
@@ -198,6 +207,7 @@ impl Supervisor {
             ready: None,
             live: super::live::Live::new(),
             containment,
+            cgroup_watch,
         }
     }
 
@@ -368,8 +378,7 @@ impl Supervisor {
             }
             Event::RunSpawned { run, inc, step, result } => self.on_run_spawned(run, inc, step, result),
             Event::Control(req, reply) => self.on_request(req, reply),
-            // Not wired to instances yet: their cgroups are not made.
-            Event::CgroupEmpty(_) => {}
+            Event::CgroupEmpty(dir) => self.on_cgroup_empty(&dir),
             Event::Shutdown => self.shutdown(),
             Event::Reload(reply) => {
                 #[cfg(debug_assertions)]
@@ -742,6 +751,9 @@ impl Supervisor {
         if self.shutting_down {
             // Asked twice: do not wait out the grace.
             tracing::warn!("second stop request: killing every process group now");
+            if let Some(h) = &self.containment.cgroups {
+                let _ = h.kill_all();
+            }
             for w in self.workers.values_mut() {
                 for inst in w.instances.values_mut() {
                     if let Some(pgid) = inst.pgid {
@@ -815,6 +827,11 @@ impl Supervisor {
 
     fn finish_shutdown(&mut self) {
         self.kill_escapees(None);
+        // Every instance and run is over: nothing is left in a cgroup
+        // but what a bug missed (the caller removes them).
+        if let Some(h) = &self.containment.cgroups {
+            let _ = h.kill_all();
+        }
         self.ledger.flush_before_exit();
         for w in self.workers.values() {
             for inst in w.instances.values() {
@@ -964,6 +981,7 @@ fn instance_status(index: u32, inst: &Instance) -> InstanceStatus {
             _ => Vec::new(),
         },
         notify_status: inst.notify_status.clone(),
+        cgroup: inst.cgroup.clone(),
         cpu_seconds: None,
         rss_bytes: None,
     }

@@ -6,12 +6,14 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
+use super::child::CgroupSpec;
 use super::events::Event;
 use crate::config::model::Containment;
 use crate::os::cgroup::{self, Hierarchy};
@@ -32,6 +34,17 @@ impl Mode {
     /// Whether `max_memory` is the cgroup's memory.max (else it is sampled).
     pub fn memory_controller(&self) -> bool {
         self.cgroups.as_ref().is_some_and(|h| h.memory)
+    }
+
+    /// In cgroup mode, the cgroup for a child: `what` ("w.web.0", "r.12.1")
+    /// with a sequence number, so that no two children of one drover's life
+    /// share a name (a surge instance and the one it replaced swap keys;
+    /// a resumed run runs a step again).
+    pub fn cgroup(&self, what: &str, max_memory: Option<u64>) -> Option<CgroupSpec> {
+        static SEQ: AtomicU64 = AtomicU64::new(1);
+        let hierarchy = self.cgroups.clone()?;
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        Some(CgroupSpec { hierarchy, name: format!("{what}.{n}"), max_memory })
     }
 }
 
@@ -62,6 +75,39 @@ pub fn choose(wanted: Containment, state_dir: &Path) -> Result<Mode, String> {
             Ok(Mode::default())
         }
     }
+}
+
+/// Whether a process of a child is left: its cgroup's word in cgroup
+/// mode (one small read of cgroup.events, which takes no lock the kernel
+/// holds for long: fine on the event loop), else its process group's.
+pub fn alive(cgroup: Option<&Path>, pgid: Option<i32>) -> bool {
+    match cgroup {
+        Some(dir) => cgroup::populated(dir),
+        None => pgid.is_some_and(crate::os::proc::group_alive),
+    }
+}
+
+/// SIGKILLs everything in the cgroup, off the event loop (a write to
+/// cgroup.kill takes the kernel's cgroup mutex).
+pub fn kill_off_loop(dir: &Path) {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = cgroup::kill(&dir) {
+            tracing::warn!(cgroup = %dir.display(), error = %e, "cannot kill a cgroup");
+        }
+    });
+}
+
+/// Removes a cgroup drover is done with, off the event loop: at once when
+/// it is empty (as it is after a stop), else once its processes, killed,
+/// are gone (a step ended with its output still open, a spawn nobody
+/// wanted).
+pub fn remove_off_loop(dir: PathBuf) {
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = cgroup::remove_when_empty(&dir) {
+            tracing::warn!(cgroup = %dir.display(), error = %e, "cannot remove a cgroup");
+        }
+    });
 }
 
 struct Fd(Inotify);

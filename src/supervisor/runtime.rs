@@ -218,12 +218,15 @@ pub fn install_panic_hook(state_dir: PathBuf) {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         default(info);
+        // Everything in drover's cgroups, whatever its group or session.
+        let cgroups = crate::os::cgroup::kill_set_up();
         let registered = crate::os::groups::kill_all().unwrap_or(0);
         let marked = kill_marked(&state_dir, &BTreeSet::new()).len();
         let _ = writeln!(
             super::own_log::LossyStderr,
             "drover: the supervisor panicked (a bug); killed {registered} process groups it ran \
-             and {marked} other marked ones; exiting"
+             and {marked} other marked ones{}; exiting",
+            if cgroups { " and everything in its cgroups" } else { "" }
         );
         // SAFETY: _exit ends the process at once, running nothing else:
         // other threads may hold locks that exit handlers would need.
@@ -375,7 +378,7 @@ pub async fn serve(
     sup.run(rx, ctl_rx).await;
     sd_notify("STOPPING=1");
     if let Some(h) = &containment.cgroups
-        && let Err(e) = crate::os::cgroup::remove(&h.base)
+        && let Err(e) = h.tear_down()
     {
         tracing::warn!(cgroup = %h.base.display(), error = %e, "cannot remove drover's cgroup");
     }
