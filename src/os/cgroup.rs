@@ -362,6 +362,8 @@ mod tests {
         }
         assert_eq!(count(), 2, "sh and its setsid grandchild are both in the cgroup");
         assert!(populated(&cg));
+        let used = crate::os::usage::of_cgroup(&cg).expect("usage");
+        assert!(used.rss_bytes > 0, "summed over cgroup.procs without memory.current: {used:?}");
         // A second set-up (a drover after a SIGKILLed one) kills and removes.
         let (h2, leftovers) = Hierarchy::set_up(&dir).expect("set up again");
         let _ = child.wait();

@@ -194,3 +194,31 @@ fn hint(e: nix::errno::Errno) -> &'static str {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_child_gets_a_cgroup_name_of_its_own_and_none_without_cgroups() {
+        assert!(Mode::default().cgroup("w.web.0", None).is_none());
+        let h = Arc::new(Hierarchy { base: PathBuf::from("/sys/fs/cgroup/drover.x"), memory: false });
+        let mode = Mode { cgroups: Some(h) };
+        let (a, b) = (mode.cgroup("w.web.0", Some(512)), mode.cgroup("w.web.0", None));
+        let (a, b) = (a.expect("a cgroup"), b.expect("a cgroup"));
+        assert!(a.name.starts_with("w.web.0.") && b.name.starts_with("w.web.0."), "{} {}", a.name, b.name);
+        assert_ne!(a.name, b.name);
+        assert_eq!((a.max_memory, b.max_memory), (Some(512), None));
+        assert_eq!(mode.name(), "cgroup");
+        assert_eq!(Mode::default().name(), "process-group");
+    }
+
+    #[test]
+    fn a_child_without_a_cgroup_is_alive_by_its_process_group() {
+        // Our own group is alive; a cgroup that does not exist is empty.
+        let own = nix::unistd::getpgrp().as_raw();
+        assert!(alive(None, Some(own)));
+        assert!(!alive(None, None));
+        assert!(!alive(Some(Path::new("/no/such/cgroup")), Some(own)));
+    }
+}

@@ -64,6 +64,10 @@ fn status_says_which_containment_is_in_use() {
     assert_eq!(mode, "cgroup", "as root on a cgroup2 host: {v}\n{}", sup.stderr());
     let cg = std::path::PathBuf::from(v["supervisor"]["cgroup"].as_str().unwrap_or_default());
     assert!(cg.join("cgroup.kill").is_file(), "drover's cgroup {} exists: {v}", cg.display());
+    let own = std::path::PathBuf::from(instance(&v, "idle", 0)["cgroup"].as_str().unwrap_or_default());
+    let procs = std::fs::read_to_string(own.join("cgroup.procs")).unwrap_or_default();
+    assert!(own.starts_with(&cg), "the instance's cgroup {} is below drover's: {v}", own.display());
+    assert_eq!(procs.trim(), instance(&v, "idle", 0)["pid"].to_string(), "it holds the instance: {v}");
     sup.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(sup.wait_exit(LIMIT).is_some_and(|s| s.success()), "{}", sup.stderr());
     assert!(!cg.exists(), "{} is removed at a clean stop", cg.display());
@@ -83,6 +87,7 @@ fn process_groups_are_used_when_the_config_says_so() {
     let v = sup.wait_for("idle to run", LIMIT, |v| instance(v, "idle", 0)["state"] == "running");
     assert_eq!(v["supervisor"]["containment"], "process-group", "{v}");
     assert!(v["supervisor"].get("cgroup").is_none(), "{v}");
+    assert!(instance(&v, "idle", 0).get("cgroup").is_none(), "no instance runs in a cgroup: {v}");
     drop(sup);
 }
 

@@ -421,9 +421,29 @@ impl Drop for Supervisor<'_> {
         }
         self.kill_groups();
         if let Some(c) = self.cgroup.borrow().as_ref() {
-            // Empty once drover is gone (no process is in it).
-            let _ = std::fs::remove_dir(c);
+            remove_cgroups(c);
         }
+    }
+}
+
+/// Kills what a drover that did not clean up left in its cgroup `base`
+/// and removes it with the cgroups below it (a clean drover left none).
+fn remove_cgroups(base: &Path) {
+    if !base.exists() {
+        return;
+    }
+    let _ = std::fs::write(base.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let below: Vec<PathBuf> = std::fs::read_dir(base)
+            .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect())
+            .unwrap_or_default();
+        // Busy until the killed processes are gone.
+        let left = below.iter().filter(|c| std::fs::remove_dir(c).is_err()).count();
+        if (left == 0 && std::fs::remove_dir(base).is_ok()) || !base.exists() || Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
