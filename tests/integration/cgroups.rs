@@ -19,11 +19,32 @@ const LIMIT: Duration = Duration::from_secs(20);
 /// appends its pid to `escapees`, and sleeps.
 const ESCAPE: &str = "setsid env -i /bin/sh -c 'exec sleep 1000' & echo $! >> escapees";
 
-fn config(extra: &str) -> String {
-    format!(
-        "[supervisor]\nreload = false\n\n[workers.esc]\ncommand = {}\nstop_grace = \"5s\"\n{extra}",
-        sh(&format!("{ESCAPE}; exec sleep 1000"))
-    )
+/// drover running worker `esc` in cgroup mode, with its first escapee.
+struct Running<'a> {
+    sup: Supervisor<'a>,
+    status: Value,
+    /// drover's cgroup, and the instance's below it.
+    base: PathBuf,
+    cg: PathBuf,
+    escapee: ProcId,
+}
+
+/// Starts drover in `sb` with worker `esc`; `None` where it runs without
+/// cgroups (the test is skipped).
+fn start_esc(sb: &Sandbox) -> Option<Running<'_>> {
+    let command = sh(&format!("{ESCAPE}; exec sleep 1000"));
+    sb.write(
+        "daemon.toml",
+        format!("[supervisor]\nreload = false\n\n[workers.esc]\ncommand = {command}\nstop_grace = \"5s\"\n"),
+    );
+    let sup = Supervisor::start(sb);
+    let status = sup.wait_for("esc to run", LIMIT, |v| instance(v, "esc", 0)["state"] == "running");
+    let base = cgroup_mode(&status)?;
+    let cg = instance_cgroup(&status);
+    assert!(cg.starts_with(&base), "{} is below {}", cg.display(), base.display());
+    let escapee = escapee(sb, 1);
+    assert!(in_cgroup(&cg, escapee.pid), "the escapee is still in the instance's cgroup");
+    Some(Running { sup, status, base, cg, escapee })
 }
 
 /// drover's cgroup, or `None` (and a line saying why the test is skipped)
@@ -82,15 +103,8 @@ fn instance_cgroup(v: &Value) -> PathBuf {
 #[test]
 fn a_setsid_grandchild_is_gone_after_a_restart_and_a_stop() {
     let sb = Sandbox::new();
-    sb.write("daemon.toml", config(""));
-    let mut sup = Supervisor::start(&sb);
-    let v = sup.wait_for("esc to run", LIMIT, |v| instance(v, "esc", 0)["state"] == "running");
-    let Some(base) = cgroup_mode(&v) else { return };
-    let cg1 = instance_cgroup(&v);
-    assert!(cg1.starts_with(&base), "{} is below {}", cg1.display(), base.display());
-    let e1 = escapee(&sb, 1);
-    assert!(in_cgroup(&cg1, e1.pid), "the escapee is still in the instance's cgroup");
-    let pid1 = instance(&v, "esc", 0)["pid"].clone();
+    let Some(Running { mut sup, status, base, cg: cg1, escapee: e1 }) = start_esc(&sb) else { return };
+    let pid1 = instance(&status, "esc", 0)["pid"].clone();
 
     let r = sb.cli(&["restart", "esc"]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
@@ -121,12 +135,7 @@ fn a_setsid_grandchild_is_gone_after_a_restart_and_a_stop() {
 #[test]
 fn a_setsid_grandchild_is_gone_after_drover_stops() {
     let sb = Sandbox::new();
-    sb.write("daemon.toml", config(""));
-    let mut sup = Supervisor::start(&sb);
-    let v = sup.wait_for("esc to run", LIMIT, |v| instance(v, "esc", 0)["state"] == "running");
-    let Some(base) = cgroup_mode(&v) else { return };
-    let cg = instance_cgroup(&v);
-    let e = escapee(&sb, 1);
+    let Some(Running { mut sup, base, cg, escapee: e, .. }) = start_esc(&sb) else { return };
     sup.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(sup.wait_exit(LIMIT).is_some_and(|s| s.success()), "{}", sup.stderr());
     assert!(!e.running(), "the escapee is gone when drover has exited");
@@ -138,12 +147,7 @@ fn a_setsid_grandchild_is_gone_after_drover_stops() {
 #[test]
 fn the_next_drover_ends_what_a_sigkilled_one_left_in_its_cgroups() {
     let sb = Sandbox::new();
-    sb.write("daemon.toml", config(""));
-    let mut first = Supervisor::start(&sb);
-    let v = first.wait_for("esc to run", LIMIT, |v| instance(v, "esc", 0)["state"] == "running");
-    let Some(base) = cgroup_mode(&v) else { return };
-    let cg = instance_cgroup(&v);
-    let e = escapee(&sb, 1);
+    let Some(Running { sup: mut first, base, cg, escapee: e, .. }) = start_esc(&sb) else { return };
     first.sigkill();
     assert!(e.running() && in_cgroup(&cg, e.pid), "a SIGKILLed drover leaves the escapee in its cgroup");
 
