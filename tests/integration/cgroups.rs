@@ -32,12 +32,16 @@ struct Running<'a> {
 /// Starts drover in `sb` with worker `esc`; `None` where it runs without
 /// cgroups (the test is skipped).
 fn start_esc(sb: &Sandbox) -> Option<Running<'_>> {
+    start_esc_with(sb, |_| {})
+}
+
+fn start_esc_with(sb: &Sandbox, setup: impl FnOnce(&mut std::process::Command)) -> Option<Running<'_>> {
     let command = sh(&format!("{ESCAPE}; exec sleep 1000"));
     sb.write(
         "daemon.toml",
         format!("[supervisor]\nreload = false\n\n[workers.esc]\ncommand = {command}\nstop_grace = \"5s\"\n"),
     );
-    let sup = Supervisor::start(sb);
+    let sup = Supervisor::start_with(sb, setup);
     let status = sup.wait_for("esc to run", LIMIT, |v| instance(v, "esc", 0)["state"] == "running");
     let base = cgroup_mode(&status)?;
     let cg = instance_cgroup(&status);
@@ -140,6 +144,23 @@ fn a_setsid_grandchild_is_gone_after_drover_stops() {
     assert!(sup.wait_exit(LIMIT).is_some_and(|s| s.success()), "{}", sup.stderr());
     assert!(!e.running(), "the escapee is gone when drover has exited");
     assert!(!cg.exists() && !base.exists(), "no cgroup is left");
+}
+
+/// A drover that panics (a bug) kills everything in its cgroups on its
+/// way out: the escapee too.
+#[test]
+fn a_panicking_drover_kills_the_escapee() {
+    let sb = Sandbox::new();
+    let Some(Running { mut sup, escapee: e, .. }) = start_esc_with(&sb, |cmd| {
+        cmd.env("DROVER_TEST_PANIC_ON_RELOAD", "1");
+    }) else {
+        return;
+    };
+    sup.signal(nix::sys::signal::Signal::SIGHUP);
+    let status = sup.wait_exit(LIMIT).expect("drover did not die of its panic");
+    assert_eq!(status.code(), Some(70), "{status}: {}", sup.stderr());
+    assert!(sup.stderr().contains("and everything in its cgroups"), "{}", sup.stderr());
+    wait_until("the escapee to be gone", LIMIT, || (!e.running()).then_some(()));
 }
 
 /// A drover that was SIGKILLed leaves its instances running, the escapee
