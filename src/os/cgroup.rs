@@ -204,7 +204,8 @@ fn clean_leftovers(base: &Path) -> usize {
         wait_empty(base, LEFTOVER_WAIT);
     }
     for c in &children {
-        if let Err(e) = std::fs::remove_dir(c) {
+        // One already gone (removed off the loop meanwhile) is no error.
+        if let Err(e) = remove(c) {
             tracing::warn!(cgroup = %c.display(), error = %e, "cannot remove a leftover cgroup");
         }
     }
