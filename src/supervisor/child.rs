@@ -376,6 +376,36 @@ mod tests {
         assert!(e.message.contains("drover is short of resources"), "{}", e.message);
     }
 
+    /// Real cgroups (root on a cgroup2 host): the child is in its cgroup
+    /// from its first instruction, and a start that fails leaves none.
+    #[test]
+    fn a_child_runs_in_its_own_cgroup_and_a_failed_start_leaves_none() {
+        let state_dir = std::env::temp_dir().join(format!("drover-child-cgroup-{}", std::process::id()));
+        let h = match Hierarchy::set_up(&state_dir) {
+            Ok((h, _)) => Arc::new(h),
+            Err(e) if !crate::os::identity::drover_is_root() => return eprintln!("skipped: {e}"),
+            Err(e) => panic!("as root, cgroups must be usable here: {e}"),
+        };
+        let spec =
+            |name: &str| Some(CgroupSpec { hierarchy: h.clone(), name: name.into(), max_memory: None });
+        let reaper = Reaper::default();
+        let mut ok = launch(&["sleep", "60"], "/");
+        ok.cgroup = spec("t.ok");
+        let s = start(&reaper, &ok).expect("start");
+        let cg = s.cgroup.clone().expect("a cgroup");
+        let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
+        assert_eq!(procs.trim(), s.pid.to_string());
+        cgroup::remove_when_empty(&cg).expect("killed and removed");
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(s.pid), None);
+        crate::os::groups::remove(s.pid);
+
+        let mut bad = launch(&["/no/such/program"], "/");
+        bad.cgroup = spec("t.bad");
+        assert!(start(&reaper, &bad).is_err());
+        assert!(!h.base.join("t.bad").exists(), "the failed start's cgroup is removed");
+        cgroup::remove(&h.base).expect("remove the base");
+    }
+
     #[test]
     fn an_empty_command_is_an_error_not_a_panic() {
         let e = launch(&[], "/").command(None).err().map(|e| e.message);
