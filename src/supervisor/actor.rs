@@ -143,7 +143,7 @@ pub struct Supervisor {
     ready: Option<super::runtime::Ready>,
     /// The full status report, until the next event that is not a status
     /// request: concurrent `status` calls share one.
-    status_cache: Option<Arc<StatusReport>>,
+    pub(super) status_cache: Option<Arc<StatusReport>>,
     /// State changes as they happen, for `drover events` and `top`.
     pub(super) live: super::live::Live,
     /// The containment chosen at start (a reload does not change it).

@@ -225,3 +225,28 @@ fn a_job_steps_setsid_grandchild_is_gone_when_the_step_ends() {
     wait_until("no step's cgroup left", LIMIT, || children(&base).is_empty().then_some(()));
     drop(sup);
 }
+
+/// In cgroup mode an instance's CPU time is its cgroup's: it includes a
+/// child that has exited, which a sum over the live processes would miss.
+#[test]
+fn cpu_time_includes_children_that_have_exited() {
+    let sb = Sandbox::new();
+    let busy = "sh -c 'i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done'; touch busy.done; exec sleep 1000";
+    sb.write(
+        "daemon.toml",
+        format!("[supervisor]\nreload = false\n\n[workers.cpu]\ncommand = {}\n", sh(busy)),
+    );
+    let sup = Supervisor::start(&sb);
+    let v = sup.wait_for("cpu to run", LIMIT, |v| instance(v, "cpu", 0)["state"] == "running");
+    if cgroup_mode(&v).is_none() {
+        return;
+    }
+    wait_until("the busy child to end", LIMIT, || sb.path("busy.done").exists().then_some(()));
+    let v = sup.status();
+    let cpu = instance(&v, "cpu", 0)["cpu_seconds"].as_f64().unwrap_or_default();
+    // The loop takes about 0.2 s of CPU here; the live shell and sleep
+    // have used next to nothing themselves.
+    assert!(cpu >= 0.05, "the exited child's CPU time is counted: {cpu} s\n{v}");
+    assert!(instance(&v, "cpu", 0)["rss_bytes"].as_u64().is_some_and(|r| r > 0), "{v}");
+    drop(sup);
+}

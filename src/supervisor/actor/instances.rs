@@ -513,6 +513,12 @@ impl Supervisor {
     /// Carries on after the instances of `touched` workers changed state:
     /// their rollouts, and whatever waits on them.
     pub(super) fn propagate(&mut self) {
+        if !self.touched.is_empty() {
+            // A status report taken in this batch, before the rollouts and
+            // dependents moved on, is out of date: with nothing else to
+            // come (an idle supervisor) it would be served on and on.
+            self.status_cache = None;
+        }
         while !self.touched.is_empty() {
             let touched = std::mem::take(&mut self.touched);
             for name in &touched {
