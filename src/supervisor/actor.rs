@@ -148,17 +148,34 @@ pub struct Supervisor {
     ready: Option<super::runtime::Ready>,
     /// The full status report, until the next event that is not a status
     /// request: concurrent `status` calls share one.
-    status_cache: Option<Arc<StatusReport>>,
+    pub(super) status_cache: Option<Arc<StatusReport>>,
     /// State changes as they happen, for `drover events` and `top`.
     pub(super) live: super::live::Live,
     /// A memory sample of the instances with `max_memory` is being read.
     memory_sample_pending: bool,
+    /// The containment chosen at start (a reload does not change it).
+    pub(super) containment: super::containment::Mode,
+    /// In cgroup mode, what tells when an instance's or run step's cgroup
+    /// is empty (`None` also if inotify could not be had: then the stop's
+    /// timers look instead).
+    pub(super) cgroup_watch: Option<super::containment::Watch>,
 }
 
 impl Supervisor {
-    pub fn new(opts: Options, config: Config, reaper: Arc<Reaper>, tx: mpsc::UnboundedSender<Event>) -> Self {
+    pub fn new(
+        opts: Options,
+        config: Config,
+        containment: super::containment::Mode,
+        reaper: Arc<Reaper>,
+        tx: mpsc::UnboundedSender<Event>,
+    ) -> Self {
         let state_path = config.supervisor.state_dir.join("state.json");
         let echo = opts.echo.then(Echo::start);
+        let cgroup_watch = containment.cgroups.as_ref().and_then(|_| {
+            super::containment::Watch::start(tx.clone())
+                .map_err(|e| tracing::warn!(error = %e, "cannot watch cgroups; a stop looks again after its grace"))
+                .ok()
+        });
         Supervisor {
             opts,
             config,
@@ -197,6 +214,8 @@ impl Supervisor {
             notify: None,
             ready: None,
             live: super::live::Live::new(),
+            containment,
+            cgroup_watch,
         }
     }
 
@@ -370,8 +389,7 @@ impl Supervisor {
             }
             Event::RunSpawned { run, inc, step, result } => self.on_run_spawned(run, inc, step, result),
             Event::Control(req, reply) => self.on_request(req, reply),
-            // Not wired to instances yet: their cgroups are not made.
-            Event::CgroupEmpty(_) => {}
+            Event::CgroupEmpty(dir) => self.on_cgroup_empty(&dir),
             Event::MemorySampled(samples) => self.on_memory_sampled(samples),
             Event::Shutdown => self.shutdown(),
             Event::Reload(reply) => {
@@ -553,6 +571,12 @@ impl Supervisor {
                 self.dirty = true;
                 if loaded.config == self.config {
                     return Response::Ok { message: format!("no change (generation {})", self.generation) };
+                }
+                if loaded.config.supervisor.containment != self.config.supervisor.containment {
+                    tracing::warn!(
+                        in_use = self.containment.name(),
+                        "supervisor.containment changed: it takes effect at the next start"
+                    );
                 }
                 let changes = plan(&loaded.config.workers, &self.actual());
                 let old_jobs = std::mem::take(&mut self.config.jobs);
@@ -747,6 +771,9 @@ impl Supervisor {
         if self.shutting_down {
             // Asked twice: do not wait out the grace.
             tracing::warn!("second stop request: killing every process group now");
+            if let Some(h) = &self.containment.cgroups {
+                let _ = h.kill_all();
+            }
             for w in self.workers.values_mut() {
                 for inst in w.instances.values_mut() {
                     if let Some(pgid) = inst.pgid {
@@ -820,6 +847,11 @@ impl Supervisor {
 
     fn finish_shutdown(&mut self) {
         self.kill_escapees(None);
+        // Every instance and run is over: nothing is left in a cgroup
+        // but what a bug missed (the caller removes them).
+        if let Some(h) = &self.containment.cgroups {
+            let _ = h.kill_all();
+        }
         self.ledger.flush_before_exit();
         for w in self.workers.values() {
             for inst in w.instances.values() {
@@ -855,6 +887,8 @@ impl Supervisor {
                 generation: self.generation,
                 applied_at: Some(rfc3339(self.applied_at)),
                 last_reload: self.last_reload.clone(),
+                containment: Some(self.containment.name().into()),
+                cgroup: self.containment.cgroups.as_ref().map(|h| h.base.clone()),
             },
             workers: self
                 .workers
@@ -967,6 +1001,7 @@ fn instance_status(index: u32, inst: &Instance) -> InstanceStatus {
             _ => Vec::new(),
         },
         notify_status: inst.notify_status.clone(),
+        cgroup: inst.cgroup.clone(),
         cpu_seconds: None,
         rss_bytes: None,
     }

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod cgroups;
 mod chaos;
 mod chaos_ready;
 mod check;

@@ -1,6 +1,8 @@
-//! `max_memory` without a memory controller: the resident memory of every
-//! instance of a worker that sets it, sampled every [`SAMPLE_EVERY`] in one
-//! pass over /proc on a blocking thread. One timer serves all of them and
+//! `max_memory` without a memory controller (with one, it is the cgroup's
+//! memory.max and the kernel enforces it): the resident memory of every
+//! instance of a worker that sets it, its cgroup's or its process group's,
+//! sampled every [`SAMPLE_EVERY`] in one pass over /proc on a blocking
+//! thread. One timer serves all of them and
 //! it is armed only while such an instance runs: a supervisor without
 //! `max_memory` never reads a process's memory. The state machine decides
 //! what a sample means (`Input::Memory`).
@@ -23,6 +25,15 @@ pub struct Sample {
     pub rss_bytes: u64,
 }
 
+/// An instance to sample: who it is and where its processes are.
+struct Sampled {
+    worker: String,
+    index: u32,
+    incarnation: u64,
+    pgid: i32,
+    cgroup: Option<std::path::PathBuf>,
+}
+
 impl Supervisor {
     /// Arms the sampling timer if an instance needs it and neither it nor
     /// a sample is pending.
@@ -36,15 +47,24 @@ impl Supervisor {
     }
 
     /// The instances whose memory is sampled: running, of a worker with
-    /// `max_memory`.
-    fn sampled_instances(&self) -> Vec<(String, u32, u64, i32)> {
+    /// `max_memory` that no memory.max enforces.
+    fn sampled_instances(&self) -> Vec<Sampled> {
+        if self.containment.memory_controller() {
+            return vec![];
+        }
         let mut out = vec![];
         for (name, w) in self.workers.iter().filter(|(_, w)| w.spec.max_memory.is_some()) {
             for (index, inst) in &w.instances {
                 if matches!(inst.state, State::Starting | State::Ready)
                     && let (Some(_), Some(pgid)) = (inst.pid, inst.pgid)
                 {
-                    out.push((name.clone(), *index, inst.incarnation, pgid));
+                    out.push(Sampled {
+                        worker: name.clone(),
+                        index: *index,
+                        incarnation: inst.incarnation,
+                        pgid,
+                        cgroup: inst.cgroup.clone(),
+                    });
                 }
             }
         }
@@ -60,15 +80,23 @@ impl Supervisor {
         self.memory_sample_pending = true;
         let tx = self.tx.clone();
         tokio::task::spawn_blocking(move || {
-            let pgids: Vec<i32> = wanted.iter().map(|w| w.3).collect();
-            let usage = crate::os::usage::of_groups(&pgids);
+            // A cgroup holds what left the process group too; the groups
+            // are read in one pass over /proc.
+            let pgids: Vec<i32> = wanted.iter().filter(|w| w.cgroup.is_none()).map(|w| w.pgid).collect();
+            let by_group = crate::os::usage::of_groups(&pgids);
             let samples = wanted
                 .into_iter()
-                .map(|(worker, index, incarnation, pgid)| Sample {
-                    worker,
-                    index,
-                    incarnation,
-                    rss_bytes: usage.get(&pgid).map_or(0, |u| u.rss_bytes),
+                .map(|w| {
+                    let usage = match &w.cgroup {
+                        Some(dir) => crate::os::usage::of_cgroup(dir),
+                        None => by_group.get(&w.pgid).copied(),
+                    };
+                    Sample {
+                        worker: w.worker,
+                        index: w.index,
+                        incarnation: w.incarnation,
+                        rss_bytes: usage.map_or(0, |u| u.rss_bytes),
+                    }
                 })
                 .collect();
             let _ = tx.send(Event::MemorySampled(samples));

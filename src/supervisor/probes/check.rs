@@ -181,6 +181,8 @@ async fn exec_check(argv: &[String], ctx: &ExecContext, timeout: Duration) -> Re
         identity: ctx.identity.clone(),
         output: Output::Null,
         sockets: vec![],
+        // A probe is short and killed by its process group at its timeout.
+        cgroup: None,
     };
     let reaper = ctx.reaper.clone();
     // Off the event loop: a spawn blocks its thread until the child execs.

@@ -103,6 +103,8 @@ pub enum Input {
     Spawned {
         pid: i32,
         start_ticks: Option<u64>,
+        /// Its cgroup, in cgroup mode.
+        cgroup: Option<PathBuf>,
     },
     /// It could not be spawned; `short` when for want of drover's own
     /// resources (never a step toward parking).
@@ -129,6 +131,9 @@ pub enum Input {
     Memory {
         rss_bytes: u64,
     },
+    /// The kernel killed a process of it for its cgroup's memory.max
+    /// (`max_memory` with the memory controller); told before its exit.
+    OutOfMemory,
     /// A probe could not run at all (a `${NAME}` it lacks, a bad pattern).
     ProbeFailed(String),
     /// The dependencies changed while waiting: `on` is what is still unmet.
@@ -151,10 +156,11 @@ pub enum Effect {
     StartProbe(Role),
     /// Drop the running probe, if any.
     StopProbe,
-
-    /// The group is empty: kill what escaped it, forget the group.
+    /// The group (and cgroup) is empty: kill what escaped the group,
+    /// forget it, remove the cgroup.
     Cleanup {
         pgid: i32,
+        cgroup: Option<PathBuf>,
     },
     /// It was parked (for the log).
     Parked(String),
@@ -178,6 +184,9 @@ pub struct Instance {
     pub state: State,
     pub pid: Option<i32>,
     pub pgid: Option<i32>,
+    /// In cgroup mode, the cgroup its processes run in: with it, "alive"
+    /// and "empty" are the cgroup's, not the process group's.
+    pub cgroup: Option<PathBuf>,
     pub start_ticks: Option<u64>,
     pub started_at: Option<SystemTime>,
     pub started: Option<Instant>,
@@ -220,6 +229,7 @@ impl Instance {
             state: State::Stopped,
             pid: None,
             pgid: None,
+            cgroup: None,
             start_ticks: None,
             started_at: None,
             started: None,
@@ -272,10 +282,11 @@ pub fn step(inst: &mut Instance, input: Input, ctx: &Ctx) -> Vec<Effect> {
             }
             stop(inst, then, ctx, &mut fx)
         }
-        Input::Spawned { pid, start_ticks } => {
+        Input::Spawned { pid, start_ticks, cgroup } => {
             inst.spawning = false;
             inst.pid = Some(pid);
             inst.pgid = Some(pid);
+            inst.cgroup = cgroup;
             inst.start_ticks = start_ticks;
             inst.started_at = Some(ctx.wall);
             inst.started = Some(ctx.now);
@@ -349,6 +360,13 @@ pub fn step(inst: &mut Instance, input: Input, ctx: &Ctx) -> Vec<Effect> {
             }
             if rss_bytes > max.0 {
                 let why = format!("memory {} over max_memory {}", mib(rss_bytes), mib(max.0));
+                failed(inst, why, ctx, &mut fx);
+            }
+        }
+        Input::OutOfMemory => {
+            if let (Some(max), State::Starting | State::Ready) = (ctx.spec.max_memory, &inst.state) {
+                let why =
+                    format!("killed by the kernel for memory over max_memory {} (memory.max)", mib(max.0));
                 failed(inst, why, ctx, &mut fx);
             }
         }
@@ -522,8 +540,9 @@ fn settle(inst: &mut Instance, then: Then, ctx: &Ctx, fx: &mut Vec<Effect>) {
     fx.push(Effect::CancelTimer(TimerKind::Recheck));
     fx.push(Effect::CancelTimer(TimerKind::Restart));
     if let Some(pgid) = inst.pgid {
-        fx.push(Effect::Cleanup { pgid });
+        fx.push(Effect::Cleanup { pgid, cgroup: inst.cgroup.take() });
     }
+    inst.cgroup = None;
     inst.pid = None;
     inst.pgid = None;
     inst.start_ticks = None;
