@@ -97,13 +97,25 @@ fn detach_stdio(log: &Path) {
     }
 }
 
+/// The supervisor's blocking threads, at most.
+const BLOCKING_THREADS: usize = 16;
+
 fn run(loaded: crate::config::Loaded, overrides: Overrides, echo: bool, mut ready: Ready) -> u8 {
     crate::os::memory::limit_arenas();
     // The actor runs on this thread (block_on); one worker thread runs the
     // pumps, probes and control connections beside it. A second worker
     // bought nothing but cross-thread wake-ups: 100 probed workers cost a
     // fifth more CPU with two (benches/readiness.py).
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+    // Spawns, cgroup and /proc reads run on blocking threads. Tokio's
+    // default of 512 let a start of 100 workers make 100 threads whose
+    // stacks stayed resident (11 MB RSS at N = 100, and a slower start at
+    // N = 1000: the threads fought over two cores); 16 keep both cores busy.
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(BLOCKING_THREADS)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             let msg = format!("cannot start the runtime: {e}");
