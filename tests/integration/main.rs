@@ -28,4 +28,5 @@ mod sockets;
 mod state;
 mod stopping;
 mod supervise;
+mod top;
 mod worktree;
