@@ -159,7 +159,7 @@ impl Model {
             _ => {}
         }
         if ev.time > self.report_time {
-            self.patch(&ev.what);
+            self.patch(&ev.what, &ev.time);
         }
         if self.events.len() >= EVENTS {
             self.events.pop_front();
@@ -168,7 +168,7 @@ impl Model {
     }
 
     /// What an event says about an instance's state, until the next report.
-    fn patch(&mut self, what: &What) {
+    fn patch(&mut self, what: &What, time: &str) {
         let (worker, index, state, pid) = match what {
             What::Started { worker, instance, pid } => (worker, *instance, "starting", Some(Some(*pid))),
             What::Ready { worker, instance } => (worker, *instance, "running", None),
@@ -182,6 +182,14 @@ impl Model {
         i.state = state.into();
         if let Some(pid) = pid {
             i.pid = pid;
+            // What the report said of the process before no longer holds.
+            i.cpu_seconds = None;
+            i.rss_bytes = None;
+            if pid.is_some() {
+                i.next_start_at = None;
+                i.error = None;
+                i.started_at = Some(time.to_string());
+            }
         }
     }
 
@@ -345,7 +353,8 @@ mod tests {
             "2026-01-01T00:00:03.000Z",
             What::Started { worker: "web".into(), instance: 0, pid: 11 },
         ));
-        assert_eq!(m.report.as_ref().unwrap().workers[0].instances[0].pid, Some(11));
+        let i = &m.report.as_ref().unwrap().workers[0].instances[0];
+        assert_eq!((i.pid, i.started_at.as_deref()), (Some(11), Some("2026-01-01T00:00:03.000Z")));
         assert_eq!(m.events.len(), 3);
     }
 
