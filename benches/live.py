@@ -38,6 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import compare  # noqa: E402  (subreaper, clean-up)
+import readiness  # noqa: E402
 from readiness import all_running, cpu_s, wait  # noqa: E402
 
 DROVER = HERE.parent / "target" / "release" / "drover"
@@ -162,6 +163,7 @@ def idle(n: int, secs: float) -> dict:
 
 
 def main() -> None:
+    global DROVER
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=1000)
     ap.add_argument("--subs", type=int, default=10)
@@ -170,7 +172,9 @@ def main() -> None:
     ap.add_argument("--idle-workers", type=int, default=100)
     ap.add_argument("--idle-secs", type=float, default=10)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "live.md")
+    ap.add_argument("--drover", type=Path, default=DROVER, help="the binary (default: the release build)")
     o = ap.parse_args()
+    DROVER = readiness.DROVER = o.drover.resolve()
     if not DROVER.exists():
         sys.exit(f"{DROVER} is missing: cargo build --release first")
     if shutil.which("tmux") is None:
@@ -202,7 +206,7 @@ def main() -> None:
         f"{calm['with_top_pct']:.2f} |\n"
         f"| that `drover top` itself | {calm['top_ms']:.0f} | {calm['top_pct']:.2f} |\n\n"
         "The `drover top` screen at the end of the idle run:\n\n"
-        + "".join(f"    {line}\n" for line in calm["screen"].rstrip("\n").splitlines())
+        + "".join(f"    {line}".rstrip() + "\n" for line in calm["screen"].rstrip("\n").splitlines())
     )
     o.out.write_text(text)
     print(text)

@@ -242,6 +242,15 @@ fn an_80x24_terminal_fits_and_no_color_has_no_colour() {
             assert!(colours.is_empty(), "NO_COLOR, yet colour codes {colours:?}");
         } else {
             assert!(!colours.is_empty(), "no colour codes without NO_COLOR");
+            // A resize redraws at the new size.
+            assert!(
+                t.tmux(&["resize-window", "-t", "top", "-x", "100", "-y", "30"])
+                    .status()
+                    .is_ok_and(|s| s.success())
+            );
+            t.wait("the view redrawn 100 wide", |s| {
+                s.lines().any(|l| l.starts_with("── workers") && l.chars().count() == 100)
+            });
         }
     }
 }
