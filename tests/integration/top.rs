@@ -166,6 +166,25 @@ fn top_shows_the_workers_a_crash_and_acts_on_keys() {
     t.keys(&["r"], false);
     sup.wait_for("web restarted by r", LIMIT, |v| pid_of(v, "web").is_some_and(|p| p != before));
     t.wait("the restart said in the footer", |s| s.contains("restarting web"));
+    // s stops it by hand, S starts it again.
+    t.keys(&["s"], false);
+    sup.wait_for("web stopped by s", LIMIT, |v| {
+        let i = instance(v, "web", 0);
+        i["state"] == "stopped" && i["held"] == true
+    });
+    t.wait("web stopped on the screen", |s| row_has(s, "web", "stopped"));
+    t.keys(&["S"], false);
+    sup.wait_for("web started by S", LIMIT, |v| instance(v, "web", 0)["state"] == "running");
+
+    // The crash loop parks crashy; u gives it another start.
+    t.keys(&["Escape"], false);
+    t.wait("the filter cleared", |s| s.contains("\ncrashy "));
+    t.keys(&["/"], false);
+    t.keys(&["crashy"], true);
+    t.keys(&["Enter"], false);
+    t.wait("crashy parked on the screen", |s| row_has(s, "crashy", "parked") && !s.contains("\nweb "));
+    t.keys(&["u"], false);
+    sup.wait_for("crashy unparked by u", LIMIT, |v| instance(v, "crashy", 0)["state"] != "parked");
 
     // t on the job (the last row) queues a run. Esc alone: an Esc with
     // a key right after it is read as Alt and that key.
