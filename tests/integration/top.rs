@@ -225,6 +225,19 @@ fn q_quits_and_gives_the_shell_its_terminal_back() {
     t.keys(&["echo cooked-$((6*7))"], true);
     t.keys(&["Enter"], false);
     t.wait("the shell running a command", |s| s.contains("cooked-42"));
+
+    // SIGTERM gives the terminal back too.
+    t.keys(&["clear; ", &top_command("")], true);
+    t.keys(&["Enter"], false);
+    t.wait("top on the screen again", |s| s.starts_with("drover top") && row_has(s, "web", "running"));
+    let top = wait_until("the top process", LIMIT, || {
+        sb.processes().into_iter().find(|(_, cmd)| cmd.ends_with(" top")).map(|(pid, _)| pid)
+    });
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(top), nix::sys::signal::Signal::SIGTERM).expect("kill");
+    t.wait("the prompt back after SIGTERM", |s| !s.contains("── workers") && s.contains("prompt$"));
+    t.keys(&["echo again-$((6*7))"], true);
+    t.keys(&["Enter"], false);
+    t.wait("the shell running a command", |s| s.contains("again-42"));
 }
 
 /// Any SGR code on the screen that sets a colour (the defaults, 39 and

@@ -263,7 +263,7 @@ impl Model {
     }
 
     pub fn say(&mut self, text: String, error: bool, now: Instant) {
-        self.footer = Footer::Message { text, error, until: now + MESSAGE_FOR };
+        self.footer = Footer::Message { text, error, until: now.checked_add(MESSAGE_FOR).unwrap_or(now) };
     }
 
     /// Lets a message go once it has been read.
