@@ -115,6 +115,12 @@ def storm(n: int, subs: int, secs: float, crash_after: float) -> dict:
                 whole.append(lines)
         same = all(s == whole[0] for s in whole)
         if not same:
+            longest = max(whole, key=len)
+            for k, w in enumerate(whole):
+                at = next((i for i, (a, b) in enumerate(zip(w, longest)) if a != b), min(len(w), len(longest)))
+                print(f"follower {k}: {len(w)} lines, same as the longest up to line {at}: "
+                      f"{w[at] if at < len(w) else 'END'!r} vs {longest[at] if at < len(longest) else 'END'!r}",
+                      file=sys.stderr)
             raise RuntimeError("two followers that were not dropped saw different events")
         return {"cpu_pct": 100.0 * (c1 - c0) / (t1 - t0), "cpu_ms": 1000.0 * (c1 - c0), "secs": t1 - t0,
                 "restarts": restarts, "lagged": lagged, "kept_all": len(whole), "events": events,
@@ -180,13 +186,15 @@ def main() -> None:
     if shutil.which("tmux") is None:
         sys.exit("tmux is missing (apt-get install tmux): drover top is measured in it")
     compare.set_subreaper()
+    load = os.getloadavg()[0]
     without = storm(o.workers, 0, o.secs, o.crash_after)
     with_subs = storm(o.workers, o.subs, o.secs, o.crash_after)
     calm = idle(o.idle_workers, o.idle_secs)
     per_sub = ", ".join(str(e) for e in with_subs["events"])
     text = (
         f"Measured {_dt.date.today()} on {platform.node()} ({os.cpu_count()} cores, "
-        f"{platform.system()} {platform.release()}), release build.\n\n"
+        f"{platform.system()} {platform.release()}), release build; load average {load:.1f} "
+        f"at the start (other work on the machine slows the storm, not drover's own count).\n\n"
         f"    python3 benches/live.py --workers {o.workers} --subs {o.subs} --secs {o.secs:g} "
         f"--crash-after {o.crash_after:g} --idle-workers {o.idle_workers} --idle-secs {o.idle_secs:g}\n\n"
         f"| restart storm: {o.workers} workers crashing {o.crash_after:g} s after each start, "
