@@ -13,8 +13,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 mod controls;
 mod instances;
+mod memory;
 
 use instances::node_name;
+pub use memory::Sample;
 
 use super::child::InFlight;
 use super::clock::rfc3339;
@@ -98,6 +100,9 @@ pub struct Options {
     pub echo: bool,
 }
 
+/// How long drover's exit waits for event followers to take their last line.
+const END_OF_STREAMS: Duration = Duration::from_secs(1);
+
 pub struct Supervisor {
     opts: Options,
     pub(super) config: Config,
@@ -146,6 +151,8 @@ pub struct Supervisor {
     status_cache: Option<Arc<StatusReport>>,
     /// State changes as they happen, for `drover events` and `top`.
     pub(super) live: super::live::Live,
+    /// A memory sample of the instances with `max_memory` is being read.
+    memory_sample_pending: bool,
 }
 
 impl Supervisor {
@@ -181,6 +188,7 @@ impl Supervisor {
             stop_waiters: Vec::new(),
             status_cache: None,
             timers: Timers::default(),
+            memory_sample_pending: false,
             graph: Graph::default(),
             touched: BTreeSet::new(),
             removing: BTreeSet::new(),
@@ -329,6 +337,9 @@ impl Supervisor {
             }
         }
         self.finish_shutdown();
+        // Followers get their last line before the process ends, unless
+        // one takes longer than a moment to take it.
+        let _ = tokio::time::timeout(END_OF_STREAMS, self.end_live()).await;
     }
 
     fn handle(&mut self, ev: Event) {
@@ -361,6 +372,7 @@ impl Supervisor {
             Event::Control(req, reply) => self.on_request(req, reply),
             // Not wired to instances yet: their cgroups are not made.
             Event::CgroupEmpty(_) => {}
+            Event::MemorySampled(samples) => self.on_memory_sampled(samples),
             Event::Shutdown => self.shutdown(),
             Event::Reload(reply) => {
                 #[cfg(debug_assertions)]
@@ -371,6 +383,12 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    /// Ends every event stream (see `Live::end`); the future resolves
+    /// once each follower has its last line.
+    fn end_live(&mut self) -> impl std::future::Future<Output = ()> + use<> {
+        std::mem::take(&mut self.live).end("the supervisor stopped")
     }
 
     /// Arms (or re-arms) `key` to fire `after` from now.
@@ -389,6 +407,7 @@ impl Supervisor {
                 TimerKey::JobTick(job) => self.on_job_tick(&job),
                 TimerKey::Run(run, kind) => self.on_run_timer(run, kind),
                 TimerKey::LedgerRetry => self.on_ledger_retry(),
+                TimerKey::MemorySample => self.on_memory_timer(),
             }
         }
     }
@@ -560,6 +579,7 @@ impl Supervisor {
                 self.apply(changes);
                 self.retry_sockets();
                 self.release_waiting();
+                self.arm_memory_sampling();
                 if let Some(w) = &self.watch {
                     let new = WatchSettings::of(&self.config);
                     w.send_if_modified(|cur| std::mem::replace(cur, new.clone()) != new);

@@ -16,6 +16,7 @@ mod identity;
 mod jobs;
 mod ledger_faults;
 mod live;
+mod memory;
 mod output;
 mod readiness;
 mod reload;

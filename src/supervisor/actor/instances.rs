@@ -216,6 +216,7 @@ impl Supervisor {
                 let instance = inst.surge_for.unwrap_or(index);
                 self.live.emit(What::Started { worker: name.to_string(), instance, pid });
                 self.drive(name, index, Input::Spawned { pid, start_ticks: proc::start_ticks(pid) });
+                self.arm_memory_sampling();
                 // After the probes are set: a `log` probe watches the lines.
                 self.start_pumps(name, index, [started.stdout, started.stderr]);
                 if let Some(exit) = self.in_flight.take_early_exit(pid) {

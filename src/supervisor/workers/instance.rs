@@ -124,6 +124,11 @@ pub enum Input {
     },
     /// A probe of the current incarnation came to a verdict.
     Probe(Role, Verdict),
+    /// The resident memory of the current incarnation's group, sampled
+    /// (only for a worker with `max_memory`).
+    Memory {
+        rss_bytes: u64,
+    },
     /// A probe could not run at all (a `${NAME}` it lacks, a bad pattern).
     ProbeFailed(String),
     /// The dependencies changed while waiting: `on` is what is still unmet.
@@ -146,6 +151,7 @@ pub enum Effect {
     StartProbe(Role),
     /// Drop the running probe, if any.
     StopProbe,
+
     /// The group is empty: kill what escaped it, forget the group.
     Cleanup {
         pgid: i32,
@@ -336,6 +342,16 @@ pub fn step(inst: &mut Instance, input: Input, ctx: &Ctx) -> Vec<Effect> {
                 spawn_or_wait(inst, ctx, &mut fx);
             }
         }
+        Input::Memory { rss_bytes } => {
+            let Some(max) = ctx.spec.max_memory else { return fx };
+            if !matches!(inst.state, State::Starting | State::Ready) || inst.pid.is_none() {
+                return fx;
+            }
+            if rss_bytes > max.0 {
+                let why = format!("memory {} over max_memory {}", mib(rss_bytes), mib(max.0));
+                failed(inst, why, ctx, &mut fx);
+            }
+        }
         Input::Timer { kind, group_alive } => {
             let State::Stopping { then } = &inst.state else { return fx };
             if group_alive {
@@ -449,6 +465,16 @@ fn became_ready(inst: &mut Instance, ctx: &Ctx, fx: &mut Vec<Effect>) {
 
 /// A probe says the instance failed: stop it, then apply the policy as to
 /// a failed start (it counts toward backoff and parking).
+/// A size as people read it in a reason: "512 MiB", "612.4 MiB".
+fn mib(bytes: u64) -> String {
+    let mib = crate::config::types::ByteSize::MIB;
+    if bytes % mib == 0 {
+        format!("{} MiB", bytes / mib)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / mib as f64)
+    }
+}
+
 fn failed(inst: &mut Instance, why: String, ctx: &Ctx, fx: &mut Vec<Effect>) {
     inst.error = Some(why);
     // Not an exit: the policy sees a start that did not work out, whatever

@@ -456,3 +456,38 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn memory_over_max_memory_is_a_graceful_failed_start_with_the_reason() {
+    let mut s = spec();
+    s.max_memory = Some(crate::config::types::ByteSize(512 * 1024 * 1024));
+    let mut w = World::new(s);
+    let mut i = running(&w, 10);
+    assert_eq!(
+        w.step(&mut i, Input::Memory { rss_bytes: 512 * 1024 * 1024 }),
+        [],
+        "at the limit is within it"
+    );
+    assert_eq!(i.state, State::Ready);
+    let fx = w.step(&mut i, Input::Memory { rss_bytes: 612 * 1024 * 1024 + 400 * 1024 });
+    assert_eq!(fx, [Effect::StopProbe, Effect::SignalStop, Effect::SetTimer(TimerKind::Kill, GRACE)]);
+    assert_eq!(i.error.as_deref(), Some("memory 612.4 MiB over max_memory 512 MiB"));
+    assert_eq!(
+        w.step(&mut i, Input::Memory { rss_bytes: u64::MAX }),
+        [],
+        "a stopping one is not stopped twice"
+    );
+    w.pass(SEC);
+    let fx = w.step(&mut i, exited(0));
+    assert!(fx.contains(&Effect::SetTimer(TimerKind::Restart, 2 * SEC)), "a failure backs off: {fx:?}");
+    assert_eq!(i.counters.rapid_failures, 1);
+    assert_eq!(i.error.as_deref(), Some("memory 612.4 MiB over max_memory 512 MiB"), "the reason stays");
+}
+
+#[test]
+fn without_max_memory_a_sample_means_nothing() {
+    let w = World::new(spec());
+    let mut i = running(&w, 10);
+    assert_eq!(w.step(&mut i, Input::Memory { rss_bytes: u64::MAX }), []);
+    assert_eq!(i.state, State::Ready);
+}
