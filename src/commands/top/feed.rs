@@ -107,8 +107,10 @@ fn read_stream(reader: impl BufRead, tx: &SyncSender<Msg>) -> Option<String> {
         }
         // A kind this build does not know is skipped.
         let Ok(ev) = serde_json::from_str::<LiveEvent>(&line) else { continue };
-        if matches!(ev.what, What::Lagged { .. }) {
-            return Some("this view fell behind the events and is catching up".into());
+        match &ev.what {
+            What::Lagged { .. } => return Some("this view fell behind the events and is catching up".into()),
+            What::End { reason } => return Some(reason.clone()),
+            _ => {}
         }
         tx.send(Msg::Event(Box::new(ev))).ok()?;
     }
