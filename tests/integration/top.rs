@@ -126,9 +126,10 @@ fn config(sb: &Sandbox) {
     sb.write(
         "daemon.toml",
         format!(
-            "{SUPERVISOR}\n[workers.web]\ncommand = [\"sleep\", \"300\"]\n\n\
+            "{SUPERVISOR}\n[workers.web]\ncommand = {}\n\n\
              [workers.crashy]\ncommand = {}\nbackoff = {{ initial = \"200ms\", max = \"200ms\" }}\n\n\
              [jobs.report]\ncommand = {}\n",
+            sh("echo web-started; exec sleep 300"),
             sh("sleep 0.3; exit 3"),
             sh("echo report"),
         ),
@@ -198,9 +199,16 @@ fn top_shows_the_workers_a_crash_and_acts_on_keys() {
     });
     t.wait("the run in the events", |s| s.contains("report run 1"));
 
-    // l shows web's log pane; l closes it.
-    t.keys(&["g", "l"], false);
-    t.wait("a log pane", |s| s.contains("── log of "));
+    // l shows web's log, as drover logs reads it, and follows it.
+    t.keys(&["/"], false);
+    t.keys(&["web"], true);
+    t.keys(&["Enter"], false);
+    t.wait("the filter keeping web alone", |s| !s.contains("\ncrashy "));
+    t.keys(&["l"], false);
+    let started = |s: &str| s.lines().filter(|l| l.ends_with(" 0 out web-started")).count();
+    let before = started(&t.wait("web's log pane", |s| s.contains("── log of web") && started(s) >= 1));
+    assert_eq!(sb.cli(&["restart", "web", "--wait"]).code, Some(0));
+    t.wait("the new start's line in the open pane", |s| started(s) > before);
     t.keys(&["l"], false);
     t.wait("the events again", |s| s.contains("── events ─"));
 }
