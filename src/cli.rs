@@ -251,6 +251,11 @@ pub enum Command {
         #[arg(add = ArgValueCandidates::new(|| Names::Both.candidates()))]
         names: Vec<String>,
     },
+    /// A live view in the terminal: workers and their instances, jobs and
+    /// recent events, with keys to restart (r), stop (s), start (S),
+    /// unpark (u), trigger a job (t), show a worker's log (l), filter (/)
+    /// and quit (q). Needs a terminal; no colour when NO_COLOR is set.
+    Top,
     /// Validate config files; exit 0 when all are valid, 1 otherwise.
     Check {
         /// Files to check (default: the -c file).

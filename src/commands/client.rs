@@ -192,7 +192,7 @@ fn cpu_percent(cpu_seconds: f64, started_at: &str) -> String {
 }
 
 /// A byte count in binary units, one decimal: "12.3M".
-fn mem_text(bytes: u64) -> String {
+pub(super) fn mem_text(bytes: u64) -> String {
     let mut v = bytes as f64;
     for unit in ["B", "K", "M", "G"] {
         if v < 1024.0 {

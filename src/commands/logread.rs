@@ -246,7 +246,7 @@ impl Tracked {
 
     /// Prints what was appended since the last look; moves to the new file
     /// after a rotation, once the old one is read to its end.
-    fn catch_up(&mut self, filter: Filter, out: &mut impl Write) -> io::Result<()> {
+    pub fn catch_up(&mut self, filter: Filter, out: &mut impl Write) -> io::Result<()> {
         let current = std::fs::metadata(&self.src.path).ok().map(|m| m.ino());
         let replaced = current.is_some_and(|ino| self.file.is_none() || ino != self.ino);
         self.drain(filter, out)?;

@@ -11,6 +11,7 @@ mod logread;
 mod logs;
 mod runs;
 mod start;
+mod top;
 
 use crate::cli::{Cli, Command, ExportTarget, RunsAction};
 use crate::supervisor::protocol::{InstanceAction, Request};
@@ -91,6 +92,7 @@ pub fn run(cli: Cli) -> u8 {
             logs::logs(&ctx, name.as_deref(), logs::Options { follow, lines, since, instance })
         }
         Command::Events { json, follow, names } => events::events(&ctx, json, follow, names),
+        Command::Top => top::top(&ctx),
         Command::Trigger { job } => runs::trigger(&ctx, &job),
         Command::Runs { action, json, job, state, limit } => match action {
             None => runs::list(&ctx, json, job.as_deref(), state.as_deref(), limit),

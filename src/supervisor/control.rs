@@ -162,9 +162,10 @@ async fn stream_events(sub: Subscription, mut r: OwnedReadHalf, mut w: OwnedWrit
             _ = r.read(&mut scratch) => return,
         };
         buf.clear();
-        let mut next = first;
-        for _ in 0..EVENTS_BATCH {
-            match next {
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(got) = next.take() {
+            match got {
                 Ok(ev) => {
                     if ev.what.concerns(&names) {
                         push_event(&mut buf, &ev);
@@ -182,11 +183,19 @@ async fn stream_events(sub: Subscription, mut r: OwnedReadHalf, mut w: OwnedWrit
                     return;
                 }
             }
+            taken += 1;
+            // A full batch is written before the next event is taken:
+            // one taken and not written would be lost.
+            if taken == EVENTS_BATCH {
+                break;
+            }
             next = match rx.try_recv() {
-                Ok(ev) => Ok(ev),
-                Err(broadcast::error::TryRecvError::Lagged(n)) => Err(broadcast::error::RecvError::Lagged(n)),
-                Err(broadcast::error::TryRecvError::Closed) => Err(broadcast::error::RecvError::Closed),
-                Err(broadcast::error::TryRecvError::Empty) => break,
+                Ok(ev) => Some(Ok(ev)),
+                Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                    Some(Err(broadcast::error::RecvError::Lagged(n)))
+                }
+                Err(broadcast::error::TryRecvError::Closed) => Some(Err(broadcast::error::RecvError::Closed)),
+                Err(broadcast::error::TryRecvError::Empty) => None,
             };
         }
         if !buf.is_empty() && !write_within(&mut w, &buf).await {
@@ -364,4 +373,36 @@ pub fn send(
     line.push(b'\n');
     stream.write_all(&line).map_err(ClientError::Io)?;
     Ok(BufReader::new(stream))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::supervisor::live::Live;
+
+    /// More events queued than a batch holds: every one reaches the
+    /// follower, in order, and the stream ends when the channel closes.
+    #[tokio::test]
+    async fn a_follower_behind_by_many_batches_gets_every_event() {
+        let mut live = Live::new();
+        let sub = live.subscribe(vec![], true).unwrap();
+        let n = 10 * EVENTS_BATCH as u32 + 7;
+        for i in 0..n {
+            live.emit(What::Stopped { worker: "w".into(), instance: i });
+        }
+        drop(live);
+        let (server, client) = tokio::net::UnixStream::pair().unwrap();
+        let (r, w) = server.into_split();
+        let serving = tokio::spawn(stream_events(sub, r, w));
+        let mut lines = tokio::io::BufReader::new(client).lines();
+        let mut seen = Vec::new();
+        while let Some(line) = lines.next_line().await.unwrap() {
+            match serde_json::from_str::<LiveEvent>(&line).unwrap().what {
+                What::Stopped { instance, .. } => seen.push(instance),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        serving.await.unwrap();
+        assert_eq!(seen, (0..n).collect::<Vec<_>>());
+    }
 }

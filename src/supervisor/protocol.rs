@@ -265,7 +265,7 @@ pub struct SocketStatus {
     pub error: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct InstanceStatus {
     pub index: u32,
     /// Started beside instance `index` to replace it (a worker with

@@ -30,4 +30,5 @@ mod sockets;
 mod state;
 mod stopping;
 mod supervise;
+mod top;
 mod worktree;
