@@ -158,28 +158,53 @@ pub fn drover_ids() -> (u32, u32) {
     (Uid::effective().as_raw(), Gid::effective().as_raw())
 }
 
+/// Which step of the hook the kernel refused, told by the child: std
+/// carries only the errno back from a failed pre_exec hook, so the child
+/// first writes the step's number to this pipe (close-on-exec: a child
+/// that execs writes nothing).
+pub struct StepReport {
+    read: std::os::fd::OwnedFd,
+    /// What each step number sets, as the config writes it.
+    steps: Vec<String>,
+}
+
+impl StepReport {
+    /// The setting whose step failed, once the spawn has failed.
+    pub fn failed_step(&self) -> Option<&str> {
+        let mut b = [0u8; 1];
+        match nix::unistd::read(&self.read, &mut b) {
+            Ok(1) => self.steps.get(usize::from(b[0])).map(String::as_str),
+            _ => None,
+        }
+    }
+}
+
 /// Makes `cmd` start with `identity`: one pre_exec hook, registered after
 /// the ones already on `cmd` (so a configured `limits.nofile` wins over
 /// drover's own give-back of the open-files limit). Sets the login
 /// variables the command's env does not set itself. A step the kernel
-/// refuses fails the spawn with its errno: the instance's start error.
-pub fn apply(cmd: &mut std::process::Command, identity: &Identity) {
+/// refuses fails the spawn with its errno: the instance's start error,
+/// which names the setting from the report returned.
+pub fn apply(cmd: &mut std::process::Command, identity: &Identity) -> Option<StepReport> {
     use std::os::unix::process::CommandExt;
     if identity.is_noop() {
-        return;
+        return None;
     }
     for (k, v) in &identity.login_env {
         if !cmd.get_envs().any(|(set, _)| set == k.as_str()) {
             cmd.env(k, v);
         }
     }
-    let hook = Hook::new(identity);
+    let (read, write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK).ok()?;
+    let (hook, steps) = Hook::new(identity, write);
     // SAFETY: the hook only makes system calls (setrlimit, umask,
     // setpriority, open/write/close, setgroups, setgid, setuid, prctl) on
     // data prepared before the fork; none allocates or takes a lock.
     unsafe {
         cmd.pre_exec(move || hook.run());
     }
+    Some(StepReport { read, steps })
 }
 
 /// What the child does between fork and exec, prepared in the parent.
@@ -191,29 +216,68 @@ struct Hook {
     oom: Option<(CString, Vec<u8>)>,
     switch: Option<(Vec<nix::libc::gid_t>, nix::libc::gid_t, nix::libc::uid_t)>,
     no_new_privs: bool,
+    /// Where the child tells which step failed (see [`StepReport`]).
+    report: std::os::fd::OwnedFd,
 }
 
+/// The step numbers after the limits' (which are 0, 1, … in order).
+const NICE: usize = 0;
+const OOM: usize = 1;
+const GROUPS: usize = 2;
+const GID: usize = 3;
+const UID: usize = 4;
+const NO_NEW_PRIVS: usize = 5;
+
 impl Hook {
-    fn new(id: &Identity) -> Hook {
-        let limits = id
+    fn new(id: &Identity, report: std::os::fd::OwnedFd) -> (Hook, Vec<String>) {
+        let known: Vec<(&String, &Rlimit, Resource)> = id
             .limits
             .iter()
-            .filter_map(|(name, l)| {
-                RESOURCES.iter().find(|(n, ..)| n == name).map(|(_, r, _)| (*r, l.soft, l.hard))
-            })
+            .filter_map(|(name, l)| RESOURCES.iter().find(|(n, ..)| n == name).map(|(_, r, _)| (name, l, *r)))
             .collect();
+        let limits = known.iter().map(|(_, l, r)| (*r, l.soft, l.hard)).collect();
+        let value = |v: u64| limit_value(v).to_string();
+        let mut steps: Vec<String> = known
+            .iter()
+            .map(|(n, l, _)| format!("limits.{n} (soft {}, hard {})", value(l.soft), value(l.hard)))
+            .collect();
+        let user = id.user.as_deref().unwrap_or("drover's");
+        steps.extend([
+            format!("nice = {}", id.nice.unwrap_or_default()),
+            format!("oom_score_adj = {}", id.oom_score_adj.unwrap_or_default()),
+            format!("the supplementary groups of user {user:?}"),
+            match &id.group {
+                Some(g) => format!("group = {g:?}"),
+                None => format!("the primary group of user {user:?}"),
+            },
+            format!("user = {user:?}"),
+            "no_new_privs".to_string(),
+        ]);
         let oom = id.oom_score_adj.map(|v| {
             // A literal path has no NUL: the conversion cannot fail.
             (CString::new("/proc/self/oom_score_adj").unwrap_or_default(), format!("{v}\n").into_bytes())
         });
-        Hook {
+        let hook = Hook {
             limits,
             umask: id.umask,
             nice: id.nice,
             oom,
             switch: id.switch.as_ref().map(|s| (s.groups.clone(), s.gid, s.uid)),
             no_new_privs: id.no_new_privs,
-        }
+            report,
+        };
+        (hook, steps)
+    }
+
+    /// The error of step `step` (numbered as [`StepReport`] reads them),
+    /// told to the parent first. `err` is taken before the write, which
+    /// may change errno.
+    fn failed(&self, step: usize, err: io::Error) -> io::Error {
+        use std::os::fd::AsRawFd;
+        let b = [u8::try_from(step).unwrap_or(u8::MAX)];
+        // SAFETY: write(2) of a byte on the stack to a descriptor we own.
+        unsafe { nix::libc::write(self.report.as_raw_fd(), b.as_ptr().cast(), 1) };
+        err
     }
 
     /// Runs in the child: limits first (raising a hard limit needs the
@@ -222,9 +286,12 @@ impl Hook {
     /// no_new_privs, which only restricts what exec may gain.
     fn run(&self) -> io::Result<()> {
         use nix::libc;
-        for &(resource, soft, hard) in &self.limits {
-            nix::sys::resource::setrlimit(resource, soft, hard)?;
+        for (i, &(resource, soft, hard)) in self.limits.iter().enumerate() {
+            if let Err(e) = nix::sys::resource::setrlimit(resource, soft, hard) {
+                return Err(self.failed(i, e.into()));
+            }
         }
+        let after = self.limits.len();
         if let Some(mask) = self.umask {
             // SAFETY: umask cannot fail.
             unsafe { libc::umask(mask as libc::mode_t) };
@@ -232,7 +299,7 @@ impl Hook {
         if let Some(n) = self.nice {
             // SAFETY: a plain system call on this process.
             if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, n) } == -1 {
-                return Err(io::Error::last_os_error());
+                return Err(self.failed(after + NICE, io::Error::last_os_error()));
             }
         }
         if let Some((path, bytes)) = &self.oom {
@@ -241,29 +308,33 @@ impl Hook {
             unsafe {
                 let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
                 if fd < 0 {
-                    return Err(io::Error::last_os_error());
+                    return Err(self.failed(after + OOM, io::Error::last_os_error()));
                 }
                 let n = libc::write(fd, bytes.as_ptr().cast(), bytes.len());
                 let err = io::Error::last_os_error();
                 libc::close(fd);
                 if n < 0 {
-                    return Err(err);
+                    return Err(self.failed(after + OOM, err));
                 }
             }
         }
         if let Some((groups, gid, uid)) = &self.switch {
-            // SAFETY: plain system calls; `groups` was made before the fork.
-            unsafe {
-                if libc::setgroups(groups.len(), groups.as_ptr()) == -1
-                    || libc::setgid(*gid) == -1
-                    || libc::setuid(*uid) == -1
-                {
-                    return Err(io::Error::last_os_error());
-                }
+            // SAFETY (each): a plain system call; `groups` was made before
+            // the fork.
+            if unsafe { libc::setgroups(groups.len(), groups.as_ptr()) } == -1 {
+                return Err(self.failed(after + GROUPS, io::Error::last_os_error()));
+            }
+            if unsafe { libc::setgid(*gid) } == -1 {
+                return Err(self.failed(after + GID, io::Error::last_os_error()));
+            }
+            if unsafe { libc::setuid(*uid) } == -1 {
+                return Err(self.failed(after + UID, io::Error::last_os_error()));
             }
         }
-        if self.no_new_privs {
-            nix::sys::prctl::set_no_new_privs()?;
+        if self.no_new_privs
+            && let Err(e) = nix::sys::prctl::set_no_new_privs()
+        {
+            return Err(self.failed(after + NO_NEW_PRIVS, e.into()));
         }
         Ok(())
     }

@@ -84,11 +84,18 @@ pub struct LaunchError {
     pub short: bool,
 }
 
+/// What a command holds until it is spawned.
+struct Held {
+    /// The sockets' copies the child takes.
+    _fds: Vec<OwnedFd>,
+    steps: Option<crate::os::identity::StepReport>,
+}
+
 impl Launch {
-    /// The command to spawn, and the descriptors that must stay open
-    /// until it is spawned.
+    /// The command to spawn, and what must stay open until it is spawned:
+    /// descriptors, and the report of which identity step failed.
     /// `join` is the child's cgroup's `cgroup.procs`.
-    fn command(&self, join: Option<OwnedFd>) -> Result<(Command, Vec<OwnedFd>), LaunchError> {
+    fn command(&self, join: Option<OwnedFd>) -> Result<(Command, Held), LaunchError> {
         let Some(program) = self.argv.first() else {
             return Err(LaunchError { message: "the command is empty".into(), short: false });
         };
@@ -128,7 +135,7 @@ impl Launch {
             }
         }
         proc::give_back_fd_limit(&mut cmd);
-        crate::os::identity::apply(&mut cmd, &self.identity);
+        let steps = crate::os::identity::apply(&mut cmd, &self.identity);
         if !high.is_empty() {
             let keep: Vec<RawFd> = high.iter().map(AsRawFd::as_raw_fd).collect();
             // SAFETY: the hook only calls fcntl, which is async-signal-safe.
@@ -138,7 +145,7 @@ impl Launch {
                 });
             }
         }
-        Ok((cmd, high))
+        Ok((cmd, Held { _fds: high, steps }))
     }
 
     /// The command that runs the program through drover's shim, which puts
@@ -216,13 +223,19 @@ impl Launch {
         spawn: impl FnOnce(&mut Command) -> io::Result<T>,
     ) -> Result<(T, Option<PathBuf>), LaunchError> {
         let (dir, join) = self.make_cgroup()?.unzip();
-        let spawned = self.command(join).and_then(|(mut cmd, _open_until_spawned)| {
+        let spawned = self.command(join).and_then(|(mut cmd, held)| {
             let spawned = if proc::descriptors_short() {
                 Err(io::Error::from_raw_os_error(nix::libc::EMFILE))
             } else {
                 spawn(&mut cmd)
             };
-            spawned.map_err(|e| self.failure(&e))
+            spawned.map_err(|e| {
+                let mut f = self.failure(&e);
+                if let Some(step) = held.steps.as_ref().and_then(|r| r.failed_step()) {
+                    f.message.push_str(&format!("; the kernel refused {step}"));
+                }
+                f
+            })
         });
         match spawned {
             Ok(t) => Ok((t, dir)),

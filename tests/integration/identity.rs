@@ -291,6 +291,10 @@ fn a_limit_the_kernel_refuses_is_the_instances_start_error() {
     });
     let err = instance(&v, "bad", 0)["error"].as_str().unwrap_or_default().to_string();
     assert!(err.contains("cannot start \"sleep\"") && err.contains("Operation not permitted"), "{err}");
+    assert!(
+        err.ends_with("; the kernel refused limits.nofile (soft 1099511627776, hard 1099511627776)"),
+        "{err}"
+    );
     assert_eq!(worker(&v, "good")["instances"][0]["state"], "running");
     drop(sup);
 }
