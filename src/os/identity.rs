@@ -160,8 +160,10 @@ pub fn drover_ids() -> (u32, u32) {
 
 /// Which step of the hook the kernel refused, told by the child: std
 /// carries only the errno back from a failed pre_exec hook, so the child
-/// first writes the step's number to this pipe (close-on-exec: a child
-/// that execs writes nothing).
+/// first sends the step's number over this socket pair (close-on-exec: a
+/// child that execs sends nothing). A socket, not a pipe: a report
+/// dropped before the spawn makes the child's send fail, where a pipe's
+/// write would kill it with SIGPIPE (and std would take that for an exec).
 pub struct StepReport {
     read: std::os::fd::OwnedFd,
     /// What each step number sets, as the config writes it.
@@ -171,8 +173,10 @@ pub struct StepReport {
 impl StepReport {
     /// The setting whose step failed, once the spawn has failed.
     pub fn failed_step(&self) -> Option<&str> {
+        use std::os::fd::AsRawFd;
         let mut b = [0u8; 1];
-        match nix::unistd::read(&self.read, &mut b) {
+        match nix::sys::socket::recv(self.read.as_raw_fd(), &mut b, nix::sys::socket::MsgFlags::MSG_DONTWAIT)
+        {
             Ok(1) => self.steps.get(usize::from(b[0])).map(String::as_str),
             _ => None,
         }
@@ -195,8 +199,14 @@ pub fn apply(cmd: &mut std::process::Command, identity: &Identity) -> Option<Ste
             cmd.env(k, v);
         }
     }
-    let (read, write) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK).ok()?;
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    let (read, write) = socketpair(
+        AddressFamily::Unix,
+        SockType::Datagram,
+        None,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+    )
+    .ok()?;
     let (hook, steps) = Hook::new(identity, write);
     // SAFETY: the hook only makes system calls (setrlimit, umask,
     // setpriority, open/write/close, setgroups, setgid, setuid, prctl) on
@@ -275,8 +285,8 @@ impl Hook {
     fn failed(&self, step: usize, err: io::Error) -> io::Error {
         use std::os::fd::AsRawFd;
         let b = [u8::try_from(step).unwrap_or(u8::MAX)];
-        // SAFETY: write(2) of a byte on the stack to a descriptor we own.
-        unsafe { nix::libc::write(self.report.as_raw_fd(), b.as_ptr().cast(), 1) };
+        // SAFETY: send(2) of a byte on the stack on a socket we own.
+        unsafe { nix::libc::send(self.report.as_raw_fd(), b.as_ptr().cast(), 1, nix::libc::MSG_NOSIGNAL) };
         err
     }
 
@@ -445,9 +455,15 @@ mod tests {
             ..Default::default()
         };
         let mut cmd = std::process::Command::new("true");
-        apply(&mut cmd, &id);
+        let report = apply(&mut cmd, &id).expect("a report");
         let err = cmd.spawn().unwrap_err();
         assert_eq!(err.raw_os_error(), Some(nix::libc::EINVAL), "{err}");
+        assert_eq!(report.failed_step(), Some("limits.nofile (soft 300, hard 200)"));
+        // A report dropped before the spawn: the child's send fails
+        // quietly and the spawn still fails with the kernel's error.
+        let mut cmd = std::process::Command::new("true");
+        drop(apply(&mut cmd, &id));
+        assert_eq!(cmd.spawn().unwrap_err().raw_os_error(), Some(nix::libc::EINVAL));
     }
 
     #[test]
