@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 # not fit its kind), and what probe strings mean (URL scheme, HOST:PORT,
 # ${NAME} placeholders, a regex that compiles, a zero timeout), and what
 # a socket address holds (an IP, not a host name; a mode only on a unix
-# socket; one address per worker).
+# socket; one address per worker; the metrics port, 0 refused).
 SCHEMA_PASSES=(
   env-file-missing-or-malformed
   identity-unknown-user
@@ -33,6 +33,7 @@ SCHEMA_PASSES=(
   duration-every-years
   duration-jitter-years
   max-memory-too-small
+  metrics-port-zero
   missing-dir
   probe-bad-placeholder
   probe-bad-regex
