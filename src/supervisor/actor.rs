@@ -146,6 +146,8 @@ pub struct Supervisor {
     status_cache: Option<Arc<StatusReport>>,
     /// State changes as they happen, for `drover events` and `top`.
     pub(super) live: super::live::Live,
+    /// Runs ended and reloads, counted for the metrics.
+    pub(super) counters: super::metrics::Counters,
 }
 
 impl Supervisor {
@@ -189,6 +191,7 @@ impl Supervisor {
             notify: None,
             ready: None,
             live: super::live::Live::new(),
+            counters: super::metrics::Counters::default(),
         }
     }
 
@@ -333,7 +336,7 @@ impl Supervisor {
 
     fn handle(&mut self, ev: Event) {
         // Any other event may change what status reports.
-        if !matches!(&ev, Event::Control(Request::Status { name: None }, _)) {
+        if !matches!(&ev, Event::Control(Request::Status { name: None }, _) | Event::Metrics(_)) {
             self.status_cache = None;
         }
         match ev {
@@ -359,6 +362,11 @@ impl Supervisor {
             }
             Event::RunSpawned { run, inc, step, result } => self.on_run_spawned(run, inc, step, result),
             Event::Control(req, reply) => self.on_request(req, reply),
+            Event::Metrics(reply) => {
+                let snapshot =
+                    super::metrics::Snapshot { report: self.full_report(), counters: self.counters.clone() };
+                let _ = reply.send(snapshot);
+            }
             // Not wired to instances yet: their cgroups are not made.
             Event::CgroupEmpty(_) => {}
             Event::Shutdown => self.shutdown(),
@@ -530,6 +538,7 @@ impl Supervisor {
         let at = rfc3339(SystemTime::now());
         match load(&self.opts.config_path, &self.opts.overrides) {
             Ok(loaded) => {
+                self.counters.reloads_applied = self.counters.reloads_applied.saturating_add(1);
                 self.last_reload = Some(ReloadStatus { at, ok: true, error: None });
                 self.dirty = true;
                 if loaded.config == self.config {
@@ -538,6 +547,8 @@ impl Supervisor {
                 let changes = plan(&loaded.config.workers, &self.actual());
                 let old_jobs = std::mem::take(&mut self.config.jobs);
                 self.config = loaded.config;
+                let jobs = &self.config.jobs;
+                self.counters.retain_jobs(|j| jobs.contains_key(j));
                 self.graph = Graph::of(&self.config);
                 self.generation += 1;
                 self.applied_at = SystemTime::now();
@@ -573,6 +584,7 @@ impl Supervisor {
             Err(diags) => {
                 let error = diags.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n");
                 tracing::error!(%error, "reload failed; the last good config stays in force");
+                self.counters.reloads_failed = self.counters.reloads_failed.saturating_add(1);
                 self.last_reload = Some(ReloadStatus { at, ok: false, error: Some(error.clone()) });
                 self.live.emit(super::live::What::ReloadFailed { error: error.clone() });
                 self.dirty = true;
@@ -601,16 +613,7 @@ impl Supervisor {
     fn on_request(&mut self, req: Request, reply: oneshot::Sender<Reply>) {
         let resp = match req {
             Request::Status { name: None } => {
-                let report = match &self.status_cache {
-                    Some(r) => r.clone(),
-                    None => {
-                        let state = if self.shutting_down { "stopping" } else { "running" };
-                        let r = Arc::new(self.report(state, true));
-                        self.status_cache = Some(r.clone());
-                        r
-                    }
-                };
-                let _ = reply.send(Reply::Status(report));
+                let _ = reply.send(Reply::Status(self.full_report()));
                 return;
             }
             // The full status (no name) is answered from the cache above.
@@ -854,6 +857,18 @@ impl Supervisor {
             runs: active.into_iter().filter(|r| r.kind != Kind::Session).collect(),
             overrides: self.opts.overrides.shown(),
         }
+    }
+
+    /// The full status report, shared by every `status` and scrape until
+    /// the state changes.
+    fn full_report(&mut self) -> Arc<StatusReport> {
+        if let Some(r) = &self.status_cache {
+            return r.clone();
+        }
+        let state = if self.shutting_down { "stopping" } else { "running" };
+        let r = Arc::new(self.report(state, true));
+        self.status_cache = Some(r.clone());
+        r
     }
 
     fn flush_state(&mut self) {

@@ -359,6 +359,16 @@ pub async fn serve(
     let listener = bound.map_err(|e| format!("cannot listen on {}: {e}", sock.display()))?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())?;
 
+    // Refused like a bad config: a supervisor that silently serves no
+    // metrics would show up as a scrape target that is down, with no why.
+    let metrics = match &loaded.config.supervisor.metrics {
+        Some(addr) => Some(super::metrics::bind(addr).await.map_err(|e| {
+            let _ = std::fs::remove_file(&sock);
+            format!("{e} (in {})", loaded.path.display())
+        })?),
+        None => None,
+    };
+
     let opts = Options { config_path: loaded.path.clone(), overrides, echo };
     let mut sup = Supervisor::new(opts, loaded.config, reaper, tx.clone());
     let (watch_tx, watch_rx) = tokio::sync::watch::channel(sup.watch_settings());
@@ -369,8 +379,22 @@ pub async fn serve(
     sup.set_ready(Ready(ready.0.take()));
     tracing::info!(pid = std::process::id(), state_dir = %state_dir.display(), "started");
     sup.boot();
+    let metrics_socket = match metrics {
+        Some(m) => {
+            let path = match &m {
+                super::metrics::Listener::Unix(_, path) => Some(path.clone()),
+                super::metrics::Listener::Tcp(_) => None,
+            };
+            tokio::spawn(super::metrics::serve(m, ctl_tx.clone()));
+            path
+        }
+        None => None,
+    };
     tokio::spawn(control::serve(listener, ctl_tx));
     sup.run(rx, ctl_rx).await;
+    if let Some(path) = metrics_socket {
+        let _ = std::fs::remove_file(path);
+    }
     sd_notify("STOPPING=1");
     Ok(())
 }
