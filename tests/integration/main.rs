@@ -16,6 +16,7 @@ mod identity;
 mod jobs;
 mod ledger_faults;
 mod live;
+mod metrics;
 mod output;
 mod readiness;
 mod reload;
