@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `[supervisor] metrics` read by the real Prometheus client library's
-# parsers: starts drover (debug build) with a worker and a job in a
-# temporary directory, runs the job, scrapes /metrics over TCP in both
+# parsers: starts drover (debug build) on config/metrics.toml, with its
+# state_dir in a temporary directory and a free port (--set), runs its job, scrapes /metrics over TCP in both
 # formats, parses the Prometheus text with
 # prometheus_client.parser.text_string_to_metric_families and the
 # OpenMetrics text with prometheus_client.openmetrics.parser, and checks
@@ -18,18 +18,20 @@ cargo build --locked --quiet
 drover="$PWD/target/debug/drover"
 
 dir=$(mktemp -d)
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+d() { "$drover" -c config/metrics.toml --set "supervisor.state_dir=$dir" --set "supervisor.metrics=127.0.0.1:$port" "$@"; }
 cleanup() {
-  if ! "$drover" -c "$dir/daemon.toml" stop >/dev/null 2>&1; then
+  if ! d stop >/dev/null 2>&1; then
     # A supervisor that does not answer: SIGKILL it (the pid in its lock,
     # if that is still drover), then the process groups of its instances
     # (its state file lists what it ran).
-    pid=$(cat "$dir/.drover/drover.lock" 2>/dev/null || true)
+    pid=$(cat "$dir/drover.lock" 2>/dev/null || true)
     if [ -n "$pid" ] && [ "$(readlink "/proc/$pid/exe" 2>/dev/null)" = "$drover" ]; then
       kill -KILL "$pid" 2>/dev/null || true
       python3 -c 'import json, sys
 for w in json.load(open(sys.argv[1])).get("workers", []):
     for i in w.get("instances", []):
-        if i.get("pgid"): print(i["pgid"])' "$dir/.drover/state.json" 2>/dev/null |
+        if i.get("pgid"): print(i["pgid"])' "$dir/state.json" 2>/dev/null |
         while read -r pgid; do kill -KILL -- "-$pgid" 2>/dev/null || true; done
     fi
   fi
@@ -37,23 +39,8 @@ for w in json.load(open(sys.argv[1])).get("workers", []):
 }
 trap cleanup EXIT
 
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-cat >"$dir/daemon.toml" <<TOML
-[supervisor]
-reload = false
-metrics = "127.0.0.1:$port"
-
-[workers.web]
-command = ["sleep", "600"]
-capacity = 2
-stop_grace = "2s"
-
-[jobs.hello]
-command = ["true"]
-TOML
-
-"$drover" -c "$dir/daemon.toml" start --detach >/dev/null
-"$drover" -c "$dir/daemon.toml" trigger hello >/dev/null
+d start --detach >/dev/null
+d trigger tick >/dev/null
 
 python3 - "$port" <<'PY'
 import sys, time, urllib.request
@@ -88,8 +75,8 @@ while True:
     kind, text = scrape()
     fams = families(text_string_to_metric_families, text)
     runs = {tuple(sorted(s.labels.items())): s.value for s in fams["drover_job_runs"].samples}
-    ups = [s.value for s in fams["drover_instance_up"].samples]
-    if runs.get((("job", "hello"), ("state", "succeeded"))) == 1 and ups == [1, 1]:
+    ups = [s.value for s in fams["drover_instance_up"].samples if s.labels["worker"] == "web"]
+    if runs.get((("job", "tick"), ("state", "succeeded"))) == 1 and ups == [1, 1]:
         break
     if time.monotonic() > deadline:
         sys.exit(f"metrics check: the run or the instances never showed:\n{text}")
