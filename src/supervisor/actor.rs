@@ -544,6 +544,11 @@ impl Supervisor {
                 if loaded.config == self.config {
                     return Response::Ok { message: format!("no change (generation {})", self.generation) };
                 }
+                if loaded.config.supervisor.metrics != self.config.supervisor.metrics {
+                    tracing::warn!(
+                        "supervisor.metrics changed; the metrics address applies at the next start"
+                    );
+                }
                 let changes = plan(&loaded.config.workers, &self.actual());
                 let old_jobs = std::mem::take(&mut self.config.jobs);
                 self.config = loaded.config;

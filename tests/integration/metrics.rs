@@ -122,9 +122,13 @@ fn scrapes_over_tcp_follow_restarts_runs_and_reloads() {
     assert_eq!(m["drover_job_runs_total{job=\"hello\",state=\"failed\"}"], 0.0, "{m:?}");
 
     // An applied reload raises the count and the generation; a failed one
-    // only its count.
-    sb.write("daemon.toml", config(&format!("127.0.0.1:{port}"), "[jobs.other]\ncommand = [\"true\"]\n"));
+    // only its count. A new metrics address waits for the next start.
+    let elsewhere = format!("127.0.0.1:{}", free_port());
+    sb.write("daemon.toml", config(&elsewhere, "[jobs.other]\ncommand = [\"true\"]\n"));
     assert_eq!(sb.cli(&["reload"]).code, Some(0));
+    wait_until("the warning that the address waits", LIMIT, || {
+        sup.stderr().contains("the metrics address applies at the next start").then_some(())
+    });
     let m = scrape(port);
     assert_eq!(m["drover_reloads_total{result=\"applied\"}"], 1.0, "{m:?}");
     assert_eq!(m["drover_config_generation"], 2.0, "{m:?}");
