@@ -3,7 +3,8 @@
 workers (default 1000, `sleep 3600` each) with `[supervisor] metrics` on.
 
 1. Idle: the supervisor's CPU (user + system, /proc/PID/stat) over --idle
-   seconds (default 10) with no scrape: metrics on must not add polling.
+   seconds (default 10) with no scrape, --settle seconds (default 5) after
+   every instance is up: metrics on must not add polling.
 2. Scrapes: --scrapes sequential GETs of /metrics over TCP (default 200),
    each timed from connect to the last byte; the supervisor's CPU over all
    of them, per scrape; the size of one response.
@@ -69,6 +70,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--workers", type=int, default=1000)
     ap.add_argument("--idle", type=float, default=10)
+    ap.add_argument("--settle", type=float, default=5)
     ap.add_argument("--scrapes", type=int, default=200)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--secs", type=float, default=5)
@@ -99,7 +101,9 @@ def main():
             if time.monotonic() > deadline:
                 sys.exit("the workers did not all come up within 60 s")
             time.sleep(0.2)
-        time.sleep(1)
+        # Let the start-up settle (the state file's last writes, the
+        # allocator's release) before idle is measured.
+        time.sleep(a.settle)
 
         c0 = cpu_ms(pid)
         time.sleep(a.idle)
@@ -113,6 +117,18 @@ def main():
                 times.append(r[0])
                 size = len(r[1])
         per_scrape = (cpu_ms(pid) - c0) / max(1, len(times))
+
+        # The same for `status --json` over the control socket, which
+        # reads the same /proc files: what a scrape costs beside it.
+        sock = os.path.join(d, ".drover/drover.sock")
+        c0 = cpu_ms(pid)
+        for _ in range(a.scrapes):
+            with socket.socket(socket.AF_UNIX) as u:
+                u.connect(sock)
+                u.sendall(b'{"cmd":"status","name":null}\n')
+                while u.recv(65536):
+                    pass
+        per_status = (cpu_ms(pid) - c0) / a.scrapes
 
         answered, refused, lock = [], [0], threading.Lock()
         stop = time.monotonic() + a.secs
@@ -145,6 +161,7 @@ def main():
         f"| response size | {size / 1024:.0f} KiB ({a.workers * 5 + 6} samples) |",
         f"| {len(times)} sequential scrapes: p50 / p99 / max | {ms(pct(times, 0.5))} / {ms(pct(times, 0.99))} / {ms(max(times))} |",
         f"| supervisor CPU per scrape | {per_scrape:.1f} ms |",
+        f"| supervisor CPU per `status --json` request, for comparison | {per_status:.1f} ms |",
         f"| {a.clients} clients for {a.secs:g} s: answered / closed over the cap | {len(answered)} / {refused[0]} |",
         f"| their latency: p50 / p99 | {ms(pct(answered, 0.5))} / {ms(pct(answered, 0.99))} |",
         "",
