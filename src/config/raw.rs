@@ -70,7 +70,7 @@ pub struct RawSupervisor {
     /// Serve Prometheus metrics at `/metrics` on this address: a loopback
     /// "HOST:PORT" ("127.0.0.1:9464", "[::1]:9464", "localhost:9464") or
     /// "unix:PATH" (relative to the config file's directory). Off when
-    /// absent. Read at start: a change applies at the next start.
+    /// absent. A reload that changes it moves the metrics there.
     #[schemars(regex(
         pattern = r"^(unix:.+|localhost:[0-9]{1,5}|127\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}:[0-9]{1,5}|\[::1\]:[0-9]{1,5})$"
     ))]

@@ -148,6 +148,10 @@ pub struct Supervisor {
     pub(super) live: super::live::Live,
     /// Runs ended and reloads, counted for the metrics.
     pub(super) counters: super::metrics::Counters,
+    /// The `/metrics` server, when `supervisor.metrics` is set.
+    metrics: Option<super::metrics::Server>,
+    /// Scrapes go to the control channel, served before other events.
+    control_tx: Option<mpsc::UnboundedSender<Event>>,
 }
 
 impl Supervisor {
@@ -192,6 +196,8 @@ impl Supervisor {
             ready: None,
             live: super::live::Live::new(),
             counters: super::metrics::Counters::default(),
+            metrics: None,
+            control_tx: None,
         }
     }
 
@@ -219,6 +225,48 @@ impl Supervisor {
         self.propagate();
         self.flush_state();
         crate::os::memory::release_free();
+    }
+
+    /// The metrics server bound at start (a failure there refuses the
+    /// start), and the channel scrapes go to.
+    pub fn set_metrics(
+        &mut self,
+        server: Option<super::metrics::Server>,
+        control: mpsc::UnboundedSender<Event>,
+    ) {
+        self.metrics = server;
+        self.control_tx = Some(control);
+    }
+
+    /// After a reload: serves the metrics where the config now says. The
+    /// new address is bound before the old one is let go, so a failure
+    /// (a port in use) keeps the old one serving, and says so.
+    fn rebind_metrics(&mut self) {
+        let want = self.config.supervisor.metrics.clone();
+        if self.metrics.as_ref().map(|m| &m.addr) == want.as_ref() {
+            return;
+        }
+        let Some(addr) = want else {
+            if let Some(old) = self.metrics.take() {
+                tracing::info!(address = %old.addr, "metrics no longer served");
+                old.close();
+            }
+            return;
+        };
+        let tx = self.control_tx.clone().unwrap_or_else(|| self.tx.clone());
+        match super::metrics::bind(&addr) {
+            Ok(l) => {
+                if let Some(old) = self.metrics.take() {
+                    old.close();
+                }
+                tracing::info!(address = %addr, "metrics served");
+                self.metrics = Some(super::metrics::Server::spawn(addr, l, tx));
+            }
+            Err(error) => match &self.metrics {
+                Some(old) => tracing::error!(%error, "the metrics stay on {}", old.addr),
+                None => tracing::error!(%error, "metrics are not served"),
+            },
+        }
     }
 
     /// Where to say "ready" (the `start --detach` parent) once every
@@ -544,11 +592,6 @@ impl Supervisor {
                 if loaded.config == self.config {
                     return Response::Ok { message: format!("no change (generation {})", self.generation) };
                 }
-                if loaded.config.supervisor.metrics != self.config.supervisor.metrics {
-                    tracing::warn!(
-                        "supervisor.metrics changed; the metrics address applies at the next start"
-                    );
-                }
                 let changes = plan(&loaded.config.workers, &self.actual());
                 let old_jobs = std::mem::take(&mut self.config.jobs);
                 self.config = loaded.config;
@@ -575,6 +618,7 @@ impl Supervisor {
                 self.run_dependency_jobs(Some(&old_jobs));
                 self.apply(changes);
                 self.retry_sockets();
+                self.rebind_metrics();
                 self.release_waiting();
                 if let Some(w) = &self.watch {
                     let new = WatchSettings::of(&self.config);
@@ -819,6 +863,9 @@ impl Supervisor {
         let report = self.report("stopped", false);
         self.write_state(&report);
         let _ = std::fs::remove_file(self.config.supervisor.state_dir.join("drover.sock"));
+        if let Some(m) = self.metrics.take() {
+            m.close();
+        }
         for w in self.stop_waiters.drain(..) {
             let _ = w.send(Reply::Response(Response::Ok { message: "stopped".into() }));
         }

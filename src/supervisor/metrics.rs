@@ -90,11 +90,16 @@ pub enum Listener {
 
 /// Binds `addr`; the error names the key and the address. A unix socket
 /// file left by a supervisor that is gone is replaced; one that answers,
-/// or a file that is not a socket, is an error.
-pub async fn bind(addr: &Address) -> Result<Listener, String> {
+/// or a file that is not a socket, is an error. A few syscalls, no wait:
+/// a reload binds on the actor's loop.
+pub fn bind(addr: &Address) -> Result<Listener, String> {
     let fail = |e: &dyn std::fmt::Display| format!("cannot serve [supervisor] metrics on {addr}: {e}");
     match addr {
-        Address::Tcp(a) => tokio::net::TcpListener::bind(a).await.map(Listener::Tcp).map_err(|e| fail(&e)),
+        Address::Tcp(a) => {
+            let l = std::net::TcpListener::bind(a).map_err(|e| fail(&e))?;
+            l.set_nonblocking(true).map_err(|e| fail(&e))?;
+            tokio::net::TcpListener::from_std(l).map(Listener::Tcp).map_err(|e| fail(&e))
+        }
         Address::Unix(path) => {
             if let Ok(meta) = std::fs::symlink_metadata(path) {
                 if !meta.file_type().is_socket() {
@@ -119,8 +124,30 @@ pub async fn bind(addr: &Address) -> Result<Listener, String> {
     }
 }
 
+/// The metrics server running: its address and its accept loop.
+pub struct Server {
+    pub addr: Address,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Serves `listener` (bound to `addr`) until [`Server::close`].
+    pub fn spawn(addr: Address, listener: Listener, tx: mpsc::UnboundedSender<Event>) -> Server {
+        Server { addr, task: tokio::spawn(serve(listener, tx)) }
+    }
+
+    /// Stops accepting (scrapes under way are answered) and removes the
+    /// unix socket's file.
+    pub fn close(self) {
+        self.task.abort();
+        if let Address::Unix(path) = &self.addr {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// Accepts scrapes until the actor goes away.
-pub async fn serve(listener: Listener, tx: mpsc::UnboundedSender<Event>) {
+async fn serve(listener: Listener, tx: mpsc::UnboundedSender<Event>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut failing = false;
     loop {

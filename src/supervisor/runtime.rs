@@ -362,7 +362,7 @@ pub async fn serve(
     // Refused like a bad config: a supervisor that silently serves no
     // metrics would show up as a scrape target that is down, with no why.
     let metrics = match &loaded.config.supervisor.metrics {
-        Some(addr) => Some(super::metrics::bind(addr).await.map_err(|e| {
+        Some(addr) => Some(super::metrics::bind(addr).map(|l| (addr.clone(), l)).map_err(|e| {
             let _ = std::fs::remove_file(&sock);
             format!("{e} (in {})", loaded.path.display())
         })?),
@@ -379,22 +379,10 @@ pub async fn serve(
     sup.set_ready(Ready(ready.0.take()));
     tracing::info!(pid = std::process::id(), state_dir = %state_dir.display(), "started");
     sup.boot();
-    let metrics_socket = match metrics {
-        Some(m) => {
-            let path = match &m {
-                super::metrics::Listener::Unix(_, path) => Some(path.clone()),
-                super::metrics::Listener::Tcp(_) => None,
-            };
-            tokio::spawn(super::metrics::serve(m, ctl_tx.clone()));
-            path
-        }
-        None => None,
-    };
+    let metrics = metrics.map(|(addr, l)| super::metrics::Server::spawn(addr, l, ctl_tx.clone()));
+    sup.set_metrics(metrics, ctl_tx.clone());
     tokio::spawn(control::serve(listener, ctl_tx));
     sup.run(rx, ctl_rx).await;
-    if let Some(path) = metrics_socket {
-        let _ = std::fs::remove_file(path);
-    }
     sd_notify("STOPPING=1");
     Ok(())
 }

@@ -1,8 +1,10 @@
 //! `[supervisor] metrics` with real workers and a job, scraped over TCP
 //! and over a unix socket: restarts, job runs and reloads show in the
 //! values; wrong paths and methods get 404 and 405; malformed and
-//! oversized requests leave the supervisor serving; a non-loopback
-//! address is a `check` error at the key; a port in use refuses the start.
+//! oversized requests leave the supervisor serving; a reload moves the
+//! metrics, or keeps the old address when the new one is taken; a
+//! non-loopback address is a `check` error at the key; a port in use
+//! refuses the start.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -121,25 +123,6 @@ fn scrapes_over_tcp_follow_restarts_runs_and_reloads() {
     let m = wait_value(port, "drover_job_runs_total{job=\"hello\",state=\"succeeded\"}", 1.0);
     assert_eq!(m["drover_job_runs_total{job=\"hello\",state=\"failed\"}"], 0.0, "{m:?}");
 
-    // An applied reload raises the count and the generation; a failed one
-    // only its count. A new metrics address waits for the next start.
-    let elsewhere = format!("127.0.0.1:{}", free_port());
-    sb.write("daemon.toml", config(&elsewhere, "[jobs.other]\ncommand = [\"true\"]\n"));
-    assert_eq!(sb.cli(&["reload"]).code, Some(0));
-    wait_until("the warning that the address waits", LIMIT, || {
-        sup.stderr().contains("the metrics address applies at the next start").then_some(())
-    });
-    let m = scrape(port);
-    assert_eq!(m["drover_reloads_total{result=\"applied\"}"], 1.0, "{m:?}");
-    assert_eq!(m["drover_config_generation"], 2.0, "{m:?}");
-    assert_eq!(m["drover_job_runs_total{job=\"other\",state=\"succeeded\"}"], 0.0, "{m:?}");
-    assert_eq!(m["drover_job_runs_total{job=\"hello\",state=\"succeeded\"}"], 1.0, "kept over a reload");
-    sb.write("daemon.toml", "[workers.web]\ncapacity = 0\n");
-    assert_eq!(sb.cli(&["reload"]).code, Some(1));
-    let m = scrape(port);
-    assert_eq!(m["drover_reloads_total{result=\"failed\"}"], 1.0, "{m:?}");
-    assert_eq!(m["drover_config_generation"], 2.0, "{m:?}");
-
     // Elsewhere 404, another method 405; OpenMetrics when asked for.
     let (code, _) = split(&exchange(tcp(port), &get("/")));
     assert_eq!(code, 404);
@@ -160,13 +143,47 @@ fn scrapes_over_tcp_follow_restarts_runs_and_reloads() {
     let big = format!("GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(64 * 1024));
     let (code, _) = split(&exchange(tcp(port), big.as_bytes()));
     assert_ne!(code, 200);
-    assert_eq!(scrape(port)["drover_config_generation"], 2.0);
+    assert_eq!(scrape(port)["drover_config_generation"], 1.0);
     drop(silent);
+
+    // An applied reload raises the count and the generation, and moves the
+    // metrics to the address the file now names.
+    let port2 = free_port();
+    sb.write("daemon.toml", config(&format!("127.0.0.1:{port2}"), "[jobs.other]\ncommand = [\"true\"]\n"));
+    assert_eq!(sb.cli(&["reload"]).code, Some(0));
+    let m = scrape(port2);
+    assert_eq!(m["drover_reloads_total{result=\"applied\"}"], 1.0, "{m:?}");
+    assert_eq!(m["drover_config_generation"], 2.0, "{m:?}");
+    assert_eq!(m["drover_job_runs_total{job=\"other\",state=\"succeeded\"}"], 0.0, "{m:?}");
+    assert_eq!(m["drover_job_runs_total{job=\"hello\",state=\"succeeded\"}"], 1.0, "kept over a reload");
+    wait_until("the old port closed", LIMIT, || {
+        TcpStream::connect(("127.0.0.1", port)).is_err().then_some(())
+    });
+
+    // A new address that cannot be bound keeps the old one serving, and
+    // the rest of the file is applied.
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port3 = taken.local_addr().expect("addr").port();
+    sb.write("daemon.toml", config(&format!("127.0.0.1:{port3}"), ""));
+    assert_eq!(sb.cli(&["reload"]).code, Some(0));
+    let said = format!("the metrics stay on tcp://127.0.0.1:{port2}");
+    wait_until("the error of the rebind", LIMIT, || sup.stderr().contains(&said).then_some(()));
+    let m = scrape(port2);
+    assert_eq!(m["drover_config_generation"], 3.0, "{m:?}");
+    assert!(!m.contains_key("drover_job_skips_total{job=\"other\"}"), "job other is gone: {m:?}");
+
+    // A failed reload raises only its count.
+    sb.write("daemon.toml", "[workers.web]\ncapacity = 0\n");
+    assert_eq!(sb.cli(&["reload"]).code, Some(1));
+    let m = scrape(port2);
+    assert_eq!(m["drover_reloads_total{result=\"failed\"}"], 1.0, "{m:?}");
+    assert_eq!(m["drover_reloads_total{result=\"applied\"}"], 2.0, "{m:?}");
+    assert_eq!(m["drover_config_generation"], 3.0, "{m:?}");
     assert!(sb.cli(&["status"]).code == Some(0), "the supervisor still answers");
 }
 
 #[test]
-fn scrapes_over_a_unix_socket_and_the_socket_goes_at_stop() {
+fn scrapes_over_a_unix_socket_that_moves_on_reload_and_goes_at_stop() {
     let sb = Sandbox::new();
     sb.write("daemon.toml", config("unix:run/metrics.sock", ""));
     std::fs::create_dir_all(sb.path("run")).expect("mkdir");
@@ -188,9 +205,19 @@ fn scrapes_over_a_unix_socket_and_the_socket_goes_at_stop() {
     });
     assert_eq!(m["drover_instance_up{worker=\"web\",instance=\"0\"}"], 1.0, "{m:?}");
     assert_eq!(m["drover_config_generation"], 1.0, "{m:?}");
+
+    // Moved by a reload: the old file goes, the new socket answers.
+    sb.write("daemon.toml", config("unix:other.sock", ""));
+    assert_eq!(sb.cli(&["reload"]).code, Some(0));
+    assert!(!sock.exists(), "the old socket is removed");
+    let other = sb.path("other.sock");
+    let s = UnixStream::connect(&other).expect("connect to the new metrics socket");
+    s.set_read_timeout(Some(LIMIT)).expect("timeout");
+    assert_eq!(samples(split(&exchange(s, &get("/metrics"))).1)["drover_config_generation"], 2.0);
+
     assert_eq!(sb.cli(&["stop"]).code, Some(0));
     assert!(sup.wait_exit(LIMIT).is_some_and(|s| s.success()));
-    assert!(!sock.exists(), "the metrics socket is removed at stop");
+    assert!(!other.exists(), "the metrics socket is removed at stop");
 }
 
 /// That `out` exited 1 with every one of `needles` on stderr.
