@@ -5,7 +5,6 @@
 //! /proc on a blocking thread, and encodes the lot with prometheus-client.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -89,38 +88,43 @@ pub enum Listener {
 }
 
 /// Binds `addr`; the error names the key and the address. A unix socket
-/// file left by a supervisor that is gone is replaced; one that answers,
-/// or a file that is not a socket, is an error. A few syscalls, no wait:
-/// a reload binds on the actor's loop.
+/// file left by a supervisor that is gone is replaced (made 0600 before it
+/// listens); one that still answers, or a file that is not a socket, is an
+/// error. A few syscalls, none that waits: a reload binds on the actor's
+/// loop.
 pub fn bind(addr: &Address) -> Result<Listener, String> {
     let fail = |e: &dyn std::fmt::Display| format!("cannot serve [supervisor] metrics on {addr}: {e}");
-    match addr {
-        Address::Tcp(a) => {
-            let l = std::net::TcpListener::bind(a).map_err(|e| fail(&e))?;
-            l.set_nonblocking(true).map_err(|e| fail(&e))?;
-            tokio::net::TcpListener::from_std(l).map(Listener::Tcp).map_err(|e| fail(&e))
+    if let Address::Unix(path) = addr
+        && listens(path)
+    {
+        return Err(fail(&"another process listens on it"));
+    }
+    let fd = crate::os::listen::bind(addr, Some(0o600)).map_err(|e| fail(&e))?;
+    let listener = match addr {
+        Address::Tcp(_) => {
+            let l = std::net::TcpListener::from(fd);
+            l.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(l)).map(Listener::Tcp)
         }
         Address::Unix(path) => {
-            if let Ok(meta) = std::fs::symlink_metadata(path) {
-                if !meta.file_type().is_socket() {
-                    return Err(fail(
-                        &"a file that is not a socket is in the way; remove it or choose another path",
-                    ));
-                }
-                if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                    return Err(fail(&"another process listens on it"));
-                }
-                std::fs::remove_file(path)
-                    .map_err(|e| fail(&format!("cannot remove the old socket: {e}")))?;
-            }
-            // Born 0600, as the control socket: no window with the umask's mode.
-            let umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-            let bound = tokio::net::UnixListener::bind(path);
-            nix::sys::stat::umask(umask);
-            let listener = bound.map_err(|e| fail(&e))?;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| fail(&e))?;
-            Ok(Listener::Unix(listener, path.clone()))
+            let l = std::os::unix::net::UnixListener::from(fd);
+            l.set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixListener::from_std(l))
+                .map(|l| Listener::Unix(l, path.clone()))
         }
+    };
+    listener.map_err(|e| fail(&e))
+}
+
+/// Whether a process accepts connections on the unix socket at `path`:
+/// a non-blocking connect, so a listener with a full backlog (EAGAIN)
+/// counts without being waited for.
+fn listens(path: &std::path::Path) -> bool {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let Ok(s) = Socket::new(Domain::UNIX, Type::STREAM.nonblocking(), None) else { return false };
+    let Ok(to) = SockAddr::unix(path) else { return false };
+    match s.connect(&to) {
+        Ok(()) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
     }
 }
 
@@ -140,9 +144,7 @@ impl Server {
     /// unix socket's file.
     pub fn close(self) {
         self.task.abort();
-        if let Address::Unix(path) = &self.addr {
-            let _ = std::fs::remove_file(path);
-        }
+        crate::os::listen::unlink(&self.addr);
     }
 }
 
@@ -467,6 +469,27 @@ mod tests {
         assert!(text.contains("# TYPE drover_job_runs counter\n"), "{text}");
         assert!(text.contains("drover_job_runs_total{job=\"backup\",state=\"failed\"} 0\n"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_unix_socket_that_answers_or_a_file_in_the_way_is_refused_and_a_stale_one_replaced() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.sock");
+        let addr = Address::Unix(path.clone());
+        let held = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert!(bind(&addr).err().unwrap().contains("another process listens on it"));
+        drop(held);
+        let bound = bind(&addr).map_err(|e| panic!("a stale socket is replaced: {e}")).ok();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        drop(bound);
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, "not a socket").unwrap();
+        let err = bind(&addr).err().unwrap();
+        assert!(
+            err.starts_with(&format!("cannot serve [supervisor] metrics on unix://{}: ", path.display()))
+        );
+        assert!(err.contains("not a socket"), "{err}");
     }
 
     #[test]
