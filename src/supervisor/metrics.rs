@@ -84,7 +84,7 @@ pub struct Snapshot {
 /// Where the metrics are served.
 pub enum Listener {
     Tcp(tokio::net::TcpListener),
-    Unix(tokio::net::UnixListener, std::path::PathBuf),
+    Unix(tokio::net::UnixListener),
 }
 
 /// Binds `addr`; the error names the key and the address. A unix socket
@@ -105,11 +105,9 @@ pub fn bind(addr: &Address) -> Result<Listener, String> {
             let l = std::net::TcpListener::from(fd);
             l.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(l)).map(Listener::Tcp)
         }
-        Address::Unix(path) => {
+        Address::Unix(_) => {
             let l = std::os::unix::net::UnixListener::from(fd);
-            l.set_nonblocking(true)
-                .and_then(|()| tokio::net::UnixListener::from_std(l))
-                .map(|l| Listener::Unix(l, path.clone()))
+            l.set_nonblocking(true).and_then(|()| tokio::net::UnixListener::from_std(l)).map(Listener::Unix)
         }
     };
     listener.map_err(|e| fail(&e))
@@ -155,7 +153,7 @@ async fn serve(listener: Listener, tx: mpsc::UnboundedSender<Event>) {
     loop {
         let accepted = match &listener {
             Listener::Tcp(l) => l.accept().await.map(|(s, _)| Conn::Tcp(s)),
-            Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Conn::Unix(s)),
+            Listener::Unix(l) => l.accept().await.map(|(s, _)| Conn::Unix(s)),
         };
         let Some(conn) = super::control::accepted(accepted, &mut failing, "metrics").await else { continue };
         if tx.is_closed() {
