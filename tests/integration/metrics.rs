@@ -254,3 +254,20 @@ fn a_port_in_use_refuses_the_start_naming_the_key_and_the_address() {
     assert!(sb.processes().is_empty(), "nothing was started: {:?}", sb.processes());
     assert!(!sb.state_dir().join("drover.sock").exists(), "the control socket is gone");
 }
+
+#[test]
+fn exports_leave_the_metrics_out() {
+    let sb = Sandbox::new();
+    let body = "[workers.web]\ncommand = [\"sleep\", \"600\"]\n";
+    sb.write("with.toml", format!("[supervisor]\nmetrics = \"127.0.0.1:9464\"\n{body}"));
+    sb.write("without.toml", body);
+    for target in [&["kubernetes", "--workdir", "/app"][..], &["systemd"][..]] {
+        let export = |file: &str| {
+            let out = run_within(sb.drover().args(["-c", file, "export"]).args(target), LIMIT);
+            assert_eq!(out.code, Some(0), "{target:?} {file}: {}", out.stderr);
+            assert!(out.stdout.contains("web"), "{target:?} {file}: {}", out.stdout);
+            out.stdout
+        };
+        assert_eq!(export("with.toml"), export("without.toml"), "{target:?}");
+    }
+}
