@@ -4,7 +4,7 @@
 //! oversized requests leave the supervisor serving; a reload moves the
 //! metrics, or keeps the old address when the new one is taken; a
 //! non-loopback address is a `check` error at the key; a port in use
-//! refuses the start.
+//! refuses the start; exports leave the key out.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -123,9 +123,12 @@ fn scrapes_over_tcp_follow_restarts_runs_and_reloads() {
     let m = wait_value(port, "drover_job_runs_total{job=\"hello\",state=\"succeeded\"}", 1.0);
     assert_eq!(m["drover_job_runs_total{job=\"hello\",state=\"failed\"}"], 0.0, "{m:?}");
 
-    // Elsewhere 404, another method 405; OpenMetrics when asked for.
+    // Elsewhere 404, another method 405, HEAD the headers alone;
+    // OpenMetrics when asked for.
     let (code, _) = split(&exchange(tcp(port), &get("/")));
     assert_eq!(code, 404);
+    let resp = exchange(tcp(port), b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(split(&resp), (200, ""), "{resp}");
     let resp = exchange(tcp(port), b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
     assert_eq!(split(&resp).0, 405, "{resp}");
     assert!(resp.to_ascii_lowercase().contains("allow: get, head"), "{resp}");
