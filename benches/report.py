@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
 """One run, one table: drover against its peers on every figure at once.
 
-Runs compare.py (start, RSS, status, idle CPU, restart, stop) and then
-reload.py (add one worker to a running config) back to back, on the same
-machine, in one sitting, and merges the two into the table the README's
+Runs compare.py (start, RSS, status, idle CPU, restart, stop), reload.py
+(add one worker to a running config) and sockets.py (restarts and reloads
+of a capacity-1 TCP service under a steady client) back to back, on the same
+machine, in one sitting, and merges them into the tables the README's
 "Performance" section shows: benches/results/report.md. The full reports of
-both parts are written beside it (supervisor.md, reload.md, with raw JSON).
+the parts are written beside it (supervisor.md, reload.md, sockets.md, with
+raw JSON).
 
     cargo build --release && bash benches/setup.sh && python3 benches/report.py
 
-`--from-json` measures nothing and renders the table again from
-results/supervisor.json and results/reload.json.
+`--from-json` measures nothing and renders the tables again from
+results/supervisor.json, results/reload.json and results/sockets.json.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ sys.path.insert(0, str(HERE))
 
 import compare  # noqa: E402
 import reload  # noqa: E402
+import sockets  # noqa: E402
 
 RESULTS = HERE / "results"
 # The order of the table's columns.
@@ -70,7 +73,7 @@ ROWS = [
 ]
 
 
-def render(sup: dict, rel: dict, n: int) -> str:
+def render(sup: dict, rel: dict, n: int, sock: dict | None = None) -> str:
     results, meta = sup["results"], sup["meta"]
     systems = [s for s in SYSTEMS if any(r["system"] == s and r["n"] == n for r in results)]
     out = [f"# drover vs peers, N = {n}", ""]
@@ -96,7 +99,18 @@ def render(sup: dict, rel: dict, n: int) -> str:
                f"`update`; runit rescans its directory every 5 s; horust has no reload (SIGHUP ends it). "
                f"The floor is a loop over waitpid that respawns at once and reads no config.")
     out.append("")
-    out.append("Full reports: benches/results/supervisor.md (also N = 1000), benches/results/reload.md.")
+    if sock:
+        m = sock["meta"]
+        out.append(f"## Zero-downtime restarts ({' '.join(m['argv'])})")
+        out.append("")
+        out.append(f"One TCP service at capacity 1 ({m['startup']:g} s to start serving) under a client asking "
+                   f"every 5 ms, restarted {m['restarts']} times by each system with its own command (drover "
+                   f"also applies {m['reloads']} config edits that change the command).")
+        out.append("")
+        out.append(sockets.table(sock["results"]).rstrip("\n"))
+        out.append("")
+    out.append("Full reports: benches/results/supervisor.md (also N = 1000), benches/results/reload.md, "
+               "benches/results/sockets.md.")
     return "\n".join(out) + "\n"
 
 
@@ -120,9 +134,14 @@ def main(argv=None) -> int:
                           "--out", str(RESULTS / "reload.md")])
         if rc != 0:
             return rc
+        rc = sockets.main(["--out", str(RESULTS / "sockets.md")])
+        if rc != 0:
+            return rc
     sup = json.loads((RESULTS / "supervisor.json").read_text())
     rel = json.loads((RESULTS / "reload.json").read_text())
-    md = render(sup, rel, opts.n)
+    sock_json = RESULTS / "sockets.json"
+    sock = json.loads(sock_json.read_text()) if sock_json.exists() else None
+    md = render(sup, rel, opts.n, sock)
     sys.stdout.write(md)
     Path(opts.out).write_text(md)
     return 0

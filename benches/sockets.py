@@ -406,14 +406,14 @@ def measure(cls, restarts: int, reloads: int, startup: float) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def main() -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--restarts", type=int, default=20)
     ap.add_argument("--reloads", type=int, default=20)
     ap.add_argument("--startup", type=float, default=0.2)
     ap.add_argument("--systems", default=",".join(c.name for c in SYSTEMS))
     ap.add_argument("--out", type=Path, default=HERE / "results" / "sockets.md")
-    opts = ap.parse_args()
+    opts = ap.parse_args(argv)
     compare.set_subreaper()
     wanted = opts.systems.split(",")
     rows = []
@@ -430,17 +430,28 @@ def main() -> None:
         f"    python3 benches/sockets.py --restarts {opts.restarts} --reloads {opts.reloads} "
         f"--startup {opts.startup:g}\n\n"
     )
-    table = "| system | how | requests | failed | longest gap with no answer | p99 latency |\n"
-    table += "| --- | --- | ---: | ---: | ---: | ---: |\n"
+    text = head + table(rows)
+    opts.out.write_text(text)
+    # The raw figures, for benches/report.py.
+    meta = {"date": str(_dt.date.today()), "argv": list(argv if argv is not None else sys.argv[1:]),
+            "restarts": opts.restarts, "reloads": opts.reloads, "startup": opts.startup}
+    opts.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    print(text)
+    return 0
+
+
+def table(rows: list[dict]) -> str:
+    """The side-by-side table of `rows` (as main prints it)."""
+    out = "| system | how | requests | failed | longest gap with no answer | p99 latency |\n"
+    out += "| --- | --- | ---: | ---: | ---: | ---: |\n"
     for r in rows:
         if "error" in r:
-            table += f"| {r['system']} | error: {r['error']} | | | | |\n"
+            out += f"| {r['system']} | error: {r['error']} | | | | |\n"
             continue
-        table += (f"| {r['system']} | {r['how']} | {r['requests']} | {r['failed']} | "
-                  f"{r['longest_gap_ms']:.0f} ms | {r['p99_ms']:.1f} ms |\n")
-    opts.out.write_text(head + table)
-    print(head + table)
+        out += (f"| {r['system']} | {r['how']} | {r['requests']} | {r['failed']} | "
+                f"{r['longest_gap_ms']:.0f} ms | {r['p99_ms']:.1f} ms |\n")
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,9 +1,11 @@
 //! Arbitrary bytes sent to the control socket's request reader: a request
 //! or an error reply, never a panic; and arbitrary bytes read as a reply by
-//! the client side.
+//! the client side, a status or an event line of `drover events` (which
+//! prints as text whatever parses).
 #![no_main]
 
 use drover::supervisor::control::read_request;
+use drover::supervisor::live::LiveEvent;
 use drover::supervisor::protocol::Response;
 use libfuzzer_sys::fuzz_target;
 
@@ -22,4 +24,7 @@ fuzz_target!(|data: &[u8]| {
     };
     serde_json::to_vec(&reply).expect("error reply serializes");
     let _ = serde_json::from_slice::<Response>(data);
+    if let Ok(ev) = serde_json::from_slice::<LiveEvent>(data) {
+        let _ = ev.to_string();
+    }
 });

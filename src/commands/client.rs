@@ -229,6 +229,9 @@ pub fn render_status(r: &StatusReport, state_dir: &Path) -> String {
         out.push_str(&format!("config: {}\n", c.display()));
     }
     out.push_str(&format!("state_dir: {}\n", state_dir.display()));
+    if let Some(c) = &s.containment {
+        out.push_str(&format!("containment: {c}\n"));
+    }
     out.push_str(&overrides_text(&r.overrides));
     if let Some(lr) = &s.last_reload {
         match &lr.error {

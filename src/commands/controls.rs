@@ -343,6 +343,7 @@ mod tests {
             kill_at: None,
             waiting_for: vec![],
             notify_status: None,
+            cgroup: None,
             cpu_seconds: None,
             rss_bytes: None,
         }

@@ -115,6 +115,8 @@ impl Hierarchy {
             return Err("the kernel has no cgroup.kill (Linux 5.14 or later is needed)".into());
         }
         let memory = memory && write(&base.join("cgroup.subtree_control"), "+memory").is_ok();
+        // For the panic hook, which has no Hierarchy to hand.
+        let _ = BASE.set(base.clone());
         Ok((Hierarchy { base, memory }, leftovers))
     }
 
@@ -141,10 +143,27 @@ impl Hierarchy {
         Ok(dir)
     }
 
-    /// SIGKILLs everything in drover's cgroups (a panic's last act).
+    /// SIGKILLs everything in drover's cgroups.
     pub fn kill_all(&self) -> io::Result<()> {
         kill(&self.base)
     }
+
+    /// At drover's exit: kills what is left in its cgroups (nothing, but
+    /// for a bug), removes them and its own directory. Blocks for at most
+    /// a few seconds.
+    pub fn tear_down(&self) -> io::Result<()> {
+        clean_leftovers(&self.base);
+        remove(&self.base)
+    }
+}
+
+/// The base of the hierarchy set up in this process.
+static BASE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// SIGKILLs everything in the cgroups of the hierarchy this process set
+/// up, if any: a panic's last act (one write to cgroup.kill).
+pub fn kill_set_up() -> bool {
+    BASE.get().is_some_and(|b| kill(b).is_ok())
 }
 
 /// Turns the memory controller on for the cgroups drover makes, if the
@@ -185,7 +204,8 @@ fn clean_leftovers(base: &Path) -> usize {
         wait_empty(base, LEFTOVER_WAIT);
     }
     for c in &children {
-        if let Err(e) = std::fs::remove_dir(c) {
+        // One already gone (removed off the loop meanwhile) is no error.
+        if let Err(e) = remove(c) {
             tracing::warn!(cgroup = %c.display(), error = %e, "cannot remove a leftover cgroup");
         }
     }
@@ -271,6 +291,18 @@ pub fn remove(dir: &Path) -> io::Result<()> {
     }
 }
 
+/// Removes the cgroup; one that still has processes is killed first and
+/// removed once they are gone (waited for by inotify, at most a few
+/// seconds). Blocks: call it off the event loop.
+pub fn remove_when_empty(dir: &Path) -> io::Result<()> {
+    if remove(dir).is_ok() {
+        return Ok(());
+    }
+    kill(dir)?;
+    wait_empty(dir, LEFTOVER_WAIT);
+    remove(dir)
+}
+
 /// How many times the kernel's OOM killer struck in the cgroup
 /// (`memory.events` oom_kill; 0 without the memory controller).
 pub fn oom_kills(dir: &Path) -> u64 {
@@ -331,6 +363,8 @@ mod tests {
         }
         assert_eq!(count(), 2, "sh and its setsid grandchild are both in the cgroup");
         assert!(populated(&cg));
+        let used = crate::os::usage::of_cgroup(&cg).expect("usage");
+        assert!(used.rss_bytes > 0, "summed over cgroup.procs without memory.current: {used:?}");
         // A second set-up (a drover after a SIGKILLed one) kills and removes.
         let (h2, leftovers) = Hierarchy::set_up(&dir).expect("set up again");
         let _ = child.wait();

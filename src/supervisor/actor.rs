@@ -13,8 +13,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 mod controls;
 mod instances;
+mod memory;
 
 use instances::node_name;
+pub use memory::Sample;
 
 use super::child::InFlight;
 use super::clock::rfc3339;
@@ -98,6 +100,9 @@ pub struct Options {
     pub echo: bool,
 }
 
+/// How long drover's exit waits for event followers to take their last line.
+const END_OF_STREAMS: Duration = Duration::from_secs(1);
+
 pub struct Supervisor {
     opts: Options,
     pub(super) config: Config,
@@ -143,7 +148,7 @@ pub struct Supervisor {
     ready: Option<super::runtime::Ready>,
     /// The full status report, until the next event that is not a status
     /// request: concurrent `status` calls share one.
-    status_cache: Option<Arc<StatusReport>>,
+    pub(super) status_cache: Option<Arc<StatusReport>>,
     /// State changes as they happen, for `drover events` and `top`.
     pub(super) live: super::live::Live,
     /// Runs ended and reloads, counted for the metrics.
@@ -152,12 +157,31 @@ pub struct Supervisor {
     metrics: Option<super::metrics::Server>,
     /// Scrapes go to the control channel, served before other events.
     control_tx: Option<mpsc::UnboundedSender<Event>>,
+    /// A memory sample of the instances with `max_memory` is being read.
+    memory_sample_pending: bool,
+    /// The containment chosen at start (a reload does not change it).
+    pub(super) containment: super::containment::Mode,
+    /// In cgroup mode, what tells when an instance's or run step's cgroup
+    /// is empty (`None` also if inotify could not be had: then the stop's
+    /// timers look instead).
+    pub(super) cgroup_watch: Option<super::containment::Watch>,
 }
 
 impl Supervisor {
-    pub fn new(opts: Options, config: Config, reaper: Arc<Reaper>, tx: mpsc::UnboundedSender<Event>) -> Self {
+    pub fn new(
+        opts: Options,
+        config: Config,
+        containment: super::containment::Mode,
+        reaper: Arc<Reaper>,
+        tx: mpsc::UnboundedSender<Event>,
+    ) -> Self {
         let state_path = config.supervisor.state_dir.join("state.json");
         let echo = opts.echo.then(Echo::start);
+        let cgroup_watch = containment.cgroups.as_ref().and_then(|_| {
+            super::containment::Watch::start(tx.clone())
+                .map_err(|e| tracing::warn!(error = %e, "cannot watch cgroups; a stop looks again after its grace"))
+                .ok()
+        });
         Supervisor {
             opts,
             config,
@@ -187,6 +211,7 @@ impl Supervisor {
             stop_waiters: Vec::new(),
             status_cache: None,
             timers: Timers::default(),
+            memory_sample_pending: false,
             graph: Graph::default(),
             touched: BTreeSet::new(),
             removing: BTreeSet::new(),
@@ -198,6 +223,8 @@ impl Supervisor {
             counters: super::metrics::Counters::default(),
             metrics: None,
             control_tx: None,
+            containment,
+            cgroup_watch,
         }
     }
 
@@ -380,6 +407,9 @@ impl Supervisor {
             }
         }
         self.finish_shutdown();
+        // Followers get their last line before the process ends, unless
+        // one takes longer than a moment to take it.
+        let _ = tokio::time::timeout(END_OF_STREAMS, self.end_live()).await;
     }
 
     fn handle(&mut self, ev: Event) {
@@ -415,8 +445,8 @@ impl Supervisor {
                     super::metrics::Snapshot { report: self.full_report(), counters: self.counters.clone() };
                 let _ = reply.send(snapshot);
             }
-            // Not wired to instances yet: their cgroups are not made.
-            Event::CgroupEmpty(_) => {}
+            Event::CgroupEmpty(dir) => self.on_cgroup_empty(&dir),
+            Event::MemorySampled(samples) => self.on_memory_sampled(samples),
             Event::Shutdown => self.shutdown(),
             Event::Reload(reply) => {
                 #[cfg(debug_assertions)]
@@ -427,6 +457,12 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    /// Ends every event stream (see `Live::end`); the future resolves
+    /// once each follower has its last line.
+    fn end_live(&mut self) -> impl std::future::Future<Output = ()> + use<> {
+        std::mem::take(&mut self.live).end("the supervisor stopped")
     }
 
     /// Arms (or re-arms) `key` to fire `after` from now.
@@ -445,6 +481,7 @@ impl Supervisor {
                 TimerKey::JobTick(job) => self.on_job_tick(&job),
                 TimerKey::Run(run, kind) => self.on_run_timer(run, kind),
                 TimerKey::LedgerRetry => self.on_ledger_retry(),
+                TimerKey::MemorySample => self.on_memory_timer(),
             }
         }
     }
@@ -592,6 +629,12 @@ impl Supervisor {
                 if loaded.config == self.config {
                     return Response::Ok { message: format!("no change (generation {})", self.generation) };
                 }
+                if loaded.config.supervisor.containment != self.config.supervisor.containment {
+                    tracing::warn!(
+                        in_use = self.containment.name(),
+                        "supervisor.containment changed: it takes effect at the next start"
+                    );
+                }
                 let changes = plan(&loaded.config.workers, &self.actual());
                 let old_jobs = std::mem::take(&mut self.config.jobs);
                 self.config = loaded.config;
@@ -620,6 +663,7 @@ impl Supervisor {
                 self.retry_sockets();
                 self.rebind_metrics();
                 self.release_waiting();
+                self.arm_memory_sampling();
                 if let Some(w) = &self.watch {
                     let new = WatchSettings::of(&self.config);
                     w.send_if_modified(|cur| std::mem::replace(cur, new.clone()) != new);
@@ -779,6 +823,9 @@ impl Supervisor {
         if self.shutting_down {
             // Asked twice: do not wait out the grace.
             tracing::warn!("second stop request: killing every process group now");
+            if let Some(h) = &self.containment.cgroups {
+                let _ = h.kill_all();
+            }
             for w in self.workers.values_mut() {
                 for inst in w.instances.values_mut() {
                     if let Some(pgid) = inst.pgid {
@@ -852,6 +899,11 @@ impl Supervisor {
 
     fn finish_shutdown(&mut self) {
         self.kill_escapees(None);
+        // Every instance and run is over: nothing is left in a cgroup
+        // but what a bug missed (the caller removes them).
+        if let Some(h) = &self.containment.cgroups {
+            let _ = h.kill_all();
+        }
         self.ledger.flush_before_exit();
         for w in self.workers.values() {
             for inst in w.instances.values() {
@@ -890,6 +942,8 @@ impl Supervisor {
                 generation: self.generation,
                 applied_at: Some(rfc3339(self.applied_at)),
                 last_reload: self.last_reload.clone(),
+                containment: Some(self.containment.name().into()),
+                cgroup: self.containment.cgroups.as_ref().map(|h| h.base.clone()),
             },
             workers: self
                 .workers
@@ -1014,6 +1068,7 @@ fn instance_status(index: u32, inst: &Instance) -> InstanceStatus {
             _ => Vec::new(),
         },
         notify_status: inst.notify_status.clone(),
+        cgroup: inst.cgroup.clone(),
         cpu_seconds: None,
         rss_bytes: None,
     }

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use nix::sys::signal::Signal;
 use tokio::sync::oneshot;
 
+use crate::os::cgroup::{self, Hierarchy};
 use crate::os::identity::Identity;
 use crate::os::listen;
 use crate::os::proc;
@@ -44,6 +45,19 @@ pub struct Launch {
     /// Listening sockets passed as fds 3, 4, … (LISTEN_FDS), with their
     /// names (LISTEN_FDNAMES). Shared: the worker holds them meanwhile.
     pub sockets: Vec<(Arc<OwnedFd>, String)>,
+    /// In cgroup mode, the cgroup of its own the child runs in.
+    pub cgroup: Option<CgroupSpec>,
+}
+
+/// A cgroup to make for a child just before it is spawned (on the
+/// spawning thread: mkdir in cgroupfs takes the kernel's cgroup mutex,
+/// which other cgroup users may hold, so never on the event loop).
+#[derive(Clone, Debug)]
+pub struct CgroupSpec {
+    pub hierarchy: Arc<Hierarchy>,
+    /// Unique in this drover's life (see `containment::Mode::cgroup`).
+    pub name: String,
+    pub max_memory: Option<u64>,
 }
 
 /// The socket-activation variables; a child without sockets gets none of
@@ -57,6 +71,8 @@ pub struct Started {
     pub pid: i32,
     pub stdout: Option<OwnedFd>,
     pub stderr: Option<OwnedFd>,
+    /// The cgroup it runs in (cgroup mode): empty of it once it is gone.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// Why a child could not be started.
@@ -71,7 +87,8 @@ pub struct LaunchError {
 impl Launch {
     /// The command to spawn, and the descriptors that must stay open
     /// until it is spawned.
-    fn command(&self) -> Result<(Command, Vec<OwnedFd>), LaunchError> {
+    /// `join` is the child's cgroup's `cgroup.procs`.
+    fn command(&self, join: Option<OwnedFd>) -> Result<(Command, Vec<OwnedFd>), LaunchError> {
         let Some(program) = self.argv.first() else {
             return Err(LaunchError { message: "the command is empty".into(), short: false });
         };
@@ -102,6 +119,14 @@ impl Launch {
             cmd.env("LISTEN_FDNAMES", names.join(":"));
         }
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        if let Some(fd) = join {
+            // The first hook: whatever fails after it (a limit, the user
+            // switch) fails inside the cgroup.
+            // SAFETY: join_in_child only calls write(2).
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || cgroup::join_in_child(&fd));
+            }
+        }
         proc::give_back_fd_limit(&mut cmd);
         crate::os::identity::apply(&mut cmd, &self.identity);
         if !high.is_empty() {
@@ -168,29 +193,63 @@ impl Launch {
         LaunchError { message, short }
     }
 
-    fn spawn_with<T>(&self, spawn: impl FnOnce(&mut Command) -> io::Result<T>) -> Result<T, LaunchError> {
-        let (mut cmd, _open_until_spawned) = self.command()?;
-        let spawned = if proc::descriptors_short() {
-            Err(io::Error::from_raw_os_error(nix::libc::EMFILE))
-        } else {
-            spawn(&mut cmd)
+    /// Makes the child's cgroup and opens it for the child to join.
+    fn make_cgroup(&self) -> Result<Option<(PathBuf, OwnedFd)>, LaunchError> {
+        let Some(spec) = &self.cgroup else { return Ok(None) };
+        let fail = |e: io::Error, dir: &std::path::Path| LaunchError {
+            message: format!("cannot make its cgroup {}: {e}", dir.display()),
+            short: out_of_resources(&e),
         };
-        spawned.map_err(|e| self.failure(&e))
+        let dir =
+            spec.hierarchy.create(&spec.name, spec.max_memory).map_err(|e| fail(e, &spec.hierarchy.base))?;
+        match cgroup::open_procs(&dir) {
+            Ok(fd) => Ok(Some((dir, fd))),
+            Err(e) => {
+                let _ = cgroup::remove(&dir);
+                Err(fail(e, &dir))
+            }
+        }
+    }
+
+    fn spawn_with<T>(
+        &self,
+        spawn: impl FnOnce(&mut Command) -> io::Result<T>,
+    ) -> Result<(T, Option<PathBuf>), LaunchError> {
+        let (dir, join) = self.make_cgroup()?.unzip();
+        let spawned = self.command(join).and_then(|(mut cmd, _open_until_spawned)| {
+            let spawned = if proc::descriptors_short() {
+                Err(io::Error::from_raw_os_error(nix::libc::EMFILE))
+            } else {
+                spawn(&mut cmd)
+            };
+            spawned.map_err(|e| self.failure(&e))
+        });
+        match spawned {
+            Ok(t) => Ok((t, dir)),
+            Err(e) => {
+                // No process of it ever ran: the cgroup is empty.
+                if let Some(d) = &dir {
+                    let _ = cgroup::remove(d);
+                }
+                Err(e)
+            }
+        }
     }
 }
 
-fn started(mut child: std::process::Child) -> Started {
+fn started(mut child: std::process::Child, cgroup: Option<PathBuf>) -> Started {
     Started {
         pid: child.id() as i32,
         stdout: child.stdout.take().map(OwnedFd::from),
         stderr: child.stderr.take().map(OwnedFd::from),
+        cgroup,
     }
 }
 
 /// Starts the child; its exit is one of [`Reaper::reap`]'s. Blocks until
 /// the child has exec'd.
 pub fn start(reaper: &Reaper, launch: &Launch) -> Result<Started, LaunchError> {
-    launch.spawn_with(|cmd| reaper.spawn(cmd)).map(started)
+    launch.spawn_with(|cmd| reaper.spawn(cmd)).map(|(child, cg)| started(child, cg))
 }
 
 /// Starts the child; its exit is sent on the receiver instead. Blocks until
@@ -199,7 +258,7 @@ pub fn start_waited(
     reaper: &Reaper,
     launch: &Launch,
 ) -> Result<(Started, oneshot::Receiver<Exit>), LaunchError> {
-    launch.spawn_with(|cmd| reaper.spawn_waited(cmd)).map(|(child, rx)| (started(child), rx))
+    launch.spawn_with(|cmd| reaper.spawn_waited(cmd)).map(|((child, rx), cg)| (started(child, cg), rx))
 }
 
 /// Starts the child on a blocking thread; `done` gets the outcome there.
@@ -294,6 +353,7 @@ mod tests {
             identity: Identity::default(),
             output: Output::Null,
             sockets: vec![],
+            cgroup: None,
         }
     }
 
@@ -316,9 +376,39 @@ mod tests {
         assert!(e.message.contains("drover is short of resources"), "{}", e.message);
     }
 
+    /// Real cgroups (root on a cgroup2 host): the child is in its cgroup
+    /// from its first instruction, and a start that fails leaves none.
+    #[test]
+    fn a_child_runs_in_its_own_cgroup_and_a_failed_start_leaves_none() {
+        let state_dir = std::env::temp_dir().join(format!("drover-child-cgroup-{}", std::process::id()));
+        let h = match Hierarchy::set_up(&state_dir) {
+            Ok((h, _)) => Arc::new(h),
+            Err(e) if !crate::os::identity::drover_is_root() => return eprintln!("skipped: {e}"),
+            Err(e) => panic!("as root, cgroups must be usable here: {e}"),
+        };
+        let spec =
+            |name: &str| Some(CgroupSpec { hierarchy: h.clone(), name: name.into(), max_memory: None });
+        let reaper = Reaper::default();
+        let mut ok = launch(&["sleep", "60"], "/");
+        ok.cgroup = spec("t.ok");
+        let s = start(&reaper, &ok).expect("start");
+        let cg = s.cgroup.clone().expect("a cgroup");
+        let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
+        assert_eq!(procs.trim(), s.pid.to_string());
+        cgroup::remove_when_empty(&cg).expect("killed and removed");
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(s.pid), None);
+        crate::os::groups::remove(s.pid);
+
+        let mut bad = launch(&["/no/such/program"], "/");
+        bad.cgroup = spec("t.bad");
+        assert!(start(&reaper, &bad).is_err());
+        assert!(!h.base.join("t.bad").exists(), "the failed start's cgroup is removed");
+        cgroup::remove(&h.base).expect("remove the base");
+    }
+
     #[test]
     fn an_empty_command_is_an_error_not_a_panic() {
-        let e = launch(&[], "/").command().err().map(|e| e.message);
+        let e = launch(&[], "/").command(None).err().map(|e| e.message);
         assert_eq!(e.as_deref(), Some("the command is empty"));
     }
 

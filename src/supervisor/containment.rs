@@ -6,12 +6,14 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
+use super::child::CgroupSpec;
 use super::events::Event;
 use crate::config::model::Containment;
 use crate::os::cgroup::{self, Hierarchy};
@@ -32,6 +34,17 @@ impl Mode {
     /// Whether `max_memory` is the cgroup's memory.max (else it is sampled).
     pub fn memory_controller(&self) -> bool {
         self.cgroups.as_ref().is_some_and(|h| h.memory)
+    }
+
+    /// In cgroup mode, the cgroup for a child: `what` ("w.web.0", "r.12.1")
+    /// with a sequence number, so that no two children of one drover's life
+    /// share a name (a surge instance and the one it replaced swap keys;
+    /// a resumed run runs a step again).
+    pub fn cgroup(&self, what: &str, max_memory: Option<u64>) -> Option<CgroupSpec> {
+        static SEQ: AtomicU64 = AtomicU64::new(1);
+        let hierarchy = self.cgroups.clone()?;
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        Some(CgroupSpec { hierarchy, name: format!("{what}.{n}"), max_memory })
     }
 }
 
@@ -62,6 +75,39 @@ pub fn choose(wanted: Containment, state_dir: &Path) -> Result<Mode, String> {
             Ok(Mode::default())
         }
     }
+}
+
+/// Whether a process of a child is left: its cgroup's word in cgroup
+/// mode (one small read of cgroup.events, which takes no lock the kernel
+/// holds for long: fine on the event loop), else its process group's.
+pub fn alive(cgroup: Option<&Path>, pgid: Option<i32>) -> bool {
+    match cgroup {
+        Some(dir) => cgroup::populated(dir),
+        None => pgid.is_some_and(crate::os::proc::group_alive),
+    }
+}
+
+/// SIGKILLs everything in the cgroup, off the event loop (a write to
+/// cgroup.kill takes the kernel's cgroup mutex).
+pub fn kill_off_loop(dir: &Path) {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = cgroup::kill(&dir) {
+            tracing::warn!(cgroup = %dir.display(), error = %e, "cannot kill a cgroup");
+        }
+    });
+}
+
+/// Removes a cgroup drover is done with, off the event loop: at once when
+/// it is empty (as it is after a stop), else once its processes, killed,
+/// are gone (a step ended with its output still open, a spawn nobody
+/// wanted).
+pub fn remove_off_loop(dir: PathBuf) {
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = cgroup::remove_when_empty(&dir) {
+            tracing::warn!(cgroup = %dir.display(), error = %e, "cannot remove a cgroup");
+        }
+    });
 }
 
 struct Fd(Inotify);
@@ -147,4 +193,32 @@ fn hint(e: nix::errno::Errno) -> &'static str {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_child_gets_a_cgroup_name_of_its_own_and_none_without_cgroups() {
+        assert!(Mode::default().cgroup("w.web.0", None).is_none());
+        let h = Arc::new(Hierarchy { base: PathBuf::from("/sys/fs/cgroup/drover.x"), memory: false });
+        let mode = Mode { cgroups: Some(h) };
+        let (a, b) = (mode.cgroup("w.web.0", Some(512)), mode.cgroup("w.web.0", None));
+        let (a, b) = (a.expect("a cgroup"), b.expect("a cgroup"));
+        assert!(a.name.starts_with("w.web.0.") && b.name.starts_with("w.web.0."), "{} {}", a.name, b.name);
+        assert_ne!(a.name, b.name);
+        assert_eq!((a.max_memory, b.max_memory), (Some(512), None));
+        assert_eq!(mode.name(), "cgroup");
+        assert_eq!(Mode::default().name(), "process-group");
+    }
+
+    #[test]
+    fn a_child_without_a_cgroup_is_alive_by_its_process_group() {
+        // Our own group is alive; a cgroup that does not exist is empty.
+        let own = nix::unistd::getpgrp().as_raw();
+        assert!(alive(None, Some(own)));
+        assert!(!alive(None, None));
+        assert!(!alive(Some(Path::new("/no/such/cgroup")), Some(own)));
+    }
 }

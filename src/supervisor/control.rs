@@ -34,7 +34,7 @@ pub fn encode(resp: &Response) -> Vec<u8> {
 
 /// A client that does not take its reply within this long is dropped:
 /// a reply it never reads must not hold a descriptor for ever.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Control connections served at once. Beyond it a new connection gets
 /// one error line and is closed at once, so clients that never read (or
@@ -151,7 +151,7 @@ const EVENTS_BATCH: usize = 64;
 /// (a last `lagged` line) or does not read for [`WRITE_TIMEOUT`], or the
 /// supervisor stops.
 async fn stream_events(sub: Subscription, mut r: OwnedReadHalf, mut w: OwnedWriteHalf) {
-    let Subscription { recent, rx, names } = sub;
+    let Subscription { recent, rx, names, serving: _serving } = sub;
     let mut buf = Vec::new();
     for ev in &recent {
         push_event(&mut buf, ev);

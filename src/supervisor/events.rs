@@ -55,6 +55,8 @@ pub enum Event {
     Shutdown,
     /// A cgroup drover watches has no process left (`cgroup.events`).
     CgroupEmpty(PathBuf),
+    /// The memory of the instances with `max_memory`, read off the loop.
+    MemorySampled(Vec<super::actor::Sample>),
     /// SIGHUP, `drover reload`, or the file watcher.
     Reload(Option<oneshot::Sender<Response>>),
     /// A scrape of `/metrics` asks for the state to encode.
@@ -84,6 +86,8 @@ pub enum TimerKey {
     Run(i64, RunTimer),
     /// Time to try a locked ledger again.
     LedgerRetry,
+    /// Time to sample the memory of the instances with `max_memory`.
+    MemorySample,
 }
 
 /// Whose process a pid is.

@@ -16,6 +16,7 @@ use super::actor::Supervisor;
 use super::admission::{self, Admission};
 use super::child::{self, Launch, LaunchError, Output, Started};
 use super::clock::{later, rfc3339};
+use super::containment;
 use super::events::{Event, Proc, RunTimer, TimerKey};
 use super::graph::Node;
 use super::live::What;
@@ -91,6 +92,9 @@ pub struct RunProc {
     /// The step's process ended but its group, SIGKILLed, still had
     /// processes: the step ends once the group is empty.
     pub group_left: Option<i32>,
+    /// In cgroup mode, the current step's cgroup: with it, the group is
+    /// "empty" when the cgroup is.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// Why a tick, trigger or resume started no run.
@@ -551,6 +555,7 @@ impl Supervisor {
             approved,
             spawning: false,
             group_left: None,
+            cgroup: None,
         };
         self.runs.insert(run.id, rp);
         if let Some(t) = timeout {
@@ -595,6 +600,7 @@ impl Supervisor {
             identity: (*rp.identity).clone(),
             output: Output::Piped,
             sockets: vec![],
+            cgroup: self.containment.cgroup(&format!("r.{id}.{}", rp.step), None),
         };
         rp.spawning = true;
         // Off the event loop: each spawn blocks its thread until the child
@@ -645,12 +651,19 @@ impl Supervisor {
             // Its run is gone (it cannot be: a run with a spawn in flight
             // is kept until the spawn lands); it must not run on.
             self.in_flight.discard(pid);
+            if let Some(cg) = sp.cgroup {
+                containment::remove_off_loop(cg);
+            }
             return;
         }
         let state_dir = self.config.supervisor.state_dir.clone();
         let Some(rp) = self.runs.get_mut(&id) else { return };
         rp.pid = Some(pid);
         rp.pgid = Some(pid);
+        if let (Some(watch), Some(cg)) = (&self.cgroup_watch, &sp.cgroup) {
+            watch.add(cg);
+        }
+        rp.cgroup = sp.cgroup;
         for (stream, pipe) in [("out", sp.stdout), ("err", sp.stderr)] {
             if let Some(fd) = pipe
                 && let Ok(rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
@@ -692,8 +705,11 @@ impl Supervisor {
         // its group goes with it, and the step ends (its slot frees) only
         // once the group is empty.
         if let Some(pgid) = rp.pgid.take() {
-            if proc::group_alive(pgid) {
+            if containment::alive(rp.cgroup.as_deref(), Some(pgid)) {
                 let _ = proc::signal_group(pgid, NixSignal::SIGKILL);
+                if let Some(cg) = &rp.cgroup {
+                    containment::kill_off_loop(cg);
+                }
                 rp.group_left = Some(pgid);
             }
             crate::os::groups::remove(pgid);
@@ -706,9 +722,10 @@ impl Supervisor {
 
     /// Ends the current step if its process has ended, its output is all
     /// written and its group is empty; returns whether it is over.
-    fn try_end_step(&mut self, id: i64) -> bool {
+    pub(super) fn try_end_step(&mut self, id: i64) -> bool {
         let Some(rp) = self.runs.get_mut(&id) else { return true };
-        if rp.open_streams > 0 || rp.group_left.is_some_and(proc::group_alive) {
+        let left = rp.group_left.is_some_and(|g| containment::alive(rp.cgroup.as_deref(), Some(g)));
+        if rp.open_streams > 0 || left {
             return false;
         }
         rp.group_left = None;
@@ -744,6 +761,10 @@ impl Supervisor {
         self.timers.cancel(&TimerKey::Run(id, RunTimer::Kill));
         self.timers.cancel(&TimerKey::Run(id, RunTimer::Drain));
         let Some(rp) = self.runs.get_mut(&id) else { return };
+        // Empty, or (its drain given up on) killed and removed once empty.
+        if let Some(cg) = rp.cgroup.take() {
+            containment::remove_off_loop(cg);
+        }
         let ok = exit.as_ref().is_some_and(Exit::success);
         let step = rp.step;
         let step_name = rp.steps[step as usize].name.clone();
@@ -862,6 +883,9 @@ impl Supervisor {
         let (sig, grace) = (rp.stop_signal.to_nix(), rp.stop_grace);
         let _ = proc::signal_group(pgid, sig);
         let _ = proc::signal_group(pgid, NixSignal::SIGCONT);
+        if let Some(cg) = &rp.cgroup {
+            crate::os::cgroup::signal(cg, sig);
+        }
         self.run_timer(id, RunTimer::Kill, grace);
     }
 
@@ -891,6 +915,9 @@ impl Supervisor {
                     tracing::warn!(run = id, pgid, "stop grace over; SIGKILL");
                     let _ = proc::signal_group(pgid, NixSignal::SIGKILL);
                 }
+                if let Some(cg) = &rp.cgroup {
+                    containment::kill_off_loop(cg);
+                }
             }
         }
     }
@@ -902,7 +929,11 @@ impl Supervisor {
     /// The run's process is gone from the actor's hands: its timers go too.
     fn forget_run(&mut self, id: i64) -> Option<RunProc> {
         self.timers.cancel_where(|k| matches!(k, TimerKey::Run(r, _) if *r == id));
-        self.runs.remove(&id)
+        let mut rp = self.runs.remove(&id)?;
+        if let Some(cg) = rp.cgroup.take() {
+            containment::remove_off_loop(cg);
+        }
+        Some(rp)
     }
 
     // ----- requests -----

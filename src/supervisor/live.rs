@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 
 use super::clock::rfc3339;
 
@@ -108,6 +108,12 @@ pub enum What {
     Lagged {
         missed: u64,
     },
+    /// The last line to every follower when the supervisor stops: a stream
+    /// that ends without it was cut (drover killed, or the reader dropped
+    /// for not reading).
+    End {
+        reason: String,
+    },
 }
 
 impl What {
@@ -125,7 +131,10 @@ impl What {
             What::RunStarted { job, .. } | What::RunStep { job, .. } | What::RunEnded { job, .. } => {
                 job.as_deref()
             }
-            What::ReloadApplied { .. } | What::ReloadFailed { .. } | What::Lagged { .. } => None,
+            What::ReloadApplied { .. }
+            | What::ReloadFailed { .. }
+            | What::Lagged { .. }
+            | What::End { .. } => None,
         }
     }
 
@@ -187,6 +196,7 @@ impl std::fmt::Display for LiveEvent {
             What::Lagged { missed } => {
                 ("events".into(), format!("lagged: {missed} events missed; the stream ends here"))
             }
+            What::End { reason } => ("events".into(), format!("end: {reason}")),
         };
         write!(f, "{}  {who}  {what}", self.time)
     }
@@ -201,12 +211,17 @@ pub struct Subscription {
     pub rx: Option<broadcast::Receiver<Arc<LiveEvent>>>,
     /// Only events about these workers or jobs (none: all).
     pub names: Vec<String>,
+    /// Held while the subscription is served: the supervisor's exit waits
+    /// (briefly) until every follower has its last line.
+    pub serving: mpsc::Sender<()>,
 }
 
 /// The actor's side: the channel and the ring of recent events.
 pub struct Live {
     tx: broadcast::Sender<Arc<LiveEvent>>,
     recent: VecDeque<Arc<LiveEvent>>,
+    serving: mpsc::Sender<()>,
+    served: Option<mpsc::Receiver<()>>,
 }
 
 impl Default for Live {
@@ -217,7 +232,13 @@ impl Default for Live {
 
 impl Live {
     pub fn new() -> Self {
-        Live { tx: broadcast::Sender::new(BACKLOG), recent: VecDeque::with_capacity(RECENT) }
+        let (serving, served) = mpsc::channel(1);
+        Live {
+            tx: broadcast::Sender::new(BACKLOG),
+            recent: VecDeque::with_capacity(RECENT),
+            serving,
+            served: Some(served),
+        }
     }
 
     /// Records an event now and hands it to every follower, without waiting.
@@ -239,7 +260,28 @@ impl Live {
             ));
         }
         let recent = self.recent.iter().filter(|e| e.what.concerns(&names)).cloned().collect();
-        Ok(Subscription { recent, rx: follow.then(|| self.tx.subscribe()), names })
+        Ok(Subscription {
+            recent,
+            rx: follow.then(|| self.tx.subscribe()),
+            names,
+            serving: self.serving.clone(),
+        })
+    }
+
+    /// The end of the stream: every follower gets a last `end` line, and
+    /// the future returned resolves once each has been written (or its
+    /// reader has gone): the supervisor awaits it, within a bound, before
+    /// it exits.
+    pub fn end(mut self, reason: &str) -> impl std::future::Future<Output = ()> {
+        self.emit(What::End { reason: reason.to_string() });
+        let served = self.served.take();
+        drop(self);
+        async move {
+            if let Some(mut rx) = served {
+                // None once every `serving` sender is gone.
+                let _ = rx.recv().await;
+            }
+        }
     }
 }
 

@@ -221,6 +221,13 @@ pub struct SupervisorStatus {
     #[serde(default)]
     pub applied_at: Option<String>,
     pub last_reload: Option<ReloadStatus>,
+    /// "cgroup" or "process-group": how instances are contained, chosen
+    /// at start (absent in state files of older drovers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub containment: Option<String>,
+    /// In cgroup mode, the cgroup the instances' cgroups are made in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -268,6 +275,9 @@ pub struct InstanceStatus {
     pub pid: Option<i32>,
     /// The process group drover signals to stop this instance.
     pub pgid: Option<i32>,
+    /// In cgroup mode, the cgroup its processes run in (none escapes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
     #[serde(default)]
     pub start_ticks: Option<u64>,
     /// waiting, starting, running, backoff, parked, stopping, stopped.
@@ -306,17 +316,20 @@ pub struct InstanceStatus {
 }
 
 impl StatusReport {
-    /// Fills in what each running instance uses, from /proc: blocking
-    /// file reads, so never on the actor's event loop.
+    /// Fills in what each running instance uses: its cgroup's counters
+    /// (cgroup mode), else its process group's from one pass over /proc.
+    /// Blocking file reads, so never on the actor's event loop.
     pub fn add_usage(&mut self) {
         let instances = || self.workers.iter().flat_map(|w| &w.instances);
-        let pgids: Vec<i32> = instances().filter(|i| i.pid.is_some()).filter_map(|i| i.pgid).collect();
+        let pgids: Vec<i32> =
+            instances().filter(|i| i.pid.is_some() && i.cgroup.is_none()).filter_map(|i| i.pgid).collect();
         let usage = crate::os::usage::of_groups(&pgids);
         for i in self.workers.iter_mut().flat_map(|w| &mut w.instances) {
             if i.pid.is_none() {
                 continue;
             }
-            if let Some(u) = i.pgid.and_then(|g| usage.get(&g)) {
+            let of_cgroup = i.cgroup.as_deref().and_then(crate::os::usage::of_cgroup);
+            if let Some(u) = of_cgroup.as_ref().or_else(|| i.pgid.and_then(|g| usage.get(&g))) {
                 i.cpu_seconds = Some(u.cpu_seconds);
                 i.rss_bytes = Some(u.rss_bytes);
             }

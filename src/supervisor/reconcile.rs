@@ -95,6 +95,8 @@ pub fn changed_fields(a: &Worker, b: &Worker) -> Vec<String> {
         // The files' variables are in `env`: a new list alone changes no process.
         ("env_file", a.env_file != b.env_file),
         ("sockets", a.sockets != b.sockets),
+        // Sampled or set on the next cgroup: applied without a restart.
+        ("max_memory", a.max_memory != b.max_memory),
     ];
     checks.extend(identity_changes(&a.identity, &b.identity));
     differing(&checks)

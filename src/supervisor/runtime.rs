@@ -218,12 +218,15 @@ pub fn install_panic_hook(state_dir: PathBuf) {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         default(info);
+        // Everything in drover's cgroups, whatever its group or session.
+        let cgroups = crate::os::cgroup::kill_set_up();
         let registered = crate::os::groups::kill_all().unwrap_or(0);
         let marked = kill_marked(&state_dir, &BTreeSet::new()).len();
         let _ = writeln!(
             super::own_log::LossyStderr,
             "drover: the supervisor panicked (a bug); killed {registered} process groups it ran \
-             and {marked} other marked ones; exiting"
+             and {marked} other marked ones{}; exiting",
+            if cgroups { " and everything in its cgroups" } else { "" }
         );
         // SAFETY: _exit ends the process at once, running nothing else:
         // other threads may hold locks that exit handlers would need.
@@ -299,6 +302,8 @@ pub async fn serve(
     if killed > 0 {
         tracing::warn!(groups = killed, "stopped what the previous supervisor left running");
     }
+    // With the lock held: the state_dir's cgroups are this drover's alone.
+    let containment = super::containment::choose(loaded.config.supervisor.containment, &state_dir)?;
 
     proc::raise_fd_limit();
     proc::close_inherited_on_exec();
@@ -370,7 +375,7 @@ pub async fn serve(
     };
 
     let opts = Options { config_path: loaded.path.clone(), overrides, echo };
-    let mut sup = Supervisor::new(opts, loaded.config, reaper, tx.clone());
+    let mut sup = Supervisor::new(opts, loaded.config, containment.clone(), reaper, tx.clone());
     let (watch_tx, watch_rx) = tokio::sync::watch::channel(sup.watch_settings());
     sup.set_watch(watch_tx);
     super::watch::start(loaded.path.clone(), &loaded.text, watch_rx, tx.clone());
@@ -384,5 +389,10 @@ pub async fn serve(
     tokio::spawn(control::serve(listener, ctl_tx));
     sup.run(rx, ctl_rx).await;
     sd_notify("STOPPING=1");
+    if let Some(h) = &containment.cgroups
+        && let Err(e) = h.tear_down()
+    {
+        tracing::warn!(cgroup = %h.base.display(), error = %e, "cannot remove drover's cgroup");
+    }
     Ok(())
 }

@@ -21,13 +21,15 @@ pub struct Sandbox {
     pub dir: tempfile::TempDir,
     /// `dir`, canonicalized: what /proc/PID/cwd of a process in it reads.
     pub root: PathBuf,
+    /// The cgroups of the drovers run here (cgroup mode), removed last.
+    cgroups: std::sync::Mutex<BTreeSet<PathBuf>>,
 }
 
 impl Sandbox {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().canonicalize().expect("canonicalize tempdir");
-        Sandbox { dir, root }
+        Sandbox { dir, root, cgroups: Default::default() }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -233,6 +235,11 @@ impl Sandbox {
 impl Drop for Sandbox {
     fn drop(&mut self) {
         self.kill_leftovers();
+        // Every drover of the test is gone: what a SIGKILLed one left in
+        // its cgroups goes now, and the cgroups with it.
+        for c in self.cgroups.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            remove_cgroups(c);
+        }
     }
 }
 
@@ -279,6 +286,7 @@ impl<'a> Supervisor<'a> {
             let v: Value = serde_json::from_str(&out.stdout).unwrap_or(Value::Null);
             if out.code == Some(0) && v["supervisor"]["pid"] == pid {
                 s.record(&v);
+                s.wait_spawns_landed(v);
                 return s;
             }
 
@@ -286,6 +294,30 @@ impl<'a> Supervisor<'a> {
                 panic!("drover not ready after 10 s; stderr:\n{}", s.stderr());
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (at most 5 s, then returns anyway) until no instance of the
+    /// boot is still being spawned (`starting` without a pid): spawns run
+    /// off drover's loop, and tests read the first pids right after start.
+    fn wait_spawns_landed(&self, mut v: Value) {
+        let spawning = |v: &Value| {
+            v["workers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|w| w["instances"].as_array().into_iter().flatten())
+                .any(|i| i["state"] == "starting" && i["pid"].is_null())
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while spawning(&v) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            let (code, next) = self.sb.status_json();
+            if code != Some(0) {
+                return;
+            }
+            self.record(&next);
+            v = next;
         }
     }
 
@@ -300,6 +332,9 @@ impl<'a> Supervisor<'a> {
     }
 
     fn record(&self, v: &Value) {
+        if let Some(c) = v["supervisor"]["cgroup"].as_str() {
+            self.sb.cgroups.lock().unwrap_or_else(|e| e.into_inner()).insert(PathBuf::from(c));
+        }
         let mut pgids = self.pgids.borrow_mut();
         for w in v["workers"].as_array().into_iter().flatten() {
             for i in w["instances"].as_array().into_iter().flatten() {
@@ -407,6 +442,27 @@ impl Drop for Supervisor<'_> {
             }
         }
         self.kill_groups();
+    }
+}
+
+/// Kills what a drover that did not clean up left in its cgroup `base`
+/// and removes it with the cgroups below it (a clean drover left none).
+fn remove_cgroups(base: &Path) {
+    if !base.exists() {
+        return;
+    }
+    let _ = std::fs::write(base.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let below: Vec<PathBuf> = std::fs::read_dir(base)
+            .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect())
+            .unwrap_or_default();
+        // Busy until the killed processes are gone.
+        let left = below.iter().filter(|c| std::fs::remove_dir(c).is_err()).count();
+        if (left == 0 && std::fs::remove_dir(base).is_ok()) || !base.exists() || Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -378,3 +378,64 @@ fn a_follower_that_never_reads_is_dropped_with_a_lagged_line_and_nothing_else_sl
     drop((reader, idle));
     drop(sup);
 }
+
+/// A `drover events -f --json` whose stderr and exit status the test
+/// reads, returned once its first line (a recent event) has come: its
+/// subscription is in place.
+fn follow_plain(sb: &Sandbox) -> (Child, BufReader<std::process::ChildStdout>, Value) {
+    let mut child = sb
+        .drover()
+        .args(["-c", "daemon.toml", "events", "-f", "--json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn drover events");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    let _ = out.read_line(&mut first);
+    let v = serde_json::from_str(&first).unwrap_or_else(|e| panic!("not JSON ({e}): {first:?}"));
+    (child, out, v)
+}
+
+/// Reads a follower to its end: its lines, its stderr and its exit code.
+fn finish(
+    (mut child, mut out, _): (Child, BufReader<std::process::ChildStdout>, Value),
+) -> (Vec<Value>, String, Option<i32>) {
+    let mut rest = String::new();
+    let mut err = String::new();
+    let _ = out.read_to_string(&mut rest);
+    let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+    let code = child.wait().ok().and_then(|s| s.code());
+    let lines = rest.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    (lines, err, code)
+}
+
+#[test]
+fn a_clean_stop_ends_each_stream_with_an_end_line_and_a_killed_supervisor_is_an_error() {
+    let sb = Sandbox::new();
+    sb.write("daemon.toml", config("steady"));
+    let sup = Supervisor::start(&sb);
+    sup.wait_for("steady running", LIMIT, |v| crate::harness::instance(v, "steady", 0)["state"] == "running");
+    let follower = follow_plain(&sb);
+    let r = sb.cli(&["stop"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let (lines, err, code) = finish(follower);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(lines.iter().any(|l| l["kind"] == "stopped"), "the stop is told: {lines:#?}");
+    let last = lines.last().cloned().unwrap_or_default();
+    assert_eq!(last["kind"], "end", "the last line is the end: {lines:#?}");
+    assert_eq!(last["reason"], "the supervisor stopped", "{last}");
+    drop(sup);
+
+    // A supervisor that dies leaves its followers a cut stream: exit 1, said.
+    let mut sup = Supervisor::start(&sb);
+    sup.wait_for("steady running", LIMIT, |v| crate::harness::instance(v, "steady", 0)["state"] == "running");
+    let follower = follow_plain(&sb);
+    sup.sigkill();
+    let (lines, err, code) = finish(follower);
+    assert_eq!(code, Some(1), "{lines:#?}");
+    assert!(err.contains("the event stream was cut without its end"), "{err}");
+    assert!(lines.iter().all(|l| l["kind"] != "end"), "{lines:#?}");
+    drop(sup);
+}

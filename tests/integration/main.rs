@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod cgroups;
 mod chaos;
 mod chaos_ready;
 mod check;
@@ -16,6 +17,7 @@ mod identity;
 mod jobs;
 mod ledger_faults;
 mod live;
+mod memory;
 mod metrics;
 mod output;
 mod readiness;

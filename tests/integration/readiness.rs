@@ -109,21 +109,29 @@ fn notify_ready_and_status_come_from_the_instance_over_notify_socket() {
         return;
     }
     let sb = Sandbox::new();
-    // A child of the instance sends (attributed by its process group).
-    let send = "python3 -c \"import os,socket; s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); \
-                s.sendto(b'STATUS=warming up', os.environ['NOTIFY_SOCKET'])\"; \
-                while [ ! -e go ]; do sleep 0.02; done; \
-                python3 -c \"import os,socket; s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); \
-                s.sendto(b'READY=1\\nSTATUS=serving', os.environ['NOTIFY_SOCKET'])\"; exec sleep 1000";
+    // A child of the instance sends (attributed by its process group). It
+    // stays alive until the test has seen each datagram taken: drover looks
+    // the sender up when it reads the datagram.
+    let sender = "import os, socket, time\n\
+                  s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+                  def send(b): s.sendto(b, os.environ['NOTIFY_SOCKET'])\n\
+                  def wait(f):\n    while not os.path.exists(f): time.sleep(0.02)\n\
+                  send(b'STATUS=warming up')\nwait('go')\n\
+                  send(b'READY=1\\nSTATUS=serving')\nwait('done')\n";
+    sb.write("sender.py", sender);
     sb.write(
         "daemon.toml",
-        format!("{SUPERVISOR}{FAST}[workers.svc]\ncommand = {}\nready = {{ notify = true }}\n", sh(send)),
+        format!(
+            "{SUPERVISOR}{FAST}[workers.svc]\ncommand = {}\nready = {{ notify = true }}\n",
+            sh("python3 sender.py; exec sleep 1000")
+        ),
     );
     let sup = Supervisor::start(&sb);
     let v = sup.wait_for("STATUS= shown", LIMIT, |v| instance(v, "svc", 0)["notify_status"] == "warming up");
     assert_eq!(state(&v, "svc", 0), "starting");
     sb.write("go", "");
     let v = sup.wait_for("READY=1", LIMIT, |v| state(v, "svc", 0) == "running");
+    sb.write("done", "");
     assert_eq!(instance(&v, "svc", 0)["notify_status"], "serving");
 }
 

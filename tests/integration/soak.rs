@@ -22,12 +22,21 @@ use crate::sockets::free_port;
 struct Sample {
     at: Duration,
     rss_kib: u64,
+    /// The part of RSS that is drover's own heap and stacks (RssAnon): the
+    /// rest is the binary's pages, which grow as rarer code first runs.
+    anon_kib: u64,
     fds: usize,
     ledger_bytes: u64,
     restarts: u64,
     runs: i64,
     cpu_ticks: u64,
     events: usize,
+}
+
+fn anon_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let line = status.lines().find(|l| l.starts_with("RssAnon:")).unwrap_or_default();
+    line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0)
 }
 
 /// utime + stime of a process, in clock ticks.
@@ -127,8 +136,8 @@ fn soak_keeps_memory_descriptors_and_ledger_flat() {
     let mut samples = Vec::new();
     eprintln!("soak: {secs} s, a sample every {interval:?}, warm-up {warm_up:?}");
     eprintln!(
-        "{:>8} {:>10} {:>5} {:>12} {:>9} {:>7} {:>9} {:>8}",
-        "at", "rss KiB", "fds", "ledger B", "restarts", "last run", "cpu ticks", "events"
+        "{:>8} {:>10} {:>9} {:>5} {:>12} {:>9} {:>7} {:>9} {:>8}",
+        "at", "rss KiB", "anon KiB", "fds", "ledger B", "restarts", "last run", "cpu ticks", "events"
     );
     while start.elapsed() < Duration::from_secs(secs) {
         let next = start + interval * (samples.len() as u32 + 1);
@@ -137,6 +146,7 @@ fn soak_keeps_memory_descriptors_and_ledger_flat() {
         let s = Sample {
             at: start.elapsed(),
             rss_kib: rss_kib(sup.pid).expect("drover's RSS"),
+            anon_kib: anon_kib(sup.pid),
             fds: settled_fds(sup.pid),
             ledger_bytes: ledger_bytes(&sb),
             restarts: crate::harness::instance(&v, "flash", 0)["restarts"].as_u64().unwrap_or(0),
@@ -145,9 +155,10 @@ fn soak_keeps_memory_descriptors_and_ledger_flat() {
             events: events.load(std::sync::atomic::Ordering::Relaxed),
         };
         eprintln!(
-            "{:>7}s {:>10} {:>5} {:>12} {:>9} {:>7} {:>9} {:>8}",
+            "{:>7}s {:>10} {:>9} {:>5} {:>12} {:>9} {:>7} {:>9} {:>8}",
             s.at.as_secs(),
             s.rss_kib,
+            s.anon_kib,
             s.fds,
             s.ledger_bytes,
             s.restarts,
@@ -177,13 +188,20 @@ fn soak_keeps_memory_descriptors_and_ledger_flat() {
     let _ = reader.join();
     let kept = ledger_count(&sb, "SELECT count(*) FROM runs");
     assert!((40..=51).contains(&kept), "{kept} runs kept; retain = 50");
+    // A leak raises the floor: the fewest descriptors of the last third
+    // are no more than warm-up reached.
+    let tail = &samples[samples.len() - samples.len().div_ceil(3)..];
+    let floor = tail.iter().map(|s| s.fds).min().unwrap_or(0);
+    assert!(floor <= base_fds, "descriptors never fell back to {base_fds}: {samples:#?}");
     for s in &after {
         assert!(
             s.rss_kib < base.rss_kib + 1024,
             "RSS grew {} KiB after warm-up: {samples:#?}",
             s.rss_kib - base.rss_kib
         );
-        assert!(s.fds <= base_fds, "descriptors grew from {base_fds} to {}: {samples:#?}", s.fds);
+        // A spike of a few (probes and spawns in flight on a loaded
+        // machine) is no leak; a runaway is.
+        assert!(s.fds <= base_fds + 16, "descriptors grew from {base_fds} to {}: {samples:#?}", s.fds);
 
         assert!(
             s.ledger_bytes < base.ledger_bytes + (1 << 20),

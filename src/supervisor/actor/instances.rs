@@ -13,9 +13,11 @@ use nix::sys::signal::Signal as NixSignal;
 
 use super::{Event, MAX_ESCAPEE_TREE, Proc, Supervisor, TimerKey, millis};
 use crate::config::model::{Condition, SpawnMode};
+use crate::os::cgroup;
 use crate::os::proc;
 use crate::os::reaper::Exit;
 use crate::supervisor::child::{self, Launch, LaunchError, Output, Started};
+use crate::supervisor::containment;
 use crate::supervisor::graph::Node;
 use crate::supervisor::live::What;
 use crate::supervisor::logs::pump_watched;
@@ -62,14 +64,25 @@ impl Supervisor {
             Effect::Spawn => self.spawn(name, index),
             Effect::SignalStop => {
                 let Some(w) = self.workers.get(name) else { return };
-                if let Some(pgid) = w.instances.get(&index).and_then(|i| i.pgid) {
-                    child::signal_stop(pgid, w.spec.stop_signal.to_nix());
+                let Some(inst) = w.instances.get(&index) else { return };
+                let sig = w.spec.stop_signal.to_nix();
+                if let Some(pgid) = inst.pgid {
+                    child::signal_stop(pgid, sig);
+                }
+                // The group first, then whatever left it (setsid) for a
+                // session of its own: all of it is in the cgroup.
+                if let Some(cg) = &inst.cgroup {
+                    cgroup::signal(cg, sig);
                 }
             }
             Effect::KillGroup => {
-                if let Some(pgid) = self.instance(name, index).and_then(|i| i.pgid) {
+                let Some(inst) = self.instance(name, index) else { return };
+                if let Some(pgid) = inst.pgid {
                     tracing::warn!(worker = name, instance = index, pgid, "stop grace over; SIGKILL");
                     child::kill(pgid);
+                }
+                if let Some(cg) = &inst.cgroup {
+                    containment::kill_off_loop(cg);
                 }
             }
             Effect::SetTimer(kind, after) => {
@@ -93,8 +106,13 @@ impl Supervisor {
                     w.probes.remove(&index);
                 }
             }
-            Effect::Cleanup { pgid } => {
-                self.kill_escapees(Some((name, index)));
+            Effect::Cleanup { pgid, cgroup } => {
+                match cgroup {
+                    // Nothing escapes a cgroup: it is empty, so is all
+                    // the instance ran.
+                    Some(cg) => containment::remove_off_loop(cg),
+                    None => self.kill_escapees(Some((name, index))),
+                }
                 crate::os::groups::remove(pgid);
             }
             Effect::Retire => {
@@ -158,6 +176,7 @@ impl Supervisor {
             identity: spec.identity.clone(),
             output: Output::Piped,
             sockets,
+            cgroup: self.containment.cgroup(&format!("w.{name}.{slot}"), spec.max_memory.map(|m| m.0)),
         };
         let worktree = (spec.spawn_mode == SpawnMode::Worktree).then(|| inst.worktree.clone());
         let (reaper, tx, worker, incarnation) =
@@ -202,6 +221,9 @@ impl Supervisor {
         let Some(inst) = current else {
             if let Ok(started) = result {
                 self.in_flight.discard(started.pid);
+                if let Some(cg) = started.cgroup {
+                    containment::remove_off_loop(cg);
+                }
             }
             return;
         };
@@ -211,11 +233,16 @@ impl Supervisor {
         match result {
             Ok(started) => {
                 let pid = started.pid;
+                if let (Some(watch), Some(cg)) = (&self.cgroup_watch, &started.cgroup) {
+                    watch.add(cg);
+                }
                 self.by_pid.insert(pid, Proc::Instance(name.to_string(), index));
                 tracing::info!(worker = name, instance = index, pid, "started");
                 let instance = inst.surge_for.unwrap_or(index);
                 self.live.emit(What::Started { worker: name.to_string(), instance, pid });
-                self.drive(name, index, Input::Spawned { pid, start_ticks: proc::start_ticks(pid) });
+                let (start_ticks, cgroup) = (proc::start_ticks(pid), started.cgroup);
+                self.drive(name, index, Input::Spawned { pid, start_ticks, cgroup });
+                self.arm_memory_sampling();
                 // After the probes are set: a `log` probe watches the lines.
                 self.start_pumps(name, index, [started.stdout, started.stderr]);
                 if let Some(exit) = self.in_flight.take_early_exit(pid) {
@@ -338,7 +365,12 @@ impl Supervisor {
         let uptime = inst.started.map(|s| s.elapsed()).unwrap_or_default();
         tracing::info!(worker = %name, instance = index, pid, exit = %exit, uptime_ms = millis(uptime), "exited");
         let (instance, group_alive) =
-            (inst.surge_for.unwrap_or(index), inst.pgid.is_some_and(proc::group_alive));
+            (inst.surge_for.unwrap_or(index), containment::alive(inst.cgroup.as_deref(), inst.pgid));
+        // Under memory.max the kernel's OOM kill is the reason, not the
+        // SIGKILL it shows as (its cgroup is this incarnation's alone).
+        let oom = self.containment.memory_controller()
+            && self.workers.get(name).is_some_and(|w| w.spec.max_memory.is_some())
+            && inst.cgroup.as_deref().is_some_and(|d| crate::os::cgroup::oom_kills(d) > 0);
         self.live.emit(What::Exited {
             worker: name.to_string(),
             instance,
@@ -346,13 +378,32 @@ impl Supervisor {
             signal: exit.signal.clone(),
             uptime_ms: millis(uptime),
         });
+        if oom {
+            self.drive(name, index, Input::OutOfMemory);
+        }
         self.drive(name, index, Input::Exited { exit, group_alive });
     }
 
     pub(super) fn on_instance_timer(&mut self, name: &str, index: u32, kind: TimerKind) {
         let Some(inst) = self.instance(name, index) else { return };
-        let group_alive = inst.pgid.is_some_and(proc::group_alive);
+        let group_alive = containment::alive(inst.cgroup.as_deref(), inst.pgid);
         self.drive(name, index, Input::Timer { kind, group_alive });
+    }
+
+    /// The watch says cgroup `dir` is empty: the instance or run step it
+    /// held may be over.
+    pub(super) fn on_cgroup_empty(&mut self, dir: &std::path::Path) {
+        let owner = self.workers.iter().find_map(|(n, w)| {
+            w.instances.iter().find(|(_, i)| i.cgroup.as_deref() == Some(dir)).map(|(i, _)| (n.clone(), *i))
+        });
+        if let Some((name, index)) = owner {
+            self.drive(&name, index, Input::GroupEmpty);
+            return;
+        }
+        let run = self.runs.values().find(|r| r.cgroup.as_deref() == Some(dir)).map(|r| r.id);
+        if let Some(id) = run {
+            self.try_end_step(id);
+        }
     }
 
     /// After a stray was reaped: instances whose leader is gone and whose
@@ -365,7 +416,7 @@ impl Supervisor {
             .filter(|(_, _, inst)| {
                 inst.pid.is_none()
                     && matches!(inst.state, State::Stopping { .. })
-                    && !inst.pgid.is_some_and(proc::group_alive)
+                    && !containment::alive(inst.cgroup.as_deref(), inst.pgid)
             })
             .map(|(n, i, _)| (n.clone(), i))
             .collect();
@@ -471,6 +522,12 @@ impl Supervisor {
     /// Carries on after the instances of `touched` workers changed state:
     /// their rollouts, and whatever waits on them.
     pub(super) fn propagate(&mut self) {
+        if !self.touched.is_empty() {
+            // A status report taken in this batch, before the rollouts and
+            // dependents moved on, is out of date: with nothing else to
+            // come (an idle supervisor) it would be served on and on.
+            self.status_cache = None;
+        }
         while !self.touched.is_empty() {
             let touched = std::mem::take(&mut self.touched);
             for name in &touched {

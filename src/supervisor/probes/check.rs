@@ -82,18 +82,24 @@ fn short(e: &io::Error) -> String {
 
 /// Connects to HOST:PORT, trying each address it resolves to in turn.
 async fn connect(target: &str) -> Result<TcpStream, String> {
+    // An address needs no lookup (nor its list).
+    if let Ok(addr) = target.parse::<SocketAddr>() {
+        return TcpStream::connect(addr).await.map_err(|e| format!("{} ({addr})", short(&e)));
+    }
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host(target)
         .await
         .map_err(|e| format!("cannot resolve {target}: {}", short(&e)))?
         .collect();
-    let mut last = format!("{target} resolves to no address");
+    // The failure is written only when there is one: a passing check
+    // allocates nothing of its own.
+    let mut last = None;
     for addr in addrs {
         match TcpStream::connect(addr).await {
             Ok(s) => return Ok(s),
-            Err(e) => last = format!("{} ({addr})", short(&e)),
+            Err(e) => last = Some(format!("{} ({addr})", short(&e))),
         }
     }
-    Err(last)
+    Err(last.unwrap_or_else(|| format!("{target} resolves to no address")))
 }
 
 /// GET `url`: a status 200–399 passes. Redirects are not followed and the
@@ -175,6 +181,8 @@ async fn exec_check(argv: &[String], ctx: &ExecContext, timeout: Duration) -> Re
         identity: ctx.identity.clone(),
         output: Output::Null,
         sockets: vec![],
+        // A probe is short and killed by its process group at its timeout.
+        cgroup: None,
     };
     let reaper = ctx.reaper.clone();
     // Off the event loop: a spawn blocks its thread until the child execs.

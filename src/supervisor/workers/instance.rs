@@ -103,6 +103,8 @@ pub enum Input {
     Spawned {
         pid: i32,
         start_ticks: Option<u64>,
+        /// Its cgroup, in cgroup mode.
+        cgroup: Option<PathBuf>,
     },
     /// It could not be spawned; `short` when for want of drover's own
     /// resources (never a step toward parking).
@@ -124,6 +126,14 @@ pub enum Input {
     },
     /// A probe of the current incarnation came to a verdict.
     Probe(Role, Verdict),
+    /// The resident memory of the current incarnation's group, sampled
+    /// (only for a worker with `max_memory`).
+    Memory {
+        rss_bytes: u64,
+    },
+    /// The kernel killed a process of it for its cgroup's memory.max
+    /// (`max_memory` with the memory controller); told before its exit.
+    OutOfMemory,
     /// A probe could not run at all (a `${NAME}` it lacks, a bad pattern).
     ProbeFailed(String),
     /// The dependencies changed while waiting: `on` is what is still unmet.
@@ -146,9 +156,11 @@ pub enum Effect {
     StartProbe(Role),
     /// Drop the running probe, if any.
     StopProbe,
-    /// The group is empty: kill what escaped it, forget the group.
+    /// The group (and cgroup) is empty: kill what escaped the group,
+    /// forget it, remove the cgroup.
     Cleanup {
         pgid: i32,
+        cgroup: Option<PathBuf>,
     },
     /// It was parked (for the log).
     Parked(String),
@@ -172,6 +184,9 @@ pub struct Instance {
     pub state: State,
     pub pid: Option<i32>,
     pub pgid: Option<i32>,
+    /// In cgroup mode, the cgroup its processes run in: with it, "alive"
+    /// and "empty" are the cgroup's, not the process group's.
+    pub cgroup: Option<PathBuf>,
     pub start_ticks: Option<u64>,
     pub started_at: Option<SystemTime>,
     pub started: Option<Instant>,
@@ -214,6 +229,7 @@ impl Instance {
             state: State::Stopped,
             pid: None,
             pgid: None,
+            cgroup: None,
             start_ticks: None,
             started_at: None,
             started: None,
@@ -266,10 +282,11 @@ pub fn step(inst: &mut Instance, input: Input, ctx: &Ctx) -> Vec<Effect> {
             }
             stop(inst, then, ctx, &mut fx)
         }
-        Input::Spawned { pid, start_ticks } => {
+        Input::Spawned { pid, start_ticks, cgroup } => {
             inst.spawning = false;
             inst.pid = Some(pid);
             inst.pgid = Some(pid);
+            inst.cgroup = cgroup;
             inst.start_ticks = start_ticks;
             inst.started_at = Some(ctx.wall);
             inst.started = Some(ctx.now);
@@ -334,6 +351,23 @@ pub fn step(inst: &mut Instance, input: Input, ctx: &Ctx) -> Vec<Effect> {
         Input::Timer { kind: TimerKind::Restart, .. } => {
             if matches!(inst.state, State::Backoff { .. }) {
                 spawn_or_wait(inst, ctx, &mut fx);
+            }
+        }
+        Input::Memory { rss_bytes } => {
+            let Some(max) = ctx.spec.max_memory else { return fx };
+            if !matches!(inst.state, State::Starting | State::Ready) || inst.pid.is_none() {
+                return fx;
+            }
+            if rss_bytes > max.0 {
+                let why = format!("memory {} over max_memory {}", mib(rss_bytes), mib(max.0));
+                failed(inst, why, ctx, &mut fx);
+            }
+        }
+        Input::OutOfMemory => {
+            if let (Some(max), State::Starting | State::Ready) = (ctx.spec.max_memory, &inst.state) {
+                let why =
+                    format!("killed by the kernel for memory over max_memory {} (memory.max)", mib(max.0));
+                failed(inst, why, ctx, &mut fx);
             }
         }
         Input::Timer { kind, group_alive } => {
@@ -449,6 +483,16 @@ fn became_ready(inst: &mut Instance, ctx: &Ctx, fx: &mut Vec<Effect>) {
 
 /// A probe says the instance failed: stop it, then apply the policy as to
 /// a failed start (it counts toward backoff and parking).
+/// A size as people read it in a reason: "512 MiB", "612.4 MiB".
+fn mib(bytes: u64) -> String {
+    let mib = crate::config::types::ByteSize::MIB;
+    if bytes % mib == 0 {
+        format!("{} MiB", bytes / mib)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / mib as f64)
+    }
+}
+
 fn failed(inst: &mut Instance, why: String, ctx: &Ctx, fx: &mut Vec<Effect>) {
     inst.error = Some(why);
     // Not an exit: the policy sees a start that did not work out, whatever
@@ -496,8 +540,9 @@ fn settle(inst: &mut Instance, then: Then, ctx: &Ctx, fx: &mut Vec<Effect>) {
     fx.push(Effect::CancelTimer(TimerKind::Recheck));
     fx.push(Effect::CancelTimer(TimerKind::Restart));
     if let Some(pgid) = inst.pgid {
-        fx.push(Effect::Cleanup { pgid });
+        fx.push(Effect::Cleanup { pgid, cgroup: inst.cgroup.take() });
     }
+    inst.cgroup = None;
     inst.pid = None;
     inst.pgid = None;
     inst.start_ticks = None;

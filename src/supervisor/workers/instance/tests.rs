@@ -58,7 +58,7 @@ impl World {
 }
 
 fn spawned(pid: i32) -> Input {
-    Input::Spawned { pid, start_ticks: Some(1) }
+    Input::Spawned { pid, start_ticks: Some(1), cgroup: None }
 }
 
 fn exited(code: i32) -> Input {
@@ -173,8 +173,28 @@ fn an_exit_with_the_group_alive_drains_it_before_the_policy_acts() {
     assert_eq!(fx, [Effect::KillGroup, Effect::SetTimer(TimerKind::Recheck, RECHECK)]);
     assert!(i.kill_sent);
     let fx = w.step(&mut i, Input::Timer { kind: TimerKind::Recheck, group_alive: false });
-    assert!(fx.contains(&Effect::Cleanup { pgid: 10 }));
+    assert!(fx.contains(&Effect::Cleanup { pgid: 10, cgroup: None }));
     assert!(fx.contains(&Effect::SetTimer(TimerKind::Restart, 2 * SEC)), "restarted by the policy: {fx:?}");
+}
+
+/// In cgroup mode the cleanup names the cgroup, once: it is removed and
+/// the next process gets a cgroup of its own.
+#[test]
+fn the_cleanup_of_an_instance_in_a_cgroup_removes_that_cgroup() {
+    let w = World::new(spec());
+    let mut i = Instance::new();
+    w.step(&mut i, Input::Start(Why::Wanted));
+    let cg = std::path::PathBuf::from("/sys/fs/cgroup/drover.x/w.web.0.7");
+    w.step(&mut i, Input::Spawned { pid: 10, start_ticks: Some(1), cgroup: Some(cg.clone()) });
+    assert_eq!(i.cgroup.as_ref(), Some(&cg));
+    w.step(&mut i, Input::Stop(Then::Stop));
+    // The leader is gone, a setsid()ed grandchild lives on in the cgroup.
+    assert_eq!(w.step(&mut i, Input::Exited { exit: Exit::code(0), group_alive: true }), [Effect::StopProbe]);
+    assert_eq!(i.state, State::Stopping { then: Then::Stop });
+    let fx = w.step(&mut i, Input::GroupEmpty);
+    assert!(fx.contains(&Effect::Cleanup { pgid: 10, cgroup: Some(cg) }), "{fx:?}");
+    assert_eq!((i.cgroup.clone(), i.state.clone()), (None, State::Stopped));
+    assert!(w.step(&mut i, Input::GroupEmpty).is_empty(), "a second report does nothing");
 }
 
 #[test]
@@ -189,7 +209,10 @@ fn a_stop_signals_once_and_settles_when_the_group_is_empty() {
     // The leader exits but a child lingers; the group empties later.
     assert_eq!(w.step(&mut i, Input::Exited { exit: Exit::code(0), group_alive: true }), [Effect::StopProbe]);
     let fx = w.step(&mut i, Input::GroupEmpty);
-    assert!(fx.contains(&Effect::Cleanup { pgid: 10 }) && fx.contains(&Effect::CancelTimer(TimerKind::Kill)));
+    assert!(
+        fx.contains(&Effect::Cleanup { pgid: 10, cgroup: None })
+            && fx.contains(&Effect::CancelTimer(TimerKind::Kill))
+    );
     assert_eq!(i.state, State::Stopped);
     assert_eq!((i.pid, i.pgid, i.kill_at), (None, None, None));
 }
@@ -455,4 +478,60 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn memory_over_max_memory_is_a_graceful_failed_start_with_the_reason() {
+    let mut s = spec();
+    s.max_memory = Some(crate::config::types::ByteSize(512 * 1024 * 1024));
+    let mut w = World::new(s);
+    let mut i = running(&w, 10);
+    assert_eq!(
+        w.step(&mut i, Input::Memory { rss_bytes: 512 * 1024 * 1024 }),
+        [],
+        "at the limit is within it"
+    );
+    assert_eq!(i.state, State::Ready);
+    let fx = w.step(&mut i, Input::Memory { rss_bytes: 612 * 1024 * 1024 + 400 * 1024 });
+    assert_eq!(fx, [Effect::StopProbe, Effect::SignalStop, Effect::SetTimer(TimerKind::Kill, GRACE)]);
+    assert_eq!(i.error.as_deref(), Some("memory 612.4 MiB over max_memory 512 MiB"));
+    assert_eq!(
+        w.step(&mut i, Input::Memory { rss_bytes: u64::MAX }),
+        [],
+        "a stopping one is not stopped twice"
+    );
+    w.pass(SEC);
+    let fx = w.step(&mut i, exited(0));
+    assert!(fx.contains(&Effect::SetTimer(TimerKind::Restart, 2 * SEC)), "a failure backs off: {fx:?}");
+    assert_eq!(i.counters.rapid_failures, 1);
+    assert_eq!(i.error.as_deref(), Some("memory 612.4 MiB over max_memory 512 MiB"), "the reason stays");
+}
+
+#[test]
+fn without_max_memory_a_sample_means_nothing() {
+    let w = World::new(spec());
+    let mut i = running(&w, 10);
+    assert_eq!(w.step(&mut i, Input::Memory { rss_bytes: u64::MAX }), []);
+    assert_eq!(i.state, State::Ready);
+}
+
+#[test]
+fn an_oom_kill_under_memory_max_is_the_reason_of_a_failure() {
+    let mut s = spec();
+    s.max_memory = Some(crate::config::types::ByteSize(512 * 1024 * 1024));
+    let mut w = World::new(s);
+    let mut i = running(&w, 10);
+    let fx = w.step(&mut i, Input::OutOfMemory);
+    assert!(fx.contains(&Effect::SignalStop), "the rest of its cgroup is stopped: {fx:?}");
+    w.pass(SEC);
+    let killed =
+        Input::Exited { exit: Exit { code: None, signal: Some("SIGKILL".into()) }, group_alive: false };
+    let fx = w.step(&mut i, killed);
+    assert!(fx.contains(&Effect::SetTimer(TimerKind::Restart, 2 * SEC)), "a failure backs off: {fx:?}");
+    assert_eq!(i.counters.rapid_failures, 1);
+    assert_eq!(
+        i.error.as_deref(),
+        Some("killed by the kernel for memory over max_memory 512 MiB (memory.max)"),
+        "not the SIGKILL it shows as"
+    );
 }
