@@ -313,12 +313,12 @@ const FAMILIES: [(&str, MetricType, &str); 9] = [
     (
         "drover_instance_cpu_seconds",
         MetricType::Counter,
-        "CPU time used by the instance's current processes, in seconds (from 0 again after a restart)",
+        "CPU time used by the instance's processes, in seconds (from 0 again after a restart)",
     ),
     (
         "drover_instance_memory_bytes",
         MetricType::Gauge,
-        "Resident memory of the instance's processes, in bytes",
+        "Memory of the instance's processes, in bytes: their cgroup's memory.current, else their resident memory",
     ),
     (
         "drover_job_runs",
