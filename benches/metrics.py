@@ -3,7 +3,7 @@
 workers (default 1000, `sleep 3600` each) with `[supervisor] metrics` on.
 
 1. Idle: the supervisor's CPU (user + system, /proc/PID/stat) over --idle
-   seconds (default 10) with no scrape, --settle seconds (default 5) after
+   seconds (default 10) with no scrape, --settle seconds (default 15) after
    every instance is up: metrics on must not add polling.
 2. Scrapes: --scrapes sequential GETs of /metrics over TCP (default 200),
    each timed from connect to the last byte; the supervisor's CPU over all
@@ -70,7 +70,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--workers", type=int, default=1000)
     ap.add_argument("--idle", type=float, default=10)
-    ap.add_argument("--settle", type=float, default=5)
+    ap.add_argument("--settle", type=float, default=15)
     ap.add_argument("--scrapes", type=int, default=200)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--secs", type=float, default=5)
