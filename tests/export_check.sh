@@ -18,16 +18,8 @@ VERSIONS=(1.27.0 1.37.0)
 declare -A EXPORT_FAILS_SYSTEMD=()
 
 if ! command -v kubernetes-validate >/dev/null 2>&1; then
-  venv="${XDG_CACHE_HOME:-$HOME/.cache}/drover-ci/venv"
-  if [ ! -x "$venv/bin/kubernetes-validate" ]; then
-    if [ ! -x "$venv/bin/pip" ] && ! python3 -m venv "$venv" 2>/dev/null; then
-      command -v apt-get >/dev/null && { apt-get update -qq && apt-get install -y -qq python3 python3-venv; }
-      rm -rf "$venv"
-      python3 -m venv "$venv"
-    fi
-    "$venv/bin/pip" install --quiet kubernetes-validate
-  fi
-  PATH="$venv/bin:$PATH"
+  . tests/python_venv.sh
+  python_venv kubernetes-validate
 fi
 
 cargo build --quiet --locked

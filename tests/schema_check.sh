@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 # not fit its kind), and what probe strings mean (URL scheme, HOST:PORT,
 # ${NAME} placeholders, a regex that compiles, a zero timeout), and what
 # a socket address holds (an IP, not a host name; a mode only on a unix
-# socket; one address per worker).
+# socket; one address per worker; the metrics port, 0 refused).
 SCHEMA_PASSES=(
   env-file-missing-or-malformed
   identity-unknown-user
@@ -33,6 +33,7 @@ SCHEMA_PASSES=(
   duration-every-years
   duration-jitter-years
   max-memory-too-small
+  metrics-port-zero
   missing-dir
   probe-bad-placeholder
   probe-bad-regex
@@ -49,17 +50,8 @@ SCHEMA_PASSES=(
 )
 
 if ! command -v check-jsonschema >/dev/null 2>&1; then
-  venv="${XDG_CACHE_HOME:-$HOME/.cache}/drover-ci/venv"
-  if [ ! -x "$venv/bin/check-jsonschema" ]; then
-    if ! python3 -m venv "$venv" 2>/dev/null; then
-      # Debian splits venv (and ensurepip) out of python3.
-      command -v apt-get >/dev/null && { apt-get update -qq && apt-get install -y -qq python3 python3-venv; }
-      rm -rf "$venv"
-      python3 -m venv "$venv"
-    fi
-    "$venv/bin/pip" install --quiet check-jsonschema
-  fi
-  PATH="$venv/bin:$PATH"
+  . tests/python_venv.sh
+  python_venv check-jsonschema
 fi
 
 schema=schema/daemon.schema.json

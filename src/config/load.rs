@@ -846,6 +846,14 @@ fn schema_diagnostics(
         K::Pattern { .. } if path.last().map(String::as_str) == Some("umask") => {
             one(format!("expected an octal mask of 3 or 4 digits such as \"027\", found {found}"))
         }
+        // The parser says what is wrong (not loopback, no port, …) better
+        // than the pattern; the pattern only lets editors flag it too.
+        K::Pattern { .. } if path == ["supervisor", "metrics"] => {
+            let text = e.instance().as_str().unwrap_or_default();
+            one(super::sockets::parse_metrics(text, Path::new("."))
+                .err()
+                .unwrap_or_else(|| format!("{found} is not a loopback HOST:PORT or unix:PATH")))
+        }
         K::AnyOf { .. } if title == "Limit" || title == "LimitValue" => one(format!(
             "expected a number, \"infinity\", a size such as \"64MiB\" (for limits in bytes), \
              or {{ soft = …, hard = … }} with both, found {found}"

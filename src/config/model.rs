@@ -76,6 +76,20 @@ pub struct Supervisor {
     pub log_max_size: ByteSize,
     pub log_keep: u32,
     pub containment: Containment,
+    /// Where Prometheus metrics are served, if anywhere.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "display")]
+    pub metrics: Option<MetricsAddress>,
+}
+
+/// Where `/metrics` is served: loopback TCP ("tcp://127.0.0.1:9464") or a
+/// unix socket ("unix:///srv/app/metrics.sock").
+pub type MetricsAddress = super::sockets::Address;
+
+fn display<T: std::fmt::Display, S: serde::Serializer>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.collect_str(v),
+        None => s.serialize_none(),
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

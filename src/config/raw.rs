@@ -67,6 +67,14 @@ pub struct RawSupervisor {
     /// environment marker; "auto", cgroups where drover can create them.
     #[schemars(extend("default" = "auto"))]
     pub containment: Option<Containment>,
+    /// Serve Prometheus metrics at `/metrics` on this address: a loopback
+    /// "HOST:PORT" ("127.0.0.1:9464", "[::1]:9464", "localhost:9464") or
+    /// "unix:PATH" (relative to the config file's directory). Off when
+    /// absent. A reload that changes it moves the metrics there.
+    #[schemars(regex(
+        pattern = r"^(unix:.+|localhost:[0-9]{1,5}|127\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}:[0-9]{1,5}|\[::1\]:[0-9]{1,5})$"
+    ))]
+    pub metrics: Option<String>,
 }
 
 /// How drover contains the processes of an instance or a run step.

@@ -120,6 +120,13 @@ pub fn resolve(raw: &RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
         log_max_size: sup.log_max_size.unwrap_or(ByteSize(10 * ByteSize::MIB)),
         log_keep: sup.log_keep.unwrap_or(5),
         containment: sup.containment.unwrap_or_default(),
+        metrics: sup.metrics.as_deref().and_then(|text| match sockets::parse_metrics(text, base_dir) {
+            Ok(a) => Some(a),
+            Err(why) => {
+                p.add(&["supervisor", "metrics"], why);
+                None
+            }
+        }),
     };
     if supervisor.state_dir.as_os_str().as_encoded_bytes().contains(&0) {
         p.add(&["supervisor", "state_dir"], "must not contain a NUL byte; write a plain directory path");

@@ -103,6 +103,41 @@ pub fn parse_address(text: &str, base_dir: &Path) -> Result<Address, String> {
     Err(format!("{text:?} is neither tcp://HOST:PORT nor unix://PATH"))
 }
 
+/// Parses `[supervisor] metrics`: a loopback "IP:PORT" (127.0.0.0/8,
+/// "[::1]:PORT"), "localhost:PORT" (127.0.0.1, never resolved), or
+/// "unix:PATH" (relative to `base_dir`). Anything that would reach past
+/// the machine is refused: the metrics carry no authentication.
+pub fn parse_metrics(text: &str, base_dir: &Path) -> Result<Address, String> {
+    if let Some(rest) = text.strip_prefix("unix:") {
+        let rest = rest.strip_prefix("//").unwrap_or(rest);
+        if rest.is_empty() || rest.contains('\0') {
+            return Err(format!("{text:?} has no path; write unix:PATH, as unix:run/metrics.sock"));
+        }
+        // The same checks as a worker's unix socket (the path's length).
+        return parse_address(&format!("unix://{rest}"), base_dir);
+    }
+    let addr = match text.strip_prefix("localhost:") {
+        Some(port) => port.parse::<u16>().map(|p| SocketAddr::from(([127, 0, 0, 1], p))).ok(),
+        None => text.parse::<SocketAddr>().ok(),
+    };
+    let Some(addr) = addr else {
+        return Err(format!(
+            "{text:?} is neither HOST:PORT nor unix:PATH; write a loopback address and a port, as \
+             \"127.0.0.1:9464\", \"[::1]:9464\" or \"localhost:9464\", or a unix socket, as \"unix:metrics.sock\""
+        ));
+    };
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "{text:?} is not a loopback address: metrics have no authentication, so drover serves them \
+             only on 127.0.0.0/8, [::1] or a unix socket; put a proxy in front to expose them further"
+        ));
+    }
+    if addr.port() == 0 {
+        return Err(format!("{text:?} has port 0; choose a fixed port for Prometheus to scrape, as 9464"));
+    }
+    Ok(Address::Tcp(addr))
+}
+
 /// A name LISTEN_FDNAMES can carry (colon-separated, so no colon).
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -216,6 +251,31 @@ mod tests {
         assert!(parse_address("unix://", base).unwrap_err().contains("no path"));
         let long = format!("unix:///{}", "x".repeat(120));
         assert!(parse_address(&long, base).unwrap_err().contains("more than a unix socket's 107"));
+    }
+
+    #[test]
+    fn metrics_addresses_are_loopback_or_unix_only() {
+        let base = Path::new("/etc/app");
+        let tcp = |a: &str| Ok(Address::Tcp(a.parse().unwrap()));
+        assert_eq!(parse_metrics("127.0.0.1:9464", base), tcp("127.0.0.1:9464"));
+        assert_eq!(parse_metrics("127.1.2.3:80", base), tcp("127.1.2.3:80"));
+        assert_eq!(parse_metrics("[::1]:9464", base), tcp("[::1]:9464"));
+        assert_eq!(parse_metrics("localhost:9464", base), tcp("127.0.0.1:9464"));
+        assert_eq!(parse_metrics("unix:run/m.sock", base), Ok(Address::Unix("/etc/app/run/m.sock".into())));
+        assert_eq!(parse_metrics("unix:/tmp/m.sock", base), Ok(Address::Unix("/tmp/m.sock".into())));
+        for bad in ["0.0.0.0:9464", "[::]:9464", "10.0.0.1:9464", "192.168.1.1:80"] {
+            assert!(parse_metrics(bad, base).unwrap_err().contains("not a loopback address"), "{bad}");
+        }
+        for bad in ["example.com:9464", "9464", "localhost", "localhost:99999", "tcp://127.0.0.1:9464", ""] {
+            assert!(
+                parse_metrics(bad, base).unwrap_err().contains("neither HOST:PORT nor unix:PATH"),
+                "{bad}"
+            );
+        }
+        assert!(parse_metrics("127.0.0.1:0", base).unwrap_err().contains("port 0"));
+        assert!(parse_metrics("unix:", base).unwrap_err().contains("no path"));
+        let long = format!("unix:/{}", "x".repeat(120));
+        assert!(parse_metrics(&long, base).unwrap_err().contains("more than a unix socket's 107"));
     }
 
     #[test]

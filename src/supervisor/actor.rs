@@ -151,6 +151,12 @@ pub struct Supervisor {
     pub(super) status_cache: Option<Arc<StatusReport>>,
     /// State changes as they happen, for `drover events` and `top`.
     pub(super) live: super::live::Live,
+    /// Runs ended and reloads, counted for the metrics.
+    pub(super) counters: super::metrics::Counters,
+    /// The `/metrics` server, when `supervisor.metrics` is set.
+    metrics: Option<super::metrics::Server>,
+    /// Scrapes go to the control channel, served before other events.
+    control_tx: Option<mpsc::UnboundedSender<Event>>,
     /// A memory sample of the instances with `max_memory` is being read.
     memory_sample_pending: bool,
     /// The containment chosen at start (a reload does not change it).
@@ -214,6 +220,9 @@ impl Supervisor {
             notify: None,
             ready: None,
             live: super::live::Live::new(),
+            counters: super::metrics::Counters::default(),
+            metrics: None,
+            control_tx: None,
             containment,
             cgroup_watch,
         }
@@ -243,6 +252,48 @@ impl Supervisor {
         self.propagate();
         self.flush_state();
         crate::os::memory::release_free();
+    }
+
+    /// The metrics server bound at start (a failure there refuses the
+    /// start), and the channel scrapes go to.
+    pub fn set_metrics(
+        &mut self,
+        server: Option<super::metrics::Server>,
+        control: mpsc::UnboundedSender<Event>,
+    ) {
+        self.metrics = server;
+        self.control_tx = Some(control);
+    }
+
+    /// After a reload: serves the metrics where the config now says. The
+    /// new address is bound before the old one is let go, so a failure
+    /// (a port in use) keeps the old one serving, and says so.
+    fn rebind_metrics(&mut self) {
+        let want = self.config.supervisor.metrics.clone();
+        if self.metrics.as_ref().map(|m| &m.addr) == want.as_ref() {
+            return;
+        }
+        let Some(addr) = want else {
+            if let Some(old) = self.metrics.take() {
+                tracing::info!(address = %old.addr, "metrics no longer served");
+                old.close();
+            }
+            return;
+        };
+        let tx = self.control_tx.clone().unwrap_or_else(|| self.tx.clone());
+        match super::metrics::bind(&addr) {
+            Ok(l) => {
+                if let Some(old) = self.metrics.take() {
+                    old.close();
+                }
+                tracing::info!(address = %addr, "metrics served");
+                self.metrics = Some(super::metrics::Server::spawn(addr, l, tx));
+            }
+            Err(error) => match &self.metrics {
+                Some(old) => tracing::error!(%error, "the metrics stay on {}", old.addr),
+                None => tracing::error!(%error, "metrics are not served"),
+            },
+        }
     }
 
     /// Where to say "ready" (the `start --detach` parent) once every
@@ -363,7 +414,7 @@ impl Supervisor {
 
     fn handle(&mut self, ev: Event) {
         // Any other event may change what status reports.
-        if !matches!(&ev, Event::Control(Request::Status { name: None }, _)) {
+        if !matches!(&ev, Event::Control(Request::Status { name: None }, _) | Event::Metrics(_)) {
             self.status_cache = None;
         }
         match ev {
@@ -389,6 +440,11 @@ impl Supervisor {
             }
             Event::RunSpawned { run, inc, step, result } => self.on_run_spawned(run, inc, step, result),
             Event::Control(req, reply) => self.on_request(req, reply),
+            Event::Metrics(reply) => {
+                let snapshot =
+                    super::metrics::Snapshot { report: self.full_report(), counters: self.counters.clone() };
+                let _ = reply.send(snapshot);
+            }
             Event::CgroupEmpty(dir) => self.on_cgroup_empty(&dir),
             Event::MemorySampled(samples) => self.on_memory_sampled(samples),
             Event::Shutdown => self.shutdown(),
@@ -567,6 +623,7 @@ impl Supervisor {
         let at = rfc3339(SystemTime::now());
         match load(&self.opts.config_path, &self.opts.overrides) {
             Ok(loaded) => {
+                self.counters.reloads_applied = self.counters.reloads_applied.saturating_add(1);
                 self.last_reload = Some(ReloadStatus { at, ok: true, error: None });
                 self.dirty = true;
                 if loaded.config == self.config {
@@ -581,6 +638,8 @@ impl Supervisor {
                 let changes = plan(&loaded.config.workers, &self.actual());
                 let old_jobs = std::mem::take(&mut self.config.jobs);
                 self.config = loaded.config;
+                let jobs = &self.config.jobs;
+                self.counters.retain_jobs(|j| jobs.contains_key(j));
                 self.graph = Graph::of(&self.config);
                 self.generation += 1;
                 self.applied_at = SystemTime::now();
@@ -602,6 +661,7 @@ impl Supervisor {
                 self.run_dependency_jobs(Some(&old_jobs));
                 self.apply(changes);
                 self.retry_sockets();
+                self.rebind_metrics();
                 self.release_waiting();
                 self.arm_memory_sampling();
                 if let Some(w) = &self.watch {
@@ -617,6 +677,7 @@ impl Supervisor {
             Err(diags) => {
                 let error = diags.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n");
                 tracing::error!(%error, "reload failed; the last good config stays in force");
+                self.counters.reloads_failed = self.counters.reloads_failed.saturating_add(1);
                 self.last_reload = Some(ReloadStatus { at, ok: false, error: Some(error.clone()) });
                 self.live.emit(super::live::What::ReloadFailed { error: error.clone() });
                 self.dirty = true;
@@ -645,16 +706,7 @@ impl Supervisor {
     fn on_request(&mut self, req: Request, reply: oneshot::Sender<Reply>) {
         let resp = match req {
             Request::Status { name: None } => {
-                let report = match &self.status_cache {
-                    Some(r) => r.clone(),
-                    None => {
-                        let state = if self.shutting_down { "stopping" } else { "running" };
-                        let r = Arc::new(self.report(state, true));
-                        self.status_cache = Some(r.clone());
-                        r
-                    }
-                };
-                let _ = reply.send(Reply::Status(report));
+                let _ = reply.send(Reply::Status(self.full_report()));
                 return;
             }
             // The full status (no name) is answered from the cache above.
@@ -863,6 +915,9 @@ impl Supervisor {
         let report = self.report("stopped", false);
         self.write_state(&report);
         let _ = std::fs::remove_file(self.config.supervisor.state_dir.join("drover.sock"));
+        if let Some(m) = self.metrics.take() {
+            m.close();
+        }
         for w in self.stop_waiters.drain(..) {
             let _ = w.send(Reply::Response(Response::Ok { message: "stopped".into() }));
         }
@@ -908,6 +963,18 @@ impl Supervisor {
             runs: active.into_iter().filter(|r| r.kind != Kind::Session).collect(),
             overrides: self.opts.overrides.shown(),
         }
+    }
+
+    /// The full status report, shared by every `status` and scrape until
+    /// the state changes.
+    fn full_report(&mut self) -> Arc<StatusReport> {
+        if let Some(r) = &self.status_cache {
+            return r.clone();
+        }
+        let state = if self.shutting_down { "stopping" } else { "running" };
+        let r = Arc::new(self.report(state, true));
+        self.status_cache = Some(r.clone());
+        r
     }
 
     fn flush_state(&mut self) {

@@ -68,22 +68,8 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Event>) {
     // hundreds of files beside their sockets.
     let usage = Arc::new(Semaphore::new(USAGE_READERS));
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => {
-                failing = false;
-                stream
-            }
-            Err(e) => {
-                // Out of descriptors (EMFILE) the connection stays queued
-                // and accept fails again at once: pause instead of spinning,
-                // and say so once, not ten times a second.
-                if !failing {
-                    tracing::warn!(error = %e, "cannot accept a control connection; retrying every 100 ms");
-                }
-                failing = true;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
+        let Some((stream, _)) = accepted(listener.accept().await, &mut failing, "control").await else {
+            continue;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             // Never wait on this client: one write of a short line to an
@@ -133,6 +119,27 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Event>) {
             // Timed out or failed: the connection is dropped either way.
             let _ = tokio::time::timeout(WRITE_TIMEOUT, w.write_all(&line)).await;
         });
+    }
+}
+
+/// What an `accept` gave, or `None` after a pause when it failed: out of
+/// descriptors (EMFILE) the connection stays queued and accept fails again
+/// at once, so pause instead of spinning, and say so once (`failing`), not
+/// ten times a second.
+pub async fn accepted<T>(result: std::io::Result<T>, failing: &mut bool, what: &str) -> Option<T> {
+    match result {
+        Ok(conn) => {
+            *failing = false;
+            Some(conn)
+        }
+        Err(e) => {
+            if !*failing {
+                tracing::warn!(error = %e, "cannot accept a {what} connection; retrying every 100 ms");
+            }
+            *failing = true;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            None
+        }
     }
 }
 

@@ -59,6 +59,8 @@ pub enum Event {
     MemorySampled(Vec<super::actor::Sample>),
     /// SIGHUP, `drover reload`, or the file watcher.
     Reload(Option<oneshot::Sender<Response>>),
+    /// A scrape of `/metrics` asks for the state to encode.
+    Metrics(oneshot::Sender<super::metrics::Snapshot>),
 }
 
 /// What the actor answers a request with: a response, or one it encoded

@@ -184,11 +184,18 @@ impl Supervisor {
             Err(_) => Vec::new(),
         };
         for r in active {
+            // Finalized here, they count among the runs that ended.
+            let mut ended = |state| {
+                if let Some(job) = &r.job {
+                    self.counters.run_ended(job, state);
+                }
+            };
             match r.state {
                 RunState::Running => {
                     if let Some(pgid) = r.pgid {
                         proc::kill_recorded_group(pgid, r.pid_start);
                     }
+                    ended(RunState::Failed);
                     let why = "supervisor exited while the run was active";
                     self.ledger_write(Write::FailRunningSteps { id: r.id, error: why.into() });
                     self.ledger_write(Write::Finish {
@@ -198,12 +205,15 @@ impl Supervisor {
                         error: Some(why.into()),
                     });
                 }
-                RunState::Queued => self.ledger_write(Write::Finish {
-                    id: r.id,
-                    state: RunState::Cancelled,
-                    exit: None,
-                    error: Some("supervisor exited before the run started".into()),
-                }),
+                RunState::Queued => {
+                    ended(RunState::Cancelled);
+                    self.ledger_write(Write::Finish {
+                        id: r.id,
+                        state: RunState::Cancelled,
+                        exit: None,
+                        error: Some("supervisor exited before the run started".into()),
+                    })
+                }
                 // A flow held for approval waits across restarts.
                 _ => {}
             }
@@ -803,6 +813,7 @@ impl Supervisor {
             && let Some(job) = self.jobs.get_mut(j)
         {
             job.last_outcome = Some(state);
+            self.counters.run_ended(j, state);
             // Those that depend on it look again.
             self.touched.insert(j.to_string());
         }

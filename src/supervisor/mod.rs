@@ -13,6 +13,7 @@ pub mod graph;
 pub mod jobs;
 pub mod live;
 pub mod logs;
+pub mod metrics;
 pub mod own_log;
 pub mod policy;
 pub mod probes;

@@ -364,6 +364,16 @@ pub async fn serve(
     let listener = bound.map_err(|e| format!("cannot listen on {}: {e}", sock.display()))?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())?;
 
+    // Refused like a bad config: a supervisor that silently serves no
+    // metrics would show up as a scrape target that is down, with no why.
+    let metrics = match &loaded.config.supervisor.metrics {
+        Some(addr) => Some(super::metrics::bind(addr).map(|l| (addr.clone(), l)).map_err(|e| {
+            let _ = std::fs::remove_file(&sock);
+            format!("{e} (in {})", loaded.path.display())
+        })?),
+        None => None,
+    };
+
     let opts = Options { config_path: loaded.path.clone(), overrides, echo };
     let mut sup = Supervisor::new(opts, loaded.config, containment.clone(), reaper, tx.clone());
     let (watch_tx, watch_rx) = tokio::sync::watch::channel(sup.watch_settings());
@@ -374,6 +384,8 @@ pub async fn serve(
     sup.set_ready(Ready(ready.0.take()));
     tracing::info!(pid = std::process::id(), state_dir = %state_dir.display(), "started");
     sup.boot();
+    let metrics = metrics.map(|(addr, l)| super::metrics::Server::spawn(addr, l, ctl_tx.clone()));
+    sup.set_metrics(metrics, ctl_tx.clone());
     tokio::spawn(control::serve(listener, ctl_tx));
     sup.run(rx, ctl_rx).await;
     sd_notify("STOPPING=1");

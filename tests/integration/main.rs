@@ -18,6 +18,7 @@ mod jobs;
 mod ledger_faults;
 mod live;
 mod memory;
+mod metrics;
 mod output;
 mod readiness;
 mod reload;
