@@ -171,18 +171,52 @@ impl Watch {
 
     /// Reports `dir` once it is empty (at once if it is already).
     pub fn add(&self, dir: &Path) {
-        match self.fd.get_ref().0.add_watch(&dir.join("cgroup.events"), AddWatchFlags::IN_MODIFY) {
+        let wd = match self.fd.get_ref().0.add_watch(&dir.join("cgroup.events"), AddWatchFlags::IN_MODIFY) {
             Ok(wd) => {
                 lock(&self.dirs).insert(wd, dir.to_path_buf());
+                Some(wd)
             }
             Err(e) => {
                 // The exit of the leader and the kill's recheck still end it.
                 tracing::warn!(cgroup = %dir.display(), error = %e, "cannot watch a cgroup{}", hint(e));
+                None
             }
-        }
+        };
         // Set before this look: an emptying in between is seen either way.
-        if !cgroup::populated(dir) {
+        if cgroup::populated(dir) {
+            return;
+        }
+        // Whoever takes the watch out of the map (this look or the task)
+        // reports the cgroup, and removes the watch: the kernel never drops
+        // it by itself, not even when the cgroup is removed, so one left
+        // behind would be kept (here and in the kernel) for drover's life.
+        let report = match wd {
+            Some(wd) => {
+                let mine = lock(&self.dirs).remove(&wd).is_some();
+                if mine {
+                    let _ = self.fd.get_ref().0.rm_watch(wd);
+                }
+                mine
+            }
+            None => true,
+        };
+        if report {
             let _ = self.tx.send(Event::CgroupEmpty(dir.to_path_buf()));
+        }
+    }
+}
+
+impl Watch {
+    /// Stops watching `dir` (drover is done with it): the kernel may send
+    /// no last event for a cgroup removed soon after it empties, and never
+    /// drops a watch by itself.
+    pub fn forget(&self, dir: &Path) {
+        let mut dirs = lock(&self.dirs);
+        let wds: Vec<WatchDescriptor> =
+            dirs.iter().filter(|(_, d)| d.as_path() == dir).map(|(w, _)| *w).collect();
+        for wd in wds {
+            dirs.remove(&wd);
+            let _ = self.fd.get_ref().0.rm_watch(wd);
         }
     }
 }

@@ -652,7 +652,7 @@ impl Supervisor {
             // is kept until the spawn lands); it must not run on.
             self.in_flight.discard(pid);
             if let Some(cg) = sp.cgroup {
-                containment::remove_off_loop(cg);
+                self.remove_cgroup(cg);
             }
             return;
         }
@@ -760,11 +760,11 @@ impl Supervisor {
         // The step's stop and drain timers are over with it.
         self.timers.cancel(&TimerKey::Run(id, RunTimer::Kill));
         self.timers.cancel(&TimerKey::Run(id, RunTimer::Drain));
-        let Some(rp) = self.runs.get_mut(&id) else { return };
         // Empty, or (its drain given up on) killed and removed once empty.
-        if let Some(cg) = rp.cgroup.take() {
-            containment::remove_off_loop(cg);
+        if let Some(cg) = self.runs.get_mut(&id).and_then(|rp| rp.cgroup.take()) {
+            self.remove_cgroup(cg);
         }
+        let Some(rp) = self.runs.get_mut(&id) else { return };
         let ok = exit.as_ref().is_some_and(Exit::success);
         let step = rp.step;
         let step_name = rp.steps[step as usize].name.clone();
@@ -931,7 +931,7 @@ impl Supervisor {
         self.timers.cancel_where(|k| matches!(k, TimerKey::Run(r, _) if *r == id));
         let mut rp = self.runs.remove(&id)?;
         if let Some(cg) = rp.cgroup.take() {
-            containment::remove_off_loop(cg);
+            self.remove_cgroup(cg);
         }
         Some(rp)
     }

@@ -250,3 +250,36 @@ fn cpu_time_includes_children_that_have_exited() {
     assert!(instance(&v, "cpu", 0)["rss_bytes"].as_u64().is_some_and(|r| r > 0), "{v}");
     drop(sup);
 }
+
+/// The inotify watches drover holds (each listed in its fdinfo).
+fn inotify_watches(pid: i32) -> usize {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return 0 };
+    fds.flatten()
+        .filter(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == "anon_inode:inotify"))
+        .filter_map(|fd| {
+            std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy())).ok()
+        })
+        .map(|info| info.lines().filter(|l| l.starts_with("inotify ")).count())
+        .sum()
+}
+
+#[test]
+fn a_worker_restarting_fast_leaves_no_cgroup_watch_behind() {
+    let sb = Sandbox::new();
+    // Exits at once: its cgroup is often empty before drover watches it.
+    sb.write(
+        "daemon.toml",
+        "[supervisor]\nreload = false\n\n[workers.flash]\ncommand = [\"true\"]\n\
+         backoff = { initial = \"0s\", max = \"0s\" }\ncrash_loop = { min_uptime = \"0s\" }\n",
+    );
+    let sup = Supervisor::start(&sb);
+    let v =
+        sup.wait_for("100 restarts", LIMIT, |v| instance(v, "flash", 0)["restarts"].as_u64() >= Some(100));
+    if cgroup_mode(&v).is_none() {
+        return;
+    }
+    // The config file's watch and a few cgroups in flight, not one per start.
+    let watches = inotify_watches(sup.pid);
+    assert!(watches < 20, "{watches} inotify watches after 100 restarts");
+    drop(sup);
+}

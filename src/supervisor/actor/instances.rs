@@ -110,7 +110,7 @@ impl Supervisor {
                 match cgroup {
                     // Nothing escapes a cgroup: it is empty, so is all
                     // the instance ran.
-                    Some(cg) => containment::remove_off_loop(cg),
+                    Some(cg) => self.remove_cgroup(cg),
                     None => self.kill_escapees(Some((name, index))),
                 }
                 crate::os::groups::remove(pgid);
@@ -131,6 +131,14 @@ impl Supervisor {
             }
             Effect::Parked(reason) => tracing::warn!(worker = name, instance = index, %reason, "parked"),
         }
+    }
+
+    /// Removes a cgroup drover is done with (off the loop), and its watch.
+    pub(in crate::supervisor) fn remove_cgroup(&self, dir: PathBuf) {
+        if let Some(w) = &self.cgroup_watch {
+            w.forget(&dir);
+        }
+        containment::remove_off_loop(dir);
     }
 
     pub(super) fn instance(&self, name: &str, index: u32) -> Option<&Instance> {
@@ -222,7 +230,7 @@ impl Supervisor {
             if let Ok(started) = result {
                 self.in_flight.discard(started.pid);
                 if let Some(cg) = started.cgroup {
-                    containment::remove_off_loop(cg);
+                    self.remove_cgroup(cg);
                 }
             }
             return;
