@@ -27,7 +27,12 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A response as it goes on the wire: one JSON line.
 pub fn encode(resp: &Response) -> Vec<u8> {
-    let mut line = serde_json::to_vec(resp).expect("response serializes");
+    // Our own types always serialize; should one ever fail, the client
+    // still gets a line it can read, and the supervisor goes on.
+    let mut line = serde_json::to_vec(resp).unwrap_or_else(|e| {
+        let message = format!("cannot encode the reply: {e}");
+        serde_json::json!({ "reply": "error", "message": message }).to_string().into_bytes()
+    });
     line.push(b'\n');
     line
 }
@@ -376,7 +381,8 @@ pub fn send(
         )));
     }
     stream.set_read_timeout(timeout).map_err(ClientError::Io)?;
-    let mut line = serde_json::to_vec(req).expect("request serializes");
+    let mut line = serde_json::to_vec(req)
+        .map_err(|e| ClientError::Io(std::io::Error::other(format!("cannot encode the request: {e}"))))?;
     line.push(b'\n');
     stream.write_all(&line).map_err(ClientError::Io)?;
     Ok(BufReader::new(stream))
