@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use super::{Event, Supervisor, TimerKey};
-use crate::supervisor::workers::instance::{Input, State};
+use crate::supervisor::workers::instance::{Input, Instance, State};
 
 /// How often the memory of instances with `max_memory` is read.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
@@ -23,6 +23,11 @@ pub struct Sample {
     /// The incarnation sampled: a sample of an earlier one is dropped.
     pub incarnation: u64,
     pub rss_bytes: u64,
+}
+
+/// Whether an instance of a worker with `max_memory` is sampled: it runs.
+fn sampled(i: &Instance) -> bool {
+    matches!(i.state, State::Starting | State::Ready) && i.pid.is_some() && i.pgid.is_some()
 }
 
 /// An instance to sample: who it is and where its processes are.
@@ -41,7 +46,13 @@ impl Supervisor {
         if self.memory_sample_pending || self.timers.is_armed(&TimerKey::MemorySample) {
             return;
         }
-        if !self.sampled_instances().is_empty() {
+        // Called after every spawn: a look, not a list.
+        let due = !self.containment.memory_controller()
+            && self
+                .workers
+                .values()
+                .any(|w| w.spec.max_memory.is_some() && w.instances.values().any(|i| sampled(i)));
+        if due {
             self.set_timer(TimerKey::MemorySample, SAMPLE_EVERY);
         }
     }
@@ -55,8 +66,8 @@ impl Supervisor {
         let mut out = vec![];
         for (name, w) in self.workers.iter().filter(|(_, w)| w.spec.max_memory.is_some()) {
             for (index, inst) in &w.instances {
-                if matches!(inst.state, State::Starting | State::Ready)
-                    && let (Some(_), Some(pgid)) = (inst.pid, inst.pgid)
+                if sampled(inst)
+                    && let Some(pgid) = inst.pgid
                 {
                     out.push(Sampled {
                         worker: name.clone(),
