@@ -25,22 +25,23 @@ pub fn release_free() {
     }
 }
 
-/// Drops this process's mappings of its own machine code, so that only
-/// the code that runs afterwards is faulted back in (from the page cache,
-/// a minor fault). Start-up, config loading and the schema run code the
-/// steady state never touches again; it is most of the binary's resident
-/// pages. Only executable, unwritten mappings of the binary are touched:
-/// never data, and never the read-only pages of relocations (RELRO), whose
-/// private copies would be lost.
+/// Drops this process's page mappings of its machine code and read-only
+/// data, its own and its libraries' (libc, libm, the loader), so that
+/// only what runs afterwards is faulted back in (from the page cache, a
+/// minor fault; the kernel maps 64 KiB around each). Start-up, config
+/// loading and the schema run code the steady state never touches again;
+/// it is most of the resident pages. Only private, unwritable file
+/// mappings with no page of their own (`Anonymous: 0`, never written, so
+/// every page equals the file's) are touched: never data, never the
+/// relocated read-only pages (RELRO), whose private copies would be lost.
 pub fn release_code() {
     #[cfg(target_os = "linux")]
     {
-        let Ok(exe) = std::fs::read_link("/proc/self/exe") else { return };
-        let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return };
-        for (start, end) in code_ranges(&maps, &exe.to_string_lossy()) {
-            // SAFETY: the range is a private, read-only, executable file
-            // mapping that was never written; dropping its pages only makes
-            // the next access fault them in again from the file.
+        let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else { return };
+        for (start, end) in clean_file_ranges(&smaps) {
+            // SAFETY: the range is a private, unwritable file mapping none
+            // of whose pages was ever copied: dropping them only makes the
+            // next access fault them in again from the file.
             unsafe {
                 nix::libc::madvise(start as *mut _, end.saturating_sub(start), nix::libc::MADV_DONTNEED);
             }
@@ -48,21 +49,35 @@ pub fn release_code() {
     }
 }
 
-/// The `r-xp` ranges of `path` in a /proc/PID/maps text.
-fn code_ranges(maps: &str, path: &str) -> Vec<(usize, usize)> {
-    maps.lines()
-        .filter_map(|line| {
-            let mut fields = line.split_ascii_whitespace();
-            let range = fields.next()?;
-            let perms = fields.next()?;
-            let file = fields.nth(3)?;
-            if perms != "r-xp" || file != path {
-                return None;
+/// The `r-xp` and `r--p` file mappings of a /proc/PID/smaps text that
+/// hold no anonymous (copied) page.
+fn clean_file_ranges(smaps: &str) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    // The mapping being read: its range while it qualifies so far.
+    let mut current: Option<(usize, usize)> = None;
+    for line in smaps.lines() {
+        let mut fields = line.split_ascii_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if let Some(value) = line.strip_prefix("Anonymous:") {
+            let clean = value.trim().strip_suffix("kB").is_some_and(|n| n.trim() == "0");
+            if let Some(range) = current.take().filter(|_| clean) {
+                out.push(range);
             }
-            let (a, b) = range.split_once('-')?;
-            Some((usize::from_str_radix(a, 16).ok()?, usize::from_str_radix(b, 16).ok()?))
-        })
-        .collect()
+        } else if !first.ends_with(':') {
+            // A mapping's header: range perms offset dev inode path.
+            current = None;
+            let perms = fields.next();
+            let path = fields.nth(3);
+            if !matches!(perms, Some("r-xp" | "r--p")) || !path.is_some_and(|p| p.starts_with('/')) {
+                continue;
+            }
+            let Some((a, b)) = first.split_once('-') else { continue };
+            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                current = Some((a, b));
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -70,17 +85,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_the_binarys_executable_private_mappings_are_code() {
-        let maps = "\
+    fn only_clean_read_only_file_mappings_are_released() {
+        let smaps = "\
 55d0a0000000-55d0a0100000 r--p 00000000 fd:01 123 /usr/bin/drover
+Rss:                 100 kB
+Anonymous:             0 kB
 55d0a0100000-55d0a0700000 r-xp 00100000 fd:01 123 /usr/bin/drover
+Anonymous:             0 kB
 55d0a0700000-55d0a0800000 r--p 00700000 fd:01 123 /usr/bin/drover
+Anonymous:            12 kB
 55d0a0800000-55d0a0810000 rw-p 00800000 fd:01 123 /usr/bin/drover
+Anonymous:             4 kB
 7f0000000000-7f0000100000 r-xp 00000000 fd:01 456 /usr/lib/libc.so.6
-7f0000200000-7f0000300000 r-xs 00000000 fd:01 789 /usr/bin/drover
+Anonymous:             0 kB
+7f0000200000-7f0000300000 r-xs 00000000 fd:01 789 /dev/shm/x
+Anonymous:             0 kB
+7f0000400000-7f0000500000 r--p 00000000 00:00 0 
+Anonymous:             0 kB
 7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]
+Anonymous:           132 kB
+7ffd10000000-7ffd10002000 r-xp 00000000 00:00 0 [vdso]
+Anonymous:             0 kB
 ";
-        assert_eq!(code_ranges(maps, "/usr/bin/drover"), vec![(0x55d0a0100000, 0x55d0a0700000)]);
-        assert!(code_ranges(maps, "/usr/bin/other").is_empty());
+        assert_eq!(
+            clean_file_ranges(smaps),
+            vec![
+                (0x55d0a0000000, 0x55d0a0100000),
+                (0x55d0a0100000, 0x55d0a0700000),
+                (0x7f0000000000, 0x7f0000100000)
+            ]
+        );
+    }
+
+    /// The real thing on this process: code and clean read-only data are
+    /// found, and dropping them leaves the process running.
+    #[test]
+    fn releasing_this_process_code_keeps_it_running() {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+        assert!(clean_file_ranges(&smaps).len() >= 2, "the test binary and libc at least");
+        release_code();
+        assert_eq!(format!("{}", 6 * 7), "42");
     }
 }
