@@ -2,7 +2,7 @@
 //! processes. Read from /proc (or from its cgroup's own counters) when
 //! someone asks; nothing here polls.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 /// CPU time and resident memory of a set of processes.
@@ -29,19 +29,21 @@ pub fn of_group(pgid: i32) -> Usage {
 
 /// The usage of each of `pgids`, from one pass over /proc: a status
 /// request for many instances reads each process once, not once per
-/// instance. Groups without a process are absent.
+/// instance, and each with one read of its `stat`. Groups without a
+/// process are absent.
 pub fn of_groups(pgids: &[i32]) -> HashMap<i32, Usage> {
     let mut out = HashMap::new();
     if pgids.is_empty() {
         return out;
     }
+    let wanted: HashSet<i32> = pgids.iter().copied().collect();
     let Ok(procs) = std::fs::read_dir("/proc") else { return out };
     let (tick, page) = (clock_ticks(), page_size());
+    let mut reader = StatReader::default();
     for pid in procs.flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()) {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        let Some(s) = parse_stat(&stat) else { continue };
-        if pgids.contains(&s.pgid) {
-            *out.entry(s.pgid).or_default() += process_usage(pid, s, tick, page);
+        let Some(s) = reader.read(pid) else { continue };
+        if wanted.contains(&s.pgid) {
+            *out.entry(s.pgid).or_default() += s.usage(tick, page);
         }
     }
     out
@@ -52,29 +54,48 @@ pub fn of_groups(pgids: &[i32]) -> HashMap<i32, Usage> {
 /// controller is on), else the sum over its `cgroup.procs`. Unlike a
 /// process group's, a cgroup's CPU time includes what exited members used.
 pub fn of_cgroup(dir: &Path) -> Option<Usage> {
-    let pids = std::fs::read_to_string(dir.join("cgroup.procs")).ok()?;
-    let (tick, page) = (clock_ticks(), page_size());
-    let mut summed = Usage::default();
-    for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-        if let Some(s) =
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().as_deref().and_then(parse_stat)
-        {
-            summed += process_usage(pid, s, tick, page);
-        }
-    }
     let cpu = std::fs::read_to_string(dir.join("cpu.stat")).ok().as_deref().and_then(parse_cpu_stat);
     let mem =
         std::fs::read_to_string(dir.join("memory.current")).ok().and_then(|m| m.trim().parse::<u64>().ok());
+    if let (Some(usec), Some(bytes)) = (cpu, mem) {
+        return Some(Usage { cpu_seconds: usec as f64 / 1e6, rss_bytes: bytes });
+    }
+    let pids = std::fs::read_to_string(dir.join("cgroup.procs")).ok()?;
+    let (tick, page) = (clock_ticks(), page_size());
+    let mut reader = StatReader::default();
+    let mut summed = Usage::default();
+    for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+        if let Some(s) = reader.read(pid) {
+            summed += s.usage(tick, page);
+        }
+    }
     Some(Usage {
         cpu_seconds: cpu.map_or(summed.cpu_seconds, |usec| usec as f64 / 1e6),
         rss_bytes: mem.unwrap_or(summed.rss_bytes),
     })
 }
 
-fn process_usage(pid: i32, s: Stat, tick: f64, page: u64) -> Usage {
-    let resident =
-        std::fs::read_to_string(format!("/proc/{pid}/statm")).ok().as_deref().and_then(parse_statm);
-    Usage { cpu_seconds: s.cpu_ticks as f64 / tick, rss_bytes: resident.unwrap_or(0).saturating_mul(page) }
+/// Reads /proc/PID/stat files with one open and one read each, into one
+/// buffer (a `stat` line is a few hundred bytes; the kernel hands it over
+/// whole), where `read_to_string` would also stat the file and read again
+/// to see its end.
+#[derive(Default)]
+struct StatReader {
+    path: String,
+    buf: Vec<u8>,
+}
+
+impl StatReader {
+    fn read(&mut self, pid: i32) -> Option<Stat> {
+        use std::fmt::Write as _;
+        use std::io::Read as _;
+        self.path.clear();
+        let _ = write!(self.path, "/proc/{pid}/stat");
+        let mut file = std::fs::File::open(&self.path).ok()?;
+        self.buf.resize(1024, 0);
+        let n = file.read(&mut self.buf).ok()?;
+        parse_stat(std::str::from_utf8(self.buf.get(..n)?).ok()?)
+    }
 }
 
 /// What usage needs of /proc/PID/stat.
@@ -83,21 +104,27 @@ struct Stat {
     pgid: i32,
     /// utime + stime, in clock ticks.
     cpu_ticks: u64,
+    /// Resident set size, in pages.
+    rss_pages: u64,
+}
+
+impl Stat {
+    fn usage(&self, tick: f64, page: u64) -> Usage {
+        Usage { cpu_seconds: self.cpu_ticks as f64 / tick, rss_bytes: self.rss_pages.saturating_mul(page) }
+    }
 }
 
 /// Parses /proc/PID/stat. The command name (field 2) may hold spaces and
 /// parentheses, so the fields are counted from after the last ')'.
 fn parse_stat(stat: &str) -> Option<Stat> {
     let rest = stat.get(stat.rfind(')')? + 1..)?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // After the name: state(3) ppid(4) pgrp(5) … utime(14) stime(15).
-    let num = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok());
-    Some(Stat { pgid: f.get(2)?.parse().ok()?, cpu_ticks: num(11)?.saturating_add(num(12)?) })
-}
-
-/// The resident pages of /proc/PID/statm (its second field).
-fn parse_statm(statm: &str) -> Option<u64> {
-    statm.split_whitespace().nth(1)?.parse().ok()
+    // After the name: state(3) ppid(4) pgrp(5) … utime(14) stime(15) … rss(24).
+    let mut f = rest.split_ascii_whitespace();
+    let pgid = f.nth(2)?.parse().ok()?;
+    let utime: u64 = f.nth(8)?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    let rss_pages = f.nth(8)?.parse().unwrap_or(0);
+    Some(Stat { pgid, cpu_ticks: utime.saturating_add(stime), rss_pages })
 }
 
 /// `usage_usec` of a cgroup's cpu.stat.
@@ -125,16 +152,21 @@ mod tests {
 
     #[test]
     fn stat_fields_after_a_name_with_spaces_and_parens() {
-        let line = "4242 (a (b) c) S 1 4240 4240 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0 12345 1000 200";
-        assert_eq!(parse_stat(line), Some(Stat { pgid: 4240, cpu_ticks: 300 }));
+        let line = "4242 (a (b) c) S 1 4240 4240 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0 12345 1000 200 0";
+        assert_eq!(parse_stat(line), Some(Stat { pgid: 4240, cpu_ticks: 300, rss_pages: 200 }));
         assert_eq!(parse_stat("4242 (x) S 1"), None);
         assert_eq!(parse_stat("garbage"), None);
     }
 
     #[test]
-    fn statm_and_cpu_stat() {
-        assert_eq!(parse_statm("2000 512 100 1 0 300 0\n"), Some(512));
-        assert_eq!(parse_statm(""), None);
+    fn this_process_stat_is_read_whole() {
+        let s = StatReader::default().read(std::process::id() as i32).expect("own stat");
+        assert_eq!(s.pgid, nix::unistd::getpgrp().as_raw());
+        assert!(s.rss_pages > 0, "{s:?}");
+    }
+
+    #[test]
+    fn cpu_stat() {
         let cpu = "usage_usec 1500000\nuser_usec 1000000\nsystem_usec 500000\n";
         assert_eq!(parse_cpu_stat(cpu), Some(1_500_000));
         assert_eq!(parse_cpu_stat("user_usec 3\n"), None);
