@@ -42,7 +42,6 @@ use crate::config::load::load_text;
 use crate::config::model::{Config, Worker, secret_values};
 use crate::config::{Overrides, load};
 use crate::ledger::{Kind, Owner};
-use crate::os::fsutil::write_atomic;
 use crate::os::proc;
 use crate::os::reaper::{Exit, Reaped, Reaper};
 
@@ -114,7 +113,7 @@ pub struct Supervisor {
     pub(super) reaper: Arc<Reaper>,
     pub(super) tx: mpsc::UnboundedSender<Event>,
     pub(super) echo: Option<Echo>,
-    state_path: PathBuf,
+    state_file: super::state_file::StateFile,
     pub(super) dirty: bool,
     pub(super) ledger: RunLedger,
     /// Runs without a job (sessions) whose claim waits for the ledger.
@@ -193,7 +192,7 @@ impl Supervisor {
             reaper,
             tx,
             echo,
-            state_path,
+            state_file: super::state_file::StateFile::new(state_path),
             dirty: true,
             ledger: RunLedger::none(),
             unclaimed: Vec::new(),
@@ -913,7 +912,7 @@ impl Supervisor {
             }
         }
         let report = self.report("stopped", false);
-        self.write_state(&report);
+        self.state_file.write_last(&report);
         let _ = std::fs::remove_file(self.config.supervisor.state_dir.join("drover.sock"));
         if let Some(m) = self.metrics.take() {
             m.close();
@@ -981,14 +980,7 @@ impl Supervisor {
         if self.dirty {
             self.dirty = false;
             let report = self.report(if self.shutting_down { "stopping" } else { "running" }, false);
-            self.write_state(&report);
-        }
-    }
-
-    fn write_state(&self, report: &StatusReport) {
-        let data = serde_json::to_vec_pretty(report).unwrap_or_default();
-        if let Err(e) = write_atomic(&self.state_path, &data) {
-            tracing::error!(error = %e, path = %self.state_path.display(), "cannot write the state file");
+            self.state_file.write_soon(report);
         }
     }
 
