@@ -55,7 +55,7 @@ ME = os.getpid()
 SLEEP = shutil.which("sleep") or "/bin/sleep"
 WORKER_ARGS = ["3600"]
 
-ALL_SYSTEMS = ["floor", "drover", "runit", "s6", "horust", "pm2", "supervisord"]
+ALL_SYSTEMS = ["floor", "drover", "drover-pg", "runit", "s6", "horust", "pm2", "supervisord"]
 
 # Popen children the harness waits for itself; the orphan reaper leaves them be.
 OWN: set[int] = set()
@@ -169,24 +169,45 @@ def pss_kb(pid: int) -> int:
     return 0
 
 
-def task_counters(pid: int) -> tuple[int, int]:
-    """(run time in ns from schedstat, context switches) summed over threads."""
-    ns = switches = 0
+def task_table(pid: int) -> dict[int, tuple[int, int]]:
+    """Each thread's (run time in ns from schedstat, context switches)."""
+    out = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return 0, 0
+        return out
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                ns += int(f.read().split()[0])
+                ns = int(f.read().split()[0])
+            switches = 0
             with open(f"/proc/{pid}/task/{tid}/status") as f:
                 for line in f:
                     if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
                         switches += int(line.split()[1])
-        except OSError:
+            out[int(tid)] = (ns, switches)
+        except (OSError, ValueError, IndexError):
             pass
-    return ns, switches
+    return out
+
+
+def task_counters(pid: int) -> tuple[int, int]:
+    """(run time in ns from schedstat, context switches) summed over threads."""
+    t = task_table(pid).values()
+    return sum(ns for ns, _ in t), sum(sw for _, sw in t)
+
+
+def task_delta(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    """Run time and switches between two task tables. A thread that ended
+    meanwhile (an idle pool thread retiring) takes its counters with it, so
+    sums taken at both ends can go down: compare thread by thread, a new
+    thread counting whole."""
+    ns = sw = 0
+    for tid, (ns1, sw1) in after.items():
+        ns0, sw0 = before.get(tid, (0, 0))
+        ns += max(0, ns1 - ns0)
+        sw += max(0, sw1 - sw0)
+    return ns, sw
 
 
 def reap_orphans() -> None:
@@ -314,6 +335,10 @@ class Drover(System):
             return f"no drover binary at {b} (cargo build --release)"
         return None
 
+    # drover's default: cgroups where it may make them (as root on cgroup2),
+    # else process groups.
+    containment = "auto"
+
     def prepare(self, n, tmp):
         super().prepare(n, tmp)
         # the copy main() froze, so that a rebuild during the run changes nothing
@@ -322,6 +347,7 @@ class Drover(System):
         self.cfg.write_text(
             "[supervisor]\n"
             f'state_dir = "{tmp / "state"}"\n'
+            f'containment = "{self.containment}"\n'
             "\n"
             "[workers.w]\n"
             f'command = ["sleep", "{WORKER_ARGS[0]}"]\n'
@@ -354,6 +380,13 @@ class Drover(System):
 
     def versions(self):
         return getattr(self.opts, "drover_version", "drover")
+
+
+class DroverProcessGroups(Drover):
+    """drover contained the way every peer is: each worker in a process
+    group of its own, no cgroup."""
+    name = "drover-pg"
+    containment = "process-group"
 
 
 class Floor(System):
@@ -664,7 +697,7 @@ class S6(System):
         return f"s6 {r.stdout.strip() or '?'}"
 
 
-ADAPTERS = {c.name: c for c in (Floor, Drover, Runit, S6, Horust, Pm2, Supervisord)}
+ADAPTERS = {c.name: c for c in (Floor, Drover, DroverProcessGroups, Runit, S6, Horust, Pm2, Supervisord)}
 
 
 # --------------------------------------------------------------------------
@@ -797,19 +830,19 @@ def machine_busy() -> tuple[int, int]:
 
 def measure_idle(s: System, seconds: float) -> dict:
     _, sups = current(s)
-    before = {p: (read_stat(p), task_counters(p)) for p in sups}
+    before = {p: (read_stat(p), task_table(p)) for p in sups}
     m0 = machine_busy()
     time.sleep(seconds)
     m1 = machine_busy()
     ticks = ns = sw = 0
-    for p, (st0, (ns0, sw0)) in before.items():
+    for p, (st0, tasks0) in before.items():
         st1 = read_stat(p)
         if st0 is None or st1 is None:
             raise Failed(f"supervisor process {p} went away while idle")
-        ns1, sw1 = task_counters(p)
+        dns, dsw = task_delta(tasks0, task_table(p))
         ticks += st1[3] - st0[3]
-        ns += ns1 - ns0
-        sw += sw1 - sw0
+        ns += dns
+        sw += dsw
     # How busy the whole machine was meanwhile (all cores): the background
     # load every other figure of this system was taken under, roughly.
     busy = (m1[0] - m0[0]) / max(1, m1[1] - m0[1])
@@ -1114,7 +1147,8 @@ def render(results: list[dict], opts, meta: dict) -> str:
         systems = [s for s in opts.systems if s in rs]
         out.append(f"## N = {n}")
         out.append("")
-        head = ["metric"] + systems + ["drover/floor"]
+        ratios = [d for d in ("drover", "drover-pg") if d in systems]
+        head = ["metric"] + systems + [f"{d}/floor" for d in ratios]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
         for row, label in ROWS:
@@ -1123,9 +1157,9 @@ def render(results: list[dict], opts, meta: dict) -> str:
                 num, text = cell_value(rs[s], row)
                 nums[s] = num
                 cells.append(md_escape(text))
-            d, f = nums.get("drover"), nums.get("floor")
-            ratio = f"{d / f:.2f}x" if d is not None and f else "—"
-            out.append("| " + " | ".join([label] + cells + [ratio]) + " |")
+            f = nums.get("floor")
+            shown = [f"{nums[d] / f:.2f}x" if nums.get(d) is not None and f else "—" for d in ratios]
+            out.append("| " + " | ".join([label] + cells + shown) + " |")
         out.append("")
         errs = [(s_, k, e) for s_ in systems for k, e in rs[s_]["errors"].items()]
         if errs:
@@ -1215,7 +1249,7 @@ def main(argv=None) -> int:
         if "floor" in opts.systems:
             Floor.build(builddir)
         drover = Path(opts.drover)
-        if "drover" in opts.systems and drover.is_file():
+        if any(s.startswith("drover") for s in opts.systems) and drover.is_file():
             # Freeze the binary: the daemon and its clients (status, stop) must be
             # the same build even if target/ is rebuilt during the run.
             opts.drover_frozen = builddir / "drover"

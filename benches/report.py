@@ -31,7 +31,7 @@ import sockets  # noqa: E402
 
 RESULTS = HERE / "results"
 # The order of the table's columns.
-SYSTEMS = ["floor", "drover", "supervisord", "pm2", "horust", "runit", "s6"]
+SYSTEMS = ["floor", "drover", "drover-pg", "supervisord", "pm2", "horust", "runit", "s6"]
 
 
 def compare_cell(results: list[dict], system: str, n: int, row: str) -> tuple[float | None, str]:
@@ -73,31 +73,49 @@ ROWS = [
 ]
 
 
-def render(sup: dict, rel: dict, n: int, sock: dict | None = None) -> str:
-    results, meta = sup["results"], sup["meta"]
+def table(sup: dict, rel: dict, n: int) -> list[str]:
+    """The side-by-side table at N = n, as markdown lines."""
+    results = sup["results"]
     systems = [s for s in SYSTEMS if any(r["system"] == s and r["n"] == n for r in results)]
-    out = [f"# drover vs peers, N = {n}", ""]
-    out.append(f"Measured {meta['date']} on {meta['machine']} in one run of `python3 benches/report.py`: "
-               f"compare.py ({' '.join(meta['argv'])}), then reload.py ({' '.join(rel['meta']['argv'])}).")
-    out.append("")
-    head = ["", *systems, "drover/floor"]
-    out.append("| " + " | ".join(head) + " |")
-    out.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
+    ratios = [d for d in ("drover", "drover-pg") if d in systems]
+    head = ["", *systems, *[f"{d}/floor" for d in ratios]]
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for row, label in ROWS:
+        if row == "reload" and n != rel["results"][0].get("n", n):
+            continue  # reload.py ran at one N only
         nums, cells = {}, []
         for s in systems:
             num, text = reload_cell(rel["results"], s) if row == "reload" else compare_cell(results, s, n, row)
             nums[s] = num
             cells.append(compare.md_escape(text))
-        d, f = nums.get("drover"), nums.get("floor")
-        ratio = f"{d / f:.2f}x" if d is not None and f else "—"
-        out.append("| " + " | ".join([compare.md_escape(label), *cells, ratio]) + " |")
+        f = nums.get("floor")
+        shown = [f"{nums[d] / f:.2f}x" if nums.get(d) is not None and f else "—" for d in ratios]
+        out.append("| " + " | ".join([compare.md_escape(label), *cells, *shown]) + " |")
+    return out
+
+
+def render(sup: dict, rel: dict, ns: list[int], sock: dict | None = None) -> str:
+    meta = sup["meta"]
+    out = ["# drover vs peers", ""]
+    out.append(f"Measured {meta['date']} on {meta['machine']} in one run of `python3 benches/report.py`: "
+               f"compare.py ({' '.join(meta['argv'])}), then reload.py ({' '.join(rel['meta']['argv'])}), "
+               f"then sockets.py.")
     out.append("")
+    out.append("`drover` runs with its default containment, which as root on cgroup2 puts each instance in "
+               "a cgroup of its own; `drover-pg` is the same build with `containment = \"process-group\"`, "
+               "the containment every peer here uses.")
+    out.append("")
+    for n in ns:
+        out.append(f"## N = {n}")
+        out.append("")
+        out.extend(table(sup, rel, n))
+        out.append("")
     debounce = rel["meta"].get("debounce") or "50ms (default)"
-    out.append(f"Reload: the time from writing the file to the new worker's first instruction, with N running "
-               f"and drover's debounce at {debounce}; supervisord's includes `supervisorctl reread` and "
-               f"`update`; runit rescans its directory every 5 s; horust has no reload (SIGHUP ends it). "
-               f"The floor is a loop over waitpid that respawns at once and reads no config.")
+    out.append(f"Reload: the time from writing the file to the new worker's first instruction, with "
+               f"N = {rel['meta'].get('n', ns[0])} running and drover's debounce at {debounce}; supervisord's "
+               f"includes `supervisorctl reread` and `update`; runit rescans its directory every 5 s; horust "
+               f"has no reload (SIGHUP ends it). The floor is a loop over waitpid that respawns at once and "
+               f"reads no config.")
     out.append("")
     if sock:
         m = sock["meta"]
@@ -109,7 +127,7 @@ def render(sup: dict, rel: dict, n: int, sock: dict | None = None) -> str:
         out.append("")
         out.append(sockets.table(sock["results"]).rstrip("\n"))
         out.append("")
-    out.append("Full reports: benches/results/supervisor.md (also N = 1000), benches/results/reload.md, "
+    out.append("Full reports: benches/results/supervisor.md, benches/results/reload.md, "
                "benches/results/sockets.md.")
     return "\n".join(out) + "\n"
 
@@ -141,7 +159,7 @@ def main(argv=None) -> int:
     rel = json.loads((RESULTS / "reload.json").read_text())
     sock_json = RESULTS / "sockets.json"
     sock = json.loads(sock_json.read_text()) if sock_json.exists() else None
-    md = render(sup, rel, opts.n, sock)
+    md = render(sup, rel, [opts.n] + ([opts.also_n] if opts.also_n else []), sock)
     sys.stdout.write(md)
     Path(opts.out).write_text(md)
     return 0
