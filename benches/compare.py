@@ -812,6 +812,24 @@ def measure_rss(s: System) -> float:
     return sum(rss_kb(p) for p in sups) / 1024.0  # MB
 
 
+def measure_rss_parts(s: System) -> dict:
+    """RssAnon (heap, stacks: the supervisor's own memory) and RssFile (its
+    binary's and libraries' resident pages), summed over its processes."""
+    _, sups = current(s)
+    parts = {"anon_mb": 0.0, "file_mb": 0.0}
+    for p in sups:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        parts["anon_mb"] += int(line.split()[1]) / 1024.0
+                    elif line.startswith("RssFile:"):
+                        parts["file_mb"] += int(line.split()[1]) / 1024.0
+        except (OSError, ValueError, IndexError):
+            pass
+    return parts
+
+
 def measure_pss(s: System) -> float:
     """Proportional set size: shared pages split between the processes that map
     them, so a multi-process supervisor (runit) is not charged N times for libc."""
@@ -1060,6 +1078,7 @@ def run_system(name: str, n: int, opts, results: list[dict]) -> None:
         metric("status", lambda: measure_status(s, opts.status_runs))
         metric("restart", lambda: measure_restart(s, n, opts.kills))
         metric("rss_after_mb", lambda: measure_rss(s))
+        metric("rss_parts", lambda: measure_rss_parts(s))
         metric("stop", lambda: measure_stop(s, opts.stop_deadline + n * 0.02))
         res["busy_builders"] = sorted(set(res["busy_builders"]) | set(busy_builders()))
     except Exception as e:  # an adapter bug: report it in the cells and carry on
@@ -1083,6 +1102,8 @@ ROWS = [
     ("start", "start: launch → N running (median)"),
     ("rss", "supervisor RSS with N running"),
     ("pss", "supervisor PSS with N running"),
+    ("rss_after", "supervisor RSS after the status and restart runs"),
+    ("rss_anon", "… of which anonymous (RssAnon)"),
     ("status", "status command latency (median)"),
     ("idle_cpu", "CPU over idle window (utime+stime)"),
     ("idle_sched", "CPU over idle window (schedstat)"),
@@ -1097,7 +1118,8 @@ def cell_value(r: dict, row: str):
     m, err = r["metrics"], r["errors"]
     if "*" in err:
         return None, "error: " + short(err["*"])
-    key = {"start": "start_s", "rss": "rss_mb", "pss": "pss_mb", "status": "status", "idle_cpu": "idle",
+    key = {"start": "start_s", "rss": "rss_mb", "pss": "pss_mb", "rss_after": "rss_after_mb",
+           "rss_anon": "rss_parts", "status": "status", "idle_cpu": "idle",
            "idle_sched": "idle", "wakeups": "idle", "restart": "restart", "stop": "stop"}[row]
     if key in err:
         return None, "error: " + short(err[key])
@@ -1106,8 +1128,10 @@ def cell_value(r: dict, row: str):
     v = m[key]
     if row == "start":
         return v, f"{v:.3f} s"
-    if row in ("rss", "pss"):
+    if row in ("rss", "pss", "rss_after"):
         return v, f"{v:.1f} MB"
+    if row == "rss_anon":
+        return v["anon_mb"], f"{v['anon_mb']:.1f} MB"
     if row == "status":
         if v.get("na"):
             return None, "n/a"

@@ -65,6 +65,8 @@ def reload_cell(results: list[dict], system: str) -> tuple[float | None, str]:
 ROWS = [
     ("start", "start N workers"),
     ("rss", "RSS with N running"),
+    ("rss_after", "RSS after status and restarts"),
+    ("rss_anon", "… of which anonymous"),
     ("status", "`status` (JSON), median"),
     ("idle_cpu", "CPU while idle, 10 s"),
     ("stop", "stop all"),

@@ -126,6 +126,11 @@ pub struct Supervisor {
     /// Spawns (of instances and run steps) handed to blocking threads and
     /// not yet reported, and the exits that came before their report.
     pub(super) in_flight: InFlight,
+    /// Instances (process-group mode) whose ended incarnation's escapees
+    /// are still to be looked for: once the replacement's spawn has
+    /// landed, so that the restart does not wait for the look, and the
+    /// new leader, then known, is not taken for an escapee.
+    pub(super) escapee_scans: std::collections::BTreeSet<(String, u32)>,
     applied_at: SystemTime,
     watch: Option<watch::Sender<WatchSettings>>,
     pub(super) shutting_down: bool,
@@ -204,6 +209,7 @@ impl Supervisor {
             runs: HashMap::new(),
             session_dirs: SessionDirs::new(),
             in_flight: InFlight::default(),
+            escapee_scans: Default::default(),
             applied_at: SystemTime::now(),
             watch: None,
             shutting_down: false,

@@ -313,13 +313,25 @@ fn running(sb: &Sandbox, cmd: &str) -> Vec<ProcId> {
 
 #[test]
 fn a_restart_kills_daemons_that_daemons_started_in_sessions_of_their_own() {
+    restart_kills_daemons_of_daemons("");
+}
+
+/// The same in process-group mode (the default when drover may not make
+/// cgroups), where the escapees are found by their marks among drover's
+/// children once the new instance has started.
+#[test]
+fn a_restart_kills_daemons_that_daemons_started_without_cgroups_too() {
+    restart_kills_daemons_of_daemons("containment = \"process-group\"\n");
+}
+
+fn restart_kills_daemons_of_daemons(containment: &str) {
     let sb = Sandbox::new();
     // A daemon (its own session, marked by its environment) that starts
     // two more daemons of its own, one of them with an empty environment.
     sb.write(
         "daemon.toml",
         format!(
-            "{SUPERVISOR}[workers.w]\nstop_grace = \"300ms\"\ncommand = {}\n",
+            "{SUPERVISOR}{containment}[workers.w]\nstop_grace = \"300ms\"\ncommand = {}\n",
             sh("setsid sh -c 'setsid env -i sleep 1006 & setsid sleep 1004 & exec sleep 1003' & exec sleep 1000")
         ),
     );

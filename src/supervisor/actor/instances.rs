@@ -57,6 +57,22 @@ impl Supervisor {
         for fx in effects {
             self.execute(name, index, fx);
         }
+        self.scan_escapees_unless_spawning(name, index);
+    }
+
+    /// The look for an ended incarnation's escapees, unless a spawn of the
+    /// instance is in flight: its child, not yet known by pid, carries the
+    /// same marks. Then it waits until the spawn lands.
+    fn scan_escapees_unless_spawning(&mut self, name: &str, index: u32) {
+        let key = (name.to_string(), index);
+        if !self.escapee_scans.contains(&key) {
+            return;
+        }
+        let spawning = self.instance(name, index).is_some_and(|i| i.spawning);
+        if !spawning {
+            self.escapee_scans.remove(&key);
+            self.kill_escapees(Some((name, index)));
+        }
     }
 
     fn execute(&mut self, name: &str, index: u32, fx: Effect) {
@@ -111,7 +127,9 @@ impl Supervisor {
                     // Nothing escapes a cgroup: it is empty, so is all
                     // the instance ran.
                     Some(cg) => self.remove_cgroup(cg),
-                    None => self.kill_escapees(Some((name, index))),
+                    None => {
+                        self.escapee_scans.insert((name.to_string(), index));
+                    }
                 }
                 crate::os::groups::remove(pgid);
             }
@@ -233,6 +251,7 @@ impl Supervisor {
                     self.remove_cgroup(cg);
                 }
             }
+            self.scan_escapees_unless_spawning(name, index);
             return;
         };
         if worktree.is_some() {
@@ -263,6 +282,7 @@ impl Supervisor {
                 self.drive(name, index, Input::SpawnFailed { error: e.message, short: e.short });
             }
         }
+        self.scan_escapees_unless_spawning(name, index);
     }
 
     fn start_pumps(&self, name: &str, index: u32, pipes: Pipes) {
