@@ -8,16 +8,20 @@
 //! be refused and change nothing; an env file and a limit change under a
 //! running worker. Meanwhile the test kills instances, restarts the socket
 //! worker, connects `drover events` followers that read, lag (never read)
-//! and vanish, and SIGKILLs drover mid-rollout with a surge instance alive.
+//! and vanish, and top-like viewers (events, `status --json` and a scrape
+//! of `/metrics` in a loop) that come and go, and SIGKILLs drover
+//! mid-rollout with a surge instance alive.
 //!
-//! After each step: every worker is in a settled state; no worker has more
+//! After each step: `/metrics` answers with a whole exposition; every
+//! worker is in a settled state; no worker has more
 //! process groups alive than its capacity, plus one (the surge) when it has
 //! sockets; the socket's port accepts a connection; no dependent started
 //! before its dependency met the condition (each dependent checks, as it
 //! starts, the marks its dependencies leave once ready or succeeded); the
 //! worker reading the env file runs with its current value and the
 //! configured open-files limit; nothing runs outside a group drover knows;
-//! no zombie lingers. At the end: the client saw no failed request (it is
+//! no zombie lingers. At the end: no viewer got a wrong answer (one cut
+//! by drover's SIGKILL is not wrong), the client saw no failed request (it is
 //! paused only while drover itself is SIGKILLed), the final stop stopped
 //! each dependent before its dependencies, and nothing is left.
 //!
@@ -148,7 +152,7 @@ impl Desired {
 
     fn toml(&self, sb: &Sandbox, port: u16) -> String {
         let mut t = String::from(
-            "[supervisor]\nreload = true\ndebounce = \"20ms\"\n\
+            "[supervisor]\nreload = true\ndebounce = \"20ms\"\nmetrics = \"127.0.0.1:METRICS_PORT\"\n\
              [defaults]\nstop_grace = \"2s\"\n\
              backoff = { initial = \"50ms\", max = \"500ms\" }\n\
              crash_loop = { min_uptime = \"1s\", max_failures = 4 }\n",
@@ -202,6 +206,7 @@ impl Desired {
                 }
             }
         }
+        t = t.replace("METRICS_PORT", &metrics_port().to_string());
         let _ = write!(
             t,
             "\n[jobs.migrate]\ncommand = {}\nretain = 20\n",
@@ -337,6 +342,109 @@ impl Drop for Subscriber {
     }
 }
 
+/// The port of drover's `/metrics` in this test, the same across configs.
+fn metrics_port() -> u16 {
+    static PORT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    *PORT.get_or_init(free_port)
+}
+
+/// One scrape of `/metrics`: `Ok(None)` when nothing answers (drover is
+/// down), `Ok(Some(body))` for a whole exposition, `Err` for any other answer.
+fn scrape() -> Result<Option<String>, String> {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", metrics_port())) else { return Ok(None) };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    if s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").is_err() {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    match s.read_to_end(&mut out) {
+        // Reset mid-answer: drover was SIGKILLed under it.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(None),
+        Err(e) => return Err(format!("reading the answer: {e}")),
+        Ok(_) => {}
+    }
+    let text = String::from_utf8_lossy(&out).into_owned();
+    if out.is_empty() {
+        return Ok(None);
+    }
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return Ok(None); // cut inside the headers: drover died under it
+    };
+    // Cut inside the body (drover died under it) is not a wrong answer.
+    let length = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        if k.eq_ignore_ascii_case("content-length") { v.trim().parse::<usize>().ok() } else { None }
+    });
+    let whole = match length {
+        Some(n) => body.len() >= n,
+        None => body.ends_with("0\r\n\r\n"),
+    };
+    if !whole {
+        return Ok(None);
+    }
+    if head.starts_with("HTTP/1.1 200") && body.contains("drover_config_generation ") {
+        Ok(Some(body.to_string()))
+    } else {
+        Err(format!("not a whole exposition: {:?}", &text[..text.len().min(200)]))
+    }
+}
+
+/// What `drover top` does, without a terminal: it follows `events` and asks
+/// for `status --json` in a loop, and this one scrapes `/metrics` as well,
+/// until it is told to vanish. Answers that come but are wrong are kept.
+struct TopLike {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<String>>>,
+    _events: Subscriber,
+}
+
+impl TopLike {
+    fn start(sb: &Sandbox) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, dir) = (stop.clone(), sb.path("."));
+        let thread = std::thread::spawn(move || {
+            let mut wrong = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let out = std::process::Command::new(env!("CARGO_BIN_EXE_drover"))
+                    .current_dir(&dir)
+                    .env_remove("DROVER_CONFIG")
+                    .args(["-c", "daemon.toml", "status", "--json"])
+                    .stdin(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .output();
+                if let Ok(o) = out
+                    && o.status.code() == Some(0)
+                    && serde_json::from_slice::<Value>(&o.stdout).is_err()
+                {
+                    wrong.push(format!(
+                        "status --json exited 0 with no JSON: {:?}",
+                        String::from_utf8_lossy(&o.stdout)
+                    ));
+                }
+                if let Err(e) = scrape() {
+                    wrong.push(e);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            wrong
+        });
+        TopLike { stop, thread: Some(thread), _events: Subscriber::start(sb, true) }
+    }
+
+    /// Stops it; the wrong answers it saw.
+    fn end(&mut self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().and_then(|t| t.join().ok()).unwrap_or_default()
+    }
+}
+
+impl Drop for TopLike {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
 /// The live process groups of each worker's instances, from the processes'
 /// environment.
 fn groups_by_worker(sb: &Sandbox) -> BTreeMap<String, BTreeSet<i32>> {
@@ -369,6 +477,12 @@ fn nofile_of(pid: i32) -> Option<u64> {
 }
 
 fn check(sb: &Sandbox, sup: &Supervisor, desired: &Desired, port: u16, api_env: &str, log: &Log) {
+    // 0. The metrics endpoint answers with a whole exposition.
+    match scrape() {
+        Ok(Some(_)) => {}
+        Ok(None) => log.fail("nothing answers at the metrics address while drover runs"),
+        Err(e) => log.fail(&format!("metrics: {e}")),
+    }
     // 1. Every worker of the last valid config, each instance settled.
     let settled = |v: &Value| -> Result<(), String> {
         let ws = v["workers"].as_array().ok_or("no workers array")?;
@@ -510,6 +624,8 @@ fn chaos_with_readiness_dependencies_and_sockets_keeps_every_promise() {
     });
     let client = Client::start(port);
     let mut subscribers: Vec<Subscriber> = Vec::new();
+    let mut tops: Vec<TopLike> = Vec::new();
+    let mut wrong_answers: Vec<String> = Vec::new();
     let end = Instant::now() + Duration::from_secs(secs);
     check(&sb, &sup, &desired, port, &api_env, &log);
 
@@ -630,7 +746,18 @@ fn chaos_with_readiness_dependencies_and_sockets_keeps_every_promise() {
             86..93 => {
                 // A follower of `drover events`: one that reads, one that
                 // never does (it lags once its pipe is full), or one vanishing.
-                if subscribers.len() >= 4 || (!subscribers.is_empty() && rng.chance(40)) {
+                if rng.chance(30) {
+                    // A top-like viewer comes, or goes.
+                    if let Some(mut t) =
+                        (!tops.is_empty() && (tops.len() >= 2 || rng.chance(50))).then(|| tops.remove(0))
+                    {
+                        log.say("top-like viewer vanishes");
+                        wrong_answers.extend(t.end());
+                    } else {
+                        log.say("top-like viewer: events, status --json and /metrics in a loop");
+                        tops.push(TopLike::start(&sb));
+                    }
+                } else if subscribers.len() >= 4 || (!subscribers.is_empty() && rng.chance(40)) {
                     let mut s = subscribers.remove(rng.below(subscribers.len() as u64) as usize);
                     log.say(&format!("events follower {} vanishes", s.child.id()));
                     s.end();
@@ -680,6 +807,16 @@ fn chaos_with_readiness_dependencies_and_sockets_keeps_every_promise() {
     let mut followed = 0;
     for mut s in subscribers.drain(..) {
         followed += s.end();
+    }
+    for mut t in tops.drain(..) {
+        wrong_answers.extend(t.end());
+    }
+    if !wrong_answers.is_empty() {
+        log.fail(&format!(
+            "{} wrong answers to a viewer: {:?}",
+            wrong_answers.len(),
+            &wrong_answers[..wrong_answers.len().min(3)]
+        ));
     }
     let (asked, failed) = client.finish();
     if !failed.is_empty() {
