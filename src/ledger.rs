@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::os::reaper::Exit;
 
+/// The most memory the ledger's page cache takes, in KiB.
+const LEDGER_CACHE_KIB: i64 = 256;
 /// The schema this code reads and writes; older files are migrated.
 pub const SCHEMA_VERSION: i64 = 1;
 
@@ -397,6 +399,11 @@ impl Ledger {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", true)?;
+        // SQLite's page cache is 2 MiB by default, filled page by page as
+        // runs come and go: a supervisor's memory creeping for hours. The
+        // ledger's working set (the newest runs, their index pages) is
+        // small, and a page read again comes from the OS's cache.
+        conn.pragma_update(None, "cache_size", LEDGER_CACHE_KIB.saturating_neg())?;
         let mut ledger = Ledger { conn, path: path.to_path_buf(), wal_id: None };
         ledger.migrate(version)?;
         ledger.wal_id = file_id(&with_suffix(path, "-wal"));
@@ -864,6 +871,44 @@ pub(crate) mod tests {
 
     fn job(l: &mut Ledger, name: &str) -> i64 {
         new_job(l, name).unwrap()
+    }
+
+    /// SQLite's own count of the memory it holds, in bytes.
+    fn sqlite_memory() -> i64 {
+        // SAFETY: a read of a process-wide counter.
+        unsafe { rusqlite::ffi::sqlite3_memory_used() }
+    }
+
+    #[test]
+    fn the_page_cache_stays_within_its_bound_however_many_runs_come_and_go() {
+        let (_d, mut l) = ledger();
+        assert_eq!(
+            l.conn.query_row("PRAGMA cache_size", [], |r| r.get::<_, i64>(0)).unwrap(),
+            -LEDGER_CACHE_KIB
+        );
+        // Enough runs, each with a long command, for a ledger of several
+        // MiB: with the default cache, SQLite would hold 2 MiB of it.
+        let cmd = vec!["x".repeat(2000)];
+        for _ in 0..3000 {
+            let id = l
+                .create(&NewRun {
+                    job: Some("j"),
+                    kind: Kind::Job,
+                    source: Source::Trigger,
+                    parent: None,
+                    name: None,
+                    command: &cmd,
+                    steps: &[],
+                    first_step: 0,
+                })
+                .unwrap();
+            assert!(l.finish(id, RunState::Cancelled, None, None).unwrap());
+        }
+        let _ = l.get(1).unwrap();
+        let used = sqlite_memory();
+        // Other tests' ledgers in this process count too; the bound is
+        // what one default cache alone would pass.
+        assert!(used < 1536 * 1024, "SQLite holds {used} bytes");
     }
 
     #[test]
