@@ -510,6 +510,25 @@ mod tests {
         // SAFETY: the hook makes no call at all.
         unsafe { s.hook(|| Err(io::Error::from_raw_os_error(libc::EPERM))) };
         assert_eq!(raw(spawn(&s).expect_err("refused")), Some(libc::EPERM));
+        // A limit the kernel refuses: its errno, and the step named.
+        let id = crate::os::identity::Identity {
+            limits: [("nofile".to_string(), crate::os::identity::Rlimit { soft: 300, hard: 200 })].into(),
+            ..Default::default()
+        };
+        let (hook, report) = crate::os::identity::prepare(&id).expect("a hook");
+        let mut s = Spawn::new(
+            OsStr::new("/bin/true"),
+            ["true"],
+            env(),
+            Path::new("/"),
+            false,
+            open_cgroup(&cg).expect("open"),
+        )
+        .expect("prepare");
+        // SAFETY: Hook::run makes raw system calls only.
+        unsafe { s.hook(move || hook.run()) };
+        assert_eq!(raw(spawn(&s).expect_err("refused")), Some(libc::EINVAL));
+        assert_eq!(report.failed_step(), Some("limits.nofile (soft 300, hard 200)"));
         // The failed children were reaped and the cgroup is empty.
         // SAFETY: waitpid(-1) without blocking, in a process of its own.
         let r = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };

@@ -544,6 +544,17 @@ mod tests {
         bad.cgroup = spec("t.bad");
         assert!(start(&reaper, &bad).is_err());
         assert!(!h.base.join("t.bad").exists(), "the failed start's cgroup is removed");
+        let mut refused = launch(&["true"], "/");
+        refused.cgroup = spec("t.refused");
+        refused.identity.limits =
+            [("nofile".to_string(), crate::os::identity::Rlimit { soft: 300, hard: 200 })].into();
+        let e = start(&reaper, &refused).expect_err("refused");
+        assert!(
+            e.message.ends_with("; the kernel refused limits.nofile (soft 300, hard 200)"),
+            "{}",
+            e.message
+        );
+        assert!(!h.base.join("t.refused").exists(), "the refused start's cgroup is removed");
         cgroup::remove(&h.base).expect("remove the base");
     }
 
