@@ -49,6 +49,13 @@ struct CloneArgs {
 /// spawns go to the fallback at once.
 static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
 
+/// Makes every later spawn in this process take the fallback, as if
+/// clone3 were refused (a test of the fallback, in a process of its own).
+#[cfg(test)]
+pub(crate) fn refuse_clone3() {
+    UNSUPPORTED.store(true, Ordering::Relaxed);
+}
+
 /// A hook run in the child before exec; see [`Spawn::hook`].
 type Hook = Box<dyn Fn() -> io::Result<()> + Send + Sync>;
 

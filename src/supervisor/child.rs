@@ -558,6 +558,36 @@ mod tests {
         cgroup::remove(&h.base).expect("remove the base");
     }
 
+    /// Where clone3 is refused, the child joins its cgroup after the fork
+    /// (std's spawn), and a failed start still leaves no cgroup.
+    #[test]
+    fn without_clone3_the_child_joins_its_cgroup() {
+        crate::os::reaper::isolated(module_path!(), "without_clone3_the_child_joins_its_cgroup", || {
+            let state_dir = std::env::temp_dir().join(format!("drover-child-join-{}", std::process::id()));
+            let h = match Hierarchy::set_up(&state_dir) {
+                Ok((h, _)) => Arc::new(h),
+                Err(e) if !crate::os::identity::drover_is_root() => return eprintln!("skipped: {e}"),
+                Err(e) => panic!("as root, cgroups must be usable here: {e}"),
+            };
+            crate::os::spawn::refuse_clone3();
+            let reaper = Reaper::default();
+            let mut ok = launch(&["sleep", "60"], "/");
+            ok.cgroup = Some(CgroupSpec { hierarchy: h.clone(), name: "t.join".into(), max_memory: None });
+            let s = start(&reaper, &ok).expect("start");
+            let cg = s.cgroup.clone().expect("a cgroup");
+            let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
+            assert_eq!(procs.trim(), s.pid.to_string());
+            cgroup::remove_when_empty(&cg).expect("killed and removed");
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(s.pid), None);
+            let mut bad = launch(&["/no/such/program"], "/");
+            bad.cgroup =
+                Some(CgroupSpec { hierarchy: h.clone(), name: "t.joinbad".into(), max_memory: None });
+            assert!(start(&reaper, &bad).is_err());
+            assert!(!h.base.join("t.joinbad").exists(), "the failed start's cgroup is removed");
+            cgroup::remove(&h.base).expect("remove the base");
+        });
+    }
+
     #[test]
     fn an_empty_command_is_an_error_not_a_panic() {
         let e = launch(&[], "/").command(None).err().map(|e| e.message);
