@@ -199,6 +199,24 @@ pub fn apply(cmd: &mut std::process::Command, identity: &Identity) -> Option<Ste
             cmd.env(k, v);
         }
     }
+    let (hook, report) = prepare(identity)?;
+    // SAFETY: the hook only makes system calls (setrlimit, umask,
+    // setpriority, open/write/close, setgroups, setgid, setuid, prctl) on
+    // data prepared before the fork; none allocates or takes a lock.
+    unsafe {
+        cmd.pre_exec(move || hook.run());
+    }
+    Some(report)
+}
+
+/// The hook that applies `identity` in a child, to call there with
+/// [`Hook::run`] (drover's own spawn, `os::spawn`), and its report. The
+/// login variables are the caller's to set. None when there is nothing to
+/// apply (or no socket pair for the report could be made).
+pub fn prepare(identity: &Identity) -> Option<(Hook, StepReport)> {
+    if identity.is_noop() {
+        return None;
+    }
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
     let (read, write) = socketpair(
         AddressFamily::Unix,
@@ -208,17 +226,11 @@ pub fn apply(cmd: &mut std::process::Command, identity: &Identity) -> Option<Ste
     )
     .ok()?;
     let (hook, steps) = Hook::new(identity, write);
-    // SAFETY: the hook only makes system calls (setrlimit, umask,
-    // setpriority, open/write/close, setgroups, setgid, setuid, prctl) on
-    // data prepared before the fork; none allocates or takes a lock.
-    unsafe {
-        cmd.pre_exec(move || hook.run());
-    }
-    Some(StepReport { read, steps })
+    Some((hook, StepReport { read, steps }))
 }
 
 /// What the child does between fork and exec, prepared in the parent.
-struct Hook {
+pub struct Hook {
     limits: Vec<(Resource, u64, u64)>,
     umask: Option<u32>,
     nice: Option<i32>,
@@ -293,8 +305,11 @@ impl Hook {
     /// Runs in the child: limits first (raising a hard limit needs the
     /// privileges given up last), then umask, nice and oom_score_adj
     /// (lowering needs privileges too), groups, gid, uid, and
-    /// no_new_privs, which only restricts what exec may gain.
-    fn run(&self) -> io::Result<()> {
+    /// no_new_privs, which only restricts what exec may gain. Only raw
+    /// system calls: it also runs in a child of a bare clone3, where
+    /// glibc's setuid & co. (which signal every thread glibc believes
+    /// the process has) may not be used.
+    pub fn run(&self) -> io::Result<()> {
         use nix::libc;
         for (i, &(resource, soft, hard)) in self.limits.iter().enumerate() {
             if let Err(e) = nix::sys::resource::setrlimit(resource, soft, hard) {
@@ -329,15 +344,15 @@ impl Hook {
             }
         }
         if let Some((groups, gid, uid)) = &self.switch {
-            // SAFETY (each): a plain system call; `groups` was made before
-            // the fork.
-            if unsafe { libc::setgroups(groups.len(), groups.as_ptr()) } == -1 {
+            // SAFETY (each): a raw system call on this thread alone (the
+            // child has no other); `groups` was made before the fork.
+            if unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) } == -1 {
                 return Err(self.failed(after + GROUPS, io::Error::last_os_error()));
             }
-            if unsafe { libc::setgid(*gid) } == -1 {
+            if unsafe { libc::syscall(libc::SYS_setgid, *gid) } == -1 {
                 return Err(self.failed(after + GID, io::Error::last_os_error()));
             }
-            if unsafe { libc::setuid(*uid) } == -1 {
+            if unsafe { libc::syscall(libc::SYS_setuid, *uid) } == -1 {
                 return Err(self.failed(after + UID, io::Error::last_os_error()));
             }
         }

@@ -9,4 +9,5 @@ pub mod listen;
 pub mod memory;
 pub mod proc;
 pub mod reaper;
+pub mod spawn;
 pub mod usage;

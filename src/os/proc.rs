@@ -216,17 +216,25 @@ pub fn descriptors_short() -> bool {
 /// expect the usual one). Nothing to do when drover raised nothing.
 pub fn give_back_fd_limit(cmd: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
-    let (soft, hard) = (STARTED_NOFILE[0].load(Ordering::Relaxed), STARTED_NOFILE[1].load(Ordering::Relaxed));
-    if soft == u64::MAX {
-        return;
-    }
+    let Some(limit) = fd_limit_to_give_back() else { return };
     // SAFETY: setrlimit is a plain system call, safe between fork and exec.
     unsafe {
-        cmd.pre_exec(move || {
-            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, soft, hard)
-                .map_err(io::Error::from)
-        });
+        cmd.pre_exec(move || give_back_in_child(limit));
     }
+}
+
+/// The open-files limit drover started with, when it raised its own (see
+/// [`give_back_fd_limit`]): soft and hard.
+pub fn fd_limit_to_give_back() -> Option<(u64, u64)> {
+    let (soft, hard) = (STARTED_NOFILE[0].load(Ordering::Relaxed), STARTED_NOFILE[1].load(Ordering::Relaxed));
+    (soft != u64::MAX).then_some((soft, hard))
+}
+
+/// In the child, between fork and exec: sets the open-files limit back.
+/// A plain system call.
+pub fn give_back_in_child((soft, hard): (u64, u64)) -> io::Result<()> {
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, soft, hard)
+        .map_err(io::Error::from)
 }
 
 #[cfg(test)]

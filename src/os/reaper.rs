@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::groups;
+use super::spawn::Spawned;
 
 /// How a process ended: an exit code, or the signal that killed it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +97,31 @@ impl Reaper {
         groups::add(pid);
         let (tx, rx) = oneshot::channel();
         self.waiters.lock().unwrap_or_else(|e| e.into_inner()).insert(pid, tx);
+        Ok((child, rx))
+    }
+
+    /// Like [`Reaper::spawn`], for drover's own spawn (`spawn`, called
+    /// with the reaper held off): a child it failed to start is reaped
+    /// there by its pid, before the reaper can see it.
+    pub fn spawn_own<E>(&self, spawn: impl FnOnce() -> Result<Spawned, E>) -> Result<Spawned, E> {
+        let _spawning = self.spawning.read().unwrap_or_else(|e| e.into_inner());
+        let child = spawn()?;
+        groups::add(child.pid);
+        self.tracked.lock().unwrap_or_else(|e| e.into_inner()).insert(child.pid);
+        Ok(child)
+    }
+
+    /// Like [`Reaper::spawn_waited`], for drover's own spawn (see
+    /// [`Reaper::spawn_own`]).
+    pub fn spawn_own_waited<E>(
+        &self,
+        spawn: impl FnOnce() -> Result<Spawned, E>,
+    ) -> Result<(Spawned, oneshot::Receiver<Exit>), E> {
+        let _spawning = self.spawning.read().unwrap_or_else(|e| e.into_inner());
+        let child = spawn()?;
+        groups::add(child.pid);
+        let (tx, rx) = oneshot::channel();
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner()).insert(child.pid, tx);
         Ok((child, rx))
     }
 

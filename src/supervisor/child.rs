@@ -6,10 +6,12 @@
 //! it to a blocking thread ([`start_off_loop`]); the exit comes back through
 //! the reaper, and [`InFlight`] holds what arrives out of order meanwhile.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::path::PathBuf;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
@@ -21,6 +23,7 @@ use crate::os::identity::Identity;
 use crate::os::listen;
 use crate::os::proc;
 use crate::os::reaper::{Exit, Reaper};
+use crate::os::spawn;
 
 /// Where the child's stdout and stderr go (stdin is always /dev/null).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,20 +95,28 @@ struct Held {
 }
 
 impl Launch {
-    /// The command to spawn, and what must stay open until it is spawned:
-    /// descriptors, and the report of which identity step failed.
-    /// `join` is the child's cgroup's `cgroup.procs`.
-    fn command(&self, join: Option<OwnedFd>) -> Result<(Command, Held), LaunchError> {
+    /// The program to run and its arguments after argv\[0\], and the
+    /// descriptors that must stay open until it is spawned: the worker's
+    /// own command, or drover's shim when it has sockets.
+    fn program(&self) -> Result<(OsString, Vec<OsString>, Vec<OwnedFd>), LaunchError> {
         let Some(program) = self.argv.first() else {
             return Err(LaunchError { message: "the command is empty".into(), short: false });
         };
-        let (mut cmd, high) = if self.sockets.is_empty() {
-            let mut cmd = Command::new(program);
-            cmd.args(&self.argv[1..]);
-            (cmd, Vec::new())
+        if self.sockets.is_empty() {
+            Ok((program.into(), self.argv[1..].iter().map(OsString::from).collect(), Vec::new()))
         } else {
-            self.through_shim(program)?
-        };
+            self.through_shim(program)
+        }
+    }
+
+    /// The command to spawn, and what must stay open until it is spawned:
+    /// descriptors, and the report of which identity step failed.
+    /// `join` is the child's cgroup's `cgroup.procs` (std's spawn, which
+    /// moves the child into its cgroup: see [`Launch::own_spawn`]).
+    fn command(&self, join: Option<OwnedFd>) -> Result<(Command, Held), LaunchError> {
+        let (program, args, high) = self.program()?;
+        let mut cmd = Command::new(program);
+        cmd.args(args);
         if self.clear_env {
             cmd.env_clear();
         }
@@ -121,9 +132,8 @@ impl Launch {
             .stdin(Stdio::null())
             .stdout(out())
             .stderr(out());
-        if !self.sockets.is_empty() {
-            let names: Vec<&str> = self.sockets.iter().map(|(_, n)| n.as_str()).collect();
-            cmd.env("LISTEN_FDNAMES", names.join(":"));
+        if let Some(names) = self.fd_names() {
+            cmd.env("LISTEN_FDNAMES", names);
         }
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         if let Some(fd) = join {
@@ -148,11 +158,90 @@ impl Launch {
         Ok((cmd, Held { _fds: high, steps }))
     }
 
-    /// The command that runs the program through drover's shim, which puts
-    /// the sockets at fd 3 on and sets LISTEN_PID to its own pid. The shim
-    /// cannot report a program it does not find as a failed start, so that
-    /// is looked for here.
-    fn through_shim(&self, program: &str) -> Result<(Command, Vec<OwnedFd>), LaunchError> {
+    /// LISTEN_FDNAMES, when the child has sockets.
+    fn fd_names(&self) -> Option<String> {
+        if self.sockets.is_empty() {
+            return None;
+        }
+        Some(self.sockets.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>().join(":"))
+    }
+
+    /// The child's whole environment, as std computes it for
+    /// [`Launch::command`]: drover's (or none), minus the removed names,
+    /// plus the set ones, plus the login variables it sets nowhere.
+    fn child_env(&self) -> BTreeMap<OsString, OsString> {
+        let mut env: BTreeMap<OsString, OsString> =
+            if self.clear_env { BTreeMap::new() } else { std::env::vars_os().collect() };
+        let removed: Vec<&str> = self.remove_env.iter().chain(&LISTEN_VARS).copied().collect();
+        for name in &removed {
+            env.remove(OsStr::new(name));
+        }
+        for (k, v) in &self.env {
+            env.insert(k.into(), v.into());
+        }
+        if let Some(names) = self.fd_names() {
+            env.insert("LISTEN_FDNAMES".into(), names.into());
+        }
+        // identity::apply sets them only where the command's env neither
+        // sets nor removes them.
+        let named = |k: &str| {
+            removed.contains(&k)
+                || self.env.iter().any(|(n, _)| n == k)
+                || (k == "LISTEN_FDNAMES" && !self.sockets.is_empty())
+        };
+        if !self.identity.is_noop() {
+            for (k, v) in self.identity.login_env.iter().filter(|(k, _)| !named(k)) {
+                env.insert(k.into(), v.into());
+            }
+        }
+        env
+    }
+
+    /// drover's own spawn of the child straight into its cgroup `cgroup`
+    /// (see `os::spawn`), with what must stay open until it is spawned.
+    /// The program is looked for here, in the child's PATH, as exec would
+    /// in the child.
+    fn own_spawn(&self, cgroup: &Path) -> Result<(spawn::Spawn, Held), LaunchError> {
+        let (program, args, high) = self.program()?;
+        let env = self.child_env();
+        let resolved = if program.as_bytes().contains(&b'/') {
+            PathBuf::from(&program)
+        } else {
+            let path_var = env.get(OsStr::new("PATH")).map(OsString::as_os_str);
+            match listen::find_program(&program.to_string_lossy(), &self.dir, path_var) {
+                Some(p) => p,
+                None => return Err(self.failure(&io::Error::from_raw_os_error(nix::libc::ENOENT))),
+            }
+        };
+        let fd = spawn::open_cgroup(cgroup).map_err(|e| cgroup_failure(e, cgroup))?;
+        let argv = std::iter::once(program).chain(args);
+        let mut sp =
+            spawn::Spawn::new(resolved.as_os_str(), argv, env, &self.dir, self.output == Output::Piped, fd)
+                .map_err(|e| self.failure(&e))?;
+        // The hooks in std's order (see `command`), without the join.
+        if let Some(limit) = proc::fd_limit_to_give_back() {
+            // SAFETY: setrlimit, a raw system call.
+            unsafe { sp.hook(move || proc::give_back_in_child(limit)) };
+        }
+        let steps = crate::os::identity::prepare(&self.identity).map(|(hook, report)| {
+            // SAFETY: Hook::run makes raw system calls only, on data
+            // prepared before the clone.
+            unsafe { sp.hook(move || hook.run()) };
+            report
+        });
+        if !high.is_empty() {
+            let keep: Vec<RawFd> = high.iter().map(AsRawFd::as_raw_fd).collect();
+            // SAFETY: fcntl only.
+            unsafe { sp.hook(move || listen::keep_across_exec(&keep)) };
+        }
+        Ok((sp, Held { _fds: high, steps }))
+    }
+
+    /// The program that runs the child through drover's shim, which puts
+    /// the sockets at fd 3 on and sets LISTEN_PID to its own pid, with its
+    /// arguments. The shim cannot report a program it does not find as a
+    /// failed start, so that is looked for here.
+    fn through_shim(&self, program: &str) -> Result<(OsString, Vec<OsString>, Vec<OwnedFd>), LaunchError> {
         let path_var = self
             .env
             .iter()
@@ -170,9 +259,7 @@ impl Launch {
             message: format!("cannot pass the sockets to {program:?}: {e}"),
             short: false,
         })?;
-        let mut cmd = Command::new(shim);
-        cmd.args(args);
-        Ok((cmd, high))
+        Ok((shim.into_os_string(), args, high))
     }
 
     /// The error of a failed spawn, saying what the OS does not: whether
@@ -200,44 +287,35 @@ impl Launch {
         LaunchError { message, short }
     }
 
-    /// Makes the child's cgroup and opens it for the child to join.
-    fn make_cgroup(&self) -> Result<Option<(PathBuf, OwnedFd)>, LaunchError> {
-        let Some(spec) = &self.cgroup else { return Ok(None) };
-        let fail = |e: io::Error, dir: &std::path::Path| LaunchError {
-            message: format!("cannot make its cgroup {}: {e}", dir.display()),
-            short: out_of_resources(&e),
-        };
-        let dir =
-            spec.hierarchy.create(&spec.name, spec.max_memory).map_err(|e| fail(e, &spec.hierarchy.base))?;
-        match cgroup::open_procs(&dir) {
-            Ok(fd) => Ok(Some((dir, fd))),
-            Err(e) => {
-                let _ = cgroup::remove(&dir);
-                Err(fail(e, &dir))
-            }
+    /// [`Launch::failure`], naming the identity step the kernel refused.
+    fn refused(&self, e: &io::Error, held: &Held) -> LaunchError {
+        let mut f = self.failure(e);
+        if let Some(step) = held.steps.as_ref().and_then(|r| r.failed_step()) {
+            f.message.push_str(&format!("; the kernel refused {step}"));
         }
+        f
     }
 
+    /// Makes the child's cgroup (cgroup mode).
+    fn make_cgroup(&self) -> Result<Option<PathBuf>, LaunchError> {
+        let Some(spec) = &self.cgroup else { return Ok(None) };
+        let dir = spec
+            .hierarchy
+            .create(&spec.name, spec.max_memory)
+            .map_err(|e| cgroup_failure(e, &spec.hierarchy.base))?;
+        Ok(Some(dir))
+    }
+
+    /// Spawns the child: one with a cgroup by `by_clone3` (born in its
+    /// cgroup), or by `by_std` if clone3 cannot be used here (the child
+    /// then joins it between fork and exec); one without by `by_std`.
     fn spawn_with<T>(
         &self,
-        spawn: impl FnOnce(&mut Command) -> io::Result<T>,
+        by_std: impl FnOnce(&mut Command) -> io::Result<T>,
+        by_clone3: impl FnOnce(&spawn::Spawn) -> Result<T, spawn::Error>,
     ) -> Result<(T, Option<PathBuf>), LaunchError> {
-        let (dir, join) = self.make_cgroup()?.unzip();
-        let spawned = self.command(join).and_then(|(mut cmd, held)| {
-            let spawned = if proc::descriptors_short() {
-                Err(io::Error::from_raw_os_error(nix::libc::EMFILE))
-            } else {
-                spawn(&mut cmd)
-            };
-            spawned.map_err(|e| {
-                let mut f = self.failure(&e);
-                if let Some(step) = held.steps.as_ref().and_then(|r| r.failed_step()) {
-                    f.message.push_str(&format!("; the kernel refused {step}"));
-                }
-                f
-            })
-        });
-        match spawned {
+        let dir = self.make_cgroup()?;
+        match self.spawn_in(dir.as_deref(), by_std, by_clone3) {
             Ok(t) => Ok((t, dir)),
             Err(e) => {
                 // No process of it ever ran: the cgroup is empty.
@@ -248,21 +326,66 @@ impl Launch {
             }
         }
     }
+
+    fn spawn_in<T>(
+        &self,
+        cgroup_dir: Option<&Path>,
+        by_std: impl FnOnce(&mut Command) -> io::Result<T>,
+        by_clone3: impl FnOnce(&spawn::Spawn) -> Result<T, spawn::Error>,
+    ) -> Result<T, LaunchError> {
+        let short = || {
+            proc::descriptors_short().then(|| self.failure(&io::Error::from_raw_os_error(nix::libc::EMFILE)))
+        };
+        if let Some(dir) = cgroup_dir {
+            let (sp, held) = self.own_spawn(dir)?;
+            if let Some(e) = short() {
+                return Err(e);
+            }
+            match by_clone3(&sp) {
+                Ok(t) => return Ok(t),
+                Err(spawn::Error::Failed(e)) => return Err(self.refused(&e, &held)),
+                // No child was made: std's spawn and a join instead.
+                Err(spawn::Error::Unsupported(_)) => {}
+            }
+        }
+        let join = match cgroup_dir {
+            Some(dir) => Some(cgroup::open_procs(dir).map_err(|e| cgroup_failure(e, dir))?),
+            None => None,
+        };
+        let (mut cmd, held) = self.command(join)?;
+        if let Some(e) = short() {
+            return Err(e);
+        }
+        by_std(&mut cmd).map_err(|e| self.refused(&e, &held))
+    }
 }
 
-fn started(mut child: std::process::Child, cgroup: Option<PathBuf>) -> Started {
-    Started {
+/// The error of a cgroup that could not be made or opened.
+fn cgroup_failure(e: io::Error, dir: &Path) -> LaunchError {
+    LaunchError {
+        message: format!("cannot make its cgroup {}: {e}", dir.display()),
+        short: out_of_resources(&e),
+    }
+}
+
+fn from_std(mut child: std::process::Child) -> spawn::Spawned {
+    spawn::Spawned {
         pid: child.id() as i32,
         stdout: child.stdout.take().map(OwnedFd::from),
         stderr: child.stderr.take().map(OwnedFd::from),
-        cgroup,
     }
+}
+
+fn started(child: spawn::Spawned, cgroup: Option<PathBuf>) -> Started {
+    Started { pid: child.pid, stdout: child.stdout, stderr: child.stderr, cgroup }
 }
 
 /// Starts the child; its exit is one of [`Reaper::reap`]'s. Blocks until
 /// the child has exec'd.
 pub fn start(reaper: &Reaper, launch: &Launch) -> Result<Started, LaunchError> {
-    launch.spawn_with(|cmd| reaper.spawn(cmd)).map(|(child, cg)| started(child, cg))
+    launch
+        .spawn_with(|cmd| reaper.spawn(cmd).map(from_std), |sp| reaper.spawn_own(|| spawn::spawn(sp)))
+        .map(|(child, cg)| started(child, cg))
 }
 
 /// Starts the child; its exit is sent on the receiver instead. Blocks until
@@ -271,7 +394,12 @@ pub fn start_waited(
     reaper: &Reaper,
     launch: &Launch,
 ) -> Result<(Started, oneshot::Receiver<Exit>), LaunchError> {
-    launch.spawn_with(|cmd| reaper.spawn_waited(cmd)).map(|((child, rx), cg)| (started(child, cg), rx))
+    launch
+        .spawn_with(
+            |cmd| reaper.spawn_waited(cmd).map(|(c, rx)| (from_std(c), rx)),
+            |sp| reaper.spawn_own_waited(|| spawn::spawn(sp)),
+        )
+        .map(|((child, rx), cg)| (started(child, cg), rx))
 }
 
 /// Starts the child on a blocking thread; `done` gets the outcome there.
@@ -416,7 +544,48 @@ mod tests {
         bad.cgroup = spec("t.bad");
         assert!(start(&reaper, &bad).is_err());
         assert!(!h.base.join("t.bad").exists(), "the failed start's cgroup is removed");
+        let mut refused = launch(&["true"], "/");
+        refused.cgroup = spec("t.refused");
+        refused.identity.limits =
+            [("nofile".to_string(), crate::os::identity::Rlimit { soft: 300, hard: 200 })].into();
+        let e = start(&reaper, &refused).expect_err("refused");
+        assert!(
+            e.message.ends_with("; the kernel refused limits.nofile (soft 300, hard 200)"),
+            "{}",
+            e.message
+        );
+        assert!(!h.base.join("t.refused").exists(), "the refused start's cgroup is removed");
         cgroup::remove(&h.base).expect("remove the base");
+    }
+
+    /// Where clone3 is refused, the child joins its cgroup after the fork
+    /// (std's spawn), and a failed start still leaves no cgroup.
+    #[test]
+    fn without_clone3_the_child_joins_its_cgroup() {
+        crate::os::reaper::isolated(module_path!(), "without_clone3_the_child_joins_its_cgroup", || {
+            let state_dir = std::env::temp_dir().join(format!("drover-child-join-{}", std::process::id()));
+            let h = match Hierarchy::set_up(&state_dir) {
+                Ok((h, _)) => Arc::new(h),
+                Err(e) if !crate::os::identity::drover_is_root() => return eprintln!("skipped: {e}"),
+                Err(e) => panic!("as root, cgroups must be usable here: {e}"),
+            };
+            crate::os::spawn::refuse_clone3();
+            let reaper = Reaper::default();
+            let mut ok = launch(&["sleep", "60"], "/");
+            ok.cgroup = Some(CgroupSpec { hierarchy: h.clone(), name: "t.join".into(), max_memory: None });
+            let s = start(&reaper, &ok).expect("start");
+            let cg = s.cgroup.clone().expect("a cgroup");
+            let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
+            assert_eq!(procs.trim(), s.pid.to_string());
+            cgroup::remove_when_empty(&cg).expect("killed and removed");
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(s.pid), None);
+            let mut bad = launch(&["/no/such/program"], "/");
+            bad.cgroup =
+                Some(CgroupSpec { hierarchy: h.clone(), name: "t.joinbad".into(), max_memory: None });
+            assert!(start(&reaper, &bad).is_err());
+            assert!(!h.base.join("t.joinbad").exists(), "the failed start's cgroup is removed");
+            cgroup::remove(&h.base).expect("remove the base");
+        });
     }
 
     #[test]

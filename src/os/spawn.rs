@@ -1,0 +1,547 @@
+//! drover's own spawn, for a child that has a cgroup: `clone3` with
+//! `CLONE_INTO_CGROUP` (Linux 5.7) makes the child in its cgroup, where
+//! std's spawn followed by a write to `cgroup.procs` moves it there, and
+//! each move takes the kernel's cgroup_threadgroup_rwsem for writing
+//! (an RCU grace period, and a wait for every fork in flight).
+//!
+//! Everything is prepared in the parent: the child is a copy of one thread
+//! of a multithreaded process, made by a bare system call and not by
+//! glibc's fork, so it may not allocate, take a lock or rely on glibc's
+//! idea of its threads: it makes raw system calls only, on memory made
+//! before the clone, then execs. What it does, in order (std's order):
+//! signal mask and SIGPIPE back to default, stdio, its own process
+//! group, the directory, the caller's hooks, exec. A step that fails
+//! sends its errno (and the step) over a close-on-exec pipe and exits
+//! 127; the parent reaps it and returns the error, as
+//! `Command::spawn` would.
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::libc;
+
+/// `CLONE_INTO_CGROUP` (linux/sched.h), as clone3's u64 flags.
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// The kernel's `struct clone_args` up to `cgroup` (CLONE_ARGS_SIZE_VER2).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Set once clone3 turned out unusable here (old kernel, seccomp): later
+/// spawns go to the fallback at once.
+static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+
+/// Makes every later spawn in this process take the fallback, as if
+/// clone3 were refused (a test of the fallback, in a process of its own).
+#[cfg(test)]
+pub(crate) fn refuse_clone3() {
+    UNSUPPORTED.store(true, Ordering::Relaxed);
+}
+
+/// A hook run in the child before exec; see [`Spawn::hook`].
+type Hook = Box<dyn Fn() -> io::Result<()> + Send + Sync>;
+
+/// A child to spawn into a cgroup, everything converted for the child.
+pub struct Spawn {
+    program: CString,
+    /// Kept for the pointers in `argv_ptrs`.
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    _env: Vec<CString>,
+    env_ptrs: Vec<*const libc::c_char>,
+    dir: CString,
+    piped: bool,
+    /// The cgroup's directory, for clone3.
+    cgroup: OwnedFd,
+    hooks: Vec<Hook>,
+}
+
+// SAFETY: the raw pointers point into the CStrings the Spawn owns, which
+// are never changed; nothing is shared with another thread.
+unsafe impl Send for Spawn {}
+
+/// A child that was spawned and has exec'd.
+#[derive(Debug)]
+pub struct Spawned {
+    /// Also its process group.
+    pub pid: i32,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+}
+
+/// Why no child runs.
+#[derive(Debug)]
+pub enum Error {
+    /// clone3 into a cgroup cannot be used here: no child was made; the
+    /// caller spawns another way.
+    Unsupported(io::Error),
+    /// The spawn failed (a child that was made is reaped).
+    Failed(io::Error),
+}
+
+/// The steps the child reports, after a hook's number (0, 1, …).
+const STEP_SIGNALS: u32 = 1000;
+const STEP_STDIO: u32 = 1001;
+const STEP_PGROUP: u32 = 1002;
+const STEP_DIR: u32 = 1003;
+const STEP_EXEC: u32 = 1004;
+
+fn c_string(s: &OsStr) -> io::Result<CString> {
+    CString::new(s.as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "nul byte found in provided data"))
+}
+
+/// A null-terminated array of pointers into `strings`.
+fn pointers(strings: &[CString]) -> Vec<*const libc::c_char> {
+    strings.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect()
+}
+
+impl Spawn {
+    /// `program` is run as it is (the caller resolves it against the
+    /// child's PATH); `argv` includes argv\[0\]; `env` is the child's whole
+    /// environment; stdin is /dev/null, stdout and stderr pipes
+    /// (`piped`) or /dev/null.
+    pub fn new<A, K, V>(
+        program: &OsStr,
+        argv: impl IntoIterator<Item = A>,
+        env: impl IntoIterator<Item = (K, V)>,
+        dir: &Path,
+        piped: bool,
+        cgroup: OwnedFd,
+    ) -> io::Result<Spawn>
+    where
+        A: AsRef<OsStr>,
+        K: AsRef<OsStr>,
+        V: AsRef<OsStr>,
+    {
+        let argv: Vec<CString> = argv.into_iter().map(|a| c_string(a.as_ref())).collect::<io::Result<_>>()?;
+        let env: Vec<CString> = env
+            .into_iter()
+            .map(|(k, v)| {
+                let mut kv = k.as_ref().as_bytes().to_vec();
+                kv.push(b'=');
+                kv.extend_from_slice(v.as_ref().as_bytes());
+                c_string(OsStr::from_bytes(&kv))
+            })
+            .collect::<io::Result<_>>()?;
+        Ok(Spawn {
+            program: c_string(program)?,
+            argv_ptrs: pointers(&argv),
+            _argv: argv,
+            env_ptrs: pointers(&env),
+            _env: env,
+            dir: c_string(dir.as_os_str())?,
+            piped,
+            cgroup,
+            hooks: Vec::new(),
+        })
+    }
+
+    /// Adds a hook the child runs after chdir and before exec, in the
+    /// order added; its error fails the spawn. Hook `i` is reported as
+    /// step `i`.
+    ///
+    /// # Safety
+    /// `f` runs in a child made by a bare clone3: it must make raw system
+    /// calls only (no allocation, no lock, no std I/O, nothing that relies
+    /// on glibc's bookkeeping of threads, such as its setuid).
+    pub unsafe fn hook(&mut self, f: impl Fn() -> io::Result<()> + Send + Sync + 'static) {
+        self.hooks.push(Box::new(f));
+    }
+}
+
+/// Opens a cgroup's directory for [`Spawn::new`].
+pub fn open_cgroup(dir: &Path) -> io::Result<OwnedFd> {
+    let f =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC).open(dir)?;
+    Ok(OwnedFd::from(f))
+}
+
+/// A close-on-exec pipe: (read, write).
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two descriptors, which we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both are new descriptors nobody else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// `fd` at a number above stdio (close-on-exec), so that the child's
+/// dup2 onto 0, 1 and 2 clobbers none of its other sources.
+fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor we own.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    if new < 0 { Err(io::Error::last_os_error()) } else { Ok(unsafe { OwnedFd::from_raw_fd(new) }) }
+}
+
+fn dev_null() -> io::Result<OwnedFd> {
+    let f = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
+    above_stdio(OwnedFd::from(f))
+}
+
+/// The child's ends of stdio, and the parent's ends of the pipes.
+struct Stdio {
+    child: [OwnedFd; 3],
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+}
+
+fn stdio(piped: bool) -> io::Result<Stdio> {
+    let null = dev_null()?;
+    if !piped {
+        let (a, b) = (null.try_clone()?, null.try_clone()?);
+        return Ok(Stdio { child: [null, above_stdio(a)?, above_stdio(b)?], stdout: None, stderr: None });
+    }
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    Ok(Stdio {
+        child: [null, above_stdio(out_w)?, above_stdio(err_w)?],
+        stdout: Some(out_r),
+        stderr: Some(err_r),
+    })
+}
+
+/// Spawns `s` into its cgroup; returns once the child has exec'd (or the
+/// spawn failed). Call it with the reaper held off (`Reaper::spawn_own`):
+/// a failed child is reaped here, by its pid.
+pub fn spawn(s: &Spawn) -> Result<Spawned, Error> {
+    if UNSUPPORTED.load(Ordering::Relaxed) {
+        return Err(Error::Unsupported(io::Error::from_raw_os_error(libc::ENOSYS)));
+    }
+    let io = stdio(s.piped).map_err(Error::Failed)?;
+    let (report_r, report_w) = pipe().map_err(Error::Failed)?;
+    let args = CloneArgs {
+        flags: CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: s.cgroup.as_raw_fd() as u64,
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 without CLONE_VM: the child gets a copy of this
+    // thread's memory (like fork) and runs only `child`, which execs or
+    // exits; `args` lives across the call.
+    let pid = unsafe {
+        libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>())
+    };
+    if pid < 0 {
+        let e = io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::ENOSYS | libc::EINVAL | libc::E2BIG) => {
+                UNSUPPORTED.store(true, Ordering::Relaxed);
+                Error::Unsupported(e)
+            }
+            _ => Error::Failed(e),
+        });
+    }
+    if pid == 0 {
+        // SAFETY: this is the child: see `child`.
+        unsafe { child(s, &io.child, report_w.as_raw_fd()) }
+    }
+    let pid = pid as i32;
+    // The child's ends: the parent must not hold the write end of the
+    // report (its EOF says the child exec'd) nor the pipes' (their EOF
+    // says the child's output ended).
+    drop(report_w);
+    drop(io.child);
+    match read_report(&report_r) {
+        None => Ok(Spawned { pid, stdout: io.stdout, stderr: io.stderr }),
+        Some(e) => {
+            reap(pid);
+            Err(Error::Failed(e))
+        }
+    }
+}
+
+/// The child's report: None when it exec'd (EOF), else its error.
+fn read_report(fd: &OwnedFd) -> Option<io::Error> {
+    let mut buf = [0u8; 8];
+    let mut got = 0;
+    while got < buf.len() {
+        // SAFETY: a read into the rest of a buffer on the stack.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf[got..].as_mut_ptr().cast(), buf.len() - got) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Some(e);
+        }
+        if n == 0 {
+            break;
+        }
+        got += n as usize;
+    }
+    match got {
+        0 => None,
+        8 => {
+            let errno = i32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            Some(io::Error::from_raw_os_error(errno))
+        }
+        // A report cut short: the child died writing it, and never ran.
+        _ => Some(io::Error::other("the child died before it could exec")),
+    }
+}
+
+/// Waits for the failed child `pid` (it has exited or is about to).
+fn reap(pid: i32) {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid on our own child's pid.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return;
+        }
+    }
+}
+
+/// The child, after clone3: never returns.
+///
+/// # Safety
+/// Only in the child of a bare clone3, which is a copy of one thread: raw
+/// system calls on memory prepared before the clone, then exec or _exit.
+unsafe fn child(s: &Spawn, stdio: &[OwnedFd; 3], report: RawFd) -> ! {
+    // Each step's failure: errno and step to the parent, then exit.
+    let fail = |errno: i32, step: u32| -> ! {
+        let mut buf = [0u8; 8];
+        buf[..4].copy_from_slice(&errno.to_ne_bytes());
+        buf[4..].copy_from_slice(&step.to_ne_bytes());
+        // SAFETY: write and _exit are raw system calls.
+        unsafe {
+            libc::write(report, buf.as_ptr().cast(), buf.len());
+            libc::_exit(127)
+        }
+    };
+    let errno = || io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL);
+    // SAFETY (each call below): a raw system call on values prepared
+    // before the clone.
+    unsafe {
+        // No signal blocked (drover's threads block some), and SIGPIPE
+        // back to its default (Rust ignores it; drover ignores no other).
+        let empty = [0u64; 1];
+        if libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            empty.as_ptr(),
+            std::ptr::null::<u64>(),
+            8,
+        ) < 0
+        {
+            fail(errno(), STEP_SIGNALS);
+        }
+        if libc::signal(libc::SIGPIPE, libc::SIG_DFL) == libc::SIG_ERR {
+            fail(errno(), STEP_SIGNALS);
+        }
+        for (fd, target) in stdio.iter().zip(0..) {
+            // The sources are above 2 (see `above_stdio`): dup2 makes a
+            // copy that is not close-on-exec.
+            if libc::dup2(fd.as_raw_fd(), target) < 0 {
+                fail(errno(), STEP_STDIO);
+            }
+        }
+        if libc::setpgid(0, 0) < 0 {
+            fail(errno(), STEP_PGROUP);
+        }
+        if libc::chdir(s.dir.as_ptr()) < 0 {
+            fail(errno(), STEP_DIR);
+        }
+    }
+    for (i, hook) in s.hooks.iter().enumerate() {
+        if let Err(e) = hook() {
+            fail(e.raw_os_error().unwrap_or(libc::EINVAL), i as u32);
+        }
+    }
+    // SAFETY: execve with null-terminated arrays made before the clone.
+    unsafe { libc::execve(s.program.as_ptr(), s.argv_ptrs.as_ptr(), s.env_ptrs.as_ptr()) };
+    fail(errno(), STEP_EXEC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::os::cgroup::{self, Hierarchy};
+
+    /// A hierarchy of drover's own below the test's cgroup, or None (with
+    /// a message) where cgroups cannot be made: not root, no cgroup2.
+    fn hierarchy(test: &str) -> Option<Hierarchy> {
+        let state_dir = std::env::temp_dir().join(format!("drover-spawn-{test}-{}", std::process::id()));
+        match Hierarchy::set_up(&state_dir) {
+            Ok((h, _)) => Some(h),
+            Err(e) if !crate::os::identity::drover_is_root() => {
+                eprintln!("skipped: {e}");
+                None
+            }
+            Err(e) => panic!("as root, cgroups must be usable here: {e}"),
+        }
+    }
+
+    /// Reads all of `fd`.
+    fn read_all(fd: OwnedFd) -> String {
+        use std::io::Read;
+        let mut s = String::new();
+        std::fs::File::from(fd).read_to_string(&mut s).expect("read");
+        s
+    }
+
+    fn wait(pid: i32) -> i32 {
+        let mut status = 0;
+        // SAFETY: waitpid on our child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        status
+    }
+
+    fn env() -> Vec<(&'static str, &'static str)> {
+        vec![("PATH", "/usr/bin:/bin"), ("DROVER_SPAWN_TEST", "yes")]
+    }
+
+    /// Where the cgroup of a /proc/PID/cgroup text is in the cgroup2 mount.
+    fn cgroup_dir(proc_cgroup: &str) -> std::path::PathBuf {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        let (mount, root) = cgroup::mount_point(&info).expect("cgroup2");
+        let own = cgroup::own_path(proc_cgroup).expect("a 0:: line");
+        let rel = own.strip_prefix(root.trim_end_matches('/')).unwrap_or(&own).trim_start_matches('/');
+        mount.join(rel)
+    }
+
+    #[test]
+    fn the_child_is_born_in_its_cgroup_with_its_env_dir_argv_and_stdio() {
+        let Some(h) = hierarchy("born") else { return };
+        let cg = h.create("born", None).expect("mkdir");
+        // cat's first act is to read its cgroup: no move can come before.
+        let s = Spawn::new(
+            OsStr::new("/bin/sh"),
+            ["sh", "-c", "cat /proc/self/cgroup; echo \"$0|$DROVER_SPAWN_TEST|$(pwd)\"; echo err >&2; ps -o pgid= -p $$", "arg1"],
+            env(),
+            Path::new("/tmp"),
+            true,
+            open_cgroup(&cg).expect("open"),
+        )
+        .expect("prepare");
+        let first = Spawn::new(
+            OsStr::new("/bin/cat"),
+            ["cat", "/proc/self/cgroup"],
+            env(),
+            Path::new("/"),
+            true,
+            open_cgroup(&cg).expect("open"),
+        )
+        .expect("prepare");
+        let c = spawn(&first).unwrap_or_else(|e| panic!("spawn: {e:?}"));
+        let out = read_all(c.stdout.expect("a pipe"));
+        wait(c.pid);
+        assert_eq!(cgroup_dir(&out), cg, "cat saw {out:?}");
+
+        let c = spawn(&s).unwrap_or_else(|e| panic!("spawn: {e:?}"));
+        let (out, err) = (read_all(c.stdout.expect("a pipe")), read_all(c.stderr.expect("a pipe")));
+        assert_eq!(wait(c.pid), 0);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines.iter().any(|l| l.starts_with("0::") && l.ends_with("/born")), "{out}");
+        assert!(out.contains("arg1|yes|/tmp\n"), "{out}");
+        assert_eq!(lines.last().map(|l| l.trim()), Some(c.pid.to_string().as_str()), "its own group: {out}");
+        assert_eq!(err, "err\n");
+        cgroup::remove(&cg).expect("empty again");
+        cgroup::remove(&h.base).expect("remove the base");
+    }
+
+    #[test]
+    fn a_missing_program_or_directory_fails_as_std_does_and_leaves_no_zombie() {
+        // In a process of its own: it looks for zombies with waitpid(-1).
+        crate::os::reaper::isolated(
+            module_path!(),
+            "a_missing_program_or_directory_fails_as_std_does_and_leaves_no_zombie",
+            failed_spawns,
+        );
+    }
+
+    fn failed_spawns() {
+        let Some(h) = hierarchy("missing") else { return };
+        let cg = h.create("missing", None).expect("mkdir");
+        let raw = |e: Error| match e {
+            Error::Failed(e) => e.raw_os_error(),
+            Error::Unsupported(e) => panic!("clone3 is supported on this kernel: {e}"),
+        };
+        let s = Spawn::new(
+            OsStr::new("/no/such/program"),
+            ["x"],
+            env(),
+            Path::new("/"),
+            false,
+            open_cgroup(&cg).expect("open"),
+        )
+        .expect("prepare");
+        let std_err = std::process::Command::new("/no/such/program").spawn().expect_err("missing");
+        assert_eq!(raw(spawn(&s).expect_err("missing")), std_err.raw_os_error());
+        let s = Spawn::new(
+            OsStr::new("/bin/true"),
+            ["true"],
+            env(),
+            Path::new("/no/such/dir"),
+            false,
+            open_cgroup(&cg).expect("open"),
+        )
+        .expect("prepare");
+        let std_err =
+            std::process::Command::new("/bin/true").current_dir("/no/such/dir").spawn().expect_err("missing");
+        assert_eq!(raw(spawn(&s).expect_err("missing")), std_err.raw_os_error());
+        // A hook's error is the spawn's.
+        let mut s = Spawn::new(
+            OsStr::new("/bin/true"),
+            ["true"],
+            env(),
+            Path::new("/"),
+            false,
+            open_cgroup(&cg).expect("open"),
+        )
+        .expect("prepare");
+        // SAFETY: the hook makes no call at all.
+        unsafe { s.hook(|| Err(io::Error::from_raw_os_error(libc::EPERM))) };
+        assert_eq!(raw(spawn(&s).expect_err("refused")), Some(libc::EPERM));
+        // A limit the kernel refuses: its errno, and the step named.
+        let id = crate::os::identity::Identity {
+            limits: [("nofile".to_string(), crate::os::identity::Rlimit { soft: 300, hard: 200 })].into(),
+            ..Default::default()
+        };
+        let (hook, report) = crate::os::identity::prepare(&id).expect("a hook");
+        let mut s = Spawn::new(
+            OsStr::new("/bin/true"),
+            ["true"],
+            env(),
+            Path::new("/"),
+            false,
+            open_cgroup(&cg).expect("open"),
+        )
+        .expect("prepare");
+        // SAFETY: Hook::run makes raw system calls only.
+        unsafe { s.hook(move || hook.run()) };
+        assert_eq!(raw(spawn(&s).expect_err("refused")), Some(libc::EINVAL));
+        assert_eq!(report.failed_step(), Some("limits.nofile (soft 300, hard 200)"));
+        // The failed children were reaped and the cgroup is empty.
+        // SAFETY: waitpid(-1) without blocking, in a process of its own.
+        let r = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
+        assert!(r <= 0, "a zombie was left: {r}");
+        assert!(!cgroup::populated(&cg));
+        cgroup::remove(&cg).expect("empty");
+        cgroup::remove(&h.base).expect("remove the base");
+    }
+}
