@@ -673,7 +673,8 @@ class S6(System):
             run.chmod(0o755)
 
     def launch(self):
-        self.proc = self.spawn(["s6-svscan", str(self.scandir)])
+        # -c: s6-svscan supervises at most 500 service directories unless told more.
+        self.proc = self.spawn(["s6-svscan", "-c", str(max(500, self.n + 10)), str(self.scandir)])
 
     def supervisors(self, tab):
         root = self.proc.pid
