@@ -249,7 +249,12 @@ pub fn spawn(s: &Spawn) -> Result<Spawned, Error> {
         let e = io::Error::last_os_error();
         return Err(match e.raw_os_error() {
             Some(libc::ENOSYS | libc::EINVAL | libc::E2BIG) => {
-                UNSUPPORTED.store(true, Ordering::Relaxed);
+                if !UNSUPPORTED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        error = %e,
+                        "clone3 into a cgroup is refused here; children join their cgroup after the fork instead"
+                    );
+                }
                 Error::Unsupported(e)
             }
             _ => Error::Failed(e),
