@@ -856,14 +856,18 @@ pub(crate) mod tests {
 
     /// Records a triggered run of job `name` running `true`.
     pub(crate) fn new_job(l: &mut Ledger, name: &str) -> Result<i64> {
-        let cmd = vec!["true".to_string()];
+        new_job_running(l, name, &["true".to_string()])
+    }
+
+    /// Records a triggered run of job `name` running `cmd`.
+    fn new_job_running(l: &mut Ledger, name: &str, cmd: &[String]) -> Result<i64> {
         l.create(&NewRun {
             job: Some(name),
             kind: Kind::Job,
             source: Source::Trigger,
             parent: None,
             name: None,
-            command: &cmd,
+            command: cmd,
             steps: &[],
             first_step: 0,
         })
@@ -890,18 +894,7 @@ pub(crate) mod tests {
         // MiB: with the default cache, SQLite would hold 2 MiB of it.
         let cmd = vec!["x".repeat(2000)];
         for _ in 0..3000 {
-            let id = l
-                .create(&NewRun {
-                    job: Some("j"),
-                    kind: Kind::Job,
-                    source: Source::Trigger,
-                    parent: None,
-                    name: None,
-                    command: &cmd,
-                    steps: &[],
-                    first_step: 0,
-                })
-                .unwrap();
+            let id = new_job_running(&mut l, "j", &cmd).unwrap();
             assert!(l.finish(id, RunState::Cancelled, None, None).unwrap());
         }
         let _ = l.get(1).unwrap();

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::harness::{ProcId, SUPERVISOR, Sandbox, Supervisor, instance, sh, wait_until, worker};
+use crate::harness::{
+    ProcId, SUPERVISOR, Sandbox, Supervisor, all_instances, instance, sh, wait_until, worker,
+};
 
 const SECS_10: Duration = Duration::from_secs(10);
 const SECS_20: Duration = Duration::from_secs(20);
@@ -253,11 +255,7 @@ fn out_of_descriptors_instances_retry_without_parking_and_drover_answers() {
     // Soft and hard: drover cannot raise it.
     let mut sup = Supervisor::start_with(&sb, |cmd| nofile(cmd, 64, 64));
     let short = |v: &Value| {
-        v["workers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|w| w["instances"].as_array().into_iter().flatten())
+        all_instances(v)
             .filter(|i| i["error"].as_str().is_some_and(|e| e.contains("Too many open files")))
             .count()
     };

@@ -88,6 +88,15 @@ pub fn repo() -> &'static Path {
 /// never counts as a config change.
 pub const SUPERVISOR: &str = "[supervisor]\nreload = false\n";
 
+/// Every instance of every worker in a status report.
+pub fn all_instances(v: &Value) -> impl Iterator<Item = &Value> {
+    v["workers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|w| w["instances"].as_array().into_iter().flatten())
+}
+
 /// A TOML array running `script` with /bin/sh: `["/bin/sh", "-c", "…"]`.
 /// A JSON string is a valid TOML basic string.
 pub fn sh(script: &str) -> String {
@@ -301,14 +310,7 @@ impl<'a> Supervisor<'a> {
     /// boot is still being spawned (`starting` without a pid): spawns run
     /// off drover's loop, and tests read the first pids right after start.
     fn wait_spawns_landed(&self, mut v: Value) {
-        let spawning = |v: &Value| {
-            v["workers"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .flat_map(|w| w["instances"].as_array().into_iter().flatten())
-                .any(|i| i["state"] == "starting" && i["pid"].is_null())
-        };
+        let spawning = |v: &Value| all_instances(v).any(|i| i["state"] == "starting" && i["pid"].is_null());
         let deadline = Instant::now() + Duration::from_secs(5);
         while spawning(&v) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
