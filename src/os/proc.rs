@@ -75,6 +75,38 @@ pub fn own_children() -> Vec<i32> {
     children_of_task_dir("/proc/self/task")
 }
 
+/// The children of this process's main thread: among them, every orphan
+/// re-parented to this process as a subreaper (the kernel gives one to
+/// the first live thread of the group, and the main thread is the first),
+/// without the children that other threads spawned.
+pub fn adopted_children() -> Vec<i32> {
+    let mut out = Vec::new();
+    let path = format!("/proc/self/task/{}/children", std::process::id());
+    if !push_children(path.into(), &mut Vec::new(), &mut out) {
+        return own_children();
+    }
+    out
+}
+
+/// Adds the pids a `children` file lists to `out`; false if it cannot be
+/// read. Read in large pieces: the kernel walks the list from its start
+/// again at each read.
+fn push_children(path: std::path::PathBuf, buf: &mut Vec<u8>, out: &mut Vec<i32>) -> bool {
+    use std::io::Read;
+    let Ok(mut f) = std::fs::File::open(path) else { return false };
+    buf.clear();
+    buf.reserve(CHILDREN_READ);
+    if f.read_to_end(buf).is_err() {
+        return false;
+    }
+    let text = String::from_utf8_lossy(buf);
+    out.extend(text.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+    true
+}
+
+/// The first read of a `children` file: 1000 pids' worth.
+const CHILDREN_READ: usize = 8 << 10;
+
 /// `pid`'s children, their children and so on (at most `cap` processes).
 pub fn descendants(pid: i32, cap: usize) -> Vec<i32> {
     let mut out = Vec::new();
@@ -96,10 +128,9 @@ pub fn descendants(pid: i32, cap: usize) -> Vec<i32> {
 fn children_of_task_dir(dir: &str) -> Vec<i32> {
     let Ok(tasks) = std::fs::read_dir(dir) else { return Vec::new() };
     let mut out = Vec::new();
+    let mut buf = Vec::new();
     for t in tasks.flatten() {
-        if let Ok(list) = std::fs::read_to_string(t.path().join("children")) {
-            out.extend(list.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
-        }
+        push_children(t.path().join("children"), &mut buf, &mut out);
     }
     out.sort_unstable();
     out.dedup();
@@ -248,6 +279,48 @@ mod tests {
         assert!(start_ticks(me).is_some());
         assert_eq!(pgid_of(me), Some(nix::unistd::getpgrp().as_raw()));
         assert!(!pid_alive(0));
+    }
+
+    #[test]
+    fn an_orphan_is_adopted_by_the_main_thread_and_a_thread_s_child_is_not() {
+        crate::os::reaper::isolated(
+            module_path!(),
+            "an_orphan_is_adopted_by_the_main_thread_and_a_thread_s_child_is_not",
+            || {
+                nix::sys::prctl::set_child_subreaper(true).unwrap();
+                // Spawned from another thread, as the supervisor spawns:
+                // a child that stays, and one that leaves an orphan.
+                // (A thread that ends hands its children to the main
+                // thread: this one stays until the checks are done.)
+                let (tx, rx) = std::sync::mpsc::channel();
+                let (done, wait_done) = std::sync::mpsc::channel::<()>();
+                let spawner = std::thread::spawn(move || {
+                    let stays = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+                    let parent = std::process::Command::new("sh")
+                        .args(["-c", "sleep 5 >/dev/null & echo $!"])
+                        .stdout(std::process::Stdio::piped())
+                        .spawn()
+                        .unwrap();
+                    tx.send((stays, parent)).unwrap();
+                    let _ = wait_done.recv();
+                });
+                let (mut stays, mut parent) = rx.recv().unwrap();
+                let mut line = String::new();
+                std::io::Read::read_to_string(parent.stdout.as_mut().unwrap(), &mut line).unwrap();
+                let orphan: i32 = line.trim().parse().unwrap();
+                parent.wait().unwrap();
+                let adopted = adopted_children();
+                assert!(adopted.contains(&orphan), "{orphan} not in {adopted:?}");
+                assert!(!adopted.contains(&(stays.id() as i32)), "{adopted:?}");
+                assert!(own_children().contains(&(stays.id() as i32)));
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(orphan), Signal::SIGKILL);
+                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(orphan), None);
+                stays.kill().unwrap();
+                stays.wait().unwrap();
+                drop(done);
+                spawner.join().unwrap();
+            },
+        );
     }
 
     #[test]

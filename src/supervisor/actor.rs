@@ -372,12 +372,18 @@ impl Supervisor {
                     None => std::future::pending().await,
                 }
             };
-            let ev = tokio::select! {
-                biased;
-                Some(ev) = control.recv() => Some(ev),
-                Some(ev) = events.recv() => Some(ev),
-                _ = due => None,
-                else => break,
+            // A timer already due (a restart with no backoff) fires now:
+            // tokio's timer would round it up to its next millisecond tick.
+            let ev = if deadline.is_some_and(|at| at <= Instant::now()) {
+                None
+            } else {
+                tokio::select! {
+                    biased;
+                    Some(ev) = control.recv() => Some(ev),
+                    Some(ev) = events.recv() => Some(ev),
+                    _ = due => None,
+                    else => break,
+                }
             };
             match ev {
                 Some(ev) => self.handle(ev),
@@ -399,9 +405,17 @@ impl Supervisor {
                     break;
                 }
             }
-            // While a storm goes on, the state file (every instance, and
-            // an fsync) is written every FLUSH_EVERY, not after each batch.
-            if events.is_empty() || last_flush.elapsed() >= FLUSH_EVERY {
+            // What became due while the batch was handled (a restart with
+            // no backoff) goes before the state write.
+            if self.timers.next().is_some_and(|at| at <= Instant::now()) {
+                self.fire_timers();
+            }
+            // The state file (every instance, and an fsync, on a blocking
+            // thread) waits for quiet: no event queued and no spawn under
+            // way, which it would slow down on a machine of few cores.
+            // While a storm goes on, it is written every FLUSH_EVERY.
+            let quiet = events.is_empty() && self.in_flight.is_empty();
+            if quiet || last_flush.elapsed() >= FLUSH_EVERY {
                 self.flush_state();
                 last_flush = Instant::now();
             }

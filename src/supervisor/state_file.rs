@@ -99,7 +99,7 @@ impl Inner {
     }
 
     fn write_unlocked(&self, report: &StatusReport) {
-        let data = serde_json::to_vec_pretty(report).unwrap_or_default();
+        let data = serde_json::to_vec(report).unwrap_or_default();
         if let Err(e) = crate::os::fsutil::write_atomic(&self.path, &data) {
             tracing::error!(error = %e, path = %self.path.display(), "cannot write the state file");
         }

@@ -629,7 +629,9 @@ impl Supervisor {
     /// session). They are found by the worker and instance in their
     /// environment; with `None`, every child drover does not track goes.
     pub(super) fn kill_escapees(&self, of: Option<(&str, u32)>) {
-        for pid in proc::own_children() {
+        // An instance's escapees were adopted; at the end, every child goes.
+        let children = if of.is_some() { proc::adopted_children() } else { proc::own_children() };
+        for pid in children {
             if self.by_pid.contains_key(&pid) || proc::is_zombie(pid) {
                 continue;
             }
