@@ -251,6 +251,13 @@ const UID: usize = 4;
 const NO_NEW_PRIVS: usize = 5;
 
 impl Hook {
+    /// The descriptor the child writes a failed step to: a spawn that
+    /// leaves drover's descriptors behind carries it over (`os::spawn`).
+    pub fn report_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.report.as_raw_fd()
+    }
+
     fn new(id: &Identity, report: std::os::fd::OwnedFd) -> (Hook, Vec<String>) {
         let known: Vec<(&String, &Rlimit, Resource)> = id
             .limits

@@ -78,8 +78,15 @@ pub fn unlink(address: &Address) {
 /// drover's own executable, opened once: the shim runs from it by
 /// /proc/self/fd/N, which works for a worker's user that could not reach
 /// the file by its path.
+static EXE: OnceLock<Result<OwnedFd, String>> = OnceLock::new();
+
+/// The descriptor the shim is exec'd through, once [`shim_command`] has
+/// named it: a child that leaves drover's descriptors behind carries it.
+pub fn shim_fd() -> Option<RawFd> {
+    EXE.get().and_then(|r| r.as_ref().ok()).map(AsRawFd::as_raw_fd)
+}
+
 fn own_exe() -> io::Result<PathBuf> {
-    static EXE: OnceLock<Result<OwnedFd, String>> = OnceLock::new();
     // /proc/self/exe is the running file itself, even once it is
     // replaced or deleted on disk.
     let fd = EXE.get_or_init(|| {

@@ -9,10 +9,10 @@
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::process::{Child, Command};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Condvar, Mutex, RwLock};
 
 use nix::errno::Errno;
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -57,6 +57,10 @@ pub enum Reaped {
 #[derive(Default)]
 pub struct Reaper {
     tracked: Mutex<HashSet<i32>>,
+    /// Counts spawns, so that a reaper thread with no child to wait for
+    /// sleeps until there is one.
+    spawned: Mutex<u64>,
+    spawned_cv: Condvar,
     /// Children whose exit is delivered to the one waiting on it.
     waiters: Mutex<HashMap<i32, oneshot::Sender<Exit>>>,
     /// Spawns hold it shared (several may run at once, from several
@@ -66,6 +70,13 @@ pub struct Reaper {
 }
 
 impl Reaper {
+    /// A child exists now: wakes a reaper thread that had none to wait for.
+    fn note_spawn(&self) {
+        let mut n = self.spawned.lock().unwrap_or_else(|e| e.into_inner());
+        *n = n.wrapping_add(1);
+        self.spawned_cv.notify_all();
+    }
+
     /// Makes this process a child subreaper, so orphaned descendants of
     /// its workers are re-parented to it (and reaped) rather than to init.
     pub fn become_subreaper() -> io::Result<()> {
@@ -81,6 +92,7 @@ impl Reaper {
         let pid = child.id() as i32;
         groups::add(pid);
         self.tracked.lock().unwrap_or_else(|e| e.into_inner()).insert(pid);
+        self.note_spawn();
         Ok(child)
     }
 
@@ -97,6 +109,7 @@ impl Reaper {
         groups::add(pid);
         let (tx, rx) = oneshot::channel();
         self.waiters.lock().unwrap_or_else(|e| e.into_inner()).insert(pid, tx);
+        self.note_spawn();
         Ok((child, rx))
     }
 
@@ -108,6 +121,7 @@ impl Reaper {
         let child = spawn()?;
         groups::add(child.pid);
         self.tracked.lock().unwrap_or_else(|e| e.into_inner()).insert(child.pid);
+        self.note_spawn();
         Ok(child)
     }
 
@@ -122,6 +136,7 @@ impl Reaper {
         groups::add(child.pid);
         let (tx, rx) = oneshot::channel();
         self.waiters.lock().unwrap_or_else(|e| e.into_inner()).insert(child.pid, tx);
+        self.note_spawn();
         Ok((child, rx))
     }
 
@@ -138,29 +153,80 @@ impl Reaper {
         let mut out = Vec::new();
         let _reaping = self.spawning.write().unwrap_or_else(|e| e.into_inner());
         loop {
-            let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
-            let (pid, exit) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, code)) => (pid.as_raw(), Exit::code(code)),
-                Ok(WaitStatus::Signaled(pid, sig, _)) => {
-                    (pid.as_raw(), Exit { code: None, signal: Some(sig.as_str().to_string()) })
-                }
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
-                Ok(_) => continue,
                 Err(Errno::EINTR) => continue,
                 Err(_) => break,
-            };
-            if let Some(waiter) = self.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&pid) {
-                let _ = waiter.send(exit);
-            } else if tracked.remove(&pid) {
-                if !super::proc::group_alive(pid) {
-                    groups::remove(pid);
-                }
-                out.push(Reaped::Child { pid, exit });
-            } else {
-                out.push(Reaped::Stray { pid });
+                Ok(status) => out.extend(self.sort(status)),
             }
         }
         out
+    }
+
+    /// Reaps children as they end, on the calling thread (one of its own),
+    /// handing each to `deliver` until it returns false. It sleeps in the
+    /// kernel until a child ends: no signal handler and no other thread
+    /// stands between an exit and its delivery. Each exit is looked for
+    /// once among the children (the kernel walks all of them), then taken
+    /// by its pid.
+    pub fn run(&self, mut deliver: impl FnMut(Reaped) -> bool) {
+        loop {
+            let seen = *self.spawned.lock().unwrap_or_else(|e| e.into_inner());
+            let pid = match waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+                Ok(status) => status.pid(),
+                Err(Errno::EINTR) => continue,
+                Err(_) => {
+                    // No child at all (ECHILD): none can end before the
+                    // next spawn, which wakes this.
+                    let mut n = self.spawned.lock().unwrap_or_else(|e| e.into_inner());
+                    while *n == seen {
+                        n = self.spawned_cv.wait(n).unwrap_or_else(|e| e.into_inner());
+                    }
+                    continue;
+                }
+            };
+            let Some(pid) = pid else { continue };
+            let reaped = {
+                let _reaping = self.spawning.write().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    match waitpid(Some(pid), Some(WaitPidFlag::WNOHANG)) {
+                        Err(Errno::EINTR) => continue,
+                        // Taken by its own waiter meanwhile (run_to_end).
+                        Ok(WaitStatus::StillAlive) | Err(_) => break None,
+                        Ok(status) => break self.sort(status),
+                    }
+                }
+            };
+            if let Some(r) = reaped
+                && !deliver(r)
+            {
+                return;
+            }
+        }
+    }
+
+    /// What a reaped status is: the exit of a child the actor hears of,
+    /// of one a waiter awaits (sent there), or of a stray. Called with
+    /// the reaper holding `spawning`.
+    fn sort(&self, status: WaitStatus) -> Option<Reaped> {
+        let (pid, exit) = match status {
+            WaitStatus::Exited(pid, code) => (pid.as_raw(), Exit::code(code)),
+            WaitStatus::Signaled(pid, sig, _) => {
+                (pid.as_raw(), Exit { code: None, signal: Some(sig.as_str().to_string()) })
+            }
+            _ => return None,
+        };
+        if let Some(waiter) = self.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&pid) {
+            let _ = waiter.send(exit);
+            None
+        } else if self.tracked.lock().unwrap_or_else(|e| e.into_inner()).remove(&pid) {
+            if !super::proc::group_alive(pid) {
+                groups::remove(pid);
+            }
+            Some(Reaped::Child { pid, exit })
+        } else {
+            Some(Reaped::Stray { pid })
+        }
     }
 }
 
@@ -192,6 +258,39 @@ pub(crate) fn isolated(module: &str, name: &str, body: impl FnOnce()) {
 mod tests {
     use super::*;
     use std::os::unix::process::CommandExt;
+
+    #[test]
+    fn the_reaper_thread_delivers_exits_and_waits_for_a_first_child() {
+        isolated(module_path!(), "the_reaper_thread_delivers_exits_and_waits_for_a_first_child", || {
+            let reaper = std::sync::Arc::new(Reaper::default());
+            let (tx, rx) = std::sync::mpsc::channel();
+            let thread = {
+                let reaper = reaper.clone();
+                // It starts with no child at all: it must sleep, not end.
+                std::thread::spawn(move || {
+                    reaper.run(|r| {
+                        let last = matches!(r, Reaped::Child { exit: Exit { code: Some(5), .. }, .. });
+                        tx.send(r).is_ok() && !last
+                    })
+                })
+            };
+            let wait = std::time::Duration::from_secs(10);
+            let mut waited = Command::new("sh");
+            waited.args(["-c", "exit 3"]).process_group(0);
+            let (_child, waited_rx) = reaper.spawn_waited(&mut waited).unwrap();
+            let mut plain = Command::new("sh");
+            plain.args(["-c", "exit 4"]).process_group(0);
+            let plain_pid = reaper.spawn(&mut plain).unwrap().id() as i32;
+            assert_eq!(rx.recv_timeout(wait).unwrap(), Reaped::Child { pid: plain_pid, exit: Exit::code(4) });
+            assert_eq!(waited_rx.blocking_recv().unwrap(), Exit::code(3));
+            // No child left: the thread sleeps, and the next one wakes it.
+            let mut last = Command::new("sh");
+            last.args(["-c", "exit 5"]).process_group(0);
+            let last_pid = reaper.spawn(&mut last).unwrap().id() as i32;
+            assert_eq!(rx.recv_timeout(wait).unwrap(), Reaped::Child { pid: last_pid, exit: Exit::code(5) });
+            thread.join().unwrap();
+        });
+    }
 
     #[test]
     fn a_waited_child_exit_goes_to_its_waiter_and_not_to_the_actor() {

@@ -1,8 +1,19 @@
-//! drover's own spawn, for a child that has a cgroup: `clone3` with
+//! drover's own spawn. For a child that has a cgroup, `clone3` with
 //! `CLONE_INTO_CGROUP` (Linux 5.7) makes the child in its cgroup, where
 //! std's spawn followed by a write to `cgroup.procs` moves it there, and
 //! each move takes the kernel's cgroup_threadgroup_rwsem for writing
 //! (an RCU grace period, and a wait for every fork in flight).
+//!
+//! And a child leaves drover's descriptors behind without closing them
+//! one by one. drover holds two pipes per instance: a child made by
+//! fork gets a copy of every one, which exec then closes, and at 1000
+//! instances that was most of a restart (0.9 ms of 2). Here the child
+//! shares drover's table (`CLONE_FILES`) and its first act is
+//! `close_range(end, ~0, CLOSE_RANGE_UNSHARE)` (Linux 5.9): a table of
+//! its own with only the descriptors below `end`, copied. What it needs
+//! waits there, in a set of slots reserved at start (each holds
+//! /dev/null while no spawn uses it), and the parent, suspended until
+//! the child has exec'd (`CLONE_VFORK`), then puts /dev/null back.
 //!
 //! Everything is prepared in the parent: the child is a copy of one thread
 //! of a multithreaded process, made by a bare system call and not by
@@ -22,11 +33,150 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, OnceLock};
 
 use nix::libc;
 
 /// `CLONE_INTO_CGROUP` (linux/sched.h), as clone3's u64 flags.
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// `CLOSE_RANGE_UNSHARE` (linux/close_range.h).
+const CLOSE_RANGE_UNSHARE: libc::c_uint = 1 << 1;
+
+/// Sets of slots: spawns at once that leave drover's descriptors behind
+/// (more wait for a set; a set is held for a fork and an exec).
+const SLOT_SETS: usize = 2;
+
+/// The open-files limit below which no slots are reserved: they would
+/// take a share of it worth more than the time they save.
+const SLOTS_MIN_LIMIT: u64 = 1024;
+
+/// Slots must sit this low: the child copies every descriptor below them.
+const SLOTS_BELOW: RawFd = 128;
+
+/// Descriptors a spawn may carry over into its child, besides stdio and
+/// the report (a hook's report, sockets, the shim); one with more copies
+/// them all.
+const CARRY: usize = 6;
+
+/// The slots of one spawn: the child's stdin (/dev/null, always),
+/// stdout, stderr, the report pipe's write end, and what it carries.
+type SlotSet = [RawFd; 4 + CARRY];
+
+/// The stack a child that shares drover's memory runs on until exec
+/// (see [`spawn`]): one per set of slots, reused.
+struct Stack(Box<[u128]>);
+
+/// A child's stack: `child` makes raw system calls and runs the hooks.
+const STACK_BYTES: usize = 64 << 10;
+
+struct Slots {
+    free: Mutex<Vec<(SlotSet, Stack)>>,
+    freed: Condvar,
+    /// Above every slot: the child keeps the descriptors below it.
+    end: RawFd,
+}
+
+static SLOTS: OnceLock<Option<Slots>> = OnceLock::new();
+
+/// Reserves the slots, if the kernel has `close_range`: call it once at
+/// start, before drover opens a descriptor per instance (the slots take
+/// the lowest free numbers).
+pub fn reserve_slots() {
+    SLOTS.get_or_init(|| match make_slots() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::debug!(error = %e, "spawns copy drover's descriptors (no close_range slots)");
+            None
+        }
+    });
+}
+
+fn make_slots() -> io::Result<Slots> {
+    // SAFETY: close_range of the last possible descriptor alone: it closes
+    // nothing; it fails where the kernel lacks the call.
+    if unsafe { libc::syscall(libc::SYS_close_range, libc::c_uint::MAX, libc::c_uint::MAX, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+    if soft < SLOTS_MIN_LIMIT {
+        return Err(io::Error::other(format!("the open-files limit is {soft}")));
+    }
+    let null = dev_null()?;
+    let mut sets = Vec::with_capacity(SLOT_SETS);
+    let mut end = 0;
+    for _ in 0..SLOT_SETS {
+        let mut set: SlotSet = [0; 4 + CARRY];
+        for slot in &mut set {
+            // SAFETY: F_DUPFD_CLOEXEC makes a descriptor this process keeps
+            // for its whole life.
+            let fd = unsafe { libc::fcntl(null.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            *slot = fd;
+            end = end.max(fd + 1);
+        }
+        sets.push((set, Stack(vec![0u128; STACK_BYTES / 16].into_boxed_slice())));
+    }
+    if end > SLOTS_BELOW {
+        for fd in sets.iter().flat_map(|(set, _)| set) {
+            // SAFETY: closing the slots just made, which nothing else uses.
+            unsafe { libc::close(*fd) };
+        }
+        return Err(io::Error::other(format!("descriptors up to {end} are open at start")));
+    }
+    Ok(Slots { free: Mutex::new(sets), freed: Condvar::new(), end })
+}
+
+/// Whether spawns can leave drover's descriptors behind (see the module).
+pub fn slots_reserved() -> bool {
+    SLOTS.get().is_some_and(Option::is_some)
+}
+
+/// A set of slots taken for one spawn; dropped, it holds /dev/null again.
+struct Lease {
+    slots: &'static Slots,
+    set: SlotSet,
+    stack: Option<Stack>,
+}
+
+impl Lease {
+    fn take() -> Option<Lease> {
+        let slots = SLOTS.get()?.as_ref()?;
+        let mut free = slots.free.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some((set, stack)) = free.pop() {
+                return Some(Lease { slots, set, stack: Some(stack) });
+            }
+            free = slots.freed.wait(free).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Puts `fd` in slot `i` (close-on-exec), closing what it held.
+    fn put(&self, i: usize, fd: RawFd) -> io::Result<()> {
+        // SAFETY: dup3 onto a slot this lease holds.
+        if unsafe { libc::dup3(fd, self.set[i], libc::O_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        // Slot 0 holds /dev/null for good. A slot that cannot be reset
+        // would keep a pipe open: the set is not used again.
+        if let Some(stack) = self.stack.take()
+            && (1..self.set.len()).all(|i| self.put(i, self.set[0]).is_ok())
+        {
+            self.slots.free.lock().unwrap_or_else(|e| e.into_inner()).push((self.set, stack));
+            self.slots.freed.notify_one();
+        } else {
+            tracing::warn!(slots = ?self.set, "cannot reset a spawn's descriptor slots; they are retired");
+        }
+    }
+}
 
 /// The kernel's `struct clone_args` up to `cgroup` (CLONE_ARGS_SIZE_VER2).
 #[repr(C)]
@@ -70,8 +220,11 @@ pub struct Spawn {
     dir: CString,
     piped: bool,
     /// The cgroup's directory, for clone3.
-    cgroup: OwnedFd,
+    cgroup: Option<OwnedFd>,
     hooks: Vec<Hook>,
+    /// Descriptors of drover's a hook uses in the child (a hook's report,
+    /// sockets kept across exec), at the same numbers there.
+    carried: Vec<RawFd>,
 }
 
 // SAFETY: the raw pointers point into the CStrings the Spawn owns, which
@@ -103,6 +256,7 @@ const STEP_STDIO: u32 = 1001;
 const STEP_PGROUP: u32 = 1002;
 const STEP_DIR: u32 = 1003;
 const STEP_EXEC: u32 = 1004;
+const STEP_DESCRIPTORS: u32 = 1005;
 
 fn c_string(s: &OsStr) -> io::Result<CString> {
     CString::new(s.as_bytes())
@@ -125,7 +279,7 @@ impl Spawn {
         env: impl IntoIterator<Item = (K, V)>,
         dir: &Path,
         piped: bool,
-        cgroup: OwnedFd,
+        cgroup: Option<OwnedFd>,
     ) -> io::Result<Spawn>
     where
         A: AsRef<OsStr>,
@@ -152,6 +306,7 @@ impl Spawn {
             piped,
             cgroup,
             hooks: Vec::new(),
+            carried: Vec::new(),
         })
     }
 
@@ -165,6 +320,12 @@ impl Spawn {
     /// on glibc's bookkeeping of threads, such as its setuid).
     pub unsafe fn hook(&mut self, f: impl Fn() -> io::Result<()> + Send + Sync + 'static) {
         self.hooks.push(Box::new(f));
+    }
+
+    /// Says that a hook uses descriptor `fd` of drover's (which stays
+    /// open until the spawn returns): the child has it at that number.
+    pub fn carry(&mut self, fd: RawFd) {
+        self.carried.push(fd);
     }
 }
 
@@ -224,30 +385,95 @@ fn stdio(piped: bool) -> io::Result<Stdio> {
     })
 }
 
-/// Spawns `s` into its cgroup; returns once the child has exec'd (or the
-/// spawn failed). Call it with the reaper held off (`Reaper::spawn_own`):
-/// a failed child is reaped here, by its pid.
+/// Spawns `s` (into its cgroup, if it has one); returns once the child
+/// has exec'd (or the spawn failed). Call it with the reaper held off
+/// (`Reaper::spawn_own`): a failed child is reaped here, by its pid.
+/// Unsupported: neither a cgroup to be born in nor drover's descriptors
+/// to leave behind make this spawn worth it here, or clone3 is refused.
 pub fn spawn(s: &Spawn) -> Result<Spawned, Error> {
-    if UNSUPPORTED.load(Ordering::Relaxed) {
-        return Err(Error::Unsupported(io::Error::from_raw_os_error(libc::ENOSYS)));
+    let unsupported = || Err(Error::Unsupported(io::Error::from_raw_os_error(libc::ENOSYS)));
+    let fits = s.carried.len() <= CARRY;
+    if UNSUPPORTED.load(Ordering::Relaxed) || (s.cgroup.is_none() && (!fits || !slots_reserved())) {
+        return unsupported();
     }
     let io = stdio(s.piped).map_err(Error::Failed)?;
     let (report_r, report_w) = pipe().map_err(Error::Failed)?;
+    let mut lease = if fits { Lease::take() } else { None };
+    if s.cgroup.is_none() && lease.is_none() {
+        return unsupported();
+    }
+    let mut flags = 0;
+    let (mut sources, mut report) = ([0; 3], report_w.as_raw_fd());
+    // (slot, number in drover's table) of each descriptor carried over.
+    let mut carried = [(-1, -1); CARRY];
+    for (src, fd) in sources.iter_mut().zip(&io.child) {
+        *src = fd.as_raw_fd();
+    }
+    if let Some(l) = &lease {
+        l.put(1, io.child[1].as_raw_fd()).map_err(Error::Failed)?;
+        l.put(2, io.child[2].as_raw_fd()).map_err(Error::Failed)?;
+        l.put(3, report_w.as_raw_fd()).map_err(Error::Failed)?;
+        for (i, fd) in s.carried.iter().enumerate() {
+            l.put(4 + i, *fd).map_err(Error::Failed)?;
+            carried[i] = (l.set[4 + i], *fd);
+        }
+        sources = [l.set[0], l.set[1], l.set[2]];
+        report = l.set[3];
+        flags |= libc::CLONE_FILES as u64 | libc::CLONE_VFORK as u64;
+    }
+    if s.cgroup.is_some() {
+        flags |= CLONE_INTO_CGROUP;
+    }
     let args = CloneArgs {
-        flags: CLONE_INTO_CGROUP,
+        flags,
         exit_signal: libc::SIGCHLD as u64,
-        cgroup: s.cgroup.as_raw_fd() as u64,
+        cgroup: s.cgroup.as_ref().map_or(0, |c| c.as_raw_fd() as u64),
         ..CloneArgs::default()
     };
-    // SAFETY: clone3 without CLONE_VM: the child gets a copy of this
-    // thread's memory (like fork) and runs only `child`, which execs or
-    // exits; `args` lives across the call.
-    let pid = unsafe {
-        libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>())
+    let keep_below = lease.as_ref().map(|l| l.slots.end);
+    let task = Task { s, stdio: sources, report, keep_below, carried };
+    // No signal reaches the child before it has put drover's handlers
+    // aside (see `child`); this thread's mask comes back after the clone.
+    let all = nix::sys::signal::SigSet::all();
+    let old_mask = all.thread_swap_mask(nix::sys::signal::SigmaskHow::SIG_SETMASK).ok();
+    let shared_memory = s.cgroup.is_none();
+    let pid = match lease.as_mut().filter(|_| shared_memory).and_then(|l| l.stack.as_mut()) {
+        // No cgroup to be born in: glibc's clone, sharing drover's memory
+        // as posix_spawn does (no page tables copied, no copy-on-write
+        // faults after), on a stack of its own; this thread waits until
+        // the child has exec'd (CLONE_VFORK).
+        Some(stack) => {
+            let top = stack.0.as_mut_ptr_range().end.cast::<libc::c_void>();
+            let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_FILES | libc::SIGCHLD;
+            // SAFETY: the child runs `enter` on its own stack, reading
+            // `task`, which outlives it: this thread is suspended until
+            // the child has exec'd or exited.
+            unsafe {
+                libc::clone(enter, top, flags, (&task as *const Task).cast_mut().cast()) as libc::c_long
+            }
+        }
+        // SAFETY: clone3 without CLONE_VM: the child gets a copy of this
+        // thread's memory (like fork) and runs only `child`, which execs
+        // or exits; `args` lives across the call. With CLONE_FILES it
+        // shares drover's descriptor table until its first call unshares
+        // it.
+        None => unsafe {
+            let pid =
+                libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>());
+            if pid == 0 {
+                child(&task)
+            }
+            pid
+        },
     };
-    if pid < 0 {
-        let e = io::Error::last_os_error();
+    let clone_error = (pid < 0).then(io::Error::last_os_error);
+    if let Some(mask) = old_mask {
+        let _ = mask.thread_set_mask();
+    }
+    if let Some(e) = clone_error {
         return Err(match e.raw_os_error() {
+            // glibc's clone refused: this spawn goes std's way.
+            Some(libc::ENOSYS | libc::EINVAL) if shared_memory => Error::Unsupported(e),
             Some(libc::ENOSYS | libc::EINVAL | libc::E2BIG) => {
                 if !UNSUPPORTED.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
@@ -260,14 +486,12 @@ pub fn spawn(s: &Spawn) -> Result<Spawned, Error> {
             _ => Error::Failed(e),
         });
     }
-    if pid == 0 {
-        // SAFETY: this is the child: see `child`.
-        unsafe { child(s, &io.child, report_w.as_raw_fd()) }
-    }
     let pid = pid as i32;
     // The child's ends: the parent must not hold the write end of the
     // report (its EOF says the child exec'd) nor the pipes' (their EOF
-    // says the child's output ended).
+    // says the child's output ended). The slots' copies go too: the
+    // child, past exec (CLONE_VFORK), no longer shares them.
+    drop(lease);
     drop(report_w);
     drop(io.child);
     match read_report(&report_r) {
@@ -321,12 +545,34 @@ fn reap(pid: i32) {
     }
 }
 
-/// The child, after clone3: never returns.
+/// What the child is given: all of it prepared before the clone.
+struct Task<'a> {
+    s: &'a Spawn,
+    /// The descriptors that become its 0, 1 and 2.
+    stdio: [RawFd; 3],
+    /// The report pipe's write end.
+    report: RawFd,
+    /// With slots: the descriptors below it are the ones it keeps.
+    keep_below: Option<RawFd>,
+    /// With slots: (slot, number) of what it carries over; -1 unused.
+    carried: [(RawFd, RawFd); CARRY],
+}
+
+/// The child's entry from glibc's clone.
+extern "C" fn enter(task: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `task` points to the parent's Task, alive until the child
+    // has exec'd (the parent is suspended meanwhile).
+    unsafe { child(&*task.cast::<Task>()) }
+}
+
+/// The child, after the clone: never returns.
 ///
 /// # Safety
-/// Only in the child of a bare clone3, which is a copy of one thread: raw
-/// system calls on memory prepared before the clone, then exec or _exit.
-unsafe fn child(s: &Spawn, stdio: &[OwnedFd; 3], report: RawFd) -> ! {
+/// Only in the child of a bare clone (a copy of one thread, or one that
+/// shares drover's memory while that thread is suspended): raw system
+/// calls on memory prepared before the clone, then exec or _exit.
+unsafe fn child(task: &Task) -> ! {
+    let (s, stdio, report, keep_below) = (task.s, &task.stdio, task.report, task.keep_below);
     // Each step's failure: errno and step to the parent, then exit.
     let fail = |errno: i32, step: u32| -> ! {
         let mut buf = [0u8; 8];
@@ -342,8 +588,49 @@ unsafe fn child(s: &Spawn, stdio: &[OwnedFd; 3], report: RawFd) -> ! {
     // SAFETY (each call below): a raw system call on values prepared
     // before the clone.
     unsafe {
-        // No signal blocked (drover's threads block some), and SIGPIPE
-        // back to its default (Rust ignores it; drover ignores no other).
+        // First, a descriptor table of its own with the slots and what
+        // sits below them: until then it shares drover's.
+        if let Some(end) = keep_below {
+            if libc::syscall(
+                libc::SYS_close_range,
+                end as libc::c_uint,
+                libc::c_uint::MAX,
+                CLOSE_RANGE_UNSHARE,
+            ) < 0
+            {
+                fail(errno(), STEP_DESCRIPTORS);
+            }
+            // Its table is its own now: what it carries goes back to the
+            // numbers its hooks know (free here: above every slot).
+            for &(slot, fd) in task.carried.iter().filter(|(slot, _)| *slot >= 0) {
+                if libc::dup3(slot, fd, libc::O_CLOEXEC) < 0 {
+                    fail(errno(), STEP_DESCRIPTORS);
+                }
+            }
+        }
+        // drover's handlers are not the child's: every signal caught
+        // goes back to its default (one that came meanwhile waits in the
+        // mask), and so does SIGPIPE, which Rust ignores; drover ignores
+        // no other. Then no signal is blocked (drover's threads block
+        // some, and every signal was blocked for the clone).
+        for sig in 1..=64 {
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                continue;
+            }
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) < 0 {
+                continue;
+            }
+            if old.sa_sigaction != libc::SIG_DFL
+                && (old.sa_sigaction != libc::SIG_IGN || sig == libc::SIGPIPE)
+            {
+                let mut dfl: libc::sigaction = std::mem::zeroed();
+                dfl.sa_sigaction = libc::SIG_DFL;
+                if libc::sigaction(sig, &dfl, std::ptr::null_mut()) < 0 {
+                    fail(errno(), STEP_SIGNALS);
+                }
+            }
+        }
         let empty = [0u64; 1];
         if libc::syscall(
             libc::SYS_rt_sigprocmask,
@@ -355,13 +642,10 @@ unsafe fn child(s: &Spawn, stdio: &[OwnedFd; 3], report: RawFd) -> ! {
         {
             fail(errno(), STEP_SIGNALS);
         }
-        if libc::signal(libc::SIGPIPE, libc::SIG_DFL) == libc::SIG_ERR {
-            fail(errno(), STEP_SIGNALS);
-        }
         for (fd, target) in stdio.iter().zip(0..) {
-            // The sources are above 2 (see `above_stdio`): dup2 makes a
-            // copy that is not close-on-exec.
-            if libc::dup2(fd.as_raw_fd(), target) < 0 {
+            // The sources are above 2 (see `above_stdio`; slots are too):
+            // dup2 makes a copy that is not close-on-exec.
+            if libc::dup2(*fd, target) < 0 {
                 fail(errno(), STEP_STDIO);
             }
         }
@@ -440,7 +724,7 @@ mod tests {
             env(),
             Path::new("/tmp"),
             true,
-            open_cgroup(&cg).expect("open"),
+            Some(open_cgroup(&cg).expect("open")),
         )
         .expect("prepare");
         let first = Spawn::new(
@@ -449,7 +733,7 @@ mod tests {
             env(),
             Path::new("/"),
             true,
-            open_cgroup(&cg).expect("open"),
+            Some(open_cgroup(&cg).expect("open")),
         )
         .expect("prepare");
         let c = spawn(&first).unwrap_or_else(|e| panic!("spawn: {e:?}"));
@@ -467,6 +751,102 @@ mod tests {
         assert_eq!(err, "err\n");
         cgroup::remove(&cg).expect("empty again");
         cgroup::remove(&h.base).expect("remove the base");
+    }
+
+    #[test]
+    fn a_child_leaves_drovers_descriptors_behind_and_its_pipes_end_with_it() {
+        // In a process of its own: the slots are reserved once per process.
+        crate::os::reaper::isolated(
+            module_path!(),
+            "a_child_leaves_drovers_descriptors_behind_and_its_pipes_end_with_it",
+            || {
+                // As the supervisor does (the test harness leaves some open).
+                crate::os::proc::close_inherited_on_exec();
+                reserve_slots();
+                assert!(slots_reserved(), "close_range is in every kernel drover is tested on");
+                // drover at many instances: descriptors by the hundred.
+                let held: Vec<(OwnedFd, OwnedFd)> = (0..300).map(|_| pipe().expect("pipe")).collect();
+                let s = Spawn::new(
+                    OsStr::new("/bin/sh"),
+                    ["sh", "-c", r#"ls /proc/self/fd; echo "$DROVER_SPAWN_TEST $(pwd)"; echo err >&2"#],
+                    env(),
+                    Path::new("/tmp"),
+                    true,
+                    None,
+                )
+                .expect("prepare");
+                for _ in 0..(SLOT_SETS + 2) {
+                    let c = spawn(&s).unwrap_or_else(|e| panic!("spawn: {e:?}"));
+                    // EOF comes: no copy of the pipes stayed in a slot.
+                    let (out, err) =
+                        (read_all(c.stdout.expect("a pipe")), read_all(c.stderr.expect("a pipe")));
+                    assert_eq!(wait(c.pid), 0);
+                    let mut fds: Vec<i32> = out.lines().filter_map(|l| l.parse().ok()).collect();
+                    fds.sort_unstable();
+                    // 0, 1, 2 and the one ls reads /proc/self/fd through.
+                    assert!(fds.len() <= 4 && fds.starts_with(&[0, 1, 2]), "the child had {fds:?}");
+                    assert!(out.contains("yes /tmp\n"), "{out}");
+                    assert_eq!(err, "err\n");
+                }
+                // Before exec, too, the child holds only what sits below
+                // the slots: a hook counts its descriptors (raw calls).
+                let mut counted =
+                    Spawn::new(OsStr::new("/bin/true"), ["true"], env(), Path::new("/"), false, None)
+                        .expect("prepare");
+                // SAFETY: open, getdents64 and close on a stack buffer.
+                unsafe {
+                    counted.hook(|| {
+                        let dir = libc::open(c"/proc/self/fd".as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY);
+                        if dir < 0 {
+                            return Err(io::Error::last_os_error());
+                        }
+                        let mut buf = [0u8; 4096];
+                        let mut entries = 0usize;
+                        loop {
+                            let n = libc::syscall(libc::SYS_getdents64, dir, buf.as_mut_ptr(), buf.len());
+                            if n <= 0 {
+                                break;
+                            }
+                            let mut at = 0usize;
+                            while at < n as usize {
+                                // d_reclen: after d_ino (8) and d_off (8).
+                                at += u16::from_ne_bytes([buf[at + 16], buf[at + 17]]) as usize;
+                                entries += 1;
+                            }
+                        }
+                        libc::close(dir);
+                        if entries > SLOTS_BELOW as usize {
+                            Err(io::Error::from_raw_os_error(libc::E2BIG))
+                        } else {
+                            Ok(())
+                        }
+                    })
+                };
+                let c =
+                    spawn(&counted).unwrap_or_else(|e| panic!("the child held drover's descriptors: {e:?}"));
+                assert_eq!(wait(c.pid), 0);
+                // Failures report as ever, and reap their child.
+                let missing =
+                    Spawn::new(OsStr::new("/no/such/program"), ["x"], env(), Path::new("/"), false, None)
+                        .expect("prepare");
+                match spawn(&missing) {
+                    Err(Error::Failed(e)) => assert_eq!(e.raw_os_error(), Some(libc::ENOENT)),
+                    other => panic!("{other:?}"),
+                }
+                // SAFETY: waitpid(-1) without blocking, in a process of its own.
+                let r = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
+                assert!(r <= 0, "a zombie was left: {r}");
+                // Every set is back, and each slot holds /dev/null again.
+                let slots = SLOTS.get().and_then(Option::as_ref).expect("slots");
+                let free: Vec<SlotSet> = slots.free.lock().unwrap().iter().map(|(set, _)| *set).collect();
+                assert_eq!(free.len(), SLOT_SETS);
+                for fd in free.iter().flatten() {
+                    let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).expect("a slot");
+                    assert_eq!(target, Path::new("/dev/null"), "slot {fd}");
+                }
+                drop(held);
+            },
+        );
     }
 
     #[test]
@@ -492,7 +872,7 @@ mod tests {
             env(),
             Path::new("/"),
             false,
-            open_cgroup(&cg).expect("open"),
+            Some(open_cgroup(&cg).expect("open")),
         )
         .expect("prepare");
         let std_err = std::process::Command::new("/no/such/program").spawn().expect_err("missing");
@@ -503,7 +883,7 @@ mod tests {
             env(),
             Path::new("/no/such/dir"),
             false,
-            open_cgroup(&cg).expect("open"),
+            Some(open_cgroup(&cg).expect("open")),
         )
         .expect("prepare");
         let std_err =
@@ -516,7 +896,7 @@ mod tests {
             env(),
             Path::new("/"),
             false,
-            open_cgroup(&cg).expect("open"),
+            Some(open_cgroup(&cg).expect("open")),
         )
         .expect("prepare");
         // SAFETY: the hook makes no call at all.
@@ -534,7 +914,7 @@ mod tests {
             env(),
             Path::new("/"),
             false,
-            open_cgroup(&cg).expect("open"),
+            Some(open_cgroup(&cg).expect("open")),
         )
         .expect("prepare");
         // SAFETY: Hook::run makes raw system calls only.

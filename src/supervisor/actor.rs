@@ -46,8 +46,7 @@ use crate::os::proc;
 use crate::os::reaper::{Exit, Reaped, Reaper};
 
 /// The most events other than control requests handled between two looks
-/// at the control channel (an `Event::Reaped` holds up to
-/// [`REAPED_CHUNK`] exits).
+/// at the control channel.
 const BATCH: usize = 8;
 
 /// The most descendants of one escaped process looked for and killed.
@@ -55,9 +54,6 @@ const MAX_ESCAPEE_TREE: usize = 4096;
 
 /// How stale the state file may get while events keep coming.
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
-
-/// The most exits one `Event::Reaped` carries.
-pub const REAPED_CHUNK: usize = 32;
 
 struct WorkerRt {
     spec: Worker,

@@ -201,7 +201,7 @@ impl Launch {
     /// (see `os::spawn`), with what must stay open until it is spawned.
     /// The program is looked for here, in the child's PATH, as exec would
     /// in the child.
-    fn own_spawn(&self, cgroup: &Path) -> Result<(spawn::Spawn, Held), LaunchError> {
+    fn own_spawn(&self, cgroup: Option<&Path>) -> Result<(spawn::Spawn, Held), LaunchError> {
         let (program, args, high) = self.program()?;
         let env = self.child_env();
         let resolved = if program.as_bytes().contains(&b'/') {
@@ -213,7 +213,10 @@ impl Launch {
                 None => return Err(self.failure(&io::Error::from_raw_os_error(nix::libc::ENOENT))),
             }
         };
-        let fd = spawn::open_cgroup(cgroup).map_err(|e| cgroup_failure(e, cgroup))?;
+        let fd = match cgroup {
+            Some(dir) => Some(spawn::open_cgroup(dir).map_err(|e| cgroup_failure(e, dir))?),
+            None => None,
+        };
         let argv = std::iter::once(program).chain(args);
         let mut sp =
             spawn::Spawn::new(resolved.as_os_str(), argv, env, &self.dir, self.output == Output::Piped, fd)
@@ -224,6 +227,7 @@ impl Launch {
             unsafe { sp.hook(move || proc::give_back_in_child(limit)) };
         }
         let steps = crate::os::identity::prepare(&self.identity).map(|(hook, report)| {
+            sp.carry(hook.report_fd());
             // SAFETY: Hook::run makes raw system calls only, on data
             // prepared before the clone.
             unsafe { sp.hook(move || hook.run()) };
@@ -231,6 +235,9 @@ impl Launch {
         });
         if !high.is_empty() {
             let keep: Vec<RawFd> = high.iter().map(AsRawFd::as_raw_fd).collect();
+            for fd in keep.iter().copied().chain(listen::shim_fd()) {
+                sp.carry(fd);
+            }
             // SAFETY: fcntl only.
             unsafe { sp.hook(move || listen::keep_across_exec(&keep)) };
         }
@@ -306,9 +313,9 @@ impl Launch {
         Ok(Some(dir))
     }
 
-    /// Spawns the child: one with a cgroup by `by_clone3` (born in its
-    /// cgroup), or by `by_std` if clone3 cannot be used here (the child
-    /// then joins it between fork and exec); one without by `by_std`.
+    /// Spawns the child by `by_clone3` (born in its cgroup, if it has
+    /// one), or by `by_std` if clone3 cannot be used here (the child then
+    /// joins its cgroup between fork and exec).
     fn spawn_with<T>(
         &self,
         by_std: impl FnOnce(&mut Command) -> io::Result<T>,
@@ -336,8 +343,10 @@ impl Launch {
         let short = || {
             proc::descriptors_short().then(|| self.failure(&io::Error::from_raw_os_error(nix::libc::EMFILE)))
         };
-        if let Some(dir) = cgroup_dir {
-            let (sp, held) = self.own_spawn(dir)?;
+        // Own spawn for a child with a cgroup, and for one that can leave
+        // drover's descriptors behind (see `os::spawn`).
+        if cgroup_dir.is_some() || spawn::slots_reserved() {
+            let (sp, held) = self.own_spawn(cgroup_dir)?;
             if let Some(e) = short() {
                 return Err(e);
             }

@@ -13,7 +13,7 @@ use nix::sys::signal::Signal;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
-use super::actor::{Event, Options, REAPED_CHUNK, Supervisor};
+use super::actor::{Event, Options, Supervisor};
 use super::control;
 use super::protocol::StatusReport;
 use crate::config::Loaded;
@@ -84,6 +84,9 @@ pub fn acquire_lock(state_dir: &Path) -> Result<StateLock, String> {
         }
     }
 }
+
+/// The reaper thread's stack: it waits, reaps and sends, no more.
+const REAPER_STACK: usize = 64 << 10;
 
 /// How long a lock held by a dead supervisor's half-spawned child is waited for.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -307,11 +310,12 @@ pub async fn serve(
 
     proc::raise_fd_limit();
     proc::close_inherited_on_exec();
+    // Low numbers, before the descriptors of instances take them.
+    crate::os::spawn::reserve_slots();
     if let Err(e) = Reaper::become_subreaper() {
         tracing::warn!(error = %e, "cannot become a child subreaper; orphaned grandchildren go to init");
     }
     // Signals first: from here on SIGTERM means a clean stop, not death.
-    let mut sigchld = signal(SignalKind::child()).map_err(|e| e.to_string())?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let mut sighup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
@@ -321,19 +325,13 @@ pub async fn serve(
     let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
     let reaper = Arc::new(Reaper::default());
     {
+        // A thread of its own, asleep in waitid until a child ends.
         let (reaper, tx) = (reaper.clone(), tx.clone());
-        tokio::spawn(async move {
-            loop {
-                let found = reaper.reap();
-                // In chunks, so that the actor's batches stay bounded.
-                if found.chunks(REAPED_CHUNK).any(|c| tx.send(Event::Reaped(c.to_vec())).is_err()) {
-                    break;
-                }
-                if sigchld.recv().await.is_none() {
-                    break;
-                }
-            }
-        });
+        std::thread::Builder::new()
+            .name("reaper".into())
+            .stack_size(REAPER_STACK)
+            .spawn(move || reaper.run(|r| tx.send(Event::Reaped(vec![r])).is_ok()))
+            .map_err(|e| format!("cannot start the reaper thread: {e}"))?;
     }
     {
         let (tx, ctl_tx) = (tx.clone(), ctl_tx.clone());
