@@ -437,27 +437,40 @@ pub fn spawn(s: &Spawn) -> Result<Spawned, Error> {
     let all = nix::sys::signal::SigSet::all();
     let old_mask = all.thread_swap_mask(nix::sys::signal::SigmaskHow::SIG_SETMASK).ok();
     let shared_memory = s.cgroup.is_none();
-    let pid = match lease.as_mut().filter(|_| shared_memory).and_then(|l| l.stack.as_mut()) {
-        // No cgroup to be born in: glibc's clone, sharing drover's memory
-        // as posix_spawn does (no page tables copied, no copy-on-write
-        // faults after), on a stack of its own; this thread waits until
-        // the child has exec'd (CLONE_VFORK).
-        Some(stack) => {
+    let task_ptr = (&task as *const Task).cast_mut().cast::<libc::c_void>();
+    let stack = lease.as_mut().and_then(|l| l.stack.as_mut());
+    let pid = match stack {
+        // With a stack of its own, the child shares drover's memory, as
+        // posix_spawn's does: no page tables copied, no copy-on-write
+        // faults after. This thread waits until it has exec'd
+        // (CLONE_VFORK). No cgroup to be born in: glibc's clone.
+        Some(stack) if shared_memory => {
             let top = stack.0.as_mut_ptr_range().end.cast::<libc::c_void>();
             let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_FILES | libc::SIGCHLD;
             // SAFETY: the child runs `enter` on its own stack, reading
             // `task`, which outlives it: this thread is suspended until
             // the child has exec'd or exited.
-            unsafe {
-                libc::clone(enter, top, flags, (&task as *const Task).cast_mut().cast()) as libc::c_long
-            }
+            unsafe { libc::clone(enter, top, flags, task_ptr) as libc::c_long }
+        }
+        // Into a cgroup: clone3, which glibc does not wrap.
+        #[cfg(target_arch = "x86_64")]
+        Some(stack) => {
+            let args = CloneArgs {
+                flags: args.flags | libc::CLONE_VM as u64,
+                stack: stack.0.as_mut_ptr() as u64,
+                stack_size: std::mem::size_of_val(&*stack.0) as u64,
+                ..args
+            };
+            // SAFETY: as for glibc's clone above; `args` lives across the
+            // call.
+            unsafe { clone3_vm(&args, enter, task_ptr) }
         }
         // SAFETY: clone3 without CLONE_VM: the child gets a copy of this
         // thread's memory (like fork) and runs only `child`, which execs
         // or exits; `args` lives across the call. With CLONE_FILES it
         // shares drover's descriptor table until its first call unshares
         // it.
-        None => unsafe {
+        _ => unsafe {
             let pid =
                 libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>());
             if pid == 0 {
@@ -558,7 +571,52 @@ struct Task<'a> {
     carried: [(RawFd, RawFd); CARRY],
 }
 
-/// The child's entry from glibc's clone.
+/// clone3 with `args` (CLONE_VM, a stack): the child calls `entry(arg)`
+/// on its stack (it never returns); the parent gets the pid, or -1 with
+/// errno set. Written out because glibc exports no clone3.
+///
+/// # Safety
+/// `args` names a stack that is 16-byte aligned at its top and that no
+/// one else uses while the child runs; `entry` must never return.
+#[cfg(target_arch = "x86_64")]
+unsafe fn clone3_vm(
+    args: &CloneArgs,
+    entry: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+    arg: *mut libc::c_void,
+) -> libc::c_long {
+    let ret: libc::c_long;
+    // SAFETY: the caller's. The child starts at the instruction after the
+    // syscall, on the new stack, with every register but rax, rcx and
+    // r11 as the parent had them: r12 and r13 carry `arg` and `entry`.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "xor ebp, ebp",
+            "mov rdi, r12",
+            "call r13",
+            "ud2",
+            "2:",
+            inlateout("rax") libc::SYS_clone3 => ret,
+            in("rdi") args as *const CloneArgs,
+            in("rsi") std::mem::size_of::<CloneArgs>(),
+            in("r12") arg,
+            in("r13") entry,
+            out("rcx") _,
+            out("r11") _,
+            options(nostack),
+        );
+    }
+    if ret < 0 {
+        // SAFETY: errno is this thread's.
+        unsafe { *libc::__errno_location() = -ret as libc::c_int };
+        return -1;
+    }
+    ret
+}
+
+/// The child's entry from glibc's clone (and `clone3_vm`).
 extern "C" fn enter(task: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `task` points to the parent's Task, alive until the child
     // has exec'd (the parent is suspended meanwhile).
@@ -713,11 +771,27 @@ mod tests {
         mount.join(rel)
     }
 
+    /// cat's first act is to read its cgroup: no move can come before.
+    fn assert_cat_is_born_in(cg: &Path) {
+        let s = Spawn::new(
+            OsStr::new("/bin/cat"),
+            ["cat", "/proc/self/cgroup"],
+            env(),
+            Path::new("/"),
+            true,
+            Some(open_cgroup(cg).expect("open")),
+        )
+        .expect("prepare");
+        let c = spawn(&s).unwrap_or_else(|e| panic!("spawn: {e:?}"));
+        let out = read_all(c.stdout.expect("a pipe"));
+        assert_eq!(wait(c.pid), 0);
+        assert_eq!(cgroup_dir(&out), cg, "cat saw {out:?}");
+    }
+
     #[test]
     fn the_child_is_born_in_its_cgroup_with_its_env_dir_argv_and_stdio() {
         let Some(h) = hierarchy("born") else { return };
         let cg = h.create("born", None).expect("mkdir");
-        // cat's first act is to read its cgroup: no move can come before.
         let s = Spawn::new(
             OsStr::new("/bin/sh"),
             ["sh", "-c", "cat /proc/self/cgroup; echo \"$0|$DROVER_SPAWN_TEST|$(pwd)\"; echo err >&2; ps -o pgid= -p $$", "arg1"],
@@ -727,19 +801,7 @@ mod tests {
             Some(open_cgroup(&cg).expect("open")),
         )
         .expect("prepare");
-        let first = Spawn::new(
-            OsStr::new("/bin/cat"),
-            ["cat", "/proc/self/cgroup"],
-            env(),
-            Path::new("/"),
-            true,
-            Some(open_cgroup(&cg).expect("open")),
-        )
-        .expect("prepare");
-        let c = spawn(&first).unwrap_or_else(|e| panic!("spawn: {e:?}"));
-        let out = read_all(c.stdout.expect("a pipe"));
-        wait(c.pid);
-        assert_eq!(cgroup_dir(&out), cg, "cat saw {out:?}");
+        assert_cat_is_born_in(&cg);
 
         let c = spawn(&s).unwrap_or_else(|e| panic!("spawn: {e:?}"));
         let (out, err) = (read_all(c.stdout.expect("a pipe")), read_all(c.stderr.expect("a pipe")));
@@ -825,6 +887,13 @@ mod tests {
                 let c =
                     spawn(&counted).unwrap_or_else(|e| panic!("the child held drover's descriptors: {e:?}"));
                 assert_eq!(wait(c.pid), 0);
+                // Into a cgroup as well (where cgroups can be made).
+                if let Some(h) = hierarchy("slots") {
+                    let cg = h.create("slots", None).expect("mkdir");
+                    assert_cat_is_born_in(&cg);
+                    cgroup::remove(&cg).expect("empty again");
+                    cgroup::remove(&h.base).expect("remove the base");
+                }
                 // Failures report as ever, and reap their child.
                 let missing =
                     Spawn::new(OsStr::new("/no/such/program"), ["x"], env(), Path::new("/"), false, None)

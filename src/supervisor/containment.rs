@@ -213,7 +213,7 @@ impl Watch {
     pub fn forget(&self, dir: &Path) {
         let mut dirs = lock(&self.dirs);
         let wds: Vec<WatchDescriptor> =
-            dirs.iter().filter(|(_, d)| d.as_path() == dir).map(|(w, _)| *w).collect();
+            dirs.iter().filter(|(_, d)| d.as_os_str() == dir.as_os_str()).map(|(w, _)| *w).collect();
         for wd in wds {
             dirs.remove(&wd);
             let _ = self.fd.get_ref().0.rm_watch(wd);

@@ -421,14 +421,18 @@ impl Supervisor {
     /// The watch says cgroup `dir` is empty: the instance or run step it
     /// held may be over.
     pub(super) fn on_cgroup_empty(&mut self, dir: &std::path::Path) {
-        let owner = self.workers.iter().find_map(|(n, w)| {
-            w.instances.iter().find(|(_, i)| i.cgroup.as_deref() == Some(dir)).map(|(i, _)| (n.clone(), *i))
-        });
+        // Compared as bytes (each made by the same join): Path's `==`
+        // parses both into components, a millisecond over 1000 instances.
+        let is = |c: &Option<PathBuf>| c.as_ref().is_some_and(|c| c.as_os_str() == dir.as_os_str());
+        let owner = self
+            .workers
+            .iter()
+            .find_map(|(n, w)| w.instances.iter().find(|(_, i)| is(&i.cgroup)).map(|(i, _)| (n.clone(), *i)));
         if let Some((name, index)) = owner {
             self.drive(&name, index, Input::GroupEmpty);
             return;
         }
-        let run = self.runs.values().find(|r| r.cgroup.as_deref() == Some(dir)).map(|r| r.id);
+        let run = self.runs.values().find(|r| is(&r.cgroup)).map(|r| r.id);
         if let Some(id) = run {
             self.try_end_step(id);
         }
