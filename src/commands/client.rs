@@ -128,7 +128,7 @@ pub fn status(ctx: &Ctx, json: bool, name: Option<String>) -> u8 {
         Err(code) => return code,
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
+        super::print_json(&report);
     } else {
         print!("{}", render_status(&report, &dir));
     }
@@ -412,7 +412,7 @@ pub fn plan(ctx: &Ctx, json: bool) -> u8 {
             .chain(jobs.iter().map(serde_json::to_value))
             .collect::<Result<_, _>>()
             .expect("plan serializes");
-        println!("{}", serde_json::to_string_pretty(&all).expect("plan serializes"));
+        super::print_json(&all);
     } else if nothing {
         println!("no changes: the running generation {generation} matches the file");
     } else {

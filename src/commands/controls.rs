@@ -276,7 +276,7 @@ pub fn status_check(ctx: &Ctx, json: bool, name: Option<String>) -> u8 {
     };
     let problems = problems(&report);
     if json {
-        println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
+        super::print_json(&report);
     } else if problems.is_empty() {
         let all: Vec<&InstanceStatus> = report.workers.iter().flat_map(|w| &w.instances).collect();
         let count = |f: fn(&InstanceStatus) -> bool| all.iter().filter(|i| f(i)).count();

@@ -26,6 +26,18 @@ pub mod exit {
     pub const NO_SUPERVISOR: u8 = 3;
 }
 
+/// Prints `value` as pretty JSON and a newline, straight into stdout
+/// through one buffer (a status report of a thousand instances is half a
+/// megabyte: no second copy of it as a String).
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) {
+    use std::io::Write as _;
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
+    let written = serde_json::to_writer_pretty(&mut out, value).map_err(std::io::Error::from);
+    if let Err(e) = written.and_then(|()| out.write_all(b"\n")).and_then(|()| out.flush()) {
+        eprintln!("drover: cannot write the output: {e}");
+    }
+}
+
 pub fn run(cli: Cli) -> u8 {
     // These print what the CLI is, whatever the config or environment.
     match &cli.command {

@@ -94,7 +94,7 @@ pub fn list(ctx: &Ctx, json: bool, job: Option<&str>, state: Option<&str>, limit
         Err(code) => return code,
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&runs).expect("runs serialize"));
+        super::print_json(&runs);
         return exit::OK;
     }
     if runs.is_empty() {
@@ -164,7 +164,7 @@ pub fn show(ctx: &Ctx, id: i64, json: bool) -> u8 {
         return exit::FAILED;
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&r).expect("run serializes"));
+        super::print_json(&r);
         return exit::OK;
     }
     let who = r.job.clone().map(|j| format!("job {j}")).or(r.name.clone().map(|n| format!("session {n}")));

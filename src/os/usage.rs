@@ -30,17 +30,72 @@ pub fn of_group(pgid: i32) -> Usage {
 /// The usage of each of `pgids`, from one pass over /proc: a status
 /// request for many instances looks at each process once, not once per
 /// instance, and reads the `stat` of those in the groups only, each with
-/// one read. Groups without a process are absent.
+/// one read. Groups without a process are absent. Over many processes the
+/// pass is shared among a few threads: the kernel's formatting of each
+/// `stat` is the whole cost, and `status` waits for it.
 pub fn of_groups(pgids: &[i32]) -> HashMap<i32, Usage> {
-    let mut out = HashMap::new();
     if pgids.is_empty() {
-        return out;
+        return HashMap::new();
     }
     let wanted: HashSet<i32> = pgids.iter().copied().collect();
-    let Ok(procs) = std::fs::read_dir("/proc") else { return out };
+    let Ok(procs) = std::fs::read_dir("/proc") else { return HashMap::new() };
+    let pids: Vec<i32> =
+        procs.flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_THREADS);
+    shared_pass(&pids, &wanted, pids.len().div_ceil(threads).max(PIDS_PER_THREAD))
+}
+
+/// The pass over `pids`, `per` of them to a thread.
+fn shared_pass(pids: &[i32], wanted: &HashSet<i32>, per: usize) -> HashMap<i32, Usage> {
+    let per = per.max(1);
+    let mut out = HashMap::new();
+    if pids.len() <= per {
+        add_groups(pids, wanted, &mut out);
+        return out;
+    }
+    std::thread::scope(|s| {
+        let (first, rest) = pids.split_at(per);
+        let helpers: Vec<_> = rest
+            .chunks(per)
+            .map(|chunk| {
+                // A thread that cannot be made leaves its share to this one.
+                std::thread::Builder::new()
+                    .spawn_scoped(s, move || {
+                        let mut part = HashMap::new();
+                        add_groups(chunk, wanted, &mut part);
+                        part
+                    })
+                    .map_err(|_| chunk)
+            })
+            .collect();
+        add_groups(first, wanted, &mut out);
+        for h in helpers {
+            let part = match h {
+                Ok(handle) => handle.join().unwrap_or_default(),
+                Err(chunk) => {
+                    let mut part = HashMap::new();
+                    add_groups(chunk, wanted, &mut part);
+                    part
+                }
+            };
+            for (g, u) in part {
+                *out.entry(g).or_default() += u;
+            }
+        }
+    });
+    out
+}
+
+/// Threads that read /proc for one status request, at most.
+const MAX_THREADS: usize = 4;
+/// Fewer processes than this are read by one thread.
+const PIDS_PER_THREAD: usize = 256;
+
+/// Adds the usage of those of `pids` in a wanted group to `out`.
+fn add_groups(pids: &[i32], wanted: &HashSet<i32>, out: &mut HashMap<i32, Usage>) {
     let (tick, page) = (clock_ticks(), page_size());
     let mut reader = StatReader::default();
-    for pid in procs.flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()) {
+    for &pid in pids {
         // getpgid(2) first: one system call, where reading a stat file
         // takes three and the kernel's formatting of fifty fields. Only
         // the processes of the wanted groups are read.
@@ -53,7 +108,6 @@ pub fn of_groups(pgids: &[i32]) -> HashMap<i32, Usage> {
             *out.entry(s.pgid).or_default() += s.usage(tick, page);
         }
     }
-    out
 }
 
 /// The usage of the processes in cgroup `dir`: its own counters
@@ -200,5 +254,68 @@ mod tests {
         assert!(u.cpu_seconds > 0.0, "{u:?}");
         assert!(u.rss_bytes > 0, "{u:?}");
         assert_eq!(of_group(pgid), Usage::default());
+    }
+
+    #[test]
+    fn a_pass_shared_among_threads_sums_as_one_thread_does() {
+        use std::os::unix::process::CommandExt;
+        // Three groups of two processes each (a shell and its sleep).
+        let mut kids: Vec<std::process::Child> = (0..3)
+            .map(|_| {
+                std::process::Command::new("sh")
+                    .args(["-c", "sleep 30 & wait"])
+                    .process_group(0)
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let groups: HashSet<i32> = kids.iter().map(|k| k.id() as i32).collect();
+        let members = |pids: &[i32]| {
+            pids.iter()
+                .filter(|p| {
+                    nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(**p)))
+                        .is_ok_and(|g| groups.contains(&g.as_raw()))
+                })
+                .count()
+        };
+        let all = || -> Vec<i32> {
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while members(&all()) < 6 && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        let pids = all();
+        let rss = |m: &HashMap<i32, Usage>| -> Vec<(i32, u64)> {
+            let mut v: Vec<(i32, u64)> = m.iter().map(|(g, u)| (*g, u.rss_bytes)).collect();
+            v.sort();
+            v
+        };
+        // The threaded pass between two single ones that agree (a child
+        // still exec'ing its sleep changes its memory meanwhile).
+        let (mut one, mut many) = (HashMap::new(), HashMap::new());
+        while std::time::Instant::now() < deadline {
+            one = shared_pass(&pids, &groups, pids.len());
+            many = shared_pass(&pids, &groups, 1);
+            if rss(&shared_pass(&pids, &groups, pids.len())) == rss(&one) {
+                break;
+            }
+        }
+        let seen = members(&pids);
+        for k in &mut kids {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(k.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = k.wait();
+        }
+        assert_eq!(seen, 6);
+        assert_eq!(one.keys().collect::<HashSet<_>>(), groups.iter().collect::<HashSet<_>>());
+        assert_eq!(rss(&one), rss(&many));
+        assert!(one.values().all(|u| u.rss_bytes > 0), "{one:?}");
     }
 }

@@ -76,6 +76,11 @@ pub struct Started {
     pub stderr: Option<OwnedFd>,
     /// The cgroup it runs in (cgroup mode): empty of it once it is gone.
     pub cgroup: Option<PathBuf>,
+    /// Its start time in clock ticks (None if it is already gone): with the
+    /// pid, the identity a later supervisor checks before it kills. Read
+    /// here, on the spawning thread: /proc/PID/stat of a child that is still
+    /// mapping its libraries waits on its memory map.
+    pub start_ticks: Option<u64>,
 }
 
 /// Why a child could not be started.
@@ -386,7 +391,8 @@ fn from_std(mut child: std::process::Child) -> spawn::Spawned {
 }
 
 fn started(child: spawn::Spawned, cgroup: Option<PathBuf>) -> Started {
-    Started { pid: child.pid, stdout: child.stdout, stderr: child.stderr, cgroup }
+    let start_ticks = proc::start_ticks(child.pid);
+    Started { pid: child.pid, stdout: child.stdout, stderr: child.stderr, cgroup, start_ticks }
 }
 
 /// Starts the child; its exit is one of [`Reaper::reap`]'s. Blocks until

@@ -343,7 +343,7 @@ pub fn request(
     let mut buf = String::new();
     match reader.read_line(&mut buf) {
         Ok(0) => Ok(None),
-        Ok(_) => serde_json::from_str(&buf)
+        Ok(_) => Response::decode(&buf)
             .map(Some)
             .map_err(|e| ClientError::Io(std::io::Error::other(format!("bad response: {e}")))),
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(None),
@@ -385,7 +385,8 @@ pub fn send(
         .map_err(|e| ClientError::Io(std::io::Error::other(format!("cannot encode the request: {e}"))))?;
     line.push(b'\n');
     stream.write_all(&line).map_err(ClientError::Io)?;
-    Ok(BufReader::new(stream))
+    // A status reply is hundreds of KB on one line.
+    Ok(BufReader::with_capacity(64 * 1024, stream))
 }
 
 #[cfg(test)]

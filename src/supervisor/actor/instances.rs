@@ -267,7 +267,7 @@ impl Supervisor {
                 tracing::info!(worker = name, instance = index, pid, "started");
                 let instance = inst.surge_for.unwrap_or(index);
                 self.live.emit(What::Started { worker: name.to_string(), instance, pid });
-                let (start_ticks, cgroup) = (proc::start_ticks(pid), started.cgroup);
+                let (start_ticks, cgroup) = (started.start_ticks, started.cgroup);
                 self.drive(name, index, Input::Spawned { pid, start_ticks, cgroup });
                 self.arm_memory_sampling();
                 // After the probes are set: a `log` probe watches the lines.
