@@ -47,49 +47,62 @@ pub fn of_groups(pgids: &[i32]) -> HashMap<i32, Usage> {
 
 /// The pass over `pids`, `per` of them to a thread.
 fn shared_pass(pids: &[i32], wanted: &HashSet<i32>, per: usize) -> HashMap<i32, Usage> {
-    let per = per.max(1);
+    let parts = in_shares(pids, per, |chunk| {
+        let mut part = HashMap::new();
+        add_groups(chunk, wanted, &mut part);
+        part
+    });
     let mut out = HashMap::new();
-    if pids.len() <= per {
-        add_groups(pids, wanted, &mut out);
-        return out;
+    for (g, u) in parts.into_iter().flatten() {
+        *out.entry(g).or_default() += u;
     }
+    out
+}
+
+/// `work` on each share of `items`, `per` to a share, each share but the
+/// first on a thread of its own; the results in the order of the shares.
+/// A thread that cannot be made leaves its share to this one.
+fn in_shares<T: Sync, R: Send + Default>(items: &[T], per: usize, work: impl Fn(&[T]) -> R + Sync) -> Vec<R> {
+    let per = per.max(1);
+    if items.len() <= per {
+        return vec![work(items)];
+    }
+    let work = &work;
     std::thread::scope(|s| {
-        let (first, rest) = pids.split_at(per);
+        let (first, rest) = items.split_at(per);
         let helpers: Vec<_> = rest
             .chunks(per)
-            .map(|chunk| {
-                // A thread that cannot be made leaves its share to this one.
-                std::thread::Builder::new()
-                    .spawn_scoped(s, move || {
-                        let mut part = HashMap::new();
-                        add_groups(chunk, wanted, &mut part);
-                        part
-                    })
-                    .map_err(|_| chunk)
-            })
+            .map(|chunk| std::thread::Builder::new().spawn_scoped(s, move || work(chunk)).map_err(|_| chunk))
             .collect();
-        add_groups(first, wanted, &mut out);
+        let mut out = vec![work(first)];
         for h in helpers {
-            let part = match h {
+            out.push(match h {
                 Ok(handle) => handle.join().unwrap_or_default(),
-                Err(chunk) => {
-                    let mut part = HashMap::new();
-                    add_groups(chunk, wanted, &mut part);
-                    part
-                }
-            };
-            for (g, u) in part {
-                *out.entry(g).or_default() += u;
-            }
+                Err(chunk) => work(chunk),
+            });
         }
-    });
-    out
+        out
+    })
+}
+
+/// The usage of each of `dirs` (see [`of_cgroup`]), in order, shared among
+/// a few threads as [`of_groups`] does.
+pub fn of_cgroups(dirs: &[&Path]) -> Vec<Option<Usage>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_THREADS);
+    let per = dirs.len().div_ceil(threads).max(CGROUPS_PER_THREAD);
+    in_shares(dirs, per, |chunk| chunk.iter().map(|d| of_cgroup(d)).collect::<Vec<_>>())
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// Threads that read /proc for one status request, at most.
 const MAX_THREADS: usize = 4;
 /// Fewer processes than this are read by one thread.
 const PIDS_PER_THREAD: usize = 256;
+/// Fewer cgroups than this are read by one thread (each is two to four
+/// files).
+const CGROUPS_PER_THREAD: usize = 64;
 
 /// Adds the usage of those of `pids` in a wanted group to `out`.
 fn add_groups(pids: &[i32], wanted: &HashSet<i32>, out: &mut HashMap<i32, Usage>) {

@@ -341,12 +341,23 @@ impl StatusReport {
         let pgids: Vec<i32> =
             instances().filter(|i| i.pid.is_some() && i.cgroup.is_none()).filter_map(|i| i.pgid).collect();
         let usage = crate::os::usage::of_groups(&pgids);
-        for i in self.workers.iter_mut().flat_map(|w| &mut w.instances) {
-            if i.pid.is_none() {
-                continue;
-            }
-            let of_cgroup = i.cgroup.as_deref().and_then(crate::os::usage::of_cgroup);
-            if let Some(u) = of_cgroup.as_ref().or_else(|| i.pgid.and_then(|g| usage.get(&g))) {
+        let dirs: Vec<&std::path::Path> =
+            instances().filter(|i| i.pid.is_some()).filter_map(|i| i.cgroup.as_deref()).collect();
+        let by_cgroup: std::collections::HashMap<&std::path::Path, crate::os::usage::Usage> = dirs
+            .iter()
+            .copied()
+            .zip(crate::os::usage::of_cgroups(&dirs))
+            .filter_map(|(d, u)| Some((d, u?)))
+            .collect();
+        let found: Vec<Option<crate::os::usage::Usage>> = instances()
+            .map(|i| {
+                i.pid?;
+                let of_cgroup = i.cgroup.as_deref().and_then(|d| by_cgroup.get(d));
+                of_cgroup.or_else(|| i.pgid.and_then(|g| usage.get(&g))).copied()
+            })
+            .collect();
+        for (i, u) in self.workers.iter_mut().flat_map(|w| &mut w.instances).zip(found) {
+            if let Some(u) = u {
                 i.cpu_seconds = Some(u.cpu_seconds);
                 i.rss_bytes = Some(u.rss_bytes);
             }
