@@ -41,8 +41,14 @@ pub fn of_groups(pgids: &[i32]) -> HashMap<i32, Usage> {
     let Ok(procs) = std::fs::read_dir("/proc") else { return HashMap::new() };
     let pids: Vec<i32> =
         procs.flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()).collect();
+    shared_pass(&pids, &wanted, share_size(pids.len(), PIDS_PER_THREAD))
+}
+
+/// How many of `len` items each thread takes: an even split among at most
+/// MAX_THREADS, and never fewer than `least`.
+fn share_size(len: usize, least: usize) -> usize {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_THREADS);
-    shared_pass(&pids, &wanted, pids.len().div_ceil(threads).max(PIDS_PER_THREAD))
+    len.div_ceil(threads).max(least)
 }
 
 /// The pass over `pids`, `per` of them to a thread.
@@ -88,12 +94,12 @@ fn in_shares<T: Sync, R: Send + Default>(items: &[T], per: usize, work: impl Fn(
 /// The usage of each of `dirs` (see [`of_cgroup`]), in order, shared among
 /// a few threads as [`of_groups`] does.
 pub fn of_cgroups(dirs: &[&Path]) -> Vec<Option<Usage>> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_THREADS);
-    let per = dirs.len().div_ceil(threads).max(CGROUPS_PER_THREAD);
-    in_shares(dirs, per, |chunk| chunk.iter().map(|d| of_cgroup(d)).collect::<Vec<_>>())
-        .into_iter()
-        .flatten()
-        .collect()
+    in_shares(dirs, share_size(dirs.len(), CGROUPS_PER_THREAD), |chunk| {
+        chunk.iter().map(|d| of_cgroup(d)).collect::<Vec<_>>()
+    })
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// Threads that read /proc for one status request, at most.

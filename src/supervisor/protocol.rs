@@ -343,17 +343,15 @@ impl StatusReport {
         let usage = crate::os::usage::of_groups(&pgids);
         let dirs: Vec<&std::path::Path> =
             instances().filter(|i| i.pid.is_some()).filter_map(|i| i.cgroup.as_deref()).collect();
-        let by_cgroup: std::collections::HashMap<&std::path::Path, crate::os::usage::Usage> = dirs
-            .iter()
-            .copied()
-            .zip(crate::os::usage::of_cgroups(&dirs))
-            .filter_map(|(d, u)| Some((d, u?)))
-            .collect();
+        // In the order of `dirs`: one for each running instance with a cgroup.
+        let mut by_cgroup = crate::os::usage::of_cgroups(&dirs).into_iter();
         let found: Vec<Option<crate::os::usage::Usage>> = instances()
             .map(|i| {
                 i.pid?;
-                let of_cgroup = i.cgroup.as_deref().and_then(|d| by_cgroup.get(d));
-                of_cgroup.or_else(|| i.pgid.and_then(|g| usage.get(&g))).copied()
+                match i.cgroup {
+                    Some(_) => by_cgroup.next().flatten(),
+                    None => i.pgid.and_then(|g| usage.get(&g)).copied(),
+                }
             })
             .collect();
         for (i, u) in self.workers.iter_mut().flat_map(|w| &mut w.instances).zip(found) {
