@@ -449,9 +449,14 @@ impl Drop for TopLike {
 /// environment.
 fn groups_by_worker(sb: &Sandbox) -> BTreeMap<String, BTreeSet<i32>> {
     let mut out: BTreeMap<String, BTreeSet<i32>> = BTreeMap::new();
-    for (pid, cmd) in sb.processes() {
-        // Exec probes run in the instance's environment, in groups of their own.
-        if cmd == "false" || cmd.starts_with("/bin/sh -c test ") {
+    let procs = sb.processes();
+    // Exec probes run in the instance's environment, in groups of their
+    // own, and so do their children (the health probe's `date`).
+    let probe = |cmd: &str| cmd == "false" || cmd.starts_with("/bin/sh -c test ");
+    let probe_groups: BTreeSet<i32> =
+        procs.iter().filter(|(_, cmd)| probe(cmd)).filter_map(|(p, _)| stat(*p)).map(|st| st.pgid).collect();
+    for (pid, cmd) in procs {
+        if probe(&cmd) || stat(pid).is_some_and(|st| probe_groups.contains(&st.pgid)) {
             continue;
         }
         let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
@@ -739,7 +744,10 @@ fn chaos_with_readiness_dependencies_and_sockets_keeps_every_promise() {
             80..86 => {
                 log.say("trigger migrate");
                 let r = sb.cli(&["trigger", "migrate"]);
-                if r.code != Some(0) {
+                // A run from the step before (or one a dependent asked
+                // for) may still be going: one at a time is the job's rule.
+                let busy = r.stderr.contains("migrate is at capacity");
+                if r.code != Some(0) && !busy {
                     log.fail(&format!("trigger migrate: {}", r.stderr));
                 }
             }
