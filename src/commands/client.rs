@@ -271,7 +271,7 @@ pub fn render_status(r: &StatusReport, state_dir: &Path) -> String {
                     w.name.clone(),
                     // A replacement started beside it (or the old one leaving).
                     if i.surge { format!("{} surge", i.index) } else { i.index.to_string() },
-                    i.state.clone(),
+                    i.state.to_string(),
                     i.pid.map_or("-".into(), |p| p.to_string()),
                     if running { i.started_at.as_deref().map_or("-".into(), since) } else { "-".into() },
                     i.cpu_seconds.zip(i.started_at.as_deref()).map_or("-".into(), |(c, t)| cpu_percent(c, t)),

@@ -140,13 +140,13 @@ fn outcome(action: InstanceAction, a: &Affected, now: Option<&InstanceStatus>) -
     };
     let pid = i.pid.map_or(String::new(), |p| format!(" (pid {p})"));
     match action {
-        InstanceAction::Stop => match i.state.as_str() {
+        InstanceAction::Stop => match i.state.as_ref() {
             "stopped" => Outcome::Done(format!("stopped {name}")),
             "stopping" => Outcome::Pending("stop"),
             _ if !i.held => Outcome::Failed(format!("{name} was started again before it stopped")),
             _ => Outcome::Pending("stop"),
         },
-        InstanceAction::Start => match i.state.as_str() {
+        InstanceAction::Start => match i.state.as_ref() {
             "running" => Outcome::Done(format!("{name} running{pid}")),
             // Being spawned, or spawned and not yet ready.
             "stopping" | "starting" => Outcome::Pending("start"),
@@ -161,7 +161,7 @@ fn outcome(action: InstanceAction, a: &Affected, now: Option<&InstanceStatus>) -
         InstanceAction::Restart if i.deploys <= a.deploys && i.started_at == a.started_at => {
             Outcome::Pending("restart")
         }
-        InstanceAction::Restart => match i.state.as_str() {
+        InstanceAction::Restart => match i.state.as_ref() {
             "running" => Outcome::Done(format!("restarted {name}{pid}")),
             "stopping" | "starting" => Outcome::Pending("restart"),
             "stopped" if i.held => Outcome::Failed(format!("{name} was stopped by hand")),
@@ -332,7 +332,7 @@ mod tests {
             pid: (state == "running" || state == "stopping").then_some(100 + index as i32),
             pgid: None,
             start_ticks: None,
-            state: state.into(),
+            state: state.to_string().into(),
             restarts: 0,
             deploys: 0,
             held: false,

@@ -23,7 +23,7 @@ use super::spawn::Spawned;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Exit {
     pub code: Option<i32>,
-    pub signal: Option<String>,
+    pub signal: Option<std::borrow::Cow<'static, str>>,
 }
 
 impl Exit {
@@ -212,7 +212,7 @@ impl Reaper {
         let (pid, exit) = match status {
             WaitStatus::Exited(pid, code) => (pid.as_raw(), Exit::code(code)),
             WaitStatus::Signaled(pid, sig, _) => {
-                (pid.as_raw(), Exit { code: None, signal: Some(sig.as_str().to_string()) })
+                (pid.as_raw(), Exit { code: None, signal: Some(sig.as_str().into()) })
             }
             _ => return None,
         };

@@ -104,6 +104,9 @@ pub struct Supervisor {
     generation: u64,
     last_reload: Option<ReloadStatus>,
     started_at: SystemTime,
+    /// drover's own start time in clock ticks, read once: every report
+    /// (and state write) names it.
+    start_ticks: Option<u64>,
     workers: BTreeMap<String, WorkerRt>,
     pub(super) by_pid: HashMap<i32, Proc>,
     pub(super) reaper: Arc<Reaper>,
@@ -127,6 +130,9 @@ pub struct Supervisor {
     /// landed, so that the restart does not wait for the look, and the
     /// new leader, then known, is not taken for an escapee.
     pub(super) escapee_scans: std::collections::BTreeSet<(String, u32)>,
+    /// Cgroups an instance's last step left to remove: the restart's
+    /// spawn removes them after its clone, else the end of the step.
+    pub(super) cgroups_to_remove: Vec<PathBuf>,
     applied_at: SystemTime,
     watch: Option<watch::Sender<WatchSettings>>,
     pub(super) shutting_down: bool,
@@ -188,6 +194,7 @@ impl Supervisor {
             generation: 0,
             last_reload: None,
             started_at: SystemTime::now(),
+            start_ticks: proc::start_ticks(std::process::id() as i32),
             workers: BTreeMap::new(),
             by_pid: HashMap::new(),
             reaper,
@@ -206,6 +213,7 @@ impl Supervisor {
             session_dirs: SessionDirs::new(),
             in_flight: InFlight::default(),
             escapee_scans: Default::default(),
+            cgroups_to_remove: Vec::new(),
             applied_at: SystemTime::now(),
             watch: None,
             shutting_down: false,
@@ -951,7 +959,7 @@ impl Supervisor {
             supervisor: SupervisorStatus {
                 state: state.into(),
                 pid: Some(me),
-                pid_start_ticks: proc::start_ticks(me),
+                pid_start_ticks: self.start_ticks,
                 config: Some(self.opts.config_path.clone()),
                 started_at: Some(rfc3339(self.started_at)),
                 generation: self.generation,
@@ -1060,7 +1068,7 @@ fn instance_status(index: u32, inst: &Instance) -> InstanceStatus {
         restarts: inst.counters.restarts,
         deploys: inst.deploys,
         held: inst.held,
-        started_at: inst.started_at.map(rfc3339),
+        started_at: inst.started_at.as_ref().map(|s| s.text.clone()),
         last_exit: inst.last_exit.clone(),
         error,
         next_start_at: match inst.state {

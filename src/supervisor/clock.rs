@@ -2,6 +2,7 @@
 //! (a huge backoff or interval) saturates, and formatting clamps to what
 //! RFC 3339 can show (years 1970 to 9999).
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 /// The last second RFC 3339 can show: 9999-12-31T23:59:59Z.
@@ -20,6 +21,20 @@ pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+/// A wall-clock time with its RFC 3339 text, formatted once: a status
+/// report shows it for every instance, each time one is taken.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stamp {
+    pub at: SystemTime,
+    pub text: Arc<str>,
+}
+
+impl Stamp {
+    pub fn of(at: SystemTime) -> Stamp {
+        Stamp { at, text: rfc3339(at).into() }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -35,5 +50,7 @@ mod tests {
             later(SystemTime::UNIX_EPOCH, Duration::from_secs(1)),
             SystemTime::UNIX_EPOCH + Duration::from_secs(1)
         );
+        let s = Stamp::of(SystemTime::UNIX_EPOCH + Duration::from_millis(1500));
+        assert_eq!(&*s.text, "1970-01-01T00:00:01.500Z");
     }
 }

@@ -4,6 +4,7 @@
 //! own, so nothing polls and the actor reads no file for it.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -103,11 +104,14 @@ pub fn kill_off_loop(dir: &Path) {
 /// are gone (a step ended with its output still open, a spawn nobody
 /// wanted).
 pub fn remove_off_loop(dir: PathBuf) {
-    tokio::task::spawn_blocking(move || {
-        if let Err(e) = cgroup::remove_when_empty(&dir) {
-            tracing::warn!(cgroup = %dir.display(), error = %e, "cannot remove a cgroup");
-        }
-    });
+    tokio::task::spawn_blocking(move || remove_now(&dir));
+}
+
+/// Removes the cgroup here, on a blocking thread (see `remove_off_loop`).
+pub fn remove_now(dir: &Path) {
+    if let Err(e) = cgroup::remove_when_empty(dir) {
+        tracing::warn!(cgroup = %dir.display(), error = %e, "cannot remove a cgroup");
+    }
 }
 
 struct Fd(Inotify);
@@ -122,8 +126,44 @@ impl AsRawFd for Fd {
 /// as [`Event::CgroupEmpty`].
 pub struct Watch {
     fd: Arc<AsyncFd<Fd>>,
-    dirs: Arc<Mutex<HashMap<WatchDescriptor, PathBuf>>>,
+    dirs: Arc<Mutex<Watched>>,
     tx: mpsc::UnboundedSender<Event>,
+}
+
+/// The cgroups watched, by watch descriptor (for the kernel's events) and
+/// by directory (for `forget`): both a hash away, at any number of them.
+#[derive(Default)]
+struct Watched {
+    by_wd: HashMap<WatchDescriptor, PathBuf>,
+    // Keyed by the bytes: hashing a Path parses its components.
+    by_dir: HashMap<OsString, WatchDescriptor>,
+}
+
+impl Watched {
+    fn insert(&mut self, wd: WatchDescriptor, dir: &Path) {
+        if let Some(old) = self.by_wd.insert(wd, dir.to_path_buf()) {
+            self.by_dir.remove(old.as_os_str());
+        }
+        self.by_dir.insert(dir.as_os_str().to_owned(), wd);
+    }
+
+    fn get(&self, wd: &WatchDescriptor) -> Option<&PathBuf> {
+        self.by_wd.get(wd)
+    }
+
+    fn remove_wd(&mut self, wd: &WatchDescriptor) -> Option<PathBuf> {
+        let dir = self.by_wd.remove(wd)?;
+        if self.by_dir.get(dir.as_os_str()) == Some(wd) {
+            self.by_dir.remove(dir.as_os_str());
+        }
+        Some(dir)
+    }
+
+    fn remove_dir(&mut self, dir: &Path) -> Option<WatchDescriptor> {
+        let wd = self.by_dir.remove(dir.as_os_str())?;
+        self.by_wd.remove(&wd);
+        Some(wd)
+    }
 }
 
 impl Watch {
@@ -134,7 +174,7 @@ impl Watch {
         // it stays open and the same for the AsyncFd's whole life.
         let registered = unsafe { AsyncFd::register_with_interest(Fd(ino), tokio::io::Interest::READABLE) };
         let fd = Arc::new(registered.map_err(std::io::Error::from)?);
-        let dirs: Arc<Mutex<HashMap<WatchDescriptor, PathBuf>>> = Arc::default();
+        let dirs: Arc<Mutex<Watched>> = Arc::default();
         let (task_fd, task_dirs, task_tx) = (fd.clone(), dirs.clone(), tx.clone());
         tokio::spawn(async move {
             loop {
@@ -151,14 +191,13 @@ impl Watch {
                 for ev in events {
                     let mut dirs = lock(&task_dirs);
                     if ev.mask.contains(AddWatchFlags::IN_IGNORED) {
-                        dirs.remove(&ev.wd);
+                        dirs.remove_wd(&ev.wd);
                         continue;
                     }
                     let Some(dir) = dirs.get(&ev.wd) else { continue };
                     if !cgroup::populated(dir) {
-                        let dir = dir.clone();
                         let _ = task_fd.get_ref().0.rm_watch(ev.wd);
-                        dirs.remove(&ev.wd);
+                        let Some(dir) = dirs.remove_wd(&ev.wd) else { continue };
                         if task_tx.send(Event::CgroupEmpty(dir)).is_err() {
                             return;
                         }
@@ -173,7 +212,7 @@ impl Watch {
     pub fn add(&self, dir: &Path) {
         let wd = match self.fd.get_ref().0.add_watch(&dir.join("cgroup.events"), AddWatchFlags::IN_MODIFY) {
             Ok(wd) => {
-                lock(&self.dirs).insert(wd, dir.to_path_buf());
+                lock(&self.dirs).insert(wd, dir);
                 Some(wd)
             }
             Err(e) => {
@@ -192,7 +231,7 @@ impl Watch {
         // behind would be kept (here and in the kernel) for drover's life.
         let report = match wd {
             Some(wd) => {
-                let mine = lock(&self.dirs).remove(&wd).is_some();
+                let mine = lock(&self.dirs).remove_wd(&wd).is_some();
                 if mine {
                     let _ = self.fd.get_ref().0.rm_watch(wd);
                 }
@@ -211,11 +250,7 @@ impl Watch {
     /// no last event for a cgroup removed soon after it empties, and never
     /// drops a watch by itself.
     pub fn forget(&self, dir: &Path) {
-        let mut dirs = lock(&self.dirs);
-        let wds: Vec<WatchDescriptor> =
-            dirs.iter().filter(|(_, d)| d.as_os_str() == dir.as_os_str()).map(|(w, _)| *w).collect();
-        for wd in wds {
-            dirs.remove(&wd);
+        if let Some(wd) = lock(&self.dirs).remove_dir(dir) {
             let _ = self.fd.get_ref().0.rm_watch(wd);
         }
     }

@@ -55,7 +55,7 @@ pub enum What {
         worker: String,
         instance: u32,
         code: Option<i32>,
-        signal: Option<String>,
+        signal: Option<std::borrow::Cow<'static, str>>,
         uptime_ms: u64,
     },
     Backoff {

@@ -2,7 +2,9 @@
 //! JSON response per line from the supervisor. The same types serve the
 //! CLI and the daemon, and the status report doubles as the state file.
 
-use std::path::PathBuf;
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -196,7 +198,7 @@ pub struct Affected {
     pub index: u32,
     pub pid: Option<i32>,
     pub deploys: u32,
-    pub started_at: Option<String>,
+    pub started_at: Option<Arc<str>>,
 }
 
 /// `status --json`, and the state file.
@@ -294,11 +296,11 @@ pub struct InstanceStatus {
     pub pgid: Option<i32>,
     /// In cgroup mode, the cgroup its processes run in (none escapes it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cgroup: Option<PathBuf>,
+    pub cgroup: Option<Arc<Path>>,
     #[serde(default)]
     pub start_ticks: Option<u64>,
     /// waiting, starting, running, backoff, parked, stopping, stopped.
-    pub state: String,
+    pub state: Cow<'static, str>,
     /// Restarts after a crash (an exit the policy restarted).
     pub restarts: u32,
     /// Restarts caused by a config change or `drover restart`.
@@ -307,7 +309,7 @@ pub struct InstanceStatus {
     /// Stopped by hand (`drover stop`): not restarted until `drover start`.
     #[serde(default)]
     pub held: bool,
-    pub started_at: Option<String>,
+    pub started_at: Option<Arc<str>>,
     pub last_exit: Option<Exit>,
     /// Why it is parked, or why it could not be started.
     pub error: Option<String>,

@@ -188,7 +188,7 @@ impl Model {
             if pid.is_some() {
                 i.next_start_at = None;
                 i.error = None;
-                i.started_at = Some(time.to_string());
+                i.started_at = Some(time.into());
             }
         }
     }
@@ -348,7 +348,7 @@ mod tests {
         assert_eq!(m.report.as_ref().unwrap().workers[0].instances[0].state, "running");
         m.add_event(ev("2026-01-01T00:00:02.000Z", exited));
         let i = &m.report.as_ref().unwrap().workers[0].instances[0];
-        assert_eq!((i.state.as_str(), i.pid), ("exited", None));
+        assert_eq!((i.state.as_ref(), i.pid), ("exited", None));
         m.add_event(ev(
             "2026-01-01T00:00:03.000Z",
             What::Started { worker: "web".into(), instance: 0, pid: 11 },

@@ -204,7 +204,7 @@ fn draw_workers(f: &mut Frame, area: Rect, m: &Model, theme: Theme, now: SystemT
             if m.selected == (Some(Key::Instance { worker: w.name.clone(), index: i.index })) {
                 selected = Some(rows.len());
             }
-            let running = matches!(i.state.as_str(), "running" | "starting");
+            let running = matches!(i.state.as_ref(), "running" | "starting");
             let cpu = i.pid.and_then(|p| m.cpu_now.get(&p));
             rows.push(Row::new(vec![
                 Span::raw(w.name.clone()),
@@ -218,7 +218,7 @@ fn draw_workers(f: &mut Frame, area: Rect, m: &Model, theme: Theme, now: SystemT
                 Span::raw(cpu.map_or("-".into(), |c| format!("{c:.1}"))),
                 Span::raw(i.rss_bytes.map_or("-".into(), mem_text)),
                 Span::raw(i.restarts.to_string()),
-                match i.state.as_str() {
+                match i.state.as_ref() {
                     "running" => Span::styled("yes", theme.state("ready")),
                     "starting" => Span::styled("no", theme.state("starting")),
                     _ => Span::raw("-"),

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{Supervisor, rfc3339};
+use super::Supervisor;
 use crate::supervisor::protocol::{Affected, InstanceAction, Response, Target};
 use crate::supervisor::workers::instance::{Input, Why};
 
@@ -81,7 +81,7 @@ impl Supervisor {
                     index: *i,
                     pid: inst.pid,
                     deploys: inst.deploys,
-                    started_at: inst.started_at.map(rfc3339),
+                    started_at: inst.started_at.as_ref().map(|s| s.text.clone()),
                 })
             })
             .collect();

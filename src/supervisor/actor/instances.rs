@@ -57,6 +57,9 @@ impl Supervisor {
         for fx in effects {
             self.execute(name, index, fx);
         }
+        for dir in std::mem::take(&mut self.cgroups_to_remove) {
+            containment::remove_off_loop(dir);
+        }
         self.scan_escapees_unless_spawning(name, index);
     }
 
@@ -125,8 +128,14 @@ impl Supervisor {
             Effect::Cleanup { pgid, cgroup } => {
                 match cgroup {
                     // Nothing escapes a cgroup: it is empty, so is all
-                    // the instance ran.
-                    Some(cg) => self.remove_cgroup(cg),
+                    // the instance ran. Removed after a restart's spawn,
+                    // which it would only delay.
+                    Some(cg) => {
+                        if let Some(w) = &self.cgroup_watch {
+                            w.forget(&cg);
+                        }
+                        self.cgroups_to_remove.push(cg.to_path_buf());
+                    }
                     None => {
                         self.escapee_scans.insert((name.to_string(), index));
                     }
@@ -207,6 +216,7 @@ impl Supervisor {
         let worktree = (spec.spawn_mode == SpawnMode::Worktree).then(|| inst.worktree.clone());
         let (reaper, tx, worker, incarnation) =
             (self.reaper.clone(), self.tx.clone(), name.to_string(), inst.incarnation);
+        let done_with = std::mem::take(&mut self.cgroups_to_remove);
         self.in_flight.begin();
         tokio::task::spawn_blocking(move || {
             let made = match worktree {
@@ -224,6 +234,9 @@ impl Supervisor {
                 }
             };
             let _ = tx.send(Event::InstanceSpawned { worker, index, incarnation, worktree, result });
+            for dir in done_with {
+                containment::remove_now(&dir);
+            }
         });
     }
 
@@ -423,16 +436,21 @@ impl Supervisor {
     pub(super) fn on_cgroup_empty(&mut self, dir: &std::path::Path) {
         // Compared as bytes (each made by the same join): Path's `==`
         // parses both into components, a millisecond over 1000 instances.
-        let is = |c: &Option<PathBuf>| c.as_ref().is_some_and(|c| c.as_os_str() == dir.as_os_str());
-        let owner = self
-            .workers
-            .iter()
-            .find_map(|(n, w)| w.instances.iter().find(|(_, i)| is(&i.cgroup)).map(|(i, _)| (n.clone(), *i)));
+        let is = |c: Option<&std::path::Path>| c.is_some_and(|c| c.as_os_str() == dir.as_os_str());
+        let owner = self.workers.iter().find_map(|(n, w)| {
+            w.instances.iter().find(|(_, i)| is(i.cgroup.as_deref())).map(|(i, _)| (n.clone(), *i))
+        });
         if let Some((name, index)) = owner {
-            self.drive(&name, index, Input::GroupEmpty);
+            // While its leader is not reaped, the exit is still to come
+            // and settles it then: the inotify event usually beats the
+            // reaper, and a drive now would only make the state dirty
+            // (a state write in the restart's way).
+            if self.instance(&name, index).is_some_and(|i| i.pid.is_none()) {
+                self.drive(&name, index, Input::GroupEmpty);
+            }
             return;
         }
-        let run = self.runs.values().find(|r| is(&r.cgroup)).map(|r| r.id);
+        let run = self.runs.values().find(|r| is(r.cgroup.as_deref())).map(|r| r.id);
         if let Some(id) = run {
             self.try_end_step(id);
         }

@@ -36,7 +36,7 @@ struct Sampled {
     index: u32,
     incarnation: u64,
     pgid: i32,
-    cgroup: Option<std::path::PathBuf>,
+    cgroup: Option<std::sync::Arc<std::path::Path>>,
 }
 
 impl Supervisor {

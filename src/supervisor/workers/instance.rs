@@ -6,12 +6,13 @@
 //!
 //! What happens when an instance exits: the `Exited` arm of [`step`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::model::Worker;
 use crate::os::reaper::Exit;
-use crate::supervisor::clock::later;
+use crate::supervisor::clock::{Stamp, later};
 use crate::supervisor::policy::{AfterExit, Counters, after_exit, after_resource_shortage};
 use crate::supervisor::probes::{Role, Verdict};
 
@@ -160,7 +161,7 @@ pub enum Effect {
     /// forget it, remove the cgroup.
     Cleanup {
         pgid: i32,
-        cgroup: Option<PathBuf>,
+        cgroup: Option<Arc<Path>>,
     },
     /// It was parked (for the log).
     Parked(String),
@@ -186,9 +187,10 @@ pub struct Instance {
     pub pgid: Option<i32>,
     /// In cgroup mode, the cgroup its processes run in: with it, "alive"
     /// and "empty" are the cgroup's, not the process group's.
-    pub cgroup: Option<PathBuf>,
+    /// Shared with the status reports that show it (a clone is no copy).
+    pub cgroup: Option<Arc<Path>>,
     pub start_ticks: Option<u64>,
-    pub started_at: Option<SystemTime>,
+    pub started_at: Option<Stamp>,
     pub started: Option<Instant>,
     /// A spawn was asked for and has not been reported.
     pub spawning: bool,
@@ -286,9 +288,9 @@ pub fn step(inst: &mut Instance, input: Input, ctx: &Ctx) -> Vec<Effect> {
             inst.spawning = false;
             inst.pid = Some(pid);
             inst.pgid = Some(pid);
-            inst.cgroup = cgroup;
+            inst.cgroup = cgroup.map(Arc::from);
             inst.start_ticks = start_ticks;
-            inst.started_at = Some(ctx.wall);
+            inst.started_at = Some(Stamp::of(ctx.wall));
             inst.started = Some(ctx.now);
             inst.error = None;
             inst.notify_status = None;
@@ -305,7 +307,7 @@ pub fn step(inst: &mut Instance, input: Input, ctx: &Ctx) -> Vec<Effect> {
         Input::SpawnFailed { error, short } => {
             inst.spawning = false;
             inst.error = Some(error);
-            inst.started_at = Some(ctx.wall);
+            inst.started_at = Some(Stamp::of(ctx.wall));
             inst.started = None;
             match &inst.state {
                 State::Stopping { then } => {

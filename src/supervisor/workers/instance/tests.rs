@@ -186,13 +186,13 @@ fn the_cleanup_of_an_instance_in_a_cgroup_removes_that_cgroup() {
     w.step(&mut i, Input::Start(Why::Wanted));
     let cg = std::path::PathBuf::from("/sys/fs/cgroup/drover.x/w.web.0.7");
     w.step(&mut i, Input::Spawned { pid: 10, start_ticks: Some(1), cgroup: Some(cg.clone()) });
-    assert_eq!(i.cgroup.as_ref(), Some(&cg));
+    assert_eq!(i.cgroup.as_deref(), Some(cg.as_path()));
     w.step(&mut i, Input::Stop(Then::Stop));
     // The leader is gone, a setsid()ed grandchild lives on in the cgroup.
     assert_eq!(w.step(&mut i, Input::Exited { exit: Exit::code(0), group_alive: true }), [Effect::StopProbe]);
     assert_eq!(i.state, State::Stopping { then: Then::Stop });
     let fx = w.step(&mut i, Input::GroupEmpty);
-    assert!(fx.contains(&Effect::Cleanup { pgid: 10, cgroup: Some(cg) }), "{fx:?}");
+    assert!(fx.contains(&Effect::Cleanup { pgid: 10, cgroup: Some(cg.into()) }), "{fx:?}");
     assert_eq!((i.cgroup.clone(), i.state.clone()), (None, State::Stopped));
     assert!(w.step(&mut i, Input::GroupEmpty).is_empty(), "a second report does nothing");
 }
