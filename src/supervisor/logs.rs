@@ -9,7 +9,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -111,18 +111,23 @@ fn open_unless_short(path: &Path) -> io::Result<File> {
 /// or stuck stdout never stalls the supervisor.
 #[derive(Clone)]
 pub struct Echo {
-    tx: SyncSender<Vec<u8>>,
-    /// Bytes waiting for the echo thread: the queue is bounded by bytes,
-    /// not only by lines, since one line can be 16 KiB.
+    tx: Sender<Vec<u8>>,
+    /// What the lines waiting for the echo thread cost: the queue is
+    /// bounded by bytes (a line can be 16 KiB), each line charged its
+    /// overhead too. The channel grows and shrinks with what waits (no
+    /// array of slots held from the start, as a bounded channel's).
     queued: Arc<AtomicUsize>,
 }
 
 /// Most bytes of echo output held while stdout is slow.
 const ECHO_MAX_QUEUED: usize = 1024 * 1024;
 
+/// What one queued line costs besides its bytes: its Vec and its slot.
+const ECHO_LINE_COST: usize = 64;
+
 impl Echo {
     pub fn start() -> Self {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4096);
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
         let queued = Arc::new(AtomicUsize::new(0));
         let q = queued.clone();
         std::thread::Builder::new()
@@ -132,12 +137,12 @@ impl Echo {
                 while let Ok(line) = rx.recv() {
                     let mut out = stdout.lock();
                     let _ = out.write_all(&line);
-                    q.fetch_sub(line.len(), Ordering::Relaxed);
+                    q.fetch_sub(line.len() + ECHO_LINE_COST, Ordering::Relaxed);
                     drop(line);
                     // Flush when nothing else is waiting, so output is live.
                     while let Ok(next) = rx.try_recv() {
                         let _ = out.write_all(&next);
-                        q.fetch_sub(next.len(), Ordering::Relaxed);
+                        q.fetch_sub(next.len() + ECHO_LINE_COST, Ordering::Relaxed);
                     }
                     let _ = out.flush();
                 }
@@ -147,13 +152,13 @@ impl Echo {
     }
 
     fn send(&self, line: Vec<u8>) {
-        let len = line.len();
-        // Over the cap, or the channel full: the line is dropped (the log
-        // file has it).
-        if self.queued.fetch_add(len, Ordering::Relaxed) + len > ECHO_MAX_QUEUED
-            || matches!(self.tx.try_send(line), Err(TrySendError::Full(_) | TrySendError::Disconnected(_)))
+        let cost = line.len() + ECHO_LINE_COST;
+        // Over the cap, or the echo thread gone: the line is dropped (the
+        // log file has it).
+        if self.queued.fetch_add(cost, Ordering::Relaxed) + cost > ECHO_MAX_QUEUED
+            || self.tx.send(line).is_err()
         {
-            self.queued.fetch_sub(len, Ordering::Relaxed);
+            self.queued.fetch_sub(cost, Ordering::Relaxed);
         }
     }
 }
