@@ -188,13 +188,14 @@ impl Supervisor {
                 .map_err(|e| tracing::warn!(error = %e, "cannot watch cgroups; a stop looks again after its grace"))
                 .ok()
         });
+        let start_ticks = proc::start_ticks(std::process::id() as i32);
         Supervisor {
             opts,
             config,
             generation: 0,
             last_reload: None,
             started_at: SystemTime::now(),
-            start_ticks: proc::start_ticks(std::process::id() as i32),
+            start_ticks,
             workers: BTreeMap::new(),
             by_pid: HashMap::new(),
             reaper,
@@ -204,10 +205,7 @@ impl Supervisor {
             dirty: true,
             ledger: RunLedger::none(),
             unclaimed: Vec::new(),
-            owner: Owner {
-                pid: std::process::id() as i32,
-                start_ticks: proc::start_ticks(std::process::id() as i32).unwrap_or(0),
-            },
+            owner: Owner { pid: std::process::id() as i32, start_ticks: start_ticks.unwrap_or(0) },
             jobs: BTreeMap::new(),
             runs: HashMap::new(),
             session_dirs: SessionDirs::new(),
