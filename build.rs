@@ -14,6 +14,15 @@ fn main() {
         return;
     }
     println!("cargo:rustc-link-arg-bins=-no-pie");
+    if var("CARGO_CFG_TARGET_ENV") == "gnu" {
+        // The unwinder from libgcc_eh.a, linked in, instead of libgcc_s.so:
+        // link/static-libgcc/libgcc_s.so is a linker script the linker
+        // finds first. The shared library's constructor probes the CPU
+        // (cpuid, slow in a VM: a seventh of a millisecond at every
+        // command's start).
+        let libgcc = std::path::Path::new(&var("CARGO_MANIFEST_DIR")).join("link/static-libgcc");
+        println!("cargo:rustc-link-search=native={}", libgcc.display());
+    }
     let order = std::path::Path::new(&var("CARGO_MANIFEST_DIR")).join("link/hot-code.txt");
     println!("cargo:rerun-if-changed={}", order.display());
     if var("CARGO_CFG_TARGET_ARCH") == "x86_64"

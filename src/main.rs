@@ -3,6 +3,21 @@ use std::process::ExitCode;
 use clap::Parser;
 use drover::cli::{Cli, Command};
 
+// The two functions of the C maths library that drover's code calls
+// (tokio's scheduler statistics use pow; the systemd export, log). Defined
+// here, from the pure-Rust port of musl's, libm.so is not loaded at all:
+// the dynamic loader's work on it would otherwise keep about 380 KiB of
+// its pages resident in the supervisor and cost every command's start.
+#[unsafe(no_mangle)]
+pub extern "C" fn pow(x: f64, y: f64) -> f64 {
+    libm::pow(x, y)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn log(x: f64) -> f64 {
+    libm::log(x)
+}
+
 fn main() -> ExitCode {
     // Between a worker's fork and its program: pass on its sockets.
     if let Some(code) = drover::os::listen::shim_main() {
