@@ -100,6 +100,12 @@ fn detach_stdio(log: &Path) {
 /// The supervisor's blocking threads, at most.
 const BLOCKING_THREADS: usize = 16;
 
+/// How long an idle blocking thread waits for work before it ends. A
+/// start or reload spawns on all of them at once, then on one or two: the
+/// rest should not keep their stacks (and tokio's default of 10 s) long
+/// after the burst. A quick series of restarts keeps one warm.
+const BLOCKING_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn run(loaded: crate::config::Loaded, overrides: Overrides, echo: bool, mut ready: Ready) -> u8 {
     crate::os::memory::limit_arenas();
     // The actor runs on this thread (block_on); one worker thread runs the
@@ -113,6 +119,7 @@ fn run(loaded: crate::config::Loaded, overrides: Overrides, echo: bool, mut read
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .max_blocking_threads(BLOCKING_THREADS)
+        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
         .enable_all()
         .build()
     {

@@ -3,14 +3,16 @@
 //! freed memory at the top of the heap. Both are tuned here; elsewhere
 //! these are no-ops.
 
-/// At most two malloc arenas, whatever the number of threads: the
-/// supervisor's threads allocate little, and each arena costs its pages.
+/// One malloc arena, whatever the number of threads: the supervisor's
+/// threads allocate little (a lock they rarely contend for), and a second
+/// arena kept a third of a megabyte of its own after the spawn threads'
+/// bursts.
 /// Call before any thread starts.
 pub fn limit_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets a tunable; called before other threads run.
     unsafe {
-        nix::libc::mallopt(nix::libc::M_ARENA_MAX, 2);
+        nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1);
     }
 }
 

@@ -47,7 +47,10 @@ pub fn of_groups(pgids: &[i32]) -> HashMap<i32, Usage> {
 /// How many of `len` items each thread takes: an even split among at most
 /// MAX_THREADS, and never fewer than `least`.
 fn share_size(len: usize, least: usize) -> usize {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_THREADS);
+    // std reads the cgroup's CPU quota files on every call: once is enough.
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = cores.min(MAX_THREADS);
     len.div_ceil(threads).max(least)
 }
 
