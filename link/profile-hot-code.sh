@@ -2,10 +2,13 @@
 # Regenerates link/hot-code.txt: the functions of the release binary that
 # a running supervisor executes once start-up is over (its event loop,
 # spawns and exits, timers, probes, log pumps, status, events, a job run,
-# a stop), found with callgrind. build.rs hands the list to the linker,
-# which lays these functions out together: drover drops its code pages
-# when start-up is over, and what the steady state faults back in (64 KiB
-# around each touch) is then about 1 MB instead of most of the binary.
+# a stop), found with callgrind; then those of the common commands
+# (status, runs, logs), and the named read-only data (tables, statics)
+# that all of that code refers to. build.rs hands the list to the linker,
+# which lays each group out together: drover drops its code pages when
+# start-up is over, and what the steady state faults back in (64 KiB
+# around each touch) is then a few stretches instead of most of the
+# binary; a command's start faults in less for the same reason.
 # A stale list only costs resident pages, never correctness; rerun this
 # after upgrading dependencies or the toolchain (their symbols change):
 #
@@ -79,17 +82,57 @@ print(" ".join(str(i["pid"]) for w in d["workers"] if w["name"] == "w" for i in 
 profile process-group 18777
 if [[ $(id -u) -eq 0 ]]; then profile cgroup 18778; fi
 
+# The commands people and scripts run often, each a process of its own
+# from exec to exit: their functions go after the supervisor's, together,
+# so that a `status` faults in a few stretches of code, not pages from
+# all over the binary.
+client="$work/client"
+mkdir -p "$client"
+cat > "$client/daemon.toml" <<TOML
+[supervisor]
+state_dir = "$client/state"
+
+[workers.w]
+command = ["sleep", "3600"]
+capacity = 10
+
+[jobs.tick]
+command = ["true"]
+every = "1h"
+TOML
+c=("$drover" -c "$client/daemon.toml")
+"${c[@]}" start --detach >/dev/null
+k=0
+for args in "status --json" "status" "status w" "runs --json" "logs w -n 5" "--version"; do
+    k=$((k + 1))
+    # shellcheck disable=SC2086 # each entry is a command line
+    valgrind --tool=callgrind --demangle=no --callgrind-out-file="$client/cg.client.$k" \
+        "${c[@]}" $args >/dev/null 2>&1 || true
+done
+"${c[@]}" stop >/dev/null
+
 # Every function of drover's own object with a cost after the zeroing,
 # in either profile (the zeroing dropped start-up's counts).
-nm --defined-only "$drover" | awk '{print $3}' > "$work/symbols"
+nm --defined-only "$drover" > "$work/symbols"
+objdump -d --no-show-raw-insn "$drover" > "$work/code"
 python3 - "$work" "$repo/link/hot-code.txt" <<'PY'
 import glob, re, sys
 work, out = sys.argv[1], sys.argv[2]
+# name -> nm type letter, for the functions (t/T) and read-only data (r/R).
+kinds = {}
+for line in open(f"{work}/symbols"):
+    parts = line.split()
+    if len(parts) == 3:
+        kinds[parts[2]] = parts[1].lower()
 # drover's own spawn, which the profile could not run (see above), and
 # what calls it and makes its cgroups (their fallback ran instead).
 modules = ("6drover2os5spawn", "6drover2os6cgroup", "6drover10supervisor5child", "6drover10supervisor11containment")
-hot = {s.strip() for s in open(f"{work}/symbols") if any(m in s for m in modules)}
-for path in glob.glob(f"{work}/*/cg.out*"):
+hot = {name for name, kind in kinds.items() if kind == "t" and any(m in name for m in modules)}
+
+
+def functions(path):
+    """drover's own functions with a cost in one callgrind profile."""
+    found = set()
     names, obs, ob = {}, {}, None
     for line in open(path, errors="replace"):
         line = line.rstrip("\n")
@@ -104,8 +147,40 @@ for path in glob.glob(f"{work}/*/cg.out*"):
             ob = obs.get(("ob", ident))
         elif kind == "fn" and ob and ob.endswith("/drover"):
             fn = names.get(("fn", ident))
-            if fn and fn.startswith("_"):
-                hot.add(fn)
-open(out, "w").write("".join(f"{f}\n" for f in sorted(hot)))
-print(f"{len(hot)} functions written to {out}", file=sys.stderr)
+            # Rust's and the bundled C's (sqlite, the maths shims) alike.
+            if fn in kinds and kinds[fn] == "t":
+                found.add(fn)
+    return found
+
+
+for path in glob.glob(f"{work}/*/cg.out*"):
+    hot |= functions(path)
+client = set()
+for path in glob.glob(f"{work}/client/cg.client.*"):
+    client |= functions(path)
+client -= hot
+
+
+def data_of(functions):
+    """The named read-only data the functions' code refers to (tables,
+    statics): objdump names each rip-relative target `<symbol+offset>`.
+    Laid out together too, as faulting one in maps 64 KiB around it."""
+    found, inside = set(), False
+    for line in open(f"{work}/code"):
+        head = re.match(r"^[0-9a-f]+ <(.+)>:$", line)
+        if head:
+            inside = head.group(1) in functions
+        elif inside:
+            for ref in re.findall(r"<([^<>+]+)(?:\+0x[0-9a-f]+)?>", line):
+                if kinds.get(ref) == "r":
+                    found.add(ref)
+    return found
+
+
+data = data_of(hot)
+client_data = data_of(client) - data
+order = sorted(hot) + sorted(client) + sorted(data) + sorted(client_data)
+open(out, "w").write("".join(f"{f}\n" for f in order))
+print(f"{len(hot)} supervisor and {len(client)} client functions, {len(data) + len(client_data)} read-only data symbols "
+      f"written to {out}", file=sys.stderr)
 PY
