@@ -260,7 +260,8 @@ pub fn join_in_child(fd: &OwnedFd) -> io::Result<()> {
 
 /// Whether the cgroup has a process (a cgroup that is gone has none).
 pub fn populated(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("cgroup.events")).is_ok_and(|t| events_say_populated(&t))
+    let mut buf = Vec::with_capacity(64);
+    super::fsutil::read_kernel_file(&dir.join("cgroup.events"), &mut buf).is_ok_and(events_say_populated)
 }
 
 fn events_say_populated(text: &str) -> bool {

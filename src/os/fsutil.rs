@@ -1,7 +1,8 @@
-//! Files that must survive a crash of drover: written whole or not at all.
+//! Files that must survive a crash of drover: written whole or not at all;
+//! and the kernel's small files, read with as few system calls as can be.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -175,10 +176,55 @@ pub fn create_private(path: &Path) -> io::Result<()> {
         .map_err(|e| refuse_link(path, e))
 }
 
+/// Reads a file the kernel makes when it is read (procfs, cgroupfs) into
+/// `buf`, replacing what it held: one open and, for a file that fits the
+/// space given, one read. The kernel hands such a file over whole up to
+/// the space a read offers, so a read that leaves space is the last one;
+/// `read_to_string` would also stat it and read again to see the end.
+/// The text, or an error for a file that is not there or not UTF-8.
+pub fn read_kernel_file<'a>(path: &Path, buf: &'a mut Vec<u8>) -> io::Result<&'a str> {
+    let mut file = File::open(path)?;
+    buf.clear();
+    let mut len = 0;
+    loop {
+        if buf.len() - len < 512 {
+            buf.resize(len.saturating_add(buf.len().max(1024)), 0);
+        }
+        let n = file.read(&mut buf[len..])?;
+        len += n;
+        if n == 0 || len < buf.len() {
+            break;
+        }
+    }
+    buf.truncate(len);
+    std::str::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn kernel_files_small_and_large_read_whole() {
+        let mut buf = Vec::new();
+        // One read for a short file; several, the buffer growing, for one
+        // of many kilobytes (this process's mappings, each line with a
+        // path). The same buffer serves both.
+        let stat = read_kernel_file(Path::new("/proc/self/stat"), &mut buf).expect("stat").to_owned();
+        assert!(stat.starts_with(&format!("{} (", std::process::id())), "{stat}");
+        assert!(stat.ends_with('\n'), "whole: {stat}");
+        let smaps = read_kernel_file(Path::new("/proc/self/smaps"), &mut buf).expect("smaps").to_owned();
+        assert!(smaps.len() > 8192, "{} bytes", smaps.len());
+        // Whole: every mapping's block ends with its VmFlags line.
+        let head =
+            |l: &&str| l.split_whitespace().next().is_some_and(|f| f.contains('-') && !f.ends_with(':'));
+        let heads = smaps.lines().filter(head).count();
+        assert_eq!(heads, smaps.lines().filter(|l| l.starts_with("VmFlags:")).count());
+        assert!(smaps.ends_with('\n'));
+        let missing = read_kernel_file(Path::new("/proc/self/no-such-file"), &mut buf);
+        assert_eq!(missing.map(str::len).map_err(|e| e.kind()), Err(io::ErrorKind::NotFound));
+    }
 
     #[test]
     fn atomic_write_replaces_whole() {

@@ -5,6 +5,8 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
+use super::fsutil::read_kernel_file;
+
 /// CPU time and resident memory of a set of processes.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Usage {
@@ -94,15 +96,45 @@ fn in_shares<T: Sync, R: Send + Default>(items: &[T], per: usize, work: impl Fn(
     })
 }
 
-/// The usage of each of `dirs` (see [`of_cgroup`]), in order, shared among
-/// a few threads as [`of_groups`] does.
-pub fn of_cgroups(dirs: &[&Path]) -> Vec<Option<Usage>> {
+/// The counters of each of `dirs` (see [`Counters`]), in order, shared
+/// among a few threads as [`of_groups`] does.
+pub fn counters_of_cgroups(dirs: &[&Path]) -> Vec<Counters> {
     in_shares(dirs, share_size(dirs.len(), CGROUPS_PER_THREAD), |chunk| {
-        chunk.iter().map(|d| of_cgroup(d)).collect::<Vec<_>>()
+        let (mut buf, mut memory) = (Vec::new(), true);
+        chunk.iter().map(|d| Counters::read(d, &mut buf, &mut memory)).collect::<Vec<_>>()
     })
     .into_iter()
     .flatten()
     .collect()
+}
+
+/// What a cgroup counts itself: CPU time (`cpu.stat` usage_usec, which
+/// includes what exited members used) and, where the memory controller
+/// is on, `memory.current`. Each is absent where the file is.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Counters {
+    pub cpu_seconds: Option<f64>,
+    pub rss_bytes: Option<u64>,
+}
+
+impl Counters {
+    /// `memory` says whether to look for `memory.current`; a cgroup
+    /// without one clears it: drover's cgroups are siblings, under one
+    /// parent that enables the same controllers for all of them.
+    fn read(dir: &Path, buf: &mut Vec<u8>, memory: &mut bool) -> Counters {
+        let cpu = read_kernel_file(&dir.join("cpu.stat"), buf).ok().and_then(parse_cpu_stat);
+        let rss = match *memory {
+            true => match read_kernel_file(&dir.join("memory.current"), buf) {
+                Ok(m) => m.trim().parse().ok(),
+                Err(e) => {
+                    *memory = e.kind() != std::io::ErrorKind::NotFound;
+                    None
+                }
+            },
+            false => None,
+        };
+        Counters { cpu_seconds: cpu.map(|usec| usec as f64 / 1e6), rss_bytes: rss }
+    }
 }
 
 /// Threads that read /proc for one status request, at most.
@@ -137,13 +169,12 @@ fn add_groups(pids: &[i32], wanted: &HashSet<i32>, out: &mut HashMap<i32, Usage>
 /// controller is on), else the sum over its `cgroup.procs`. Unlike a
 /// process group's, a cgroup's CPU time includes what exited members used.
 pub fn of_cgroup(dir: &Path) -> Option<Usage> {
-    let cpu = std::fs::read_to_string(dir.join("cpu.stat")).ok().as_deref().and_then(parse_cpu_stat);
-    let mem =
-        std::fs::read_to_string(dir.join("memory.current")).ok().and_then(|m| m.trim().parse::<u64>().ok());
-    if let (Some(usec), Some(bytes)) = (cpu, mem) {
-        return Some(Usage { cpu_seconds: usec as f64 / 1e6, rss_bytes: bytes });
+    let mut buf = Vec::new();
+    let Counters { cpu_seconds: cpu, rss_bytes: mem } = Counters::read(dir, &mut buf, &mut true);
+    if let (Some(cpu_seconds), Some(rss_bytes)) = (cpu, mem) {
+        return Some(Usage { cpu_seconds, rss_bytes });
     }
-    let pids = std::fs::read_to_string(dir.join("cgroup.procs")).ok()?;
+    let pids = read_kernel_file(&dir.join("cgroup.procs"), &mut buf).ok()?;
     let (tick, page) = (clock_ticks(), page_size());
     let mut reader = StatReader::default();
     let mut summed = Usage::default();
@@ -152,16 +183,11 @@ pub fn of_cgroup(dir: &Path) -> Option<Usage> {
             summed += s.usage(tick, page);
         }
     }
-    Some(Usage {
-        cpu_seconds: cpu.map_or(summed.cpu_seconds, |usec| usec as f64 / 1e6),
-        rss_bytes: mem.unwrap_or(summed.rss_bytes),
-    })
+    Some(Usage { cpu_seconds: cpu.unwrap_or(summed.cpu_seconds), rss_bytes: mem.unwrap_or(summed.rss_bytes) })
 }
 
-/// Reads /proc/PID/stat files with one open and one read each, into one
-/// buffer (a `stat` line is a few hundred bytes; the kernel hands it over
-/// whole), where `read_to_string` would also stat the file and read again
-/// to see its end.
+/// Reads /proc/PID/stat files with one open and one read each (see
+/// [`read_kernel_file`]), into one path and one buffer.
 #[derive(Default)]
 struct StatReader {
     path: String,
@@ -171,13 +197,9 @@ struct StatReader {
 impl StatReader {
     fn read(&mut self, pid: i32) -> Option<Stat> {
         use std::fmt::Write as _;
-        use std::io::Read as _;
         self.path.clear();
         let _ = write!(self.path, "/proc/{pid}/stat");
-        let mut file = std::fs::File::open(&self.path).ok()?;
-        self.buf.resize(1024, 0);
-        let n = file.read(&mut self.buf).ok()?;
-        parse_stat(std::str::from_utf8(self.buf.get(..n)?).ok()?)
+        parse_stat(read_kernel_file(Path::new(&self.path), &mut self.buf).ok()?)
     }
 }
 

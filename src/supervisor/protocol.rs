@@ -336,24 +336,38 @@ pub struct InstanceStatus {
 
 impl StatusReport {
     /// Fills in what each running instance uses: its cgroup's counters
-    /// (cgroup mode), else its process group's from one pass over /proc.
-    /// Blocking file reads, so never on the actor's event loop.
+    /// (cgroup mode), and what they lack (memory, without the memory
+    /// controller) or what has no cgroup, its process group's, from one
+    /// pass over /proc. Blocking file reads, so never on the actor's event
+    /// loop.
     pub fn add_usage(&mut self) {
-        let instances = || self.workers.iter().flat_map(|w| &w.instances);
-        let pgids: Vec<i32> =
-            instances().filter(|i| i.pid.is_some() && i.cgroup.is_none()).filter_map(|i| i.pgid).collect();
-        let usage = crate::os::usage::of_groups(&pgids);
-        let dirs: Vec<&std::path::Path> =
-            instances().filter(|i| i.pid.is_some()).filter_map(|i| i.cgroup.as_deref()).collect();
+        use crate::os::usage::{Counters, Usage};
+        let instances = || self.workers.iter().flat_map(|w| &w.instances).filter(|i| i.pid.is_some());
+        let dirs: Vec<&std::path::Path> = instances().filter_map(|i| i.cgroup.as_deref()).collect();
         // In the order of `dirs`: one for each running instance with a cgroup.
-        let mut by_cgroup = crate::os::usage::of_cgroups(&dirs).into_iter();
-        let found: Vec<Option<crate::os::usage::Usage>> = instances()
+        let mut by_cgroup = crate::os::usage::counters_of_cgroups(&dirs).into_iter();
+        let counted: Vec<Counters> = instances()
+            .map(|i| if i.cgroup.is_some() { by_cgroup.next() } else { None }.unwrap_or_default())
+            .collect();
+        let pgids: Vec<i32> = instances()
+            .zip(&counted)
+            .filter(|(_, c)| c.cpu_seconds.is_none() || c.rss_bytes.is_none())
+            .filter_map(|(i, _)| i.pgid)
+            .collect();
+        let by_group = crate::os::usage::of_groups(&pgids);
+        let mut counted = counted.into_iter();
+        let found: Vec<Option<Usage>> = self
+            .workers
+            .iter()
+            .flat_map(|w| &w.instances)
             .map(|i| {
                 i.pid?;
-                match i.cgroup {
-                    Some(_) => by_cgroup.next().flatten(),
-                    None => i.pgid.and_then(|g| usage.get(&g)).copied(),
-                }
+                let c = counted.next().unwrap_or_default();
+                let g = i.pgid.and_then(|g| by_group.get(&g).copied());
+                Some(Usage {
+                    cpu_seconds: c.cpu_seconds.or(g.map(|g| g.cpu_seconds))?,
+                    rss_bytes: c.rss_bytes.or(g.map(|g| g.rss_bytes))?,
+                })
             })
             .collect();
         for (i, u) in self.workers.iter_mut().flat_map(|w| &mut w.instances).zip(found) {
