@@ -130,6 +130,29 @@ modules = ("6drover2os5spawn", "6drover2os6cgroup", "6drover10supervisor5child",
 hot = {name for name, kind in kinds.items() if kind == "t" and any(m in name for m in modules)}
 
 
+def callees():
+    """Each function's direct calls and jumps to other functions, from
+    objdump's `<symbol>` naming of each target."""
+    out, current = {}, None
+    for line in open(f"{work}/code"):
+        head = re.match(r"^[0-9a-f]+ <(.+)>:$", line)
+        if head:
+            current = out.setdefault(head.group(1), set())
+        elif current is not None and ("call" in line or "jmp" in line):
+            target = re.search(r"<([^<>+]+)>$", line.rstrip())
+            if target and kinds.get(target.group(1)) == "t":
+                current.add(target.group(1))
+    return out
+
+
+# What those modules call, two calls deep: valgrind never ran them either.
+calls = callees()
+frontier = set(hot)
+for _ in range(2):
+    frontier = {c for f in frontier for c in calls.get(f, ())} - hot
+    hot |= frontier
+
+
 def functions(path):
     """drover's own functions with a cost in one callgrind profile."""
     found = set()
