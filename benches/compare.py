@@ -230,6 +230,40 @@ def set_subreaper() -> None:
         log("warning: no libc prctl; detached daemons may escape cleanup")
 
 
+def cgroup2_mount() -> Path | None:
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                if right.split()[:1] == ["cgroup2"]:
+                    return Path(left.split()[4])
+    except OSError:
+        pass
+    return None
+
+
+CGROUP2 = cgroup2_mount()
+# drover's cgroups that were there before the harness ran: never touched.
+CGROUPS_BEFORE = {p.name for p in CGROUP2.glob("drover.*")} if CGROUP2 else set()
+
+
+def remove_left_cgroups() -> None:
+    """Remove the empty cgroups a drover killed by the harness left (a
+    SIGKILLed supervisor cannot; its next start for the same state_dir
+    would, but every run here has a state_dir of its own). Thousands of
+    them would otherwise pile up over runs and slow every later cgroup."""
+    if CGROUP2 is None:
+        return
+    for base in CGROUP2.glob("drover.*"):
+        if base.name in CGROUPS_BEFORE:
+            continue
+        for d in sorted((p for p in base.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [base]:
+            try:
+                d.rmdir()
+            except OSError:
+                pass  # not empty (still running) or gone: left alone
+
+
 def kill_everything(deadline_s: float = 15.0) -> list[str]:
     """SIGKILL every descendant of the harness until none is left; reap them.
 
@@ -1037,6 +1071,7 @@ def run_system(name: str, n: int, opts, results: list[dict]) -> None:
             raise
         finally:
             kill_everything()
+            remove_left_cgroups()
             forget_own()
             shutil.rmtree(tmp, ignore_errors=True)
         s = ADAPTERS[name](opts)
@@ -1092,6 +1127,7 @@ def run_system(name: str, n: int, opts, results: list[dict]) -> None:
         killed = kill_everything()
         if killed:
             res["killed_at_cleanup"] = len(killed)
+        remove_left_cgroups()
         forget_own()
         shutil.rmtree(tmp, ignore_errors=True)
 
