@@ -130,24 +130,27 @@ impl Echo {
         let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
         let queued = Arc::new(AtomicUsize::new(0));
         let q = queued.clone();
-        std::thread::Builder::new()
-            .name("drover-echo".into())
-            .spawn(move || {
-                let stdout = io::stdout();
-                while let Ok(line) = rx.recv() {
-                    let mut out = stdout.lock();
-                    let _ = out.write_all(&line);
-                    q.fetch_sub(line.len() + ECHO_LINE_COST, Ordering::Relaxed);
-                    drop(line);
-                    // Flush when nothing else is waiting, so output is live.
-                    while let Ok(next) = rx.try_recv() {
-                        let _ = out.write_all(&next);
-                        q.fetch_sub(next.len() + ECHO_LINE_COST, Ordering::Relaxed);
-                    }
-                    let _ = out.flush();
+        let spawned = std::thread::Builder::new().name("drover-echo".into()).spawn(move || {
+            let stdout = io::stdout();
+            while let Ok(line) = rx.recv() {
+                let mut out = stdout.lock();
+                let _ = out.write_all(&line);
+                q.fetch_sub(line.len() + ECHO_LINE_COST, Ordering::Relaxed);
+                drop(line);
+                // Flush when nothing else is waiting, so output is live.
+                while let Ok(next) = rx.try_recv() {
+                    let _ = out.write_all(&next);
+                    q.fetch_sub(next.len() + ECHO_LINE_COST, Ordering::Relaxed);
                 }
-            })
-            .expect("spawn echo thread");
+                let _ = out.flush();
+            }
+        });
+        // No thread (out of memory or threads): the closure, and with it
+        // the receiver, is gone, so every send fails and each line is
+        // dropped from the echo only; the log files still get them.
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the echo thread; worker output goes to the log files only");
+        }
         Echo { tx, queued }
     }
 
