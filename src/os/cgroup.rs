@@ -260,8 +260,10 @@ pub fn join_in_child(fd: &OwnedFd) -> io::Result<()> {
 
 /// Whether the cgroup has a process (a cgroup that is gone has none).
 pub fn populated(dir: &Path) -> bool {
+    use super::fsutil::Made;
     let mut buf = Vec::with_capacity(64);
-    super::fsutil::read_kernel_file(&dir.join("cgroup.events"), &mut buf).is_ok_and(events_say_populated)
+    super::fsutil::read_kernel_file(&dir.join("cgroup.events"), Made::InOnePiece, &mut buf)
+        .is_ok_and(events_say_populated)
 }
 
 fn events_say_populated(text: &str) -> bool {

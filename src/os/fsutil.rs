@@ -176,13 +176,25 @@ pub fn create_private(path: &Path) -> io::Result<()> {
         .map_err(|e| refuse_link(path, e))
 }
 
+/// How the kernel makes a file of procfs or cgroupfs, which says when a
+/// read of it has reached its end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Made {
+    /// In one piece (/proc/PID/stat, a cgroup's cpu.stat, cgroup.events,
+    /// memory.current): handed over whole up to the space a read offers,
+    /// so a read that leaves space was the last.
+    InOnePiece,
+    /// Record by record (cgroup.procs, smaps): a read may stop short at a
+    /// record's end with more to come, so only a read of nothing ends it.
+    ByRecords,
+}
+
 /// Reads a file the kernel makes when it is read (procfs, cgroupfs) into
-/// `buf`, replacing what it held: one open and, for a file that fits the
-/// space given, one read. The kernel hands such a file over whole up to
-/// the space a read offers, so a read that leaves space is the last one;
-/// `read_to_string` would also stat it and read again to see the end.
-/// The text, or an error for a file that is not there or not UTF-8.
-pub fn read_kernel_file<'a>(path: &Path, buf: &'a mut Vec<u8>) -> io::Result<&'a str> {
+/// `buf`, replacing what it held: one open and, for a file made in one
+/// piece that fits the space given, one read (`read_to_string` would also
+/// stat it and read again to see the end). The text, or an error for a
+/// file that is not there or not UTF-8.
+pub fn read_kernel_file<'a>(path: &Path, made: Made, buf: &'a mut Vec<u8>) -> io::Result<&'a str> {
     let mut file = File::open(path)?;
     buf.clear();
     let mut len = 0;
@@ -192,7 +204,7 @@ pub fn read_kernel_file<'a>(path: &Path, buf: &'a mut Vec<u8>) -> io::Result<&'a
         }
         let n = file.read(&mut buf[len..])?;
         len += n;
-        if n == 0 || len < buf.len() {
+        if n == 0 || (made == Made::InOnePiece && len < buf.len()) {
             break;
         }
     }
@@ -208,21 +220,19 @@ mod tests {
     #[test]
     fn kernel_files_small_and_large_read_whole() {
         let mut buf = Vec::new();
-        // One read for a short file; several, the buffer growing, for one
-        // of many kilobytes (this process's mappings, each line with a
-        // path). The same buffer serves both.
-        let stat = read_kernel_file(Path::new("/proc/self/stat"), &mut buf).expect("stat").to_owned();
+        // One read for a file made in one piece.
+        let stat = read_kernel_file(Path::new("/proc/self/stat"), Made::InOnePiece, &mut buf).expect("stat");
         assert!(stat.starts_with(&format!("{} (", std::process::id())), "{stat}");
         assert!(stat.ends_with('\n'), "whole: {stat}");
-        let smaps = read_kernel_file(Path::new("/proc/self/smaps"), &mut buf).expect("smaps").to_owned();
-        assert!(smaps.len() > 8192, "{} bytes", smaps.len());
-        // Whole: every mapping's block ends with its VmFlags line.
-        let head =
-            |l: &&str| l.split_whitespace().next().is_some_and(|f| f.contains('-') && !f.ends_with(':'));
-        let heads = smaps.lines().filter(head).count();
-        assert_eq!(heads, smaps.lines().filter(|l| l.starts_with("VmFlags:")).count());
-        assert!(smaps.ends_with('\n'));
-        let missing = read_kernel_file(Path::new("/proc/self/no-such-file"), &mut buf);
+        // Megabytes made record by record, whose reads stop short at a
+        // record's end long before the file's: read to the end all the
+        // same, in the same buffer (the symbol table does not change
+        // between two reads, as this process's own files would).
+        let symbols =
+            read_kernel_file(Path::new("/proc/kallsyms"), Made::ByRecords, &mut buf).expect("kallsyms");
+        assert!(symbols.len() > 1 << 20, "{} bytes", symbols.len());
+        assert_eq!(symbols, std::fs::read_to_string("/proc/kallsyms").expect("read_to_string"));
+        let missing = read_kernel_file(Path::new("/proc/self/no-such-file"), Made::InOnePiece, &mut buf);
         assert_eq!(missing.map(str::len).map_err(|e| e.kind()), Err(io::ErrorKind::NotFound));
     }
 

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use super::fsutil::read_kernel_file;
+use super::fsutil::{Made, read_kernel_file};
 
 /// CPU time and resident memory of a set of processes.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -122,9 +122,10 @@ impl Counters {
     /// without one clears it: drover's cgroups are siblings, under one
     /// parent that enables the same controllers for all of them.
     fn read(dir: &Path, buf: &mut Vec<u8>, memory: &mut bool) -> Counters {
-        let cpu = read_kernel_file(&dir.join("cpu.stat"), buf).ok().and_then(parse_cpu_stat);
+        let cpu =
+            read_kernel_file(&dir.join("cpu.stat"), Made::InOnePiece, buf).ok().and_then(parse_cpu_stat);
         let rss = match *memory {
-            true => match read_kernel_file(&dir.join("memory.current"), buf) {
+            true => match read_kernel_file(&dir.join("memory.current"), Made::InOnePiece, buf) {
                 Ok(m) => m.trim().parse().ok(),
                 Err(e) => {
                     *memory = e.kind() != std::io::ErrorKind::NotFound;
@@ -174,7 +175,7 @@ pub fn of_cgroup(dir: &Path) -> Option<Usage> {
     if let (Some(cpu_seconds), Some(rss_bytes)) = (cpu, mem) {
         return Some(Usage { cpu_seconds, rss_bytes });
     }
-    let pids = read_kernel_file(&dir.join("cgroup.procs"), &mut buf).ok()?;
+    let pids = read_kernel_file(&dir.join("cgroup.procs"), Made::ByRecords, &mut buf).ok()?;
     let (tick, page) = (clock_ticks(), page_size());
     let mut reader = StatReader::default();
     let mut summed = Usage::default();
@@ -199,7 +200,7 @@ impl StatReader {
         use std::fmt::Write as _;
         self.path.clear();
         let _ = write!(self.path, "/proc/{pid}/stat");
-        parse_stat(read_kernel_file(Path::new(&self.path), &mut self.buf).ok()?)
+        parse_stat(read_kernel_file(Path::new(&self.path), Made::InOnePiece, &mut self.buf).ok()?)
     }
 }
 
