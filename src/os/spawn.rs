@@ -22,8 +22,9 @@
 //! before the clone, then execs. What it does, in order (std's order):
 //! signal mask and SIGPIPE back to default, stdio, its own process
 //! group, the directory, the caller's hooks, exec. A step that fails
-//! sends its errno (and the step) over a close-on-exec pipe and exits
-//! 127; the parent reaps it and returns the error, as
+//! leaves its errno (and the step) where the parent reads it (in the
+//! memory they share, or over a close-on-exec pipe when the child is a
+//! copy) and exits 127; the parent reaps it and returns the error, as
 //! `Command::spawn` would.
 
 use std::ffi::{CString, OsStr};
@@ -32,7 +33,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 
 use nix::libc;
@@ -54,14 +55,13 @@ const SLOTS_MIN_LIMIT: u64 = 1024;
 /// Slots must sit this low: the child copies every descriptor below them.
 const SLOTS_BELOW: RawFd = 128;
 
-/// Descriptors a spawn may carry over into its child, besides stdio and
-/// the report (a hook's report, sockets, the shim); one with more copies
-/// them all.
+/// Descriptors a spawn may carry over into its child, besides stdio (a
+/// hook's report, sockets, the shim); one with more copies them all.
 const CARRY: usize = 6;
 
 /// The slots of one spawn: the child's stdin (/dev/null, always),
-/// stdout, stderr, the report pipe's write end, and what it carries.
-type SlotSet = [RawFd; 4 + CARRY];
+/// stdout, stderr, and what it carries.
+type SlotSet = [RawFd; 3 + CARRY];
 
 /// The stack a child that shares drover's memory runs on until exec
 /// (see [`spawn`]): one per set of slots, reused.
@@ -106,7 +106,7 @@ fn make_slots() -> io::Result<Slots> {
     let mut sets = Vec::with_capacity(SLOT_SETS);
     let mut end = 0;
     for _ in 0..SLOT_SETS {
-        let mut set: SlotSet = [0; 4 + CARRY];
+        let mut set: SlotSet = [0; 3 + CARRY];
         for slot in &mut set {
             // SAFETY: F_DUPFD_CLOEXEC makes a descriptor this process keeps
             // for its whole life.
@@ -139,6 +139,8 @@ struct Lease {
     slots: &'static Slots,
     set: SlotSet,
     stack: Option<Stack>,
+    /// The slots given another descriptor, one bit each.
+    used: u32,
 }
 
 impl Lease {
@@ -147,14 +149,15 @@ impl Lease {
         let mut free = slots.free.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some((set, stack)) = free.pop() {
-                return Some(Lease { slots, set, stack: Some(stack) });
+                return Some(Lease { slots, set, stack: Some(stack), used: 0 });
             }
             free = slots.freed.wait(free).unwrap_or_else(|e| e.into_inner());
         }
     }
 
     /// Puts `fd` in slot `i` (close-on-exec), closing what it held.
-    fn put(&self, i: usize, fd: RawFd) -> io::Result<()> {
+    fn put(&mut self, i: usize, fd: RawFd) -> io::Result<()> {
+        self.used |= 1 << i;
         // SAFETY: dup3 onto a slot this lease holds.
         if unsafe { libc::dup3(fd, self.set[i], libc::O_CLOEXEC) } < 0 {
             return Err(io::Error::last_os_error());
@@ -167,8 +170,9 @@ impl Drop for Lease {
     fn drop(&mut self) {
         // Slot 0 holds /dev/null for good. A slot that cannot be reset
         // would keep a pipe open: the set is not used again.
+        let used = std::mem::take(&mut self.used);
         if let Some(stack) = self.stack.take()
-            && (1..self.set.len()).all(|i| self.put(i, self.set[0]).is_ok())
+            && (1..self.set.len()).filter(|i| used & (1 << i) != 0).all(|i| self.put(i, self.set[0]).is_ok())
         {
             self.slots.free.lock().unwrap_or_else(|e| e.into_inner()).push((self.set, stack));
             self.slots.freed.notify_one();
@@ -176,6 +180,44 @@ impl Drop for Lease {
             tracing::warn!(slots = ?self.set, "cannot reset a spawn's descriptor slots; they are retired");
         }
     }
+}
+
+/// The signals a child puts back to their default before it unblocks
+/// signals, one bit each (see [`signal_bit`]), as [`note_signal_handlers`]
+/// found them; 0 until then, and each child looks at all 64 itself.
+static RESET_SIGNALS: AtomicU64 = AtomicU64::new(0);
+
+fn signal_bit(sig: libc::c_int) -> u64 {
+    1u64 << (sig - 1)
+}
+
+/// The signals drover catches, and SIGPIPE (which Rust ignores): a raw
+/// system call per signal, so the child of a bare clone may call it too.
+fn caught_signals() -> u64 {
+    let mut caught = signal_bit(libc::SIGPIPE);
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: sigaction only reads the disposition into `old`.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        if unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } < 0 {
+            continue;
+        }
+        if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN {
+            caught |= signal_bit(sig);
+        }
+    }
+    caught
+}
+
+/// Notes which signals drover catches, so that each child puts back
+/// those alone instead of asking about all 64 between its clone and its
+/// exec (a sixth of a restart). Call it once drover's handlers are in
+/// place, before the first spawn: a handler installed after it would
+/// stay the child's until exec.
+pub fn note_signal_handlers() {
+    RESET_SIGNALS.store(caught_signals(), Ordering::Relaxed);
 }
 
 /// The kernel's `struct clone_args` up to `cgroup` (CLONE_ARGS_SIZE_VER2).
@@ -363,26 +405,29 @@ fn dev_null() -> io::Result<OwnedFd> {
     above_stdio(OwnedFd::from(f))
 }
 
-/// The child's ends of stdio, and the parent's ends of the pipes.
-struct Stdio {
-    child: [OwnedFd; 3],
-    stdout: Option<OwnedFd>,
-    stderr: Option<OwnedFd>,
+/// /dev/null, open for drover's life (close-on-exec, above stdio): the
+/// child's stdin, and its stdout and stderr when they are not piped.
+static NULL: OnceLock<OwnedFd> = OnceLock::new();
+
+fn null_fd() -> io::Result<RawFd> {
+    if let Some(fd) = NULL.get() {
+        return Ok(fd.as_raw_fd());
+    }
+    let fd = dev_null()?;
+    Ok(NULL.get_or_init(|| fd).as_raw_fd())
 }
 
-fn stdio(piped: bool) -> io::Result<Stdio> {
-    let null = dev_null()?;
-    if !piped {
-        let (a, b) = (null.try_clone()?, null.try_clone()?);
-        return Ok(Stdio { child: [null, above_stdio(a)?, above_stdio(b)?], stdout: None, stderr: None });
-    }
+/// The pipes of a child whose output is piped: the write ends are its
+/// stdout and stderr, the read ends the parent's.
+struct Pipes {
+    out: (OwnedFd, OwnedFd),
+    err: (OwnedFd, OwnedFd),
+}
+
+fn pipes() -> io::Result<Pipes> {
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
-    Ok(Stdio {
-        child: [null, above_stdio(out_w)?, above_stdio(err_w)?],
-        stdout: Some(out_r),
-        stderr: Some(err_r),
-    })
+    Ok(Pipes { out: (out_r, above_stdio(out_w)?), err: (err_r, above_stdio(err_w)?) })
 }
 
 /// Spawns `s` (into its cgroup, if it has one); returns once the child
@@ -396,29 +441,37 @@ pub fn spawn(s: &Spawn) -> Result<Spawned, Error> {
     if UNSUPPORTED.load(Ordering::Relaxed) || (s.cgroup.is_none() && (!fits || !slots_reserved())) {
         return unsupported();
     }
-    let io = stdio(s.piped).map_err(Error::Failed)?;
-    let (report_r, report_w) = pipe().map_err(Error::Failed)?;
+    let pipes = if s.piped { Some(pipes().map_err(Error::Failed)?) } else { None };
     let mut lease = if fits { Lease::take() } else { None };
     if s.cgroup.is_none() && lease.is_none() {
         return unsupported();
     }
+    // A child that shares drover's memory (it has a stack of the lease's)
+    // reports a failure there, as posix_spawn's does; one made like fork
+    // writes it to a close-on-exec pipe, whose EOF says it exec'd.
+    let report_pipe = if lease.is_none() { Some(pipe().map_err(Error::Failed)?) } else { None };
+    let null = match &lease {
+        Some(l) => l.set[0],
+        None => null_fd().map_err(Error::Failed)?,
+    };
     let mut flags = 0;
-    let (mut sources, mut report) = ([0; 3], report_w.as_raw_fd());
+    let mut sources = match &pipes {
+        Some(p) => [null, p.out.1.as_raw_fd(), p.err.1.as_raw_fd()],
+        None => [null; 3],
+    };
     // (slot, number in drover's table) of each descriptor carried over.
     let mut carried = [(-1, -1); CARRY];
-    for (src, fd) in sources.iter_mut().zip(&io.child) {
-        *src = fd.as_raw_fd();
-    }
-    if let Some(l) = &lease {
-        l.put(1, io.child[1].as_raw_fd()).map_err(Error::Failed)?;
-        l.put(2, io.child[2].as_raw_fd()).map_err(Error::Failed)?;
-        l.put(3, report_w.as_raw_fd()).map_err(Error::Failed)?;
+    if let Some(l) = &mut lease {
+        // Slots 1 and 2 hold /dev/null while no spawn uses them.
+        if let Some(p) = &pipes {
+            l.put(1, p.out.1.as_raw_fd()).map_err(Error::Failed)?;
+            l.put(2, p.err.1.as_raw_fd()).map_err(Error::Failed)?;
+        }
         for (i, fd) in s.carried.iter().enumerate() {
-            l.put(4 + i, *fd).map_err(Error::Failed)?;
-            carried[i] = (l.set[4 + i], *fd);
+            l.put(3 + i, *fd).map_err(Error::Failed)?;
+            carried[i] = (l.set[3 + i], *fd);
         }
         sources = [l.set[0], l.set[1], l.set[2]];
-        report = l.set[3];
         flags |= libc::CLONE_FILES as u64 | libc::CLONE_VFORK as u64;
     }
     if s.cgroup.is_some() {
@@ -431,7 +484,19 @@ pub fn spawn(s: &Spawn) -> Result<Spawned, Error> {
         ..CloneArgs::default()
     };
     let keep_below = lease.as_ref().map(|l| l.slots.end);
-    let task = Task { s, stdio: sources, report, keep_below, carried };
+    let report = match &report_pipe {
+        Some((_, w)) => Report::Pipe(w.as_raw_fd()),
+        None => Report::Shared,
+    };
+    let task = Task {
+        s,
+        stdio: sources,
+        report,
+        failure: AtomicU64::new(0),
+        keep_below,
+        carried,
+        reset_signals: RESET_SIGNALS.load(Ordering::Relaxed),
+    };
     // No signal reaches the child before it has put drover's handlers
     // aside (see `child`); this thread's mask comes back after the clone.
     let all = nix::sys::signal::SigSet::all();
@@ -500,21 +565,41 @@ pub fn spawn(s: &Spawn) -> Result<Spawned, Error> {
         });
     }
     let pid = pid as i32;
-    // The child's ends: the parent must not hold the write end of the
-    // report (its EOF says the child exec'd) nor the pipes' (their EOF
-    // says the child's output ended). The slots' copies go too: the
-    // child, past exec (CLONE_VFORK), no longer shares them.
+    // The child's ends: the parent must not hold the pipes' write ends
+    // (their EOF says the child's output ended) nor the report's (its
+    // EOF says the child exec'd). The slots' copies go too: the child,
+    // past exec (CLONE_VFORK), no longer shares them.
     drop(lease);
-    drop(report_w);
-    drop(io.child);
-    match read_report(&report_r) {
-        None => Ok(Spawned { pid, stdout: io.stdout, stderr: io.stderr }),
+    let (stdout, stderr) = match pipes {
+        Some(Pipes { out, err }) => (Some(out.0), Some(err.0)),
+        None => (None, None),
+    };
+    let failure = match report_pipe {
+        Some((r, w)) => {
+            drop(w);
+            read_report(&r)
+        }
+        // The child has exec'd or exited (CLONE_VFORK): what it wrote
+        // is there.
+        None => shared_failure(task.failure.load(Ordering::SeqCst)),
+    };
+    match failure {
+        None => Ok(Spawned { pid, stdout, stderr }),
         Some(e) => {
             reap(pid);
             Err(Error::Failed(e))
         }
     }
 }
+
+/// A failure the child left in shared memory: 0 (none), or
+/// [`SHARED_FAILED`] with the step and the errno.
+fn shared_failure(word: u64) -> Option<io::Error> {
+    (word & SHARED_FAILED != 0).then(|| io::Error::from_raw_os_error(word as u32 as i32))
+}
+
+/// Marks a failure word in shared memory (see [`shared_failure`]).
+const SHARED_FAILED: u64 = 1 << 63;
 
 /// The child's report: None when it exec'd (EOF), else its error.
 fn read_report(fd: &OwnedFd) -> Option<io::Error> {
@@ -563,12 +648,25 @@ struct Task<'a> {
     s: &'a Spawn,
     /// The descriptors that become its 0, 1 and 2.
     stdio: [RawFd; 3],
-    /// The report pipe's write end.
-    report: RawFd,
+    /// Where it reports a failed step.
+    report: Report,
+    /// [`Report::Shared`]'s word (see [`shared_failure`]).
+    failure: AtomicU64,
     /// With slots: the descriptors below it are the ones it keeps.
     keep_below: Option<RawFd>,
     /// With slots: (slot, number) of what it carries over; -1 unused.
     carried: [(RawFd, RawFd); CARRY],
+    /// [`RESET_SIGNALS`] when the clone was made.
+    reset_signals: u64,
+}
+
+/// Where the child reports the step that failed.
+#[derive(Clone, Copy)]
+enum Report {
+    /// A close-on-exec pipe's write end (a child made like fork).
+    Pipe(RawFd),
+    /// `Task::failure`, in the memory it shares with drover.
+    Shared,
 }
 
 /// clone3 with `args` (CLONE_VM, a stack): the child calls `entry(arg)`
@@ -630,17 +728,23 @@ extern "C" fn enter(task: *mut libc::c_void) -> libc::c_int {
 /// shares drover's memory while that thread is suspended): raw system
 /// calls on memory prepared before the clone, then exec or _exit.
 unsafe fn child(task: &Task) -> ! {
-    let (s, stdio, report, keep_below) = (task.s, &task.stdio, task.report, task.keep_below);
+    let (s, stdio, keep_below) = (task.s, &task.stdio, task.keep_below);
     // Each step's failure: errno and step to the parent, then exit.
     let fail = |errno: i32, step: u32| -> ! {
-        let mut buf = [0u8; 8];
-        buf[..4].copy_from_slice(&errno.to_ne_bytes());
-        buf[4..].copy_from_slice(&step.to_ne_bytes());
-        // SAFETY: write and _exit are raw system calls.
-        unsafe {
-            libc::write(report, buf.as_ptr().cast(), buf.len());
-            libc::_exit(127)
+        match task.report {
+            Report::Pipe(fd) => {
+                let mut buf = [0u8; 8];
+                buf[..4].copy_from_slice(&errno.to_ne_bytes());
+                buf[4..].copy_from_slice(&step.to_ne_bytes());
+                // SAFETY: write is a raw system call.
+                unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+            }
+            Report::Shared => task
+                .failure
+                .store(SHARED_FAILED | u64::from(step) << 32 | u64::from(errno as u32), Ordering::SeqCst),
         }
+        // SAFETY: _exit is a raw system call.
+        unsafe { libc::_exit(127) }
     };
     let errno = || io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL);
     // SAFETY (each call below): a raw system call on values prepared
@@ -671,22 +775,12 @@ unsafe fn child(task: &Task) -> ! {
         // mask), and so does SIGPIPE, which Rust ignores; drover ignores
         // no other. Then no signal is blocked (drover's threads block
         // some, and every signal was blocked for the clone).
-        for sig in 1..=64 {
-            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
-                continue;
-            }
-            let mut old: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(sig, std::ptr::null(), &mut old) < 0 {
-                continue;
-            }
-            if old.sa_sigaction != libc::SIG_DFL
-                && (old.sa_sigaction != libc::SIG_IGN || sig == libc::SIGPIPE)
-            {
-                let mut dfl: libc::sigaction = std::mem::zeroed();
-                dfl.sa_sigaction = libc::SIG_DFL;
-                if libc::sigaction(sig, &dfl, std::ptr::null_mut()) < 0 {
-                    fail(errno(), STEP_SIGNALS);
-                }
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        let reset = if task.reset_signals != 0 { task.reset_signals } else { caught_signals() };
+        for sig in (1..=64).filter(|sig| reset & signal_bit(*sig) != 0) {
+            if libc::sigaction(sig, &dfl, std::ptr::null_mut()) < 0 {
+                fail(errno(), STEP_SIGNALS);
             }
         }
         let empty = [0u64; 1];
@@ -813,6 +907,58 @@ mod tests {
         assert_eq!(err, "err\n");
         cgroup::remove(&cg).expect("empty again");
         cgroup::remove(&h.base).expect("remove the base");
+    }
+
+    #[test]
+    fn the_child_puts_back_the_handlers_noted_and_keeps_what_drover_ignores() {
+        crate::os::reaper::isolated(
+            module_path!(),
+            "the_child_puts_back_the_handlers_noted_and_keeps_what_drover_ignores",
+            || {
+                crate::os::proc::close_inherited_on_exec();
+                reserve_slots();
+                extern "C" fn caught(_: libc::c_int) {}
+                // SAFETY: a handler that does nothing, and an ignore, as a
+                // parent of drover's may have left it.
+                unsafe {
+                    libc::signal(libc::SIGUSR1, caught as extern "C" fn(libc::c_int) as libc::sighandler_t);
+                    libc::signal(libc::SIGUSR2, libc::SIG_IGN);
+                }
+                note_signal_handlers();
+                assert_ne!(RESET_SIGNALS.load(Ordering::Relaxed) & signal_bit(libc::SIGUSR1), 0);
+                let mut s = Spawn::new(
+                    OsStr::new("/bin/cat"),
+                    ["cat", "/proc/self/status"],
+                    env(),
+                    Path::new("/"),
+                    true,
+                    None,
+                )
+                .expect("prepare");
+                // SAFETY: sigaction only reads the disposition.
+                unsafe {
+                    s.hook(|| {
+                        let mut old: libc::sigaction = std::mem::zeroed();
+                        libc::sigaction(libc::SIGUSR1, std::ptr::null(), &mut old);
+                        if old.sa_sigaction == libc::SIG_DFL {
+                            Ok(())
+                        } else {
+                            Err(io::Error::from_raw_os_error(libc::EBUSY))
+                        }
+                    })
+                };
+                let c = spawn(&s).unwrap_or_else(|e| panic!("drover's handler was still the child's: {e:?}"));
+                let status = read_all(c.stdout.expect("a pipe"));
+                assert_eq!(wait(c.pid), 0);
+                let ignored = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("SigIgn:"))
+                    .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+                    .unwrap_or_else(|| panic!("no SigIgn in {status}"));
+                assert_ne!(ignored & signal_bit(libc::SIGUSR2), 0, "an ignore drover inherited stays");
+                assert_eq!(ignored & signal_bit(libc::SIGPIPE), 0, "SIGPIPE, which Rust ignores, does not");
+            },
+        );
     }
 
     #[test]

@@ -319,6 +319,8 @@ pub async fn serve(
     let mut sigterm = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let mut sighup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    // Its handlers are all in place: a child puts these back alone.
+    crate::os::spawn::note_signal_handlers();
 
     let (tx, rx) = mpsc::unbounded_channel();
     // Control requests and shutdown: served before other events.
