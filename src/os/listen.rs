@@ -131,11 +131,15 @@ pub fn keep_across_exec(fds: &[RawFd]) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether `p` is a regular file with an execute bit: one exec may run.
+pub fn is_executable(p: &Path) -> bool {
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
 /// Where `program` would be found in the child: as it is when it holds a
 /// '/', else in PATH. None when it is not there.
 pub fn find_program(program: &str, dir: &Path, path_var: Option<&OsStr>) -> Option<PathBuf> {
-    let executable =
-        |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    let executable = |p: &Path| is_executable(p);
     if program.contains('/') {
         let p = dir.join(program);
         return executable(&p).then_some(p);

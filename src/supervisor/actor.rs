@@ -52,8 +52,11 @@ const BATCH: usize = 8;
 /// The most descendants of one escaped process looked for and killed.
 const MAX_ESCAPEE_TREE: usize = 4096;
 
-/// How stale the state file may get while events keep coming.
-const FLUSH_EVERY: Duration = Duration::from_millis(200);
+/// The least time between two writes of the state file: a worker that
+/// restarts in a loop costs one write (an fsync) a second, not one per
+/// restart. A killed drover's successor finds what the file has not
+/// caught up with by the marks in the environment.
+const STATE_GAP: Duration = Duration::from_secs(1);
 
 struct WorkerRt {
     spec: Worker,
@@ -365,7 +368,7 @@ impl Supervisor {
         mut events: mpsc::UnboundedReceiver<Event>,
         mut control: mpsc::UnboundedReceiver<Event>,
     ) {
-        let mut last_flush = Instant::now();
+        let mut last_flush = Instant::now().checked_sub(STATE_GAP).unwrap_or_else(Instant::now);
         loop {
             let deadline = self.timers.next();
             let due = async move {
@@ -413,13 +416,22 @@ impl Supervisor {
                 self.fire_timers();
             }
             // The state file (every instance, and an fsync, on a blocking
-            // thread) waits for quiet: no event queued and no spawn under
-            // way, which it would slow down on a machine of few cores.
-            // While a storm goes on, it is written every FLUSH_EVERY.
-            let quiet = events.is_empty() && self.in_flight.is_empty();
-            if quiet || last_flush.elapsed() >= FLUSH_EVERY {
-                self.flush_state();
-                last_flush = Instant::now();
+            // thread) is written STATE_GAP after the last write at the
+            // soonest, and waits for quiet: no event queued and no spawn
+            // under way, which it would slow down on a machine of few
+            // cores. A storm that never goes quiet waits twice as long.
+            if self.dirty {
+                let since = last_flush.elapsed();
+                let quiet = events.is_empty() && self.in_flight.is_empty();
+                if since >= STATE_GAP && (quiet || since >= STATE_GAP.saturating_mul(2)) {
+                    self.flush_state();
+                    last_flush = Instant::now();
+                } else {
+                    // Nothing else may come to wake the loop in time.
+                    let wait = if since < STATE_GAP { STATE_GAP } else { STATE_GAP.saturating_mul(2) };
+                    let at = last_flush.checked_add(wait).unwrap_or_else(instances::far_future);
+                    self.timers.set(TimerKey::StateFile, at);
+                }
             }
             self.propagate();
             self.ledger.check_wal();
@@ -503,6 +515,8 @@ impl Supervisor {
                 TimerKey::Run(run, kind) => self.on_run_timer(run, kind),
                 TimerKey::LedgerRetry => self.on_ledger_retry(),
                 TimerKey::MemorySample => self.on_memory_timer(),
+                // The loop writes it, after the timers.
+                TimerKey::StateFile => {}
             }
         }
     }
@@ -644,6 +658,8 @@ impl Supervisor {
         let at = rfc3339(SystemTime::now());
         match load(&self.opts.config_path, &self.opts.overrides) {
             Ok(loaded) => {
+                // A reload looks for every program in PATH again.
+                super::child::lookups().forget();
                 self.counters.reloads_applied = self.counters.reloads_applied.saturating_add(1);
                 self.last_reload = Some(ReloadStatus { at, ok: true, error: None });
                 self.dirty = true;

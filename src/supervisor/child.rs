@@ -3,7 +3,7 @@
 //! the reaper before it can exit, runs with its worker's or job's identity
 //! and limits, and gets none of the descriptors drover keeps in reserve.
 //! Spawning blocks a thread until the child has exec'd, so the actor hands
-//! it to a blocking thread ([`start_off_loop`]); the exit comes back through
+//! it to a spawner thread ([`start_off_loop`]); the exit comes back through
 //! the reaper, and [`InFlight`] holds what arrives out of order meanwhile.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -13,7 +13,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use nix::sys::signal::Signal;
 use tokio::sync::oneshot;
@@ -174,29 +174,33 @@ impl Launch {
     /// The child's whole environment, as std computes it for
     /// [`Launch::command`]: drover's (or none), minus the removed names,
     /// plus the set ones, plus the login variables it sets nowhere.
-    fn child_env(&self) -> BTreeMap<OsString, OsString> {
-        let mut env: BTreeMap<OsString, OsString> =
-            if self.clear_env { BTreeMap::new() } else { std::env::vars_os().collect() };
-        let removed: Vec<&str> = self.remove_env.iter().chain(&LISTEN_VARS).copied().collect();
-        for name in &removed {
+    /// `fd_names` is [`Launch::fd_names`].
+    fn child_env<'a>(&'a self, fd_names: Option<&'a str>) -> BTreeMap<&'a OsStr, &'a OsStr> {
+        let mut env: BTreeMap<&OsStr, &OsStr> = if self.clear_env {
+            BTreeMap::new()
+        } else {
+            own_environment().iter().map(|(k, v)| (k.as_os_str(), v.as_os_str())).collect()
+        };
+        let removed = || self.remove_env.iter().chain(&LISTEN_VARS).copied();
+        for name in removed() {
             env.remove(OsStr::new(name));
         }
         for (k, v) in &self.env {
-            env.insert(k.into(), v.into());
+            env.insert(k.as_ref(), v.as_ref());
         }
-        if let Some(names) = self.fd_names() {
-            env.insert("LISTEN_FDNAMES".into(), names.into());
+        if let Some(names) = fd_names {
+            env.insert("LISTEN_FDNAMES".as_ref(), names.as_ref());
         }
         // identity::apply sets them only where the command's env neither
         // sets nor removes them.
         let named = |k: &str| {
-            removed.contains(&k)
+            removed().any(|r| r == k)
                 || self.env.iter().any(|(n, _)| n == k)
                 || (k == "LISTEN_FDNAMES" && !self.sockets.is_empty())
         };
         if !self.identity.is_noop() {
             for (k, v) in self.identity.login_env.iter().filter(|(k, _)| !named(k)) {
-                env.insert(k.into(), v.into());
+                env.insert(k.as_ref(), v.as_ref());
             }
         }
         env
@@ -208,12 +212,13 @@ impl Launch {
     /// in the child.
     fn own_spawn(&self, cgroup: Option<&Path>) -> Result<(spawn::Spawn, Held), LaunchError> {
         let (program, args, high) = self.program()?;
-        let env = self.child_env();
+        let fd_names = self.fd_names();
+        let env = self.child_env(fd_names.as_deref());
         let resolved = if program.as_bytes().contains(&b'/') {
             PathBuf::from(&program)
         } else {
-            let path_var = env.get(OsStr::new("PATH")).map(OsString::as_os_str);
-            match listen::find_program(&program.to_string_lossy(), &self.dir, path_var) {
+            let path_var = env.get(OsStr::new("PATH")).copied();
+            match lookups().find(&program.to_string_lossy(), &self.dir, path_var) {
                 Some(p) => p,
                 None => return Err(self.failure(&io::Error::from_raw_os_error(nix::libc::ENOENT))),
             }
@@ -261,7 +266,7 @@ impl Launch {
             .find(|(k, _)| k == "PATH")
             .map(|(_, v)| std::ffi::OsString::from(v))
             .or_else(|| if self.clear_env { None } else { std::env::var_os("PATH") });
-        if listen::find_program(program, &self.dir, path_var.as_deref()).is_none() {
+        if lookups().find(program, &self.dir, path_var.as_deref()).is_none() {
             return Err(self.failure(&io::Error::from_raw_os_error(nix::libc::ENOENT)));
         }
         let raw: Vec<RawFd> = self.sockets.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
@@ -382,6 +387,69 @@ fn cgroup_failure(e: io::Error, dir: &Path) -> LaunchError {
     }
 }
 
+/// drover's own environment, read once: nothing in the supervisor sets a
+/// variable after start (the socket shim, which does, is a process of
+/// its own).
+fn own_environment() -> &'static [(OsString, OsString)] {
+    static ENV: OnceLock<Vec<(OsString, OsString)>> = OnceLock::new();
+    ENV.get_or_init(|| std::env::vars_os().collect())
+}
+
+/// Where each program was found in PATH. A restart looks at that one
+/// file again (is it there, executable?) instead of at each directory
+/// before it, which was a tenth of a restart; a program no longer found
+/// there is looked for anew. Like a shell's `hash`, a program put since
+/// into an earlier directory is found after [`Lookups::forget`]: at a
+/// reload, and at a restart asked for.
+#[derive(Default)]
+pub struct Lookups {
+    found: Mutex<HashMap<LookupKey, PathBuf>>,
+}
+
+/// The program, the directory it runs in (PATH may be relative) and PATH.
+type LookupKey = (String, PathBuf, Option<OsString>);
+
+/// More programs than this and the lookups start over: memory is bounded.
+const LOOKUPS_MAX: usize = 1024;
+
+impl Lookups {
+    /// `program` in `path_var`, as exec would find it (one with a slash
+    /// is a path, relative to `dir`).
+    fn find(&self, program: &str, dir: &Path, path_var: Option<&OsStr>) -> Option<PathBuf> {
+        if program.contains('/') {
+            return listen::find_program(program, dir, path_var);
+        }
+        let key: LookupKey = (program.to_owned(), dir.to_owned(), path_var.map(OsStr::to_owned));
+        let known = self.lock().get(&key).cloned();
+        if let Some(p) = known.filter(|p| listen::is_executable(p)) {
+            return Some(p);
+        }
+        let found = listen::find_program(program, dir, path_var)?;
+        let mut map = self.lock();
+        if map.len() >= LOOKUPS_MAX {
+            map.clear();
+        }
+        map.insert(key, found.clone());
+        Some(found)
+    }
+
+    /// Forgets where programs were found: the next start of each looks
+    /// through PATH again.
+    pub fn forget(&self) {
+        self.lock().clear();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<LookupKey, PathBuf>> {
+        self.found.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// This process's [`Lookups`].
+pub fn lookups() -> &'static Lookups {
+    static LOOKUPS: OnceLock<Lookups> = OnceLock::new();
+    LOOKUPS.get_or_init(Lookups::default)
+}
+
 fn from_std(mut child: std::process::Child) -> spawn::Spawned {
     spawn::Spawned {
         pid: child.id() as i32,
@@ -417,13 +485,13 @@ pub fn start_waited(
         .map(|((child, rx), cg)| (started(child, cg), rx))
 }
 
-/// Starts the child on a blocking thread; `done` gets the outcome there.
+/// Starts the child on a spawner thread; `done` gets the outcome there.
 pub fn start_off_loop(
     reaper: Arc<Reaper>,
     launch: Launch,
     done: impl FnOnce(Result<Started, LaunchError>) + Send + 'static,
 ) {
-    tokio::task::spawn_blocking(move || done(start(&reaper, &launch)));
+    super::spawner::run(move || done(start(&reaper, &launch)));
 }
 
 /// Asks the group to stop: `sig`, then SIGCONT, which a stopped (SIGSTOP)
@@ -523,6 +591,43 @@ mod tests {
         assert!(!e.short);
         let e = launch(&["/no/such/program"], "/").failure(&io::Error::from_raw_os_error(nix::libc::ENOENT));
         assert!(e.message.starts_with("cannot start \"/no/such/program\" in /: "), "{}", e.message);
+    }
+
+    #[test]
+    fn a_program_found_once_is_looked_for_again_when_gone_or_forgotten() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().expect("a temp dir");
+        let (first, second) = (tmp.path().join("first"), tmp.path().join("second"));
+        for d in [&first, &second] {
+            std::fs::create_dir(d).expect("mkdir");
+        }
+        let put = |dir: &Path, mode: u32| {
+            let p = dir.join("prog");
+            std::fs::write(&p, "#!/bin/sh\n").expect("write");
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            p
+        };
+        let path_var = std::env::join_paths([&first, &second]).expect("a PATH");
+        let lookups = Lookups::default();
+        let find = || lookups.find("prog", Path::new("/"), Some(&path_var));
+        assert_eq!(find(), None);
+        let in_second = put(&second, 0o755);
+        assert_eq!(find(), Some(in_second.clone()));
+        // One put since into an earlier directory: the one found stays,
+        // as a shell's hash does, until the lookups are forgotten.
+        let in_first = put(&first, 0o755);
+        assert_eq!(find(), Some(in_second.clone()));
+        lookups.forget();
+        assert_eq!(find(), Some(in_first.clone()));
+        // Gone, or no longer executable: looked for anew.
+        std::fs::set_permissions(&in_first, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        assert_eq!(find(), Some(in_second.clone()));
+        std::fs::remove_file(&in_second).expect("rm");
+        assert_eq!(find(), None);
+        // A path is no lookup: relative to the directory, as exec takes it.
+        assert_eq!(lookups.find("first/prog", tmp.path(), Some(&path_var)), None, "not executable");
+        let again = put(&first, 0o755);
+        assert_eq!(lookups.find("first/prog", tmp.path(), None), Some(again));
     }
 
     #[test]

@@ -88,6 +88,8 @@ pub enum TimerKey {
     LedgerRetry,
     /// Time to sample the memory of the instances with `max_memory`.
     MemorySample,
+    /// Time to write the state file that waited (see `STATE_GAP`).
+    StateFile,
 }
 
 /// Whose process a pid is.

@@ -21,6 +21,7 @@ pub mod protocol;
 pub mod reconcile;
 pub mod run_ledger;
 pub mod runtime;
+pub mod spawner;
 pub mod state_file;
 pub mod timers;
 pub mod watch;

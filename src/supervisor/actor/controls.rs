@@ -95,6 +95,8 @@ impl Supervisor {
                 "starting"
             }
             InstanceAction::Restart => {
+                // A restart asked for runs what PATH finds now.
+                crate::supervisor::child::lookups().forget();
                 self.restart_instances(&list);
                 "restarting"
             }

@@ -33,6 +33,14 @@ type Pipes = [Option<OwnedFd>; 2];
 impl Supervisor {
     /// Feeds `input` to instance `name:index` and carries out what it says.
     pub(super) fn drive(&mut self, name: &str, index: u32, input: Input) {
+        self.drive_saying(name, index, input, || {});
+    }
+
+    /// [`Supervisor::drive`], logging `say` once the step is taken: before
+    /// its effects (which may log what follows from it), or after them
+    /// when one is a spawn, whose dispatch a log line would delay (a
+    /// restart with no backoff).
+    fn drive_saying(&mut self, name: &str, index: u32, input: Input, say: impl FnOnce()) {
         let blocked = self.blocked_by(name);
         let shutting_down = self.shutting_down;
         let Some(w) = self.workers.get_mut(name) else { return };
@@ -54,8 +62,16 @@ impl Supervisor {
             }
         }
         self.dirty = true;
+        let spawns = effects.iter().any(|fx| matches!(fx, Effect::Spawn));
+        let mut say = Some(say);
+        if !spawns && let Some(say) = say.take() {
+            say();
+        }
         for fx in effects {
             self.execute(name, index, fx);
+        }
+        if let Some(say) = say.take() {
+            say();
         }
         for dir in std::mem::take(&mut self.cgroups_to_remove) {
             containment::remove_off_loop(dir);
@@ -172,7 +188,7 @@ impl Supervisor {
         self.workers.get(name).and_then(|w| w.instances.get(&index)).map(|i| &**i)
     }
 
-    /// Starts spawning the instance's process on a blocking thread (with
+    /// Starts spawning the instance's process on a spawner thread (with
     /// its git worktree, in worktree mode, made there too); the outcome
     /// comes back as [`Event::InstanceSpawned`].
     fn spawn(&mut self, name: &str, index: u32) {
@@ -218,7 +234,7 @@ impl Supervisor {
             (self.reaper.clone(), self.tx.clone(), name.to_string(), inst.incarnation);
         let done_with = std::mem::take(&mut self.cgroups_to_remove);
         self.in_flight.begin();
-        tokio::task::spawn_blocking(move || {
+        super::super::spawner::run(move || {
             let made = match worktree {
                 None => Ok(None),
                 Some(Some(p)) if p.is_dir() => Ok(Some(p)),
@@ -404,7 +420,8 @@ impl Supervisor {
     pub(super) fn on_exit_of_instance(&mut self, name: &str, index: u32, pid: i32, exit: Exit) {
         let Some(inst) = self.instance(name, index) else { return };
         let uptime = inst.started.map(|s| s.elapsed()).unwrap_or_default();
-        tracing::info!(worker = %name, instance = index, pid, exit = %exit, uptime_ms = millis(uptime), "exited");
+        let said = exit.clone();
+        let say = move || tracing::info!(worker = %name, instance = index, pid, exit = %said, uptime_ms = millis(uptime), "exited");
         let (instance, group_alive) =
             (inst.surge_for.unwrap_or(index), containment::alive(inst.cgroup.as_deref(), inst.pgid));
         // Under memory.max the kernel's OOM kill is the reason, not the
@@ -420,9 +437,12 @@ impl Supervisor {
             uptime_ms: millis(uptime),
         });
         if oom {
+            say();
             self.drive(name, index, Input::OutOfMemory);
+            self.drive(name, index, Input::Exited { exit, group_alive });
+        } else {
+            self.drive_saying(name, index, Input::Exited { exit, group_alive }, say);
         }
-        self.drive(name, index, Input::Exited { exit, group_alive });
     }
 
     pub(super) fn on_instance_timer(&mut self, name: &str, index: u32, kind: TimerKind) {
@@ -717,7 +737,7 @@ pub(super) fn node_name(node: &Node) -> &str {
 }
 
 /// A deadline past any real one, for an arithmetic overflow.
-fn far_future() -> Instant {
+pub(super) fn far_future() -> Instant {
     let now = Instant::now();
     now.checked_add(Duration::from_secs(86_400 * 365)).unwrap_or(now)
 }
