@@ -128,9 +128,12 @@ impl Supervisor {
     fn restart_instances(&mut self, list: &[(String, u32)]) {
         let mut names: Vec<&str> = Vec::new();
         for (n, i) in list {
-            if let Some(inst) = self.workers.get_mut(n).and_then(|w| w.instances.get_mut(i)) {
+            if let Some(w) = self.workers.get_mut(n)
+                && let Some(inst) = w.instances.get_mut(i)
+            {
                 inst.held = false;
                 inst.stale = true;
+                w.rolling = true;
             }
             if !names.contains(&n.as_str()) {
                 names.push(n);

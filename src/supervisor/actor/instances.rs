@@ -54,6 +54,9 @@ impl Supervisor {
             blocked: &blocked,
         };
         let effects = instance::step(inst, input, &ctx);
+        if index == SURGE || !rollout::settled(inst) {
+            w.rolling = true;
+        }
         if before != (inst.state.name(), inst.is_ready()) {
             self.touched.insert(name.to_string());
             let label = inst.surge_for.unwrap_or(index);
@@ -527,10 +530,11 @@ impl Supervisor {
     /// Moves a rolling restart on: see `workers::rollout`.
     pub(super) fn continue_rollout(&mut self, name: &str) {
         let Some(w) = self.workers.get_mut(name) else { return };
-        if w.removed || self.shutting_down {
+        if w.removed || self.shutting_down || !w.rolling {
             return;
         }
         let (actions, progress) = rollout::next(&w.instances, !w.spec.sockets.is_empty());
+        w.rolling = !(actions.is_empty() && progress == Progress::Done);
         if let Progress::Stalled(i, why) = &progress
             && w.rollout != progress
         {

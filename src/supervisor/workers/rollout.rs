@@ -64,16 +64,20 @@ fn live(i: &Instance) -> bool {
     matches!(i.state, State::Starting | State::Ready)
 }
 
+/// Whether an instance gives a rollout nothing to do or wait for: not
+/// stale, no replacement on its way to ready. A worker whose instances
+/// all are, and that has no surge instance, has nothing to roll out.
+pub fn settled(i: &Instance) -> bool {
+    let replacing =
+        (i.replacing && !i.is_ready()) || matches!(i.state, State::Stopping { then: Then::Start });
+    !i.stale && !replacing
+}
+
 /// The next actions of the rollout over `instances`; `surge` for a worker
 /// with sockets.
 pub fn next<I: Borrow<Instance>>(instances: &BTreeMap<u32, I>, surge: bool) -> (Vec<Action>, Progress) {
     // The common case, after every restart: nothing to roll out. Told
     // without the view below, which costs an allocation per instance.
-    let settled = |i: &Instance| {
-        let replacing =
-            (i.replacing && !i.is_ready()) || matches!(i.state, State::Stopping { then: Then::Start });
-        !i.stale && !replacing
-    };
     if !instances.contains_key(&SURGE) && instances.values().all(|i| settled(i.borrow())) {
         return (Vec::new(), Progress::Done);
     }
