@@ -33,6 +33,42 @@ pub fn start_ticks(pid: i32) -> Option<u64> {
     stat_fields(pid).and_then(|f| f.get(19).and_then(|s| s.parse().ok()))
 }
 
+/// CLOCK_BOOTTIME now, the clock of a process's start time; None if it
+/// cannot be read.
+pub fn boottime() -> Option<std::time::Duration> {
+    let mut ts = nix::libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime fills the timespec it is given.
+    if unsafe { nix::libc::clock_gettime(nix::libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return None;
+    }
+    Some(std::time::Duration::new(u64::try_from(ts.tv_sec).ok()?, u32::try_from(ts.tv_nsec).ok()?))
+}
+
+/// The start time, in clock ticks, of a child made between two readings
+/// of [`boottime`] taken around its clone: the kernel stamps the child in
+/// between and /proc shows whole ticks, so when both readings fall in one
+/// tick, that tick is the child's [`start_ticks`], told without reading
+/// /proc (which, right after an exec, waits on the child's new memory
+/// map). None when a tick ends between them.
+pub fn ticks_between(before: Option<std::time::Duration>, after: Option<std::time::Duration>) -> Option<u64> {
+    let per_tick = 1_000_000_000u128 / u128::from(clock_ticks()?);
+    let tick = |d: std::time::Duration| u64::try_from(d.as_nanos() / per_tick).ok();
+    let (a, b) = (tick(before?)?, tick(after?)?);
+    (a == b).then_some(a)
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`), read once.
+fn clock_ticks() -> Option<u64> {
+    static TICKS: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .and_then(|t| u64::try_from(t).ok())
+            .filter(|t| *t > 0)
+    })
+}
+
 /// The process group of `pid` (field 5 of /proc/PID/stat).
 pub fn pgid_of(pid: i32) -> Option<i32> {
     stat_fields(pid).and_then(|f| f.get(2).and_then(|s| s.parse().ok()))
@@ -80,38 +116,57 @@ pub fn own_children() -> Vec<i32> {
 /// the first live thread of the group, and the main thread is the first),
 /// without the children that other threads spawned.
 pub fn adopted_children() -> Vec<i32> {
+    // Open for drover's life: it is read after every exit, and the open
+    // (a path walk through /proc) cost more than the read of a list
+    // that is nearly always empty. Each read from offset 0 lists anew.
+    static MAIN: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
+    let main = MAIN
+        .get_or_init(|| std::fs::File::open(format!("/proc/self/task/{}/children", std::process::id())).ok());
     let mut out = Vec::new();
-    let path = format!("/proc/self/task/{}/children", std::process::id());
-    if !push_children(path.into(), &mut Vec::new(), &mut out) {
-        return own_children();
+    match main {
+        Some(f) if read_children(f, &mut Vec::new(), &mut out) => out,
+        _ => own_children(),
     }
-    out
 }
 
 /// Adds the pids a `children` file lists to `out`; false if it cannot be
 /// read. Read in large pieces: the kernel walks the list from its start
 /// again at each read.
 fn push_children(path: std::path::PathBuf, buf: &mut Vec<u8>, out: &mut Vec<i32>) -> bool {
-    use std::io::Read;
-    let Ok(mut f) = std::fs::File::open(path) else { return false };
+    std::fs::File::open(path).is_ok_and(|f| read_children(&f, buf, out))
+}
+
+/// Adds the pids of the open `children` file `f` to `out`, read from its
+/// start; false if it cannot be read.
+fn read_children(f: &std::fs::File, buf: &mut Vec<u8>, out: &mut Vec<i32>) -> bool {
+    use std::os::unix::fs::FileExt;
+    let read_at = |into: &mut [u8], at: usize| loop {
+        match f.read_at(into, at as u64) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            other => break other,
+        }
+    };
     // Most lists are empty (the orphans adopted, looked for after each
     // exit): one small read says so, with no buffer to allocate.
     let mut first = [0u8; 64];
-    let n = loop {
-        match f.read(&mut first) {
-            Ok(n) => break n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return false,
-        }
-    };
+    let Ok(n) = read_at(&mut first, 0) else { return false };
     if n == 0 {
         return true;
     }
     buf.clear();
     buf.reserve(CHILDREN_READ);
     buf.extend_from_slice(&first[..n]);
-    if f.read_to_end(buf).is_err() {
-        return false;
+    loop {
+        let at = buf.len();
+        buf.resize(at + CHILDREN_READ, 0);
+        match read_at(&mut buf[at..], at) {
+            Ok(0) => {
+                buf.truncate(at);
+                break;
+            }
+            Ok(got) => buf.truncate(at + got),
+            Err(_) => return false,
+        }
     }
     let text = String::from_utf8_lossy(buf);
     out.extend(text.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
@@ -285,6 +340,20 @@ pub fn give_back_in_child((soft, hard): (u64, u64)) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tick_is_told_only_when_both_readings_fall_in_it() {
+        let hz = clock_ticks().expect("clock ticks");
+        let tick = std::time::Duration::from_nanos(1_000_000_000 / hz);
+        let at = |ticks: u32, plus_ns: u64| Some(tick * ticks + std::time::Duration::from_nanos(plus_ns));
+        assert_eq!(ticks_between(at(500, 1), at(500, 2)), Some(500));
+        assert_eq!(ticks_between(at(500, 0), at(501, 0)), None);
+        assert_eq!(ticks_between(None, at(1, 0)), None);
+        // The clock is the one /proc counts in: this process began before now.
+        let now = ticks_between(boottime(), boottime()).or_else(|| ticks_between(boottime(), boottime()));
+        let me = start_ticks(std::process::id() as i32).expect("own start");
+        assert!(now.is_some_and(|n| n >= me), "{now:?} before {me}");
+    }
 
     #[test]
     fn own_process_identity() {

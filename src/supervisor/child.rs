@@ -330,10 +330,10 @@ impl Launch {
         &self,
         by_std: impl FnOnce(&mut Command) -> io::Result<T>,
         by_clone3: impl FnOnce(&spawn::Spawn) -> Result<T, spawn::Error>,
-    ) -> Result<(T, Option<PathBuf>), LaunchError> {
+    ) -> Result<(T, Option<PathBuf>, Option<u64>), LaunchError> {
         let dir = self.make_cgroup()?;
         match self.spawn_in(dir.as_deref(), by_std, by_clone3) {
-            Ok(t) => Ok((t, dir)),
+            Ok((t, ticks)) => Ok((t, dir, ticks)),
             Err(e) => {
                 // No process of it ever ran: the cgroup is empty.
                 if let Some(d) = &dir {
@@ -349,7 +349,7 @@ impl Launch {
         cgroup_dir: Option<&Path>,
         by_std: impl FnOnce(&mut Command) -> io::Result<T>,
         by_clone3: impl FnOnce(&spawn::Spawn) -> Result<T, spawn::Error>,
-    ) -> Result<T, LaunchError> {
+    ) -> Result<(T, Option<u64>), LaunchError> {
         let short = || {
             proc::descriptors_short().then(|| self.failure(&io::Error::from_raw_os_error(nix::libc::EMFILE)))
         };
@@ -360,8 +360,9 @@ impl Launch {
             if let Some(e) = short() {
                 return Err(e);
             }
+            let before = proc::boottime();
             match by_clone3(&sp) {
-                Ok(t) => return Ok(t),
+                Ok(t) => return Ok((t, proc::ticks_between(before, proc::boottime()))),
                 Err(spawn::Error::Failed(e)) => return Err(self.refused(&e, &held)),
                 // No child was made: std's spawn and a join instead.
                 Err(spawn::Error::Unsupported(_)) => {}
@@ -375,7 +376,9 @@ impl Launch {
         if let Some(e) = short() {
             return Err(e);
         }
-        by_std(&mut cmd).map_err(|e| self.refused(&e, &held))
+        let before = proc::boottime();
+        let t = by_std(&mut cmd).map_err(|e| self.refused(&e, &held))?;
+        Ok((t, proc::ticks_between(before, proc::boottime())))
     }
 }
 
@@ -458,8 +461,10 @@ fn from_std(mut child: std::process::Child) -> spawn::Spawned {
     }
 }
 
-fn started(child: spawn::Spawned, cgroup: Option<PathBuf>) -> Started {
-    let start_ticks = proc::start_ticks(child.pid);
+/// `ticks`: the start time the clock around the spawn tells, if it does
+/// (see `proc::ticks_between`); else it is read from /proc.
+fn started(child: spawn::Spawned, cgroup: Option<PathBuf>, ticks: Option<u64>) -> Started {
+    let start_ticks = ticks.or_else(|| proc::start_ticks(child.pid));
     Started { pid: child.pid, stdout: child.stdout, stderr: child.stderr, cgroup, start_ticks }
 }
 
@@ -468,7 +473,7 @@ fn started(child: spawn::Spawned, cgroup: Option<PathBuf>) -> Started {
 pub fn start(reaper: &Reaper, launch: &Launch) -> Result<Started, LaunchError> {
     launch
         .spawn_with(|cmd| reaper.spawn(cmd).map(from_std), |sp| reaper.spawn_own(|| spawn::spawn(sp)))
-        .map(|(child, cg)| started(child, cg))
+        .map(|(child, cg, ticks)| started(child, cg, ticks))
 }
 
 /// Starts the child; its exit is sent on the receiver instead. Blocks until
@@ -482,7 +487,7 @@ pub fn start_waited(
             |cmd| reaper.spawn_waited(cmd).map(|(c, rx)| (from_std(c), rx)),
             |sp| reaper.spawn_own_waited(|| spawn::spawn(sp)),
         )
-        .map(|((child, rx), cg)| (started(child, cg), rx))
+        .map(|((child, rx), cg, ticks)| (started(child, cg, ticks), rx))
 }
 
 /// Starts the child on a spawner thread; `done` gets the outcome there.
@@ -628,6 +633,24 @@ mod tests {
         assert_eq!(lookups.find("first/prog", tmp.path(), Some(&path_var)), None, "not executable");
         let again = put(&first, 0o755);
         assert_eq!(lookups.find("first/prog", tmp.path(), None), Some(again));
+    }
+
+    #[test]
+    fn the_start_time_told_by_the_clock_is_the_one_proc_shows() {
+        let reaper = Reaper::default();
+        let mut told = 0;
+        for _ in 0..40 {
+            let s = start(&reaper, &launch(&["sleep", "5"], "/")).expect("start");
+            let shown = proc::start_ticks(s.pid);
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(s.pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(s.pid), None);
+            crate::os::groups::remove(s.pid);
+            assert!(shown.is_some(), "no start time in /proc for {}", s.pid);
+            assert_eq!(s.start_ticks, shown, "pid {}", s.pid);
+            told += 1;
+        }
+        assert_eq!(told, 40);
     }
 
     #[test]
