@@ -422,11 +422,13 @@ impl Supervisor {
             if self.timers.next().is_some_and(|at| at <= Instant::now()) {
                 self.fire_timers();
             }
+            self.propagate();
             // The state file (every instance, and an fsync, on a blocking
-            // thread) is written STATE_GAP after the last write at the
-            // soonest, and waits for quiet: no event queued and no spawn
-            // under way, which it would slow down on a machine of few
-            // cores. A storm that never goes quiet waits twice as long.
+            // thread), after what the batch set off has moved on: written
+            // STATE_GAP after the last write at the soonest, once quiet (no
+            // event queued, no spawn under way, which it would slow down on
+            // a machine of few cores). A storm that never goes quiet waits
+            // twice as long.
             if self.dirty {
                 let since = last_flush.elapsed();
                 let quiet = events.is_empty() && self.in_flight.is_empty();
@@ -440,7 +442,6 @@ impl Supervisor {
                     self.timers.set(TimerKey::StateFile, at);
                 }
             }
-            self.propagate();
             self.ledger.check_wal();
             if self.shutting_down && self.all_stopped() {
                 break;
