@@ -16,9 +16,10 @@ use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 /// Threads, at most (see the module).
 const THREADS: usize = 2;
 
-/// Each thread's stack: a spawn's work (the child runs on a stack of its
-/// own) and a git worktree's commands need little.
-const STACK_BYTES: usize = 256 << 10;
+/// Each thread's stack, reserved rather than resident: a spawn's own work
+/// needs little (the child runs on a stack of its own), but a user's
+/// lookup through NSS modules may need more.
+const STACK_BYTES: usize = 1 << 20;
 
 type Job = Box<dyn FnOnce() + Send>;
 
