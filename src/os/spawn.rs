@@ -442,7 +442,11 @@ pub fn spawn(s: &Spawn) -> Result<Spawned, Error> {
         return unsupported();
     }
     let pipes = if s.piped { Some(pipes().map_err(Error::Failed)?) } else { None };
-    let mut lease = if fits { Lease::take() } else { None };
+    // A lease's stack is for a child that shares drover's memory; into a
+    // cgroup that takes clone3_vm, written for x86_64 alone. Elsewhere the
+    // child into a cgroup is a copy, with a table of its own.
+    let shares_memory = s.cgroup.is_none() || cfg!(target_arch = "x86_64");
+    let mut lease = if fits && shares_memory { Lease::take() } else { None };
     if s.cgroup.is_none() && lease.is_none() {
         return unsupported();
     }
@@ -531,10 +535,9 @@ pub fn spawn(s: &Spawn) -> Result<Spawned, Error> {
             unsafe { clone3_vm(&args, enter, task_ptr) }
         }
         // SAFETY: clone3 without CLONE_VM: the child gets a copy of this
-        // thread's memory (like fork) and runs only `child`, which execs
-        // or exits; `args` lives across the call. With CLONE_FILES it
-        // shares drover's descriptor table until its first call unshares
-        // it.
+        // thread's memory and descriptor table (like fork; no lease here)
+        // and runs only `child`, which execs or exits; `args` lives
+        // across the call.
         _ => unsafe {
             let pid =
                 libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>());
