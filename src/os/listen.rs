@@ -139,13 +139,12 @@ pub fn is_executable(p: &Path) -> bool {
 /// Where `program` would be found in the child: as it is when it holds a
 /// '/', else in PATH. None when it is not there.
 pub fn find_program(program: &str, dir: &Path, path_var: Option<&OsStr>) -> Option<PathBuf> {
-    let executable = |p: &Path| is_executable(p);
     if program.contains('/') {
         let p = dir.join(program);
-        return executable(&p).then_some(p);
+        return is_executable(&p).then_some(p);
     }
     let path_var = path_var.map(OsStr::to_os_string).unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-    std::env::split_paths(&path_var).map(|d| dir.join(d).join(program)).find(|p| executable(p))
+    std::env::split_paths(&path_var).map(|d| dir.join(d).join(program)).find(|p| is_executable(p))
 }
 
 /// Runs as the shim when drover was started as `drover SHIM_ARG FDS PROGRAM

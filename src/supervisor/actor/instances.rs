@@ -237,7 +237,10 @@ impl Supervisor {
             (self.reaper.clone(), self.tx.clone(), name.to_string(), inst.incarnation);
         let done_with = std::mem::take(&mut self.cgroups_to_remove);
         self.in_flight.begin();
-        super::super::spawner::run(move || {
+        // A git worktree's commands may take seconds: on a blocking thread,
+        // not on one of the two spawner threads every other spawn waits for.
+        let in_worktree = worktree.is_some();
+        let job = move || {
             let made = match worktree {
                 None => Ok(None),
                 Some(Some(p)) if p.is_dir() => Ok(Some(p)),
@@ -256,7 +259,12 @@ impl Supervisor {
             for dir in done_with {
                 containment::remove_now(&dir);
             }
-        });
+        };
+        if in_worktree {
+            tokio::task::spawn_blocking(job);
+        } else {
+            super::super::spawner::run(job);
+        }
     }
 
     /// A spawn handed to a blocking thread came back. One that no longer
