@@ -683,6 +683,7 @@ impl Supervisor {
                 }
                 let changes = plan(&loaded.config.workers, &self.actual());
                 let old_jobs = std::mem::take(&mut self.config.jobs);
+                let old_dependencies = self.graph.jobs_to_run_at_start();
                 self.config = loaded.config;
                 let jobs = &self.config.jobs;
                 self.counters.retain_jobs(|j| jobs.contains_key(j));
@@ -704,7 +705,7 @@ impl Supervisor {
                 );
                 let summary = changes.iter().map(change_line).collect();
                 self.apply_jobs();
-                self.run_dependency_jobs(Some(&old_jobs));
+                self.run_dependency_jobs(Some((&old_jobs, &old_dependencies)));
                 self.apply(changes);
                 self.retry_sockets();
                 self.rebind_metrics();

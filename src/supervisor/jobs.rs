@@ -5,7 +5,7 @@
 //! last tick in the ledger, so a restart neither fires every job at once
 //! nor forgets.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -1193,15 +1193,22 @@ impl Supervisor {
     }
 
     /// Runs, source `dependency`, the jobs a worker or job depends on: all
-    /// of them at start (`old` is `None`), those whose config changed on a
-    /// reload.
-    pub(super) fn run_dependency_jobs(&mut self, old: Option<&BTreeMap<String, Job>>) {
+    /// of them at start (`old` is `None`); on a reload, those whose config
+    /// changed, and those that became a dependency with no success in this
+    /// supervisor's life (else what depends on them would wait for a run
+    /// nothing starts).
+    pub(super) fn run_dependency_jobs(&mut self, old: Option<(&BTreeMap<String, Job>, &BTreeSet<String>)>) {
         for name in self.graph.jobs_to_run_at_start() {
-            let changed = match old {
-                None => true,
-                Some(old) => old.get(&name) != self.config.jobs.get(&name),
+            let Some(j) = self.jobs.get(&name) else { continue };
+            let active = !j.queue.is_empty() || !self.running_of(&name).is_empty();
+            let (changed, unmet) = match old {
+                None => (true, false),
+                Some((jobs, deps)) => (
+                    jobs.get(&name) != self.config.jobs.get(&name),
+                    !deps.contains(&name) && j.last_outcome != Some(RunState::Succeeded) && !active,
+                ),
             };
-            if !changed || !self.jobs.contains_key(&name) {
+            if !changed && !unmet {
                 continue;
             }
             if let Some(j) = self.jobs.get_mut(&name) {

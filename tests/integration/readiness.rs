@@ -323,3 +323,61 @@ fn a_dependency_job_waits_for_its_own_dependencies_before_it_runs() {
     sup.wait_for("api running", LIMIT, |v| state(v, "api", 0) == "running");
     assert!(sb.path("migrated").exists());
 }
+
+#[test]
+fn a_reload_that_adds_a_dependency_on_a_job_runs_the_job() {
+    let sb = Sandbox::new();
+    let job = format!("[jobs.migrate]\ncommand = {}\n\n", sh("echo run >> migrations"));
+    sb.write(
+        "daemon.toml",
+        format!("{SUPERVISOR}{FAST}{job}[workers.db]\ncommand = [\"sleep\", \"1000\"]\n"),
+    );
+    let sup = Supervisor::start(&sb);
+    sup.wait_for("db running", LIMIT, |v| state(v, "db", 0) == "running");
+    assert!(!sb.path("migrations").exists(), "a job nothing depends on ran at start");
+    sb.write(
+        "daemon.toml",
+        format!(
+            "{SUPERVISOR}{FAST}{job}[workers.db]\ncommand = [\"sleep\", \"1000\"]\n\n\
+             [workers.api]\ncommand = [\"sleep\", \"1000\"]\ndepends_on = {{ migrate = \"succeeded\" }}\n"
+        ),
+    );
+    assert_eq!(sb.cli(&["reload"]).code, Some(0));
+    sup.wait_for("api running", LIMIT, |v| state(v, "api", 0) == "running");
+    assert_eq!(sb.lines("migrations"), ["run"]);
+}
+
+#[test]
+fn a_removed_worker_still_waiting_never_starts() {
+    let sb = Sandbox::new();
+    // `late` waits for a job that fails, beside `mid` in the start order;
+    // removing them with `leaf` (which depends on `mid` and lingers on
+    // SIGTERM) retires `leaf` first, and `late` only after it.
+    let spawned = sb.path("spawned");
+    let late = sh(&format!("echo late >> {}; exec sleep 1000", spawned.display()));
+    let kept = "[jobs.migrate]\ncommand = [\"false\"]\n\n[workers.db]\ncommand = [\"sleep\", \"1000\"]\n";
+    sb.write(
+        "daemon.toml",
+        format!(
+            "{SUPERVISOR}{FAST}{kept}\n[workers.late]\ncommand = {late}\ncapacity = 2\n\
+             depends_on = {{ migrate = \"succeeded\" }}\n\n\
+             [workers.mid]\ncommand = [\"sleep\", \"1000\"]\ndepends_on = {{ db = \"started\" }}\n\n\
+             [workers.leaf]\ncommand = {}\ndepends_on = {{ mid = \"started\" }}\n",
+            sh("trap 'sleep 0.3; exit 0' TERM; while true; do sleep 0.05; done")
+        ),
+    );
+    let sup = Supervisor::start(&sb);
+    sup.wait_for("late waiting, leaf running", LIMIT, |v| {
+        state(v, "late", 0) == "waiting" && state(v, "leaf", 0) == "running"
+    });
+    sb.write("daemon.toml", format!("{SUPERVISOR}{FAST}{kept}"));
+    assert_eq!(sb.cli(&["reload"]).code, Some(0));
+    sup.wait_for("the removed workers gone", LIMIT, |v| {
+        v["workers"].as_array().is_some_and(|w| w.iter().all(|w| w["name"] == "db"))
+    });
+    assert!(
+        !spawned.exists(),
+        "a removed worker waiting for its dependency was started: {:?}",
+        sb.lines("spawned")
+    );
+}

@@ -641,6 +641,11 @@ impl Supervisor {
     /// The dependencies of worker `name` not met now, as "db (ready)".
     pub(super) fn blocked_by(&self, name: &str) -> Vec<String> {
         let Some(w) = self.workers.get(name) else { return Vec::new() };
+        if w.removed {
+            // Gone from the graph, so nothing would block it: an instance
+            // not yet retired (its dependents go first) must not start.
+            return vec!["its removal".into()];
+        }
         if w.spec.depends_on.is_empty() {
             return Vec::new();
         }
