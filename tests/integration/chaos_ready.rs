@@ -43,7 +43,7 @@ use serde_json::Value;
 
 use super::chaos::{Log, Rng, check_no_strays, check_no_zombies, instance_pids, seed, wait_settled};
 use super::sockets::{ask, free_port};
-use crate::harness::{Sandbox, Supervisor, repo, sh, stat, wait_until, worker};
+use crate::harness::{Sandbox, Supervisor, cmdline, repo, sh, stat, wait_until, worker};
 
 /// The plain workers: each may depend on the others; `web` (the socket
 /// worker) depends on nothing, so that its client is always answered.
@@ -449,21 +449,21 @@ impl Drop for TopLike {
 /// environment.
 fn groups_by_worker(sb: &Sandbox) -> BTreeMap<String, BTreeSet<i32>> {
     let mut out: BTreeMap<String, BTreeSet<i32>> = BTreeMap::new();
-    let procs = sb.processes();
     // Exec probes run in the instance's environment, in groups of their
     // own, and so do their children (the health probe's `date`).
     let probe = |cmd: &str| cmd == "false" || cmd.starts_with("/bin/sh -c test ");
-    let probe_groups: BTreeSet<i32> =
-        procs.iter().filter(|(_, cmd)| probe(cmd)).filter_map(|(p, _)| stat(*p)).map(|st| st.pgid).collect();
-    for (pid, cmd) in procs {
-        if probe(&cmd) || stat(pid).is_some_and(|st| probe_groups.contains(&st.pgid)) {
-            continue;
-        }
+    for (pid, _) in sb.processes() {
         let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
         let name = env.split(|b| *b == 0).find_map(|kv| kv.strip_prefix(b"DROVER_WORKER"));
-        if let (Some(name), Some(st)) = (name.and_then(|n| n.strip_prefix(b"=")), stat(pid)) {
-            out.entry(String::from_utf8_lossy(name).into_owned()).or_default().insert(st.pgid);
+        let (Some(name), Some(st)) = (name.and_then(|n| n.strip_prefix(b"=")), stat(pid)) else { continue };
+        // Read after the environment, which is the worker's only once the
+        // program is exec'd: a command line read before may be drover's.
+        // A group is a probe's by its leader (gone: by this process).
+        let leader = cmdline(st.pgid);
+        if probe(&leader) || (leader.is_empty() && probe(&cmdline(pid))) {
+            continue;
         }
+        out.entry(String::from_utf8_lossy(name).into_owned()).or_default().insert(st.pgid);
     }
     out
 }
