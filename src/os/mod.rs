@@ -5,6 +5,7 @@ pub mod cgroup;
 pub mod fsutil;
 pub mod groups;
 pub mod identity;
+pub mod inotify;
 pub mod listen;
 pub mod memory;
 pub mod proc;

@@ -5,19 +5,18 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
-use tokio::io::unix::AsyncFd;
+use nix::sys::inotify::{AddWatchFlags, WatchDescriptor};
 use tokio::sync::mpsc;
 
 use super::child::CgroupSpec;
 use super::events::Event;
 use crate::config::model::Containment;
 use crate::os::cgroup::{self, Hierarchy};
+use crate::os::inotify::AsyncInotify;
 
 /// The containment in force: cgroups (with their hierarchy), or process
 /// groups, the subreaper and the environment marker.
@@ -114,18 +113,10 @@ pub fn remove_now(dir: &Path) {
     }
 }
 
-struct Fd(Inotify);
-
-impl AsRawFd for Fd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0.as_fd().as_raw_fd()
-    }
-}
-
 /// Watches cgroups until they are empty; each empty one is reported once
 /// as [`Event::CgroupEmpty`].
 pub struct Watch {
-    fd: Arc<AsyncFd<Fd>>,
+    fd: Arc<AsyncInotify>,
     dirs: Arc<Mutex<Watched>>,
     tx: mpsc::UnboundedSender<Event>,
 }
@@ -169,24 +160,17 @@ impl Watched {
 impl Watch {
     /// Starts the task that reads the watch (on the runtime).
     pub fn start(tx: mpsc::UnboundedSender<Event>) -> std::io::Result<Watch> {
-        let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
-        // SAFETY: `Fd` owns the inotify descriptor and always returns it:
-        // it stays open and the same for the AsyncFd's whole life.
-        let registered = unsafe { AsyncFd::register_with_interest(Fd(ino), tokio::io::Interest::READABLE) };
-        let fd = Arc::new(registered.map_err(std::io::Error::from)?);
+        let fd = Arc::new(AsyncInotify::new()?);
         let dirs: Arc<Mutex<Watched>> = Arc::default();
         let (task_fd, task_dirs, task_tx) = (fd.clone(), dirs.clone(), tx.clone());
         tokio::spawn(async move {
             loop {
-                let Ok(mut ready) = task_fd.readable().await else { break };
-                let events = match ready.try_io(|f| f.get_ref().0.read_events().map_err(std::io::Error::from))
-                {
-                    Ok(Ok(events)) => events,
-                    Ok(Err(e)) => {
+                let events = match task_fd.events().await {
+                    Ok(events) => events,
+                    Err(e) => {
                         tracing::warn!(error = %e, "cannot read the cgroup watch");
                         break;
                     }
-                    Err(_would_block) => continue,
                 };
                 for ev in events {
                     let mut dirs = lock(&task_dirs);
@@ -196,7 +180,7 @@ impl Watch {
                     }
                     let Some(dir) = dirs.get(&ev.wd) else { continue };
                     if !cgroup::populated(dir) {
-                        let _ = task_fd.get_ref().0.rm_watch(ev.wd);
+                        task_fd.remove(ev.wd);
                         let Some(dir) = dirs.remove_wd(&ev.wd) else { continue };
                         if task_tx.send(Event::CgroupEmpty(dir)).is_err() {
                             return;
@@ -210,7 +194,7 @@ impl Watch {
 
     /// Reports `dir` once it is empty (at once if it is already).
     pub fn add(&self, dir: &Path) {
-        let wd = match self.fd.get_ref().0.add_watch(&dir.join("cgroup.events"), AddWatchFlags::IN_MODIFY) {
+        let wd = match self.fd.add(&dir.join("cgroup.events"), AddWatchFlags::IN_MODIFY) {
             Ok(wd) => {
                 lock(&self.dirs).insert(wd, dir);
                 Some(wd)
@@ -233,7 +217,7 @@ impl Watch {
             Some(wd) => {
                 let mine = lock(&self.dirs).remove_wd(&wd).is_some();
                 if mine {
-                    let _ = self.fd.get_ref().0.rm_watch(wd);
+                    self.fd.remove(wd);
                 }
                 mine
             }
@@ -251,7 +235,7 @@ impl Watch {
     /// drops a watch by itself.
     pub fn forget(&self, dir: &Path) {
         if let Some(wd) = lock(&self.dirs).remove_dir(dir) {
-            let _ = self.fd.get_ref().0.rm_watch(wd);
+            self.fd.remove(wd);
         }
     }
 }
