@@ -1,7 +1,8 @@
 //! Which containment drover uses (`[supervisor] containment`), chosen once
 //! at start, and the watch that tells the actor when a cgroup is empty:
-//! inotify on each live cgroup's `cgroup.events`, read by a task of its
-//! own, so nothing polls and the actor reads no file for it.
+//! inotify on `cgroup.events` (of a job step's cgroup from its start, of
+//! an instance's once its leader is gone and others remain), read by a
+//! task of its own, so nothing polls and the actor reads no file for it.
 
 use std::collections::HashMap;
 use std::ffi::OsString;

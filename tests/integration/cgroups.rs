@@ -283,3 +283,31 @@ fn a_worker_restarting_fast_leaves_no_cgroup_watch_behind() {
     assert!(watches < 20, "{watches} inotify watches after 100 restarts");
     drop(sup);
 }
+
+/// A main process that exits leaving an escapee behind: the instance is
+/// restarted once the escapee, stopped, has left the cgroup, well before
+/// `stop_grace` could run out.
+#[test]
+fn an_exit_that_leaves_an_escapee_restarts_once_the_cgroup_is_empty() {
+    let sb = Sandbox::new();
+    // The first run leaves an escapee and exits; later ones stay up.
+    let command =
+        sh(&format!("if [ ! -e ran ]; then touch ran; {ESCAPE}; sleep 0.2; exit 1; fi; exec sleep 1000"));
+    sb.write(
+        "daemon.toml",
+        format!(
+            "[supervisor]\nreload = false\n\n[workers.esc]\ncommand = {command}\nstop_grace = \"1h\"\n\
+             backoff = {{ initial = \"0s\", max = \"0s\" }}\n"
+        ),
+    );
+    let sup = Supervisor::start(&sb);
+    let first = escapee(&sb, 1);
+    let v = sup.wait_for("esc restarted", LIMIT, |v| {
+        let i = instance(v, "esc", 0);
+        i["state"] == "running" && i["restarts"] == 1
+    });
+    if cgroup_mode(&v).is_none() {
+        return;
+    }
+    assert!(!first.running(), "the escapee of the first run is stopped before the restart");
+}

@@ -300,9 +300,6 @@ impl Supervisor {
         match result {
             Ok(started) => {
                 let pid = started.pid;
-                if let (Some(watch), Some(cg)) = (&self.cgroup_watch, &started.cgroup) {
-                    watch.add(cg);
-                }
                 self.by_pid.insert(pid, Proc::Instance(name.to_string(), index));
                 tracing::info!(worker = name, instance = index, pid, "started");
                 let instance = inst.surge_for.unwrap_or(index);
@@ -435,6 +432,13 @@ impl Supervisor {
         let say = move || tracing::info!(worker = %name, instance = index, pid, exit = %said, uptime_ms = millis(uptime), "exited");
         let (instance, group_alive) =
             (inst.surge_for.unwrap_or(index), containment::alive(inst.cgroup.as_deref(), inst.pgid));
+        // An instance's cgroup is watched only once its leader is gone and
+        // other processes remain: while the leader lives the cgroup cannot
+        // be empty, and most exits leave nothing behind, so a restart
+        // reads no inotify event.
+        if group_alive && let (Some(watch), Some(cg)) = (&self.cgroup_watch, &inst.cgroup) {
+            watch.add(cg);
+        }
         // Under memory.max the kernel's OOM kill is the reason, not the
         // SIGKILL it shows as (its cgroup is this incarnation's alone).
         let oom = self.containment.memory_controller()
