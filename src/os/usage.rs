@@ -47,13 +47,20 @@ pub fn of_groups(pgids: &[i32]) -> HashMap<i32, Usage> {
 }
 
 /// How many of `len` items each thread takes: an even split among at most
-/// MAX_THREADS, and never fewer than `least`.
+/// MAX_THREADS, each share at least `least` long (a thread made for a
+/// short remainder would cost more than it saves).
 fn share_size(len: usize, least: usize) -> usize {
     // std reads the cgroup's CPU quota files on every call: once is enough.
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let threads = cores.min(MAX_THREADS);
-    len.div_ceil(threads).max(least)
+    split(len, least, cores.min(MAX_THREADS))
+}
+
+/// The share size for `len` items among at most `threads`, each share at
+/// least `least` long.
+fn split(len: usize, least: usize, threads: usize) -> usize {
+    let shares = (len / least.max(1)).clamp(1, threads.max(1));
+    len.div_ceil(shares).max(1)
 }
 
 /// The pass over `pids`, `per` of them to a thread.
@@ -269,6 +276,18 @@ mod tests {
         let s = StatReader::default().read(std::process::id() as i32).expect("own stat");
         assert_eq!(s.pgid, nix::unistd::getpgrp().as_raw());
         assert!(s.rss_pages > 0, "{s:?}");
+    }
+
+    #[test]
+    fn shares_are_never_shorter_than_the_least() {
+        // 270 processes on 2 cores with at least 256 a share: one share.
+        assert_eq!(split(270, 256, 2), 270);
+        assert_eq!(split(100, 64, 2), 100);
+        // Enough for two: an even split.
+        assert_eq!(split(600, 256, 2), 300);
+        assert_eq!(split(1000, 64, 4), 250);
+        assert_eq!(split(0, 64, 4), 1);
+        assert_eq!(split(5, 0, 0), 5);
     }
 
     #[test]
