@@ -1266,7 +1266,7 @@ def main(argv=None) -> int:
     ap.add_argument("--start-runs", type=int, default=3,
                     help="starts measured per system (median); the last one goes on to the other figures")
     ap.add_argument("--status-runs", type=int, default=20)
-    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--kills", type=int, default=60)
     ap.add_argument("--idle", type=float, default=10.0, help="idle window, seconds")
     ap.add_argument("--settle", type=float, default=1.0, help="pause after start, seconds")
     ap.add_argument("--start-deadline", type=float, default=30.0, help="plus 0.1 s per worker")
