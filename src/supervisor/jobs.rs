@@ -1200,15 +1200,20 @@ impl Supervisor {
     pub(super) fn run_dependency_jobs(&mut self, old: Option<(&BTreeMap<String, Job>, &BTreeSet<String>)>) {
         for name in self.graph.jobs_to_run_at_start() {
             let Some(j) = self.jobs.get(&name) else { continue };
-            let active = !j.queue.is_empty() || !self.running_of(&name).is_empty();
-            let (changed, unmet) = match old {
-                None => (true, false),
-                Some((jobs, deps)) => (
-                    jobs.get(&name) != self.config.jobs.get(&name),
-                    !deps.contains(&name) && j.last_outcome != Some(RunState::Succeeded) && !active,
-                ),
+            let due = match old {
+                None => true,
+                Some((jobs, deps)) => {
+                    let changed = jobs.get(&name) != self.config.jobs.get(&name);
+                    let unmet = || {
+                        !deps.contains(&name)
+                            && j.last_outcome != Some(RunState::Succeeded)
+                            && j.queue.is_empty()
+                            && self.running_of(&name).is_empty()
+                    };
+                    changed || unmet()
+                }
             };
-            if !changed && !unmet {
+            if !due {
                 continue;
             }
             if let Some(j) = self.jobs.get_mut(&name) {
