@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use super::exit;
 use crate::config::Overrides;
 use crate::config::load::{read_text, state_dir_in, state_dir_of};
-use crate::supervisor::control::{ClientError, request};
+use crate::supervisor::control::{ClientError, decode_response, request, request_line};
 use crate::supervisor::protocol::{Request, Response, StatusReport};
 use crate::supervisor::runtime::{lock_held, read_state, recorded_supervisor_alive, wait_unlocked};
 
@@ -66,6 +66,36 @@ pub(super) fn ask(dir: &Path, req: &Request) -> Result<Option<Response>, u8> {
     }
 }
 
+/// As [`ask`], the answer's line as it came: the caller reads it.
+fn ask_line(dir: &Path, req: &Request) -> Result<Option<String>, u8> {
+    match request_line(dir, req, TIMEOUT) {
+        Ok(Some(line)) => Ok(Some(line)),
+        Ok(None) => {
+            eprintln!("drover: the supervisor closed the connection without answering");
+            Err(exit::FAILED)
+        }
+        Err(ClientError::NoSupervisor) => Ok(None),
+        Err(e) => Err(failed(e)),
+    }
+}
+
+/// Prints a status report's fields (compact JSON after the opening brace
+/// of the answer) as one pretty object, straight into stdout.
+fn print_compact(fields: &str) -> u8 {
+    use std::io::Write as _;
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
+    let written = super::pretty::write_object_fields(fields.as_bytes(), &mut out)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush());
+    match written {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("drover: cannot write the output: {e}");
+            exit::FAILED
+        }
+    }
+}
+
 pub(super) fn unexpected(resp: &Response) -> u8 {
     eprintln!("drover: unexpected answer: {resp:?}");
     exit::FAILED
@@ -110,7 +140,24 @@ pub fn stop(ctx: &Ctx) -> u8 {
 
 pub fn status(ctx: &Ctx, json: bool, name: Option<String>) -> u8 {
     let dir = ctx.state_dir();
-    let (report, code) = match ask(&dir, &Request::Status { name: name.clone() }) {
+    let answer = match ask_line(&dir, &Request::Status { name: name.clone() }) {
+        // The supervisor's report, printed as it came: only its tag goes.
+        Ok(Some(line)) if json && line.starts_with(Response::STATUS_TAG) => {
+            let fields = line.trim_end().get(Response::STATUS_TAG.len()..).unwrap_or_default();
+            return print_compact(fields);
+        }
+        Ok(Some(line)) => match decode_response(&line) {
+            Ok(Response::Error { message }) => {
+                eprintln!("drover: {message}");
+                return exit::FAILED;
+            }
+            Ok(resp) => Ok(Some(resp)),
+            Err(e) => return failed(e),
+        },
+        Ok(None) => Ok(None),
+        Err(code) => Err(code),
+    };
+    let (report, code) = match answer {
         Ok(Some(Response::Status(r))) => (*r, exit::OK),
         Ok(Some(other)) => return unexpected(&other),
         Ok(None) if ctx.config_missing() => {

@@ -9,6 +9,7 @@ mod events;
 mod export;
 mod logread;
 mod logs;
+mod pretty;
 mod runs;
 mod start;
 mod top;

@@ -339,16 +339,32 @@ pub fn request(
     req: &Request,
     timeout: Option<Duration>,
 ) -> Result<Option<Response>, ClientError> {
+    match request_line(state_dir, req, timeout)? {
+        None => Ok(None),
+        Some(line) => decode_response(&line).map(Some),
+    }
+}
+
+/// As [`request`], the response as the supervisor wrote it: one line of
+/// JSON, for a client that prints it as it came.
+pub fn request_line(
+    state_dir: &Path,
+    req: &Request,
+    timeout: Option<Duration>,
+) -> Result<Option<String>, ClientError> {
     let mut reader = send(state_dir, req, timeout)?;
     let mut buf = String::new();
     match reader.read_line(&mut buf) {
         Ok(0) => Ok(None),
-        Ok(_) => Response::decode(&buf)
-            .map(Some)
-            .map_err(|e| ClientError::Io(std::io::Error::other(format!("bad response: {e}")))),
+        Ok(_) => Ok(Some(buf)),
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(None),
         Err(e) => Err(ClientError::Io(e)),
     }
+}
+
+/// A response line read into its type.
+pub fn decode_response(line: &str) -> Result<Response, ClientError> {
+    Response::decode(line).map_err(|e| ClientError::Io(std::io::Error::other(format!("bad response: {e}"))))
 }
 
 /// Connects (see [`request`] for the checks), sends `req` and hands back

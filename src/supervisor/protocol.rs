@@ -122,14 +122,17 @@ pub enum Response {
 }
 
 impl Response {
+    /// How a status report's line begins: serde_json writes the tag first,
+    /// then the report's own fields.
+    pub const STATUS_TAG: &str = r#"{"reply":"status","#;
+
     /// Reads a response line. A status report (hundreds of KB at a
     /// thousand instances) is read straight into its struct: serde reads
     /// an internally tagged enum by first copying the whole object into a
     /// tree of its own, which would cost more than the reading itself.
     /// serde_json writes the tag first, so the line says what it holds.
     pub fn decode(line: &str) -> serde_json::Result<Response> {
-        const STATUS: &str = r#"{"reply":"status","#;
-        if line.starts_with(STATUS) {
+        if line.starts_with(Self::STATUS_TAG) {
             // The report's fields follow the tag; `reply` is not one of
             // them and a report ignores what it does not know.
             return serde_json::from_str::<StatusReport>(line).map(|r| Response::Status(Box::new(r)));
