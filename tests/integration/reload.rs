@@ -182,10 +182,13 @@ fn an_event_storm_ends_in_the_state_of_the_last_write() {
 fn an_env_change_restarts_only_that_worker_one_instance_at_a_time() {
     let sb = Sandbox::new();
     let log = sb.path("starts.log");
-    let cmd = sh(&format!("echo $DROVER_INSTANCE $MODE >> {}; exec sleep 1000", log.display()));
+    // Ready once its line is written: the next instance's line cannot
+    // overtake it.
+    let cmd = sh(&format!("echo $DROVER_INSTANCE $MODE >> {}; echo up; exec sleep 1000", log.display()));
     let text = |mode: &str| {
         format!(
-            "{HEAD}[workers.a]\ncommand = {cmd}\ncapacity = 2\nenv = {{ MODE = \"{mode}\" }}\n{}",
+            "{HEAD}[workers.a]\ncommand = {cmd}\ncapacity = 2\nready = {{ log = \"^up$\" }}\n\
+             env = {{ MODE = \"{mode}\" }}\n{}",
             sleeper("b", 1001)
         )
     };
