@@ -51,17 +51,21 @@ fn failed(e: ClientError) -> u8 {
 /// Sends `req`; an error answer or a failure to talk is printed here and
 /// turned into the exit code. `Ok(None)`: no supervisor answers.
 pub(super) fn ask(dir: &Path, req: &Request) -> Result<Option<Response>, u8> {
-    match request(dir, req, TIMEOUT) {
-        Ok(Some(Response::Error { message })) => {
+    match ask_line(dir, req)? {
+        Some(line) => answer(&line).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// An answer's line read: an error answer is printed and turned into the
+/// exit code.
+fn answer(line: &str) -> Result<Response, u8> {
+    match decode_response(line) {
+        Ok(Response::Error { message }) => {
             eprintln!("drover: {message}");
             Err(exit::FAILED)
         }
-        Ok(Some(resp)) => Ok(Some(resp)),
-        Ok(None) => {
-            eprintln!("drover: the supervisor closed the connection without answering");
-            Err(exit::FAILED)
-        }
-        Err(ClientError::NoSupervisor) => Ok(None),
+        Ok(resp) => Ok(resp),
         Err(e) => Err(failed(e)),
     }
 }
@@ -146,14 +150,7 @@ pub fn status(ctx: &Ctx, json: bool, name: Option<String>) -> u8 {
             let fields = line.trim_end().get(Response::STATUS_TAG.len()..).unwrap_or_default();
             return print_compact(fields);
         }
-        Ok(Some(line)) => match decode_response(&line) {
-            Ok(Response::Error { message }) => {
-                eprintln!("drover: {message}");
-                return exit::FAILED;
-            }
-            Ok(resp) => Ok(Some(resp)),
-            Err(e) => return failed(e),
-        },
+        Ok(Some(line)) => answer(&line).map(Some),
         Ok(None) => Ok(None),
         Err(code) => Err(code),
     };
