@@ -84,6 +84,10 @@ pub struct RunProc {
     pub open_streams: u8,
     /// The step's end, kept until its output is all written.
     pub pending_end: Option<(Option<Exit>, Option<String>)>,
+    /// The drain grace after the step's end ran out: its output is no
+    /// longer waited for (a process outside the group may hold the pipe
+    /// forever), its group still is.
+    pub drain_over: bool,
     /// The approval step that `runs resume` approved.
     pub approved: Option<u32>,
     /// The current step's spawn is in flight: a stop waits for it to land,
@@ -552,6 +556,7 @@ impl Supervisor {
             inc: NEXT_INC.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             open_streams: 0,
             pending_end: None,
+            drain_over: false,
             approved,
             spawning: false,
             group_left: None,
@@ -582,6 +587,7 @@ impl Supervisor {
             return;
         }
         rp.pending_end = None;
+        rp.drain_over = false;
         rp.open_streams = 0;
         rp.group_left = None;
         let mut env = rp.env.clone();
@@ -725,7 +731,7 @@ impl Supervisor {
     pub(super) fn try_end_step(&mut self, id: i64) -> bool {
         let Some(rp) = self.runs.get_mut(&id) else { return true };
         let left = rp.group_left.is_some_and(|g| containment::alive(rp.cgroup.as_deref(), Some(g)));
-        if rp.open_streams > 0 || left {
+        if (rp.open_streams > 0 && !rp.drain_over) || left {
             return false;
         }
         rp.group_left = None;
@@ -893,13 +899,23 @@ impl Supervisor {
         let Some(rp) = self.runs.get_mut(&id) else { return };
         match kind {
             RunTimer::Drain => {
-                if let Some((exit, error)) = rp.pending_end.take() {
+                if rp.pending_end.is_none() {
+                    return;
+                }
+                rp.drain_over = true;
+                if !self.try_end_step(id) {
+                    // Only the group is left, SIGKILLed: the step ends
+                    // when it is reaped (or its cgroup empties), never
+                    // beside it, so a replacement cannot overlap it.
                     tracing::warn!(
                         run = id,
-                        "output still open or group not empty after the step ended; ending the run anyway"
+                        "the step's group is still not empty after SIGKILL; waiting for it"
                     );
-                    rp.group_left = None;
-                    self.step_ended(id, exit, error);
+                } else {
+                    tracing::warn!(
+                        run = id,
+                        "output still open after the step ended; ending the step anyway"
+                    );
                 }
             }
             RunTimer::Timeout => {
