@@ -30,6 +30,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum RunsAction {
     /// A run with its steps, times, exit and log.
     Show {
@@ -45,6 +46,7 @@ pub enum RunsAction {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum ExportTarget {
     /// Deployments for workers, CronJobs for jobs, Jobs for flows run by
     /// hand: multi-document YAML.
@@ -120,6 +122,9 @@ pub enum OutputFormat {
 }
 
 #[derive(Debug, Subcommand)]
+// Each command's arguments are built only when it is the one given: a
+// client's start builds one command's, not some thirty's.
+#[command(defer = true)]
 pub enum Command {
     /// Run the supervisor (in the foreground unless --detach); with
     /// NAME[:INDEX]…, start those workers or instances in the running one.

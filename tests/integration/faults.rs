@@ -488,3 +488,30 @@ fn every_fault_at_once_drover_stays_up_answers_and_leaves_nothing_after_stop() {
     stop_and_expect_nothing_left(&sb, &mut sup);
     drop(fs);
 }
+
+/// drover started with descriptors 0, 1 and 2 closed (as a careless init
+/// or a `>&-` in a script leaves it) has /dev/null on each: no file it
+/// opens later, its lock, ledger or a socket, is taken for its stderr and
+/// written over by its log.
+#[test]
+fn started_with_its_stdio_closed_drover_puts_dev_null_there_and_runs() {
+    let sb = Sandbox::new();
+    sb.write("daemon.toml", format!("{SUPERVISOR}\n[workers.w]\ncommand = [\"sleep\", \"1000\"]\n"));
+    let sup = Supervisor::start_with(&sb, |cmd| {
+        // SAFETY: only close(2), async-signal-safe, between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                for fd in 0..=2 {
+                    nix::libc::close(fd);
+                }
+                Ok(())
+            });
+        }
+    });
+    for fd in 0..=2 {
+        let target = std::fs::read_link(format!("/proc/{}/fd/{fd}", sup.pid)).unwrap();
+        assert_eq!(target, std::path::Path::new("/dev/null"), "descriptor {fd}");
+    }
+    let v = sup.status();
+    assert_eq!(instance(&v, "w", 0)["state"], "running", "{v:#}");
+}
