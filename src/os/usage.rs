@@ -3,7 +3,10 @@
 //! someone asks; nothing here polls.
 
 use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Mutex;
 
 use super::fsutil::{Made, read_kernel_file};
 
@@ -39,11 +42,61 @@ pub fn of_groups(pgids: &[i32]) -> HashMap<i32, Usage> {
     if pgids.is_empty() {
         return HashMap::new();
     }
+    let mut held = LEADER_STATS.lock().map(|mut h| h.take()).ok().flatten().unwrap_or_default();
+    let out = of_groups_holding(pgids, &mut held);
+    if let Ok(mut slot) = LEADER_STATS.lock() {
+        // A request that ran meanwhile put its own back: either will do.
+        slot.get_or_insert(held);
+    }
+    out
+}
+
+/// [`of_groups`], reading the leaders through `held` (and keeping there
+/// the descriptors of those still alive).
+fn of_groups_holding(pgids: &[i32], held: &mut HashMap<i32, File>) -> HashMap<i32, Usage> {
     let wanted: HashSet<i32> = pgids.iter().copied().collect();
     let Ok(procs) = std::fs::read_dir("/proc") else { return HashMap::new() };
     let pids: Vec<i32> =
         procs.flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()).collect();
-    shared_pass(&pids, &wanted, share_size(pids.len(), PIDS_PER_THREAD))
+    hold_leaders(held, &wanted);
+    let out = shared_pass(&pids, &wanted, held, share_size(pids.len(), PIDS_PER_THREAD));
+    // A process no longer in /proc is gone for good: its descriptor goes.
+    let alive: HashSet<i32> = pids.iter().copied().collect();
+    held.retain(|pid, _| alive.contains(pid));
+    out
+}
+
+/// /proc/PID/stat of group leaders, open from one request to the next: a
+/// pread of an open one costs half of opening, reading and closing the
+/// path (a lookup in /proc each time). A descriptor is of one process: a
+/// reused pid is never read through one held for its earlier owner.
+static LEADER_STATS: Mutex<Option<HashMap<i32, File>>> = Mutex::new(None);
+
+/// Opens the stat of each wanted group's leader (its pid is the group's)
+/// not held yet, while fewer than an eighth of the descriptors this
+/// process may open are held (and at most 8192): what spawns need comes
+/// first.
+fn hold_leaders(held: &mut HashMap<i32, File>, wanted: &HashSet<i32>) {
+    let soft =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(0, |(s, _)| s);
+    let cap = usize::try_from(soft / 8).unwrap_or(usize::MAX).min(8192);
+    if held.len() > cap {
+        held.clear();
+    }
+    let mut path = String::new();
+    for &pgid in wanted {
+        if held.len() >= cap {
+            break;
+        }
+        if let std::collections::hash_map::Entry::Vacant(slot) = held.entry(pgid) {
+            use std::fmt::Write as _;
+            path.clear();
+            let _ = write!(path, "/proc/{pgid}/stat");
+            if let Ok(f) = File::open(&path) {
+                slot.insert(f);
+            }
+        }
+    }
 }
 
 /// How many of `len` items each thread takes: an even split among at most
@@ -64,10 +117,15 @@ fn split(len: usize, least: usize, threads: usize) -> usize {
 }
 
 /// The pass over `pids`, `per` of them to a thread.
-fn shared_pass(pids: &[i32], wanted: &HashSet<i32>, per: usize) -> HashMap<i32, Usage> {
+fn shared_pass(
+    pids: &[i32],
+    wanted: &HashSet<i32>,
+    held: &HashMap<i32, File>,
+    per: usize,
+) -> HashMap<i32, Usage> {
     let parts = in_shares(pids, per, |chunk| {
         let mut part = HashMap::new();
-        add_groups(chunk, wanted, &mut part);
+        add_groups(chunk, wanted, held, &mut part);
         part
     });
     let mut out = HashMap::new();
@@ -153,11 +211,20 @@ const PIDS_PER_THREAD: usize = 256;
 /// files).
 const CGROUPS_PER_THREAD: usize = 64;
 
-/// Adds the usage of those of `pids` in a wanted group to `out`.
-fn add_groups(pids: &[i32], wanted: &HashSet<i32>, out: &mut HashMap<i32, Usage>) {
+/// Adds the usage of those of `pids` in a wanted group to `out`: a held
+/// leader's through its descriptor, any other's by path.
+fn add_groups(pids: &[i32], wanted: &HashSet<i32>, held: &HashMap<i32, File>, out: &mut HashMap<i32, Usage>) {
     let (tick, page) = (clock_ticks(), page_size());
     let mut reader = StatReader::default();
     for &pid in pids {
+        // A failed read: that process is gone, and the pid may be
+        // another's by now, looked at below as any other.
+        if let Some(s) = held.get(&pid).and_then(|f| reader.read_held(f)) {
+            if wanted.contains(&s.pgid) {
+                *out.entry(s.pgid).or_default() += s.usage(tick, page);
+            }
+            continue;
+        }
         // getpgid(2) first: one system call, where reading a stat file
         // takes three and the kernel's formatting of fifty fields. Only
         // the processes of the wanted groups are read.
@@ -209,7 +276,23 @@ impl StatReader {
         let _ = write!(self.path, "/proc/{pid}/stat");
         parse_stat(read_kernel_file(Path::new(&self.path), Made::InOnePiece, &mut self.buf).ok()?)
     }
+
+    /// Reads a stat file held open, from its start (the kernel makes it
+    /// anew at each read from offset 0).
+    fn read_held(&mut self, f: &File) -> Option<Stat> {
+        self.buf.resize(STAT_SPACE, 0);
+        let n = f.read_at(&mut self.buf, 0).ok()?;
+        // One that filled the space may be cut short: not taken.
+        if n == 0 || n == STAT_SPACE {
+            return None;
+        }
+        parse_stat(std::str::from_utf8(&self.buf[..n]).ok()?)
+    }
 }
+
+/// Room for a /proc/PID/stat line (some 300 bytes; 52 numbers and a name
+/// of at most 64 bytes).
+const STAT_SPACE: usize = 2048;
 
 /// What usage needs of /proc/PID/stat.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -276,6 +359,33 @@ mod tests {
         let s = StatReader::default().read(std::process::id() as i32).expect("own stat");
         assert_eq!(s.pgid, nix::unistd::getpgrp().as_raw());
         assert!(s.rss_pages > 0, "{s:?}");
+    }
+
+    #[test]
+    fn a_leader_is_read_through_its_held_stat_until_it_is_gone() {
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new("sleep").arg("30").process_group(0).spawn().unwrap();
+        let pid = child.id() as i32;
+        // A process just started shows no resident pages for a moment.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut held = HashMap::new();
+        let mut first = of_groups_holding(&[pid], &mut held);
+        while first.get(&pid).is_none_or(|u| u.rss_bytes == 0) && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+            first = of_groups_holding(&[pid], &mut held);
+        }
+        assert!(held.contains_key(&pid), "the leader's stat is held");
+        assert!(first[&pid].rss_bytes > 0, "read through the held descriptor: {first:?}");
+        let fd_target = |h: &HashMap<i32, File>| {
+            use std::os::fd::AsRawFd;
+            std::fs::read_link(format!("/proc/self/fd/{}", h[&pid].as_raw_fd())).unwrap()
+        };
+        assert_eq!(fd_target(&held), Path::new(&format!("/proc/{pid}/stat")));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let after = of_groups_holding(&[pid], &mut held);
+        assert!(!after.contains_key(&pid), "a gone group has no usage: {after:?}");
+        assert!(!held.contains_key(&pid), "and its stat is no longer held");
     }
 
     #[test]
@@ -361,11 +471,14 @@ mod tests {
         };
         // The threaded pass between two single ones that agree (a child
         // still exec'ing its sleep changes its memory meanwhile).
+        // The threaded one reads the leaders through held descriptors.
         let (mut one, mut many) = (HashMap::new(), HashMap::new());
+        let (mut held, none) = (HashMap::new(), HashMap::new());
+        hold_leaders(&mut held, &groups);
         while std::time::Instant::now() < deadline {
-            one = shared_pass(&pids, &groups, pids.len());
-            many = shared_pass(&pids, &groups, 1);
-            if rss(&shared_pass(&pids, &groups, pids.len())) == rss(&one) {
+            one = shared_pass(&pids, &groups, &none, pids.len());
+            many = shared_pass(&pids, &groups, &held, 1);
+            if rss(&shared_pass(&pids, &groups, &none, pids.len())) == rss(&one) {
                 break;
             }
         }
