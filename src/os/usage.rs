@@ -73,9 +73,7 @@ fn of_groups_holding(pgids: &[i32], held: &mut HashMap<i32, File>) -> HashMap<i3
 static LEADER_STATS: Mutex<Option<HashMap<i32, File>>> = Mutex::new(None);
 
 /// Opens the stat of each wanted group's leader (its pid is the group's)
-/// not held yet, while fewer than an eighth of the descriptors this
-/// process may open are held (and at most 8192): what spawns need comes
-/// first.
+/// not held yet, up to [`descriptor_cap`]: what spawns need comes first.
 fn hold_leaders(held: &mut HashMap<i32, File>, wanted: &HashSet<i32>) {
     let soft =
         nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(0, |(s, _)| s);
@@ -164,13 +162,73 @@ fn in_shares<T: Sync, R: Send + Default>(items: &[T], per: usize, work: impl Fn(
 /// The counters of each of `dirs` (see [`Counters`]), in order, shared
 /// among a few threads as [`of_groups`] does.
 pub fn counters_of_cgroups(dirs: &[&Path]) -> Vec<Counters> {
-    in_shares(dirs, share_size(dirs.len(), CGROUPS_PER_THREAD), |chunk| {
-        let (mut buf, mut memory) = (Vec::new(), true);
-        chunk.iter().map(|d| Counters::read(d, &mut buf, &mut memory)).collect::<Vec<_>>()
+    let mut held = CGROUP_FILES.lock().map(|mut h| h.take()).ok().flatten().unwrap_or_default();
+    let memory = hold_counter_files(&mut held, dirs);
+    let out = in_shares(dirs, share_size(dirs.len(), CGROUPS_PER_THREAD), |chunk| {
+        let mut buf = Vec::new();
+        chunk.iter().map(|d| Counters::read(d, &held, &mut buf, memory)).collect::<Vec<_>>()
     })
     .into_iter()
     .flatten()
-    .collect()
+    .collect();
+    if let Ok(mut slot) = CGROUP_FILES.lock() {
+        // A request that ran meanwhile put its own back: either will do.
+        slot.get_or_insert(held);
+    }
+    out
+}
+
+/// The `cpu.stat` and `memory.current` of the cgroups last asked about,
+/// open from one request to the next: a pread of an open one costs a
+/// fifth of opening, reading and closing the path. A removed cgroup's
+/// reads fail (ENODEV), and it is no longer asked about: its files go.
+static CGROUP_FILES: Mutex<Option<HeldFiles>> = Mutex::new(None);
+
+/// Counter files held open, by path.
+#[derive(Default)]
+struct HeldFiles(HashMap<std::path::PathBuf, File>);
+
+/// Keeps in `held` the counter files of `dirs` only, opening those not
+/// held yet up to [`descriptor_cap`]. Whether `memory.current` is there (the
+/// memory controller is on for drover's cgroups, siblings that all have
+/// the same).
+fn hold_counter_files(held: &mut HeldFiles, dirs: &[&Path]) -> bool {
+    let files = |d: &Path| [d.join("cpu.stat"), d.join("memory.current")];
+    let wanted: HashSet<std::path::PathBuf> = dirs.iter().flat_map(|d| files(d)).collect();
+    held.0.retain(|p, _| wanted.contains(p));
+    let cap = descriptor_cap();
+    if held.0.len() > cap {
+        held.0.clear();
+    }
+    let mut memory = true;
+    for d in dirs {
+        let [cpu, mem] = files(d);
+        for (path, is_memory) in [(cpu, false), (mem, true)] {
+            if (is_memory && !memory) || held.0.len() >= cap || held.0.contains_key(&path) {
+                continue;
+            }
+            match File::open(&path) {
+                Ok(f) => {
+                    held.0.insert(path, f);
+                }
+                Err(e) if is_memory && e.kind() == std::io::ErrorKind::NotFound => memory = false,
+                Err(_) => {}
+            }
+        }
+    }
+    memory
+}
+
+/// How many descriptors each of the two kinds of held files may take:
+/// none under a limit of 1024 (a process that tight needs every one for
+/// its spawns), else a sixteenth of the limit, at most 8192.
+fn descriptor_cap() -> usize {
+    let soft =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(0, |(s, _)| s);
+    if soft < 1024 {
+        return 0;
+    }
+    usize::try_from(soft / 16).unwrap_or(usize::MAX).min(8192)
 }
 
 /// What a cgroup counts itself: CPU time (`cpu.stat` usage_usec, which
@@ -183,25 +241,31 @@ pub struct Counters {
 }
 
 impl Counters {
-    /// `memory` says whether to look for `memory.current`; a cgroup
-    /// without one clears it: drover's cgroups are siblings, under one
-    /// parent that enables the same controllers for all of them.
-    fn read(dir: &Path, buf: &mut Vec<u8>, memory: &mut bool) -> Counters {
-        let cpu =
-            read_kernel_file(&dir.join("cpu.stat"), Made::InOnePiece, buf).ok().and_then(parse_cpu_stat);
-        let rss = match *memory {
-            true => match read_kernel_file(&dir.join("memory.current"), Made::InOnePiece, buf) {
-                Ok(m) => m.trim().parse().ok(),
-                Err(e) => {
-                    *memory = e.kind() != std::io::ErrorKind::NotFound;
-                    None
+    /// `memory` says whether to look for `memory.current`. A file held
+    /// open is read from its start, any other by path.
+    fn read(dir: &Path, held: &HeldFiles, buf: &mut Vec<u8>, memory: bool) -> Counters {
+        let mut read = |name: &str| -> Option<String> {
+            let path = dir.join(name);
+            if let Some(f) = held.0.get(&path) {
+                buf.resize(COUNTER_SPACE, 0);
+                // One that filled the space may be cut short: read whole.
+                if let Ok(n) = f.read_at(buf, 0)
+                    && n > 0
+                    && n < COUNTER_SPACE
+                {
+                    return std::str::from_utf8(&buf[..n]).ok().map(str::to_owned);
                 }
-            },
-            false => None,
+            }
+            read_kernel_file(&path, Made::InOnePiece, buf).ok().map(str::to_owned)
         };
+        let cpu = read("cpu.stat").as_deref().and_then(parse_cpu_stat);
+        let rss = if memory { read("memory.current").and_then(|m| m.trim().parse().ok()) } else { None };
         Counters { cpu_seconds: cpu.map(|usec| usec as f64 / 1e6), rss_bytes: rss }
     }
 }
+
+/// Room for a cgroup's `cpu.stat` (six lines) or `memory.current`.
+const COUNTER_SPACE: usize = 4096;
 
 /// Threads that read /proc for one status request, at most.
 const MAX_THREADS: usize = 4;
@@ -245,7 +309,8 @@ fn add_groups(pids: &[i32], wanted: &HashSet<i32>, held: &HashMap<i32, File>, ou
 /// process group's, a cgroup's CPU time includes what exited members used.
 pub fn of_cgroup(dir: &Path) -> Option<Usage> {
     let mut buf = Vec::new();
-    let Counters { cpu_seconds: cpu, rss_bytes: mem } = Counters::read(dir, &mut buf, &mut true);
+    let Counters { cpu_seconds: cpu, rss_bytes: mem } =
+        Counters::read(dir, &HeldFiles::default(), &mut buf, true);
     if let (Some(cpu_seconds), Some(rss_bytes)) = (cpu, mem) {
         return Some(Usage { cpu_seconds, rss_bytes });
     }
@@ -386,6 +451,33 @@ mod tests {
         let after = of_groups_holding(&[pid], &mut held);
         assert!(!after.contains_key(&pid), "a gone group has no usage: {after:?}");
         assert!(!held.contains_key(&pid), "and its stat is no longer held");
+    }
+
+    /// Real cgroups (root on a cgroup2 host): a cgroup's counters are read
+    /// through held files, which go once it is removed and not asked
+    /// about.
+    #[test]
+    fn a_cgroups_counter_files_are_held_until_it_is_removed() {
+        let dir = std::env::temp_dir().join(format!("drover-usage-unit-{}", std::process::id()));
+        let (h, _) = match crate::os::cgroup::Hierarchy::set_up(&dir) {
+            Ok(h) => h,
+            Err(e) if !crate::os::identity::drover_is_root() => return eprintln!("skipped: {e}"),
+            Err(e) => panic!("as root, cgroups must be usable here: {e}"),
+        };
+        let cg = h.create("t.0.1", None).expect("create");
+        let mut held = HeldFiles::default();
+        let memory = hold_counter_files(&mut held, &[&cg]);
+        assert!(held.0.contains_key(&cg.join("cpu.stat")), "cpu.stat is held");
+        let mut buf = Vec::new();
+        let c = Counters::read(&cg, &held, &mut buf, memory);
+        assert_eq!(c.cpu_seconds, Some(0.0), "an empty cgroup used no CPU: {c:?}");
+        assert_eq!(c, Counters::read(&cg, &HeldFiles::default(), &mut buf, memory), "as read by path");
+        crate::os::cgroup::remove(&cg).expect("removed with its files open");
+        let gone = Counters::read(&cg, &held, &mut buf, memory);
+        assert_eq!(gone.cpu_seconds, None, "a removed cgroup counts nothing: {gone:?}");
+        hold_counter_files(&mut held, &[]);
+        assert!(held.0.is_empty(), "its files are let go");
+        h.tear_down().expect("tear down");
     }
 
     #[test]
