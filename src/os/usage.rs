@@ -42,10 +42,19 @@ pub fn of_groups(pgids: &[i32]) -> HashMap<i32, Usage> {
     if pgids.is_empty() {
         return HashMap::new();
     }
-    let mut held = LEADER_STATS.lock().map(|mut h| h.take()).ok().flatten().unwrap_or_default();
-    let out = of_groups_holding(pgids, &mut held);
-    if let Ok(mut slot) = LEADER_STATS.lock() {
-        // A request that ran meanwhile put its own back: either will do.
+    with_held(&LEADER_STATS, |held| of_groups_holding(pgids, held))
+}
+
+/// Runs `work` with the files held in `slot`, then puts them back. Two
+/// requests at once: the second starts with none held (it opens what it
+/// reads, as without holding), and whichever ends first puts its own back.
+fn with_held<K, R>(
+    slot: &Mutex<Option<HashMap<K, File>>>,
+    work: impl FnOnce(&mut HashMap<K, File>) -> R,
+) -> R {
+    let mut held = slot.lock().map(|mut h| h.take()).ok().flatten().unwrap_or_default();
+    let out = work(&mut held);
+    if let Ok(mut slot) = slot.lock() {
         slot.get_or_insert(held);
     }
     out
@@ -75,9 +84,7 @@ static LEADER_STATS: Mutex<Option<HashMap<i32, File>>> = Mutex::new(None);
 /// Opens the stat of each wanted group's leader (its pid is the group's)
 /// not held yet, up to [`descriptor_cap`]: what spawns need comes first.
 fn hold_leaders(held: &mut HashMap<i32, File>, wanted: &HashSet<i32>) {
-    let soft =
-        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(0, |(s, _)| s);
-    let cap = usize::try_from(soft / 8).unwrap_or(usize::MAX).min(8192);
+    let cap = descriptor_cap();
     if held.len() > cap {
         held.clear();
     }
@@ -162,20 +169,17 @@ fn in_shares<T: Sync, R: Send + Default>(items: &[T], per: usize, work: impl Fn(
 /// The counters of each of `dirs` (see [`Counters`]), in order, shared
 /// among a few threads as [`of_groups`] does.
 pub fn counters_of_cgroups(dirs: &[&Path]) -> Vec<Counters> {
-    let mut held = CGROUP_FILES.lock().map(|mut h| h.take()).ok().flatten().unwrap_or_default();
-    let memory = hold_counter_files(&mut held, dirs);
-    let out = in_shares(dirs, share_size(dirs.len(), CGROUPS_PER_THREAD), |chunk| {
-        let mut buf = Vec::new();
-        chunk.iter().map(|d| Counters::read(d, &held, &mut buf, memory)).collect::<Vec<_>>()
+    with_held(&CGROUP_FILES, |held| {
+        let memory = hold_counter_files(held, dirs);
+        let held = &*held;
+        in_shares(dirs, share_size(dirs.len(), CGROUPS_PER_THREAD), |chunk| {
+            let mut buf = Vec::new();
+            chunk.iter().map(|d| Counters::read(d, held, &mut buf, memory)).collect::<Vec<_>>()
+        })
+        .into_iter()
+        .flatten()
+        .collect()
     })
-    .into_iter()
-    .flatten()
-    .collect();
-    if let Ok(mut slot) = CGROUP_FILES.lock() {
-        // A request that ran meanwhile put its own back: either will do.
-        slot.get_or_insert(held);
-    }
-    out
 }
 
 /// The `cpu.stat` and `memory.current` of the cgroups last asked about,
@@ -185,8 +189,7 @@ pub fn counters_of_cgroups(dirs: &[&Path]) -> Vec<Counters> {
 static CGROUP_FILES: Mutex<Option<HeldFiles>> = Mutex::new(None);
 
 /// Counter files held open, by path.
-#[derive(Default)]
-struct HeldFiles(HashMap<std::path::PathBuf, File>);
+type HeldFiles = HashMap<std::path::PathBuf, File>;
 
 /// Keeps in `held` the counter files of `dirs` only, opening those not
 /// held yet up to [`descriptor_cap`]. Whether `memory.current` is there (the
@@ -195,21 +198,21 @@ struct HeldFiles(HashMap<std::path::PathBuf, File>);
 fn hold_counter_files(held: &mut HeldFiles, dirs: &[&Path]) -> bool {
     let files = |d: &Path| [d.join("cpu.stat"), d.join("memory.current")];
     let wanted: HashSet<std::path::PathBuf> = dirs.iter().flat_map(|d| files(d)).collect();
-    held.0.retain(|p, _| wanted.contains(p));
+    held.retain(|p, _| wanted.contains(p));
     let cap = descriptor_cap();
-    if held.0.len() > cap {
-        held.0.clear();
+    if held.len() > cap {
+        held.clear();
     }
     let mut memory = true;
     for d in dirs {
         let [cpu, mem] = files(d);
         for (path, is_memory) in [(cpu, false), (mem, true)] {
-            if (is_memory && !memory) || held.0.len() >= cap || held.0.contains_key(&path) {
+            if (is_memory && !memory) || held.len() >= cap || held.contains_key(&path) {
                 continue;
             }
             match File::open(&path) {
                 Ok(f) => {
-                    held.0.insert(path, f);
+                    held.insert(path, f);
                 }
                 Err(e) if is_memory && e.kind() == std::io::ErrorKind::NotFound => memory = false,
                 Err(_) => {}
@@ -246,7 +249,7 @@ impl Counters {
     fn read(dir: &Path, held: &HeldFiles, buf: &mut Vec<u8>, memory: bool) -> Counters {
         let mut read = |name: &str| -> Option<String> {
             let path = dir.join(name);
-            if let Some(f) = held.0.get(&path) {
+            if let Some(f) = held.get(&path) {
                 buf.resize(COUNTER_SPACE, 0);
                 // One that filled the space may be cut short: read whole.
                 if let Ok(n) = f.read_at(buf, 0)
@@ -309,8 +312,7 @@ fn add_groups(pids: &[i32], wanted: &HashSet<i32>, held: &HashMap<i32, File>, ou
 /// process group's, a cgroup's CPU time includes what exited members used.
 pub fn of_cgroup(dir: &Path) -> Option<Usage> {
     let mut buf = Vec::new();
-    let Counters { cpu_seconds: cpu, rss_bytes: mem } =
-        Counters::read(dir, &HeldFiles::default(), &mut buf, true);
+    let Counters { cpu_seconds: cpu, rss_bytes: mem } = Counters::read(dir, &HashMap::new(), &mut buf, true);
     if let (Some(cpu_seconds), Some(rss_bytes)) = (cpu, mem) {
         return Some(Usage { cpu_seconds, rss_bytes });
     }
@@ -467,16 +469,16 @@ mod tests {
         let cg = h.create("t.0.1", None).expect("create");
         let mut held = HeldFiles::default();
         let memory = hold_counter_files(&mut held, &[&cg]);
-        assert!(held.0.contains_key(&cg.join("cpu.stat")), "cpu.stat is held");
+        assert!(held.contains_key(&cg.join("cpu.stat")), "cpu.stat is held");
         let mut buf = Vec::new();
         let c = Counters::read(&cg, &held, &mut buf, memory);
         assert_eq!(c.cpu_seconds, Some(0.0), "an empty cgroup used no CPU: {c:?}");
-        assert_eq!(c, Counters::read(&cg, &HeldFiles::default(), &mut buf, memory), "as read by path");
+        assert_eq!(c, Counters::read(&cg, &HashMap::new(), &mut buf, memory), "as read by path");
         crate::os::cgroup::remove(&cg).expect("removed with its files open");
         let gone = Counters::read(&cg, &held, &mut buf, memory);
         assert_eq!(gone.cpu_seconds, None, "a removed cgroup counts nothing: {gone:?}");
         hold_counter_files(&mut held, &[]);
-        assert!(held.0.is_empty(), "its files are let go");
+        assert!(held.is_empty(), "its files are let go");
         h.tear_down().expect("tear down");
     }
 
