@@ -56,7 +56,8 @@ fn args() -> Args {
 fn ask(sock: &Path) -> std::io::Result<(Vec<u8>, Duration)> {
     let t = Instant::now();
     let mut s = UnixStream::connect(sock)?;
-    let mut req = serde_json::to_vec(&Request::Status { name: None }).expect("request serializes");
+    let mut req =
+        serde_json::to_vec(&Request::Status { name: None, pretty: false }).expect("request serializes");
     req.push(b'\n');
     s.write_all(&req)?;
 

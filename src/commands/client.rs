@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use super::exit;
 use crate::config::Overrides;
 use crate::config::load::{read_text, state_dir_in, state_dir_of};
-use crate::supervisor::control::{ClientError, decode_response, request, request_line};
+use crate::supervisor::control::{ClientError, decode_response, request, request_line, send};
 use crate::supervisor::protocol::{Request, Response, StatusReport};
 use crate::supervisor::runtime::{lock_held, read_state, recorded_supervisor_alive, wait_unlocked};
 
@@ -83,21 +83,73 @@ fn ask_line(dir: &Path, req: &Request) -> Result<Option<String>, u8> {
     }
 }
 
-/// Prints a status report's fields (compact JSON after the opening brace
-/// of the answer) as one pretty object, straight into stdout.
-fn print_compact(fields: &str) -> u8 {
-    use std::io::Write as _;
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
-    let written = super::pretty::write_object_fields(fields.as_bytes(), &mut out)
-        .and_then(|()| out.write_all(b"\n"))
-        .and_then(|()| out.flush());
-    match written {
-        Ok(()) => exit::OK,
-        Err(e) => {
-            eprintln!("drover: cannot write the output: {e}");
-            exit::FAILED
+/// What a `pretty` status request came to.
+enum Pretty {
+    /// The report, copied to stdout: the exit code.
+    Printed(u8),
+    NoSupervisor,
+    /// A reply line instead (an error, or a supervisor older than
+    /// `pretty` refusing it): the plain request says which, and prints it.
+    AskPlainly,
+}
+
+/// Asks for the report already indented and copies it to stdout as it
+/// comes, never holding it whole: the client neither parses nor indents.
+fn pretty_status(dir: &Path, name: Option<String>) -> Pretty {
+    use std::io::BufRead as _;
+    // A few pages at a time, reused: a report of a hundred instances is
+    // 46 KB, and every new page a short-lived client touches is a fault.
+    let mut reader = match send(dir, &Request::Status { name, pretty: true }, TIMEOUT) {
+        Ok(r) => std::io::BufReader::with_capacity(16 * 1024, r.into_inner()),
+        Err(ClientError::NoSupervisor) => return Pretty::NoSupervisor,
+        Err(e) => return Pretty::Printed(failed(e)),
+    };
+    match reader.fill_buf() {
+        Ok(head) if head.starts_with(Response::TAG) => Pretty::AskPlainly,
+        Ok([]) => {
+            eprintln!("drover: the supervisor closed the connection without answering");
+            Pretty::Printed(exit::FAILED)
         }
+        Ok(_) => Pretty::Printed(copy_report(&mut reader)),
+        Err(e) => Pretty::Printed(failed(ClientError::Io(e))),
     }
+}
+
+/// Copies an indented report from `reader` to stdout up to the end of the
+/// connection; one that does not end as a report does (`}` and a newline)
+/// was cut short, and that is an error after what was printed.
+fn copy_report(reader: &mut impl std::io::BufRead) -> u8 {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let mut tail = [0u8; 2];
+    loop {
+        let chunk = match reader.fill_buf() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => {
+                let _ = out.flush();
+                return failed(ClientError::Io(e));
+            }
+        };
+        let Some(&last) = chunk.last() else { break };
+        tail = [if chunk.len() > 1 { chunk[chunk.len() - 2] } else { tail[1] }, last];
+        if let Err(e) = out.write_all(chunk) {
+            eprintln!("drover: cannot write the output: {e}");
+            return exit::FAILED;
+        }
+        let n = chunk.len();
+        reader.consume(n);
+    }
+    if let Err(e) = out.flush() {
+        eprintln!("drover: cannot write the output: {e}");
+        return exit::FAILED;
+    }
+    if tail != *b"}\n" {
+        eprintln!("drover: the supervisor's answer was cut short");
+        return exit::FAILED;
+    }
+    exit::OK
 }
 
 pub(super) fn unexpected(resp: &Response) -> u8 {
@@ -144,15 +196,11 @@ pub fn stop(ctx: &Ctx) -> u8 {
 
 pub fn status(ctx: &Ctx, json: bool, name: Option<String>) -> u8 {
     let dir = ctx.state_dir();
-    let answer = match ask_line(&dir, &Request::Status { name: name.clone() }) {
-        // The supervisor's report, printed as it came: only its tag goes.
-        Ok(Some(line)) if json && line.starts_with(Response::STATUS_TAG) => {
-            let fields = line.trim_end().get(Response::STATUS_TAG.len()..).unwrap_or_default();
-            return print_compact(fields);
-        }
-        Ok(Some(line)) => answer(&line).map(Some),
-        Ok(None) => Ok(None),
-        Err(code) => Err(code),
+    let pretty = if json { pretty_status(&dir, name.clone()) } else { Pretty::AskPlainly };
+    let answer = match pretty {
+        Pretty::Printed(code) => return code,
+        Pretty::NoSupervisor => Ok(None),
+        Pretty::AskPlainly => ask(&dir, &Request::Status { name: name.clone(), pretty: false }),
     };
     let (report, code) = match answer {
         Ok(Some(Response::Status(r))) => (*r, exit::OK),
@@ -504,7 +552,7 @@ pub fn plan(ctx: &Ctx, json: bool) -> u8 {
         }
     }
     if !json
-        && let Ok(Some(Response::Status(r))) = ask(&dir, &Request::Status { name: None })
+        && let Ok(Some(Response::Status(r))) = ask(&dir, &Request::Status { name: None, pretty: false })
         && !r.overrides.is_empty()
     {
         // The supervisor applies its own overrides to the file, not this

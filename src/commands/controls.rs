@@ -105,7 +105,7 @@ pub(super) fn with_stop_progress<T: Send + 'static>(
 }
 
 fn fetch_status(dir: &Path) -> Option<StatusReport> {
-    match request(dir, &Request::Status { name: None }, Some(Duration::from_secs(10))) {
+    match request(dir, &Request::Status { name: None, pretty: false }, Some(Duration::from_secs(10))) {
         Ok(Some(Response::Status(r))) => Some(*r),
         _ => None,
     }
@@ -268,7 +268,7 @@ fn subjects(line: &str) -> String {
 /// backoff or failing to start; 3 when no supervisor runs.
 pub fn status_check(ctx: &Ctx, json: bool, name: Option<String>) -> u8 {
     let dir = ctx.state_dir();
-    let report = match ask(&dir, &Request::Status { name }) {
+    let report = match ask(&dir, &Request::Status { name, pretty: false }) {
         Ok(Some(Response::Status(r))) => *r,
         Ok(Some(other)) => return unexpected(&other),
         Ok(None) => return ctx.no_supervisor(&dir),

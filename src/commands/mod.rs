@@ -9,7 +9,6 @@ mod events;
 mod export;
 mod logread;
 mod logs;
-mod pretty;
 mod runs;
 mod start;
 mod top;

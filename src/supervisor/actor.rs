@@ -163,8 +163,9 @@ pub struct Supervisor {
     /// Told once every instance is up (or has failed to come up).
     ready: Option<super::runtime::Ready>,
     /// The full status report, until the next event that is not a status
-    /// request: concurrent `status` calls share one.
-    pub(super) status_cache: Option<Arc<StatusReport>>,
+    /// request: concurrent `status` calls share one, and the control
+    /// connections answer from it while it lasts.
+    pub(super) status_cache: super::events::StatusCache,
     /// State changes as they happen, for `drover events` and `top`.
     pub(super) live: super::live::Live,
     /// Runs ended and reloads, counted for the metrics.
@@ -226,7 +227,7 @@ impl Supervisor {
             watch: None,
             shutting_down: false,
             stop_waiters: Vec::new(),
-            status_cache: None,
+            status_cache: super::events::StatusCache::default(),
             timers: Timers::default(),
             memory_sample_pending: false,
             graph: Graph::default(),
@@ -269,6 +270,12 @@ impl Supervisor {
         self.propagate();
         self.flush_state();
         crate::os::memory::release_free();
+    }
+
+    /// The status report cache, for the control connections to answer
+    /// from.
+    pub fn status_cache(&self) -> super::events::StatusCache {
+        self.status_cache.clone()
     }
 
     /// The metrics server bound at start (a failure there refuses the
@@ -455,8 +462,8 @@ impl Supervisor {
 
     fn handle(&mut self, ev: Event) {
         // Any other event may change what status reports.
-        if !matches!(&ev, Event::Control(Request::Status { name: None }, _) | Event::Metrics(_)) {
-            self.status_cache = None;
+        if !matches!(&ev, Event::Control(Request::Status { name: None, .. }, _) | Event::Metrics(_)) {
+            self.status_cache.clear();
         }
         match ev {
             Event::Reaped(list) => {
@@ -514,7 +521,7 @@ impl Supervisor {
 
     /// Every timer that is due.
     fn fire_timers(&mut self) {
-        self.status_cache = None;
+        self.status_cache.clear();
         let now = Instant::now();
         while let Some(key) = self.timers.pop_due(now) {
             match key {
@@ -752,12 +759,12 @@ impl Supervisor {
 
     fn on_request(&mut self, req: Request, reply: oneshot::Sender<Reply>) {
         let resp = match req {
-            Request::Status { name: None } => {
+            Request::Status { name: None, .. } => {
                 let _ = reply.send(Reply::Status(self.full_report()));
                 return;
             }
             // The full status (no name) is answered from the cache above.
-            Request::Status { name: Some(n) } => {
+            Request::Status { name: Some(n), .. } => {
                 if self.workers.contains_key(&n) {
                     let mut r = self.report(if self.shutting_down { "stopping" } else { "running" }, true);
                     r.workers.retain(|w| w.name == n);
@@ -945,6 +952,9 @@ impl Supervisor {
     }
 
     fn finish_shutdown(&mut self) {
+        // What a control connection answers from now on is that drover is
+        // going, not the last report of its stop.
+        self.status_cache.clear();
         self.kill_escapees(None);
         // Every instance and run is over: nothing is left in a cgroup
         // but what a bug missed (the caller removes them).
@@ -1015,12 +1025,12 @@ impl Supervisor {
     /// The full status report, shared by every `status` and scrape until
     /// the state changes.
     fn full_report(&mut self) -> Arc<StatusReport> {
-        if let Some(r) = &self.status_cache {
-            return r.clone();
+        if let Some(r) = self.status_cache.get() {
+            return r;
         }
         let state = if self.shutting_down { "stopping" } else { "running" };
         let r = Arc::new(self.report(state, true));
-        self.status_cache = Some(r.clone());
+        self.status_cache.set(r.clone());
         r
     }
 

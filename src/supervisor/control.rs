@@ -1,5 +1,7 @@
 //! The control socket: a Unix socket in state_dir, mode 0600, one JSON
-//! request line and one JSON response line per connection. The server
+//! request line and one JSON response line per connection (a `pretty`
+//! status request gets the indented report instead, then the end of the
+//! connection; events subscriptions a line per event). The server
 //! side feeds the actor; the client side is what the CLI uses.
 
 use std::io::{BufRead, BufReader, Write};
@@ -14,9 +16,9 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Semaphore, SemaphorePermit, broadcast, mpsc, oneshot};
 
 use super::clock::rfc3339;
-use super::events::{Event, Reply};
+use super::events::{Event, Reply, StatusCache};
 use super::live::{LiveEvent, Subscription, What};
-use super::protocol::{MAX_REQUEST, Request, Response};
+use super::protocol::{MAX_REQUEST, Request, Response, StatusReport};
 
 pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join("drover.sock")
@@ -35,6 +37,18 @@ pub fn encode(resp: &Response) -> Vec<u8> {
     });
     line.push(b'\n');
     line
+}
+
+/// A status report as `status --json` prints it: indented, with a
+/// newline at its end (a reply to `pretty`, which is not a reply line).
+fn encode_pretty(report: &StatusReport) -> Vec<u8> {
+    match serde_json::to_vec_pretty(report) {
+        Ok(mut doc) => {
+            doc.push(b'\n');
+            doc
+        }
+        Err(e) => encode(&Response::Error { message: format!("cannot encode the reply: {e}") }),
+    }
 }
 
 /// A client that does not take its reply within this long is dropped:
@@ -64,7 +78,7 @@ fn busy_line() -> Vec<u8> {
 }
 
 /// Accepts connections until the actor goes away.
-pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Event>) {
+pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Event>, cache: StatusCache) {
     let mut failing = false;
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
     let big = Arc::new(Semaphore::new(1));
@@ -86,18 +100,26 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Event>) {
             continue;
         };
 
-        let (tx, big, usage) = (tx.clone(), big.clone(), usage.clone());
+        let (tx, big, usage, cache) = (tx.clone(), big.clone(), usage.clone(), cache.clone());
         tokio::spawn(async move {
             let _slot = slot;
             let (mut r, mut w) = stream.into_split();
             let gone =
                 || Reply::Response(Response::Error { message: "the supervisor is shutting down".into() });
+            let mut pretty = false;
             let reply = match read_request(&mut r, &big).await {
                 // A long plan keeps its permit until it is answered: its
                 // text is in memory until then.
                 Ok((req, _permit)) => {
+                    pretty = matches!(req, Request::Status { pretty: true, .. });
+                    let cached = match req {
+                        Request::Status { name: None, .. } => cache.get(),
+                        _ => None,
+                    };
                     let (otx, orx) = oneshot::channel();
-                    if tx.send(Event::Control(req, otx)).is_err() {
+                    if let Some(report) = cached {
+                        Reply::Status(report)
+                    } else if tx.send(Event::Control(req, otx)).is_err() {
                         gone()
                     } else {
                         orx.await.unwrap_or_else(|_| gone())
@@ -113,7 +135,7 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Event>) {
                     let with_usage = tokio::task::spawn_blocking(move || {
                         let mut r = (*report).clone();
                         r.add_usage();
-                        encode(&Response::Status(Box::new(r)))
+                        if pretty { encode_pretty(&r) } else { encode(&Response::Status(Box::new(r))) }
                     });
                     match with_usage.await {
                         Ok(line) => line,

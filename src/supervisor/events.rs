@@ -76,6 +76,33 @@ pub enum Reply {
     Events(super::live::Subscription),
 }
 
+/// The actor's full status report while it is current, shared with the
+/// control connections: they answer `status` from it without waking the
+/// actor's thread (two cross-thread wake-ups a request). The actor empties
+/// it as it takes any event that may change the report, before anything
+/// the event sets off can be seen, so a report served from here is one the
+/// actor would have given at that moment.
+#[derive(Clone, Debug, Default)]
+pub struct StatusCache(Arc<std::sync::Mutex<Option<Arc<super::protocol::StatusReport>>>>);
+
+impl StatusCache {
+    pub fn get(&self) -> Option<Arc<super::protocol::StatusReport>> {
+        self.0.lock().ok().and_then(|r| r.clone())
+    }
+
+    pub fn set(&self, report: Arc<super::protocol::StatusReport>) {
+        if let Ok(mut r) = self.0.lock() {
+            *r = Some(report);
+        }
+    }
+
+    pub fn clear(&self) {
+        if let Ok(mut r) = self.0.lock() {
+            *r = None;
+        }
+    }
+}
+
 /// A timer the actor owns (see `timers`).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum TimerKey {

@@ -24,6 +24,11 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 pub enum Request {
     Status {
         name: Option<String>,
+        /// Answer with the report itself, indented as `status --json`
+        /// prints it, and close: no reply line for the client to parse
+        /// and indent again. An error is still a reply line.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pretty: bool,
     },
     Stop {},
     Reload {},
@@ -122,6 +127,9 @@ pub enum Response {
 }
 
 impl Response {
+    /// How every reply line begins (serde_json writes the tag first).
+    pub const TAG: &[u8] = br#"{"reply":"#;
+
     /// How a status report's line begins: serde_json writes the tag first,
     /// then the report's own fields.
     pub const STATUS_TAG: &str = r#"{"reply":"status","#;

@@ -386,7 +386,7 @@ pub async fn serve(
     sup.boot();
     let metrics = metrics.map(|(addr, l)| super::metrics::Server::spawn(addr, l, ctl_tx.clone()));
     sup.set_metrics(metrics, ctl_tx.clone());
-    tokio::spawn(control::serve(listener, ctl_tx));
+    tokio::spawn(control::serve(listener, ctl_tx, sup.status_cache()));
     sup.run(rx, ctl_rx).await;
     sd_notify("STOPPING=1");
     if let Some(h) = &containment.cgroups

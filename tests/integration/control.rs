@@ -234,6 +234,105 @@ fn status_json_has_every_field_of_the_contract() {
     humantime::parse_rfc3339(i["started_at"].as_str().unwrap()).unwrap();
 }
 
+#[test]
+fn status_json_is_the_reply_lines_report_indented() {
+    let sb = Sandbox::new();
+    sb.write("daemon.toml", sleeper());
+    let sup = Supervisor::start(&sb);
+    sup.wait_for("running", Duration::from_secs(10), |v| v["workers"][0]["state"] == "running");
+    let r = sb.cli(&["status", "--json"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(r.stdout.starts_with("{\n  \"supervisor\": {\n"), "indented: {}", r.stdout);
+    assert!(r.stdout.ends_with("}\n"), "{}", r.stdout);
+    let printed: Value = serde_json::from_str(&r.stdout).unwrap();
+    let Answer::Reply(mut line) =
+        exchange(&sb.state_dir().join("drover.sock"), b"{\"cmd\":\"status\"}\n", false)
+    else {
+        panic!("no reply line to a plain status request");
+    };
+    assert_eq!(line["reply"], "status");
+    line.as_object_mut().unwrap().remove("reply");
+    // What is read anew at each request differs; the rest is one report.
+    let without_usage = |mut v: Value| {
+        for w in v["workers"].as_array_mut().unwrap() {
+            for i in w["instances"].as_array_mut().unwrap() {
+                let i = i.as_object_mut().unwrap();
+                assert!(i.remove("cpu_seconds").is_some() && i.remove("rss_bytes").is_some(), "usage: {i:?}");
+            }
+        }
+        v
+    };
+    assert_eq!(without_usage(printed), without_usage(line));
+}
+
+/// A stand-in for a supervisor at the sandbox's state_dir that gives
+/// `answer(request line)` to each of `n` connections, then ends; the
+/// requests it got.
+fn fake_supervisor(
+    sb: &Sandbox,
+    n: usize,
+    answer: fn(&str) -> Vec<u8>,
+) -> std::thread::JoinHandle<Vec<String>> {
+    let dir = sb.state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(dir.join("drover.sock")).unwrap();
+    std::thread::spawn(move || {
+        let mut asked = Vec::new();
+        for _ in 0..n {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&mut s).read_line(&mut line).unwrap();
+            let _ = s.write_all(&answer(&line));
+            asked.push(line);
+        }
+        asked
+    })
+}
+
+#[test]
+fn status_json_from_a_supervisor_that_refuses_pretty_asks_again_plainly() {
+    let sb = Sandbox::new();
+    sb.write("daemon.toml", sleeper());
+    // As one built before `pretty` answers it: every request refuses
+    // unknown fields.
+    let fake = fake_supervisor(&sb, 2, |req| {
+        if req.contains("pretty") {
+            b"{\"reply\":\"error\",\"message\":\"unknown field `pretty`, expected `name`\"}\n".to_vec()
+        } else {
+            concat!(
+                r#"{"reply":"status","supervisor":{"state":"running","pid":4242,"config":null,"#,
+                r#""started_at":"2026-01-01T00:00:00Z","generation":7,"last_reload":null},"#,
+                r#""workers":[{"name":"sleeper","capacity":1,"state":"running","instances":[]}],"#,
+                r#""sessions":[],"runs":[]}"#,
+                "\n"
+            )
+            .as_bytes()
+            .to_vec()
+        }
+    });
+    let r = sb.cli(&["status", "--json"]);
+    let asked = fake.join().unwrap();
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(asked[0].contains("\"pretty\":true") && !asked[1].contains("pretty"), "{asked:?}");
+    let v: Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout));
+    assert_eq!(v["supervisor"]["generation"], 7);
+    assert_eq!(v["workers"][0]["name"], "sleeper");
+    assert!(r.stdout.starts_with("{\n  \""), "indented as ever: {}", r.stdout);
+}
+
+#[test]
+fn a_status_answer_cut_short_is_an_error_after_what_came() {
+    let sb = Sandbox::new();
+    sb.write("daemon.toml", sleeper());
+    let fake = fake_supervisor(&sb, 1, |_| b"{\n  \"supervisor\": {\n    \"state\": \"running\",\n".to_vec());
+    let r = sb.cli(&["status", "--json"]);
+    fake.join().unwrap();
+    assert_eq!(r.code, Some(1), "{}", r.stdout);
+    assert!(r.stdout.starts_with("{\n  \"supervisor\""), "{}", r.stdout);
+    assert!(r.stderr.contains("cut short"), "{}", r.stderr);
+}
+
 /// drover's CPU time so far (utime + stime), in clock ticks.
 fn cpu_ticks(pid: i32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

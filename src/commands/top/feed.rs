@@ -120,7 +120,7 @@ fn read_stream(reader: impl BufRead, tx: &SyncSender<Msg>) -> Option<String> {
 fn poll_status(dir: &std::path::Path, tx: &SyncSender<Msg>) {
     loop {
         let began = Instant::now();
-        let msg = match request(dir, &Request::Status { name: None }, Some(TIMEOUT)) {
+        let msg = match request(dir, &Request::Status { name: None, pretty: false }, Some(TIMEOUT)) {
             Ok(Some(Response::Status(r))) => Msg::Status(r),
             Ok(Some(Response::Error { message })) => Msg::StatusDown(message),
             Ok(Some(_)) => Msg::StatusDown("the supervisor gave an unexpected answer to status".into()),

@@ -612,7 +612,7 @@ impl Supervisor {
             // A status report taken in this batch, before the rollouts and
             // dependents moved on, is out of date: with nothing else to
             // come (an idle supervisor) it would be served on and on.
-            self.status_cache = None;
+            self.status_cache.clear();
         }
         while !self.touched.is_empty() {
             let touched = std::mem::take(&mut self.touched);
