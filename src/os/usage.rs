@@ -48,10 +48,7 @@ pub fn of_groups(pgids: &[i32]) -> HashMap<i32, Usage> {
 /// Runs `work` with the files held in `slot`, then puts them back. Two
 /// requests at once: the second starts with none held (it opens what it
 /// reads, as without holding), and whichever ends first puts its own back.
-fn with_held<K, R>(
-    slot: &Mutex<Option<HashMap<K, File>>>,
-    work: impl FnOnce(&mut HashMap<K, File>) -> R,
-) -> R {
+fn with_held<K, V, R>(slot: &Mutex<Option<HashMap<K, V>>>, work: impl FnOnce(&mut HashMap<K, V>) -> R) -> R {
     let mut held = slot.lock().map(|mut h| h.take()).ok().flatten().unwrap_or_default();
     let out = work(&mut held);
     if let Ok(mut slot) = slot.lock() {
@@ -168,56 +165,172 @@ fn in_shares<T: Sync, R: Send + Default>(items: &[T], per: usize, work: impl Fn(
 }
 
 /// The counters of each of `dirs` (see [`Counters`]), in order, shared
-/// among a few threads as [`of_groups`] does.
+/// among a few threads as [`of_groups`] does. Without the memory
+/// controller, a cgroup's memory is what its members (`cgroup.procs`)
+/// have resident: no pass over all of /proc is needed to find them.
 pub fn counters_of_cgroups(dirs: &[&Path]) -> Vec<Counters> {
-    with_held(&CGROUP_FILES, |held| {
+    let (mut counted, members): (Vec<Counters>, Vec<Option<Vec<i32>>>) = with_held(&CGROUP_FILES, |held| {
         let memory = hold_counter_files(held, dirs);
         let held = &*held;
         in_shares(dirs, share_size(dirs.len(), CGROUPS_PER_THREAD), |chunk| {
             let mut buf = Vec::new();
-            chunk.iter().map(|d| Counters::read(d, held, &mut buf, memory)).collect::<Vec<_>>()
+            chunk
+                .iter()
+                .map(|d| {
+                    let c = Counters::read(d, held, &mut buf, memory);
+                    (c, if memory { None } else { read_members(d, held, &mut buf) })
+                })
+                .collect::<Vec<_>>()
         })
         .into_iter()
         .flatten()
-        .collect()
-    })
+        .unzip()
+    });
+    if members.iter().any(Option::is_some) {
+        let rss = with_held(&MEMBER_STATM, |held| resident_of_members(&members, held));
+        for (c, r) in counted.iter_mut().zip(rss) {
+            c.rss_bytes = c.rss_bytes.or(r);
+        }
+    }
+    counted
 }
 
-/// The `cpu.stat` and `memory.current` of the cgroups last asked about,
-/// open from one request to the next: a pread of an open one costs a
-/// fifth of opening, reading and closing the path. A removed cgroup's
-/// reads fail (ENODEV), and it is no longer asked about: its files go.
-static CGROUP_FILES: Mutex<Option<HeldFiles>> = Mutex::new(None);
+/// The pids in cgroup `dir`, from its `cgroup.procs` (held open if it is
+/// in `held`, read from its start, which lists them anew).
+fn read_members(dir: &Path, held: &HeldFiles, buf: &mut Vec<u8>) -> Option<Vec<i32>> {
+    let file = held.get(dir.as_os_str()).and_then(|f| f.members.as_ref());
+    let text = read_counter(file, dir, "cgroup.procs", Made::ByRecords, buf)?;
+    Some(text.split_ascii_whitespace().filter_map(|p| p.parse().ok()).collect())
+}
 
-/// Counter files held open, by path.
-type HeldFiles = HashMap<std::path::PathBuf, File>;
+/// A cgroup file `name` of `dir`: through `file`, held open, read from its
+/// start (one that fills [`COUNTER_SPACE`] may be cut short, and is read
+/// again whole), else by path.
+fn read_counter(
+    file: Option<&File>,
+    dir: &Path,
+    name: &str,
+    made: Made,
+    buf: &mut Vec<u8>,
+) -> Option<String> {
+    if let Some(f) = file {
+        buf.resize(COUNTER_SPACE, 0);
+        if let Ok(n) = f.read_at(buf, 0)
+            && n < COUNTER_SPACE
+        {
+            return std::str::from_utf8(&buf[..n]).ok().map(str::to_owned);
+        }
+    }
+    read_kernel_file(&dir.join(name), made, buf).ok().map(str::to_owned)
+}
 
-/// Keeps in `held` the counter files of `dirs` only, opening those not
-/// held yet up to [`descriptor_cap`]. Whether `memory.current` is there (the
-/// memory controller is on for drover's cgroups, siblings that all have
-/// the same).
-fn hold_counter_files(held: &mut HeldFiles, dirs: &[&Path]) -> bool {
-    let files = |d: &Path| [d.join("cpu.stat"), d.join("memory.current")];
-    let wanted: HashSet<std::path::PathBuf> = dirs.iter().flat_map(|d| files(d)).collect();
-    held.retain(|p, _| wanted.contains(p));
+/// The resident memory of each set of `members` (none where the set is
+/// unknown), each member's through its `statm` held in `held` (up to
+/// [`descriptor_cap`]; only those of the members asked about now are
+/// kept). A member gone since it was listed counts nothing.
+fn resident_of_members(members: &[Option<Vec<i32>>], held: &mut HashMap<i32, File>) -> Vec<Option<u64>> {
+    let asked: HashSet<i32> = members.iter().flatten().flatten().copied().collect();
+    held.retain(|pid, _| asked.contains(pid));
     let cap = descriptor_cap();
     if held.len() > cap {
         held.clear();
     }
+    let page = page_size();
+    let mut buf = [0u8; STATM_SPACE];
+    let mut path = String::new();
+    let mut resident = |pid: i32| -> Option<u64> {
+        use std::fmt::Write as _;
+        if !held.contains_key(&pid) && held.len() < cap {
+            path.clear();
+            let _ = write!(path, "/proc/{pid}/statm");
+            held.insert(pid, File::open(&path).ok()?);
+        }
+        let pages = match held.get(&pid) {
+            Some(f) => read_statm(f, &mut buf),
+            None => {
+                path.clear();
+                let _ = write!(path, "/proc/{pid}/statm");
+                read_statm(&File::open(&path).ok()?, &mut buf)
+            }
+        };
+        if pages.is_none() {
+            held.remove(&pid);
+        }
+        pages.map(|p| p.saturating_mul(page))
+    };
+    members
+        .iter()
+        .map(|set| {
+            Some(set.as_ref()?.iter().filter_map(|&pid| resident(pid)).fold(0u64, u64::saturating_add))
+        })
+        .collect()
+}
+
+/// `statm` of cgroup members, open from one request to the next (as
+/// [`LEADER_STATS`] for process groups).
+static MEMBER_STATM: Mutex<Option<HashMap<i32, File>>> = Mutex::new(None);
+
+/// The `cpu.stat` and `memory.current` (or, without the memory
+/// controller, `cgroup.procs`) of the cgroups last asked about, open from
+/// one request to the next: a pread of an open one costs a fifth of
+/// opening, reading and closing the path. A removed cgroup's reads fail
+/// (ENODEV), and it is no longer asked about: its files go.
+static CGROUP_FILES: Mutex<Option<HeldFiles>> = Mutex::new(None);
+
+/// Counter files held open, by cgroup directory.
+type HeldFiles = HashMap<std::ffi::OsString, CgroupFiles>;
+
+/// A cgroup's files held open (each where it was opened).
+#[derive(Debug, Default)]
+struct CgroupFiles {
+    cpu: Option<File>,
+    memory: Option<File>,
+    members: Option<File>,
+}
+
+impl CgroupFiles {
+    fn open(&self) -> usize {
+        [&self.cpu, &self.memory, &self.members].into_iter().filter(|f| f.is_some()).count()
+    }
+}
+
+/// Keeps in `held` the counter files of `dirs` only (and their
+/// `cgroup.procs` where there is no `memory.current`), opening those not
+/// held yet up to [`descriptor_cap`]. Whether `memory.current` is there (the
+/// memory controller is on for drover's cgroups, siblings that all have
+/// the same).
+fn hold_counter_files(held: &mut HeldFiles, dirs: &[&Path]) -> bool {
+    let wanted: HashSet<&std::ffi::OsStr> = dirs.iter().map(|d| d.as_os_str()).collect();
+    held.retain(|d, _| wanted.contains(d.as_os_str()));
+    let cap = descriptor_cap();
+    let mut open: usize = held.values().map(CgroupFiles::open).sum();
+    if open > cap {
+        held.clear();
+        open = 0;
+    }
     let mut memory = true;
     for d in dirs {
-        let [cpu, mem] = files(d);
-        for (path, is_memory) in [(cpu, false), (mem, true)] {
-            if (is_memory && !memory) || held.len() >= cap || held.contains_key(&path) {
-                continue;
+        let mut files = held.remove(d.as_os_str()).unwrap_or_default();
+        let mut hold = |slot: &mut Option<File>, name: &str| -> std::io::Result<()> {
+            if slot.is_none() && open < cap {
+                *slot = Some(File::open(d.join(name))?);
+                open += 1;
             }
-            match File::open(&path) {
-                Ok(f) => {
-                    held.insert(path, f);
-                }
-                Err(e) if is_memory && e.kind() == std::io::ErrorKind::NotFound => memory = false,
-                Err(_) => {}
-            }
+            Ok(())
+        };
+        let _ = hold(&mut files.cpu, "cpu.stat");
+        if memory
+            && let Err(e) = hold(&mut files.memory, "memory.current")
+            && e.kind() == std::io::ErrorKind::NotFound
+        {
+            memory = false;
+        }
+        // The members are read only where there is no memory.current.
+        if !memory {
+            let _ = hold(&mut files.members, "cgroup.procs");
+        }
+        if files.open() > 0 {
+            held.insert(d.as_os_str().to_owned(), files);
         }
     }
     memory
@@ -248,22 +361,16 @@ impl Counters {
     /// `memory` says whether to look for `memory.current`. A file held
     /// open is read from its start, any other by path.
     fn read(dir: &Path, held: &HeldFiles, buf: &mut Vec<u8>, memory: bool) -> Counters {
-        let mut read = |name: &str| -> Option<String> {
-            let path = dir.join(name);
-            if let Some(f) = held.get(&path) {
-                buf.resize(COUNTER_SPACE, 0);
-                // One that filled the space may be cut short: read whole.
-                if let Ok(n) = f.read_at(buf, 0)
-                    && n > 0
-                    && n < COUNTER_SPACE
-                {
-                    return std::str::from_utf8(&buf[..n]).ok().map(str::to_owned);
-                }
-            }
-            read_kernel_file(&path, Made::InOnePiece, buf).ok().map(str::to_owned)
+        let files = held.get(dir.as_os_str());
+        let mut read = |file: Option<&File>, name: &str| {
+            read_counter(file, dir, name, Made::InOnePiece, buf).filter(|t| !t.is_empty())
         };
-        let cpu = read("cpu.stat").as_deref().and_then(parse_cpu_stat);
-        let rss = if memory { read("memory.current").and_then(|m| m.trim().parse().ok()) } else { None };
+        let cpu = read(files.and_then(|f| f.cpu.as_ref()), "cpu.stat").as_deref().and_then(parse_cpu_stat);
+        let rss = if memory {
+            read(files.and_then(|f| f.memory.as_ref()), "memory.current").and_then(|m| m.trim().parse().ok())
+        } else {
+            None
+        };
         Counters { cpu_seconds: cpu.map(|usec| usec as f64 / 1e6), rss_bytes: rss }
     }
 }
@@ -359,14 +466,19 @@ fn read_held_leader(pid: i32, statm: &File, buf: &mut [u8], page: u64) -> Option
     let id = nix::unistd::Pid::from_raw(pid);
     let pgid = nix::unistd::getpgid(Some(id)).ok()?.as_raw();
     let cpu = nix::time::clock_gettime(nix::time::clock_getcpuclockid(id).ok()?).ok()?;
+    let rss_pages = read_statm(statm, buf)?;
+    let cpu_seconds = cpu.tv_sec() as f64 + cpu.tv_nsec() as f64 / 1e9;
+    Some((pgid, Usage { cpu_seconds, rss_bytes: rss_pages.saturating_mul(page) }))
+}
+
+/// Resident pages, from a `statm` held open, read from its start.
+fn read_statm(statm: &File, buf: &mut [u8]) -> Option<u64> {
     let n = statm.read_at(buf, 0).ok()?;
     // One that filled the space may be cut short: not taken.
     if n == 0 || n == buf.len() {
         return None;
     }
-    let rss_pages = parse_statm(std::str::from_utf8(&buf[..n]).ok()?)?;
-    let cpu_seconds = cpu.tv_sec() as f64 + cpu.tv_nsec() as f64 / 1e9;
-    Some((pgid, Usage { cpu_seconds, rss_bytes: rss_pages.saturating_mul(page) }))
+    parse_statm(std::str::from_utf8(&buf[..n]).ok()?)
 }
 
 /// Room for a /proc/PID/statm line (seven numbers).
@@ -491,7 +603,7 @@ mod tests {
         let cg = h.create("t.0.1", None).expect("create");
         let mut held = HeldFiles::default();
         let memory = hold_counter_files(&mut held, &[&cg]);
-        assert!(held.contains_key(&cg.join("cpu.stat")), "cpu.stat is held");
+        assert!(held[cg.as_os_str()].cpu.is_some(), "cpu.stat is held");
         let mut buf = Vec::new();
         let c = Counters::read(&cg, &held, &mut buf, memory);
         assert_eq!(c.cpu_seconds, Some(0.0), "an empty cgroup used no CPU: {c:?}");
@@ -501,6 +613,60 @@ mod tests {
         assert_eq!(gone.cpu_seconds, None, "a removed cgroup counts nothing: {gone:?}");
         hold_counter_files(&mut held, &[]);
         assert!(held.is_empty(), "its files are let go");
+        h.tear_down().expect("tear down");
+    }
+
+    /// Real cgroups, as above: without the memory controller, a cgroup's
+    /// members are listed through its held `cgroup.procs` (anew at each
+    /// read) and what they have resident is read through held `statm`s.
+    #[test]
+    fn a_cgroups_members_are_read_through_held_files() {
+        let dir = std::env::temp_dir().join(format!("drover-usage-members-{}", std::process::id()));
+        let (h, _) = match crate::os::cgroup::Hierarchy::set_up(&dir) {
+            Ok(h) => h,
+            Err(e) if !crate::os::identity::drover_is_root() => return eprintln!("skipped: {e}"),
+            Err(e) => panic!("as root, cgroups must be usable here: {e}"),
+        };
+        let cg = h.create("t.0.2", None).expect("create");
+        let mut held = HeldFiles::default();
+        let memory = hold_counter_files(&mut held, &[&cg]);
+        let files = &held[cg.as_os_str()];
+        assert_eq!(files.members.is_some(), !memory, "held where there is no memory.current: {files:?}");
+        assert_eq!(files.memory.is_some(), memory, "{files:?}");
+        let enter = || {
+            let child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+            std::fs::write(cg.join("cgroup.procs"), child.id().to_string()).unwrap();
+            child
+        };
+        let mut a = enter();
+        let mut buf = Vec::new();
+        let pa = a.id() as i32;
+        assert_eq!(read_members(&cg, &held, &mut buf), Some(vec![pa]));
+        let mut b = enter();
+        let pb = b.id() as i32;
+        let mut both = read_members(&cg, &held, &mut buf).unwrap();
+        both.sort();
+        assert_eq!(both, [pa.min(pb), pa.max(pb)], "listed anew through the same descriptor");
+        let mut statm = HashMap::new();
+        // A process just started shows no resident pages for a moment.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut rss = resident_of_members(&[Some(both.clone()), None], &mut statm);
+        while rss[0].is_none_or(|r| r == 0) && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+            rss = resident_of_members(&[Some(both.clone()), None], &mut statm);
+        }
+        assert!(rss[0].is_some_and(|r| r > 0) && rss[1].is_none(), "{rss:?}");
+        assert_eq!(statm.len(), 2, "each member's statm is held");
+        a.kill().unwrap();
+        a.wait().unwrap();
+        let after = resident_of_members(&[Some(both)], &mut statm);
+        assert!(after[0].is_some(), "the one left still counts: {after:?}");
+        assert!(!statm.contains_key(&pa) && statm.contains_key(&pb), "the gone one's statm is let go");
+        b.kill().unwrap();
+        b.wait().unwrap();
+        assert_eq!(read_members(&cg, &held, &mut buf), Some(vec![]));
+        drop(held);
+        crate::os::cgroup::remove(&cg).expect("remove");
         h.tear_down().expect("tear down");
     }
 
