@@ -589,18 +589,29 @@ mod tests {
         assert!(!held.contains_key(&pid), "and its statm is no longer held");
     }
 
+    /// A hierarchy of drover's own for a test and cgroup `name` in it;
+    /// none (the test is skipped) where cgroups cannot be used, unless
+    /// drover is root, who must be able to.
+    fn test_cgroup(tag: &str, name: &str) -> Option<(crate::os::cgroup::Hierarchy, std::path::PathBuf)> {
+        let dir = std::env::temp_dir().join(format!("drover-usage-{tag}-{}", std::process::id()));
+        let (h, _) = match crate::os::cgroup::Hierarchy::set_up(&dir) {
+            Ok(h) => h,
+            Err(e) if !crate::os::identity::drover_is_root() => {
+                eprintln!("skipped: {e}");
+                return None;
+            }
+            Err(e) => panic!("as root, cgroups must be usable here: {e}"),
+        };
+        let cg = h.create(name, None).expect("create");
+        Some((h, cg))
+    }
+
     /// Real cgroups (root on a cgroup2 host): a cgroup's counters are read
     /// through held files, which go once it is removed and not asked
     /// about.
     #[test]
     fn a_cgroups_counter_files_are_held_until_it_is_removed() {
-        let dir = std::env::temp_dir().join(format!("drover-usage-unit-{}", std::process::id()));
-        let (h, _) = match crate::os::cgroup::Hierarchy::set_up(&dir) {
-            Ok(h) => h,
-            Err(e) if !crate::os::identity::drover_is_root() => return eprintln!("skipped: {e}"),
-            Err(e) => panic!("as root, cgroups must be usable here: {e}"),
-        };
-        let cg = h.create("t.0.1", None).expect("create");
+        let Some((h, cg)) = test_cgroup("unit", "t.0.1") else { return };
         let mut held = HeldFiles::default();
         let memory = hold_counter_files(&mut held, &[&cg]);
         assert!(held[cg.as_os_str()].cpu.is_some(), "cpu.stat is held");
@@ -621,13 +632,7 @@ mod tests {
     /// read) and what they have resident is read through held `statm`s.
     #[test]
     fn a_cgroups_members_are_read_through_held_files() {
-        let dir = std::env::temp_dir().join(format!("drover-usage-members-{}", std::process::id()));
-        let (h, _) = match crate::os::cgroup::Hierarchy::set_up(&dir) {
-            Ok(h) => h,
-            Err(e) if !crate::os::identity::drover_is_root() => return eprintln!("skipped: {e}"),
-            Err(e) => panic!("as root, cgroups must be usable here: {e}"),
-        };
-        let cg = h.create("t.0.2", None).expect("create");
+        let Some((h, cg)) = test_cgroup("members", "t.0.2") else { return };
         let mut held = HeldFiles::default();
         let memory = hold_counter_files(&mut held, &[&cg]);
         let files = &held[cg.as_os_str()];
