@@ -302,7 +302,9 @@ impl CgroupFiles {
 fn hold_counter_files(held: &mut HeldFiles, dirs: &[&Path]) -> bool {
     let wanted: HashSet<&std::ffi::OsStr> = dirs.iter().map(|d| d.as_os_str()).collect();
     held.retain(|d, _| wanted.contains(d.as_os_str()));
-    let cap = descriptor_cap();
+    // Two kinds a cgroup: its cpu.stat, and its memory.current or its
+    // cgroup.procs.
+    let cap = descriptor_cap().saturating_mul(2);
     let mut open: usize = held.values().map(CgroupFiles::open).sum();
     if open > cap {
         held.clear();
@@ -336,9 +338,9 @@ fn hold_counter_files(held: &mut HeldFiles, dirs: &[&Path]) -> bool {
     memory
 }
 
-/// How many descriptors each of the two kinds of held files may take:
-/// none under a limit of 1024 (a process that tight needs every one for
-/// its spawns), else a sixteenth of the limit, at most 8192.
+/// How many descriptors each kind of held file may take: none under a
+/// limit of 1024 (a process that tight needs every one for its spawns),
+/// else a sixteenth of the limit, at most 8192.
 fn descriptor_cap() -> usize {
     let soft =
         nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(0, |(s, _)| s);
