@@ -42,7 +42,7 @@ pub fn of_groups(pgids: &[i32]) -> HashMap<i32, Usage> {
     if pgids.is_empty() {
         return HashMap::new();
     }
-    with_held(&LEADER_STATS, |held| of_groups_holding(pgids, held))
+    with_held(&LEADER_STATM, |held| of_groups_holding(pgids, held))
 }
 
 /// Runs `work` with the files held in `slot`, then puts them back. Two
@@ -77,7 +77,7 @@ fn of_groups_holding(pgids: &[i32], held: &mut HashMap<i32, File>) -> HashMap<i3
 /// path (a lookup in /proc each time). A descriptor is of one process: a
 /// reused pid is never read through one held for its earlier owner (see
 /// [`read_held_leader`]).
-static LEADER_STATS: Mutex<Option<HashMap<i32, File>>> = Mutex::new(None);
+static LEADER_STATM: Mutex<Option<HashMap<i32, File>>> = Mutex::new(None);
 
 /// Opens the statm of each wanted group's leader (its pid is the group's)
 /// not held yet, up to [`descriptor_cap`]: what spawns need comes first.
@@ -240,18 +240,14 @@ fn resident_of_members(members: &[Option<Vec<i32>>], held: &mut HashMap<i32, Fil
     let mut path = String::new();
     let mut resident = |pid: i32| -> Option<u64> {
         use std::fmt::Write as _;
+        path.clear();
+        let _ = write!(path, "/proc/{pid}/statm");
         if !held.contains_key(&pid) && held.len() < cap {
-            path.clear();
-            let _ = write!(path, "/proc/{pid}/statm");
             held.insert(pid, File::open(&path).ok()?);
         }
         let pages = match held.get(&pid) {
             Some(f) => read_statm(f, &mut buf),
-            None => {
-                path.clear();
-                let _ = write!(path, "/proc/{pid}/statm");
-                read_statm(&File::open(&path).ok()?, &mut buf)
-            }
+            None => read_statm(&File::open(&path).ok()?, &mut buf),
         };
         if pages.is_none() {
             held.remove(&pid);
@@ -267,7 +263,7 @@ fn resident_of_members(members: &[Option<Vec<i32>>], held: &mut HashMap<i32, Fil
 }
 
 /// `statm` of cgroup members, open from one request to the next (as
-/// [`LEADER_STATS`] for process groups).
+/// [`LEADER_STATM`] for process groups).
 static MEMBER_STATM: Mutex<Option<HashMap<i32, File>>> = Mutex::new(None);
 
 /// The `cpu.stat` and `memory.current` (or, without the memory

@@ -116,13 +116,15 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Event>, cac
                         Request::Status { name: None, .. } => cache.get(),
                         _ => None,
                     };
-                    let (otx, orx) = oneshot::channel();
                     if let Some(report) = cached {
                         Reply::Status(report)
-                    } else if tx.send(Event::Control(req, otx)).is_err() {
-                        gone()
                     } else {
-                        orx.await.unwrap_or_else(|_| gone())
+                        let (otx, orx) = oneshot::channel();
+                        if tx.send(Event::Control(req, otx)).is_err() {
+                            gone()
+                        } else {
+                            orx.await.unwrap_or_else(|_| gone())
+                        }
                     }
                 }
                 Err(message) => Reply::Response(Response::Error { message }),
