@@ -120,17 +120,23 @@ fn pretty_status(dir: &Path, name: Option<String>) -> Pretty {
 /// was cut short, and that is an error after what was printed.
 fn copy_report(reader: &mut impl std::io::BufRead) -> u8 {
     use std::io::Write as _;
-    let mut out = std::io::stdout().lock();
+    use std::os::fd::AsFd as _;
+    // Not through std's stdout, which is line-buffered: each piece would
+    // go out as two writes, up to its last newline and then the rest.
+    let mut out = match std::io::stdout().as_fd().try_clone_to_owned() {
+        Ok(fd) => std::fs::File::from(fd),
+        Err(e) => {
+            eprintln!("drover: cannot write the output: {e}");
+            return exit::FAILED;
+        }
+    };
     let mut tail = [0u8; 2];
     loop {
         let chunk = match reader.fill_buf() {
             Ok(c) => c,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
-            Err(e) => {
-                let _ = out.flush();
-                return failed(ClientError::Io(e));
-            }
+            Err(e) => return failed(ClientError::Io(e)),
         };
         let Some(&last) = chunk.last() else { break };
         tail = [if chunk.len() > 1 { chunk[chunk.len() - 2] } else { tail[1] }, last];
@@ -140,10 +146,6 @@ fn copy_report(reader: &mut impl std::io::BufRead) -> u8 {
         }
         let n = chunk.len();
         reader.consume(n);
-    }
-    if let Err(e) = out.flush() {
-        eprintln!("drover: cannot write the output: {e}");
-        return exit::FAILED;
     }
     if tail != *b"}\n" {
         eprintln!("drover: the supervisor's answer was cut short");

@@ -393,9 +393,9 @@ fn add_groups(pids: &[i32], wanted: &HashSet<i32>, held: &HashMap<i32, File>, ou
     for &pid in pids {
         // A failed read: that process is gone, and the pid may be
         // another's by now, looked at below as any other.
-        if let Some((pgid, usage)) = held.get(&pid).and_then(|f| read_held_leader(pid, f, &mut statm, page)) {
-            if wanted.contains(&pgid) {
-                *out.entry(pgid).or_default() += usage;
+        if let Some(usage) = held.get(&pid).and_then(|f| read_held_leader(pid, f, &mut statm, page)) {
+            if wanted.contains(&pid) {
+                *out.entry(pid).or_default() += usage;
             }
             continue;
         }
@@ -452,21 +452,32 @@ impl StatReader {
     }
 }
 
-/// The group and usage of a leader whose `statm` is held: its group from
-/// getpgid(2), its CPU time from the kernel's CPU clock of its pid (user
-/// and system time of all its threads, to the nanosecond) and its resident
-/// pages from `statm`, read from its start (the kernel makes it anew at
-/// each read from offset 0). Together a third of what its `stat` costs,
-/// whose fifty fields the kernel formats at each read. The pid is the
-/// process's own throughout: its descriptor was open before and still reads
-/// after (a process never comes back), so no other can have taken it.
-fn read_held_leader(pid: i32, statm: &File, buf: &mut [u8], page: u64) -> Option<(i32, Usage)> {
-    let id = nix::unistd::Pid::from_raw(pid);
-    let pgid = nix::unistd::getpgid(Some(id)).ok()?.as_raw();
-    let cpu = nix::time::clock_gettime(nix::time::clock_getcpuclockid(id).ok()?).ok()?;
+/// The usage of a leader whose `statm` is held: its CPU time from the
+/// kernel's CPU clock of its pid (user and system time of all its threads,
+/// to the nanosecond) and its resident pages from `statm`, read from its
+/// start (the kernel makes it anew at each read from offset 0). Two system
+/// calls, where its `stat` costs three and the kernel's formatting of fifty
+/// fields. The clock is read first: the pid is the process's own
+/// throughout, as its descriptor was open before and still reads after (a
+/// process never comes back), so no other can have taken it. Its group is
+/// not asked: a group leader leaves its group only by joining another
+/// (setpgid(2)), and what an instance's own process uses is the instance's
+/// wherever it went.
+fn read_held_leader(pid: i32, statm: &File, buf: &mut [u8], page: u64) -> Option<Usage> {
+    let cpu = nix::time::clock_gettime(process_cpu_clock(pid)).ok()?;
     let rss_pages = read_statm(statm, buf)?;
     let cpu_seconds = cpu.tv_sec() as f64 + cpu.tv_nsec() as f64 / 1e9;
-    Some((pgid, Usage { cpu_seconds, rss_bytes: rss_pages.saturating_mul(page) }))
+    Some(Usage { cpu_seconds, rss_bytes: rss_pages.saturating_mul(page) })
+}
+
+/// The kernel's CPU clock of process `pid` (all its threads), made as
+/// glibc's clock_getcpuclockid(3) makes it, without the clock_getres(2)
+/// that call adds to check that the process exists: clock_gettime(2) on
+/// the clock says so itself. The encoding is the kernel's ABI (the pid's
+/// complement, shifted past the clock kind: CPUCLOCK_SCHED, per process).
+fn process_cpu_clock(pid: i32) -> nix::time::ClockId {
+    const CPUCLOCK_SCHED: nix::libc::clockid_t = 2;
+    nix::time::ClockId::from_raw(((!pid) << 3) | CPUCLOCK_SCHED)
 }
 
 /// Resident pages, from a `statm` held open, read from its start.
@@ -585,6 +596,20 @@ mod tests {
         let after = of_groups_holding(&[pid], &mut held);
         assert!(!after.contains_key(&pid), "a gone group has no usage: {after:?}");
         assert!(!held.contains_key(&pid), "and its statm is no longer held");
+    }
+
+    #[test]
+    fn a_process_cpu_clock_is_the_one_glibc_makes_and_goes_with_the_process() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        for pid in [std::process::id() as i32, child.id() as i32] {
+            let glibc = nix::time::clock_getcpuclockid(nix::unistd::Pid::from_raw(pid)).unwrap();
+            assert_eq!(process_cpu_clock(pid), glibc, "pid {pid}");
+        }
+        let pid = child.id() as i32;
+        assert!(nix::time::clock_gettime(process_cpu_clock(pid)).is_ok());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(nix::time::clock_gettime(process_cpu_clock(pid)).is_err(), "a reaped process has no clock");
     }
 
     /// A hierarchy of drover's own for a test and cgroup `name` in it;

@@ -39,15 +39,105 @@ pub fn encode(resp: &Response) -> Vec<u8> {
     line
 }
 
-/// A status report as `status --json` prints it: indented, with a
-/// newline at its end (a reply to `pretty`, which is not a reply line).
-fn encode_pretty(report: &StatusReport) -> Vec<u8> {
-    match serde_json::to_vec_pretty(report) {
-        Ok(mut doc) => {
-            doc.push(b'\n');
-            doc
+/// A status report as the request asked for it: a reply line, or as
+/// `status --json` prints it, indented with a newline at its end (a reply
+/// to `pretty`, which is not a reply line). Written into room for what the
+/// last one took: a report of a thousand instances is half a megabyte, and
+/// growing a buffer to it copies it over and again.
+fn encode_status(report: StatusReport, pretty: bool) -> Vec<u8> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static LAST: AtomicUsize = AtomicUsize::new(0);
+    let mut out = Vec::with_capacity(LAST.load(Ordering::Relaxed).saturating_add(4096));
+    let written = if pretty {
+        serde::Serialize::serialize(
+            &report,
+            &mut serde_json::Serializer::with_formatter(&mut out, Indented::default()),
+        )
+    } else {
+        serde_json::to_writer(&mut out, &Response::Status(Box::new(report)))
+    };
+    match written {
+        Ok(()) => {
+            out.push(b'\n');
+            LAST.store(out.len(), Ordering::Relaxed);
+            out
         }
         Err(e) => encode(&Response::Error { message: format!("cannot encode the reply: {e}") }),
+    }
+}
+
+/// serde_json's pretty form (two spaces a level), each line break and its
+/// indent written at once: its own formatter writes the indent a level at
+/// a time, five writes for each field of an instance.
+#[derive(Default)]
+struct Indented {
+    depth: usize,
+    has_value: bool,
+}
+
+/// A comma, a newline, and the indent of [`Indented::MAX_DEPTH`] levels.
+const BREAKS: [u8; 2 + 2 * Indented::MAX_DEPTH] = {
+    let mut b = [b' '; 2 + 2 * Indented::MAX_DEPTH];
+    b[0] = b',';
+    b[1] = b'\n';
+    b
+};
+
+impl Indented {
+    const MAX_DEPTH: usize = 32;
+
+    /// A newline (after a comma unless `first`) and the current indent.
+    fn line<W: ?Sized + Write>(&self, w: &mut W, first: bool) -> std::io::Result<()> {
+        let start = usize::from(first);
+        let depth = self.depth.min(Self::MAX_DEPTH);
+        w.write_all(&BREAKS[start..2 + 2 * depth])?;
+        (depth..self.depth).try_for_each(|_| w.write_all(b"  "))
+    }
+
+    fn open<W: ?Sized + Write>(&mut self, w: &mut W, bracket: &[u8]) -> std::io::Result<()> {
+        self.depth += 1;
+        self.has_value = false;
+        w.write_all(bracket)
+    }
+
+    fn close<W: ?Sized + Write>(&mut self, w: &mut W, bracket: &[u8]) -> std::io::Result<()> {
+        self.depth = self.depth.saturating_sub(1);
+        if self.has_value {
+            self.line(w, true)?;
+        }
+        w.write_all(bracket)
+    }
+}
+
+impl serde_json::ser::Formatter for Indented {
+    fn begin_array<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.open(w, b"[")
+    }
+    fn end_array<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.close(w, b"]")
+    }
+    fn begin_array_value<W: ?Sized + Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        self.line(w, first)
+    }
+    fn end_array_value<W: ?Sized + Write>(&mut self, _: &mut W) -> std::io::Result<()> {
+        self.has_value = true;
+        Ok(())
+    }
+    fn begin_object<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.open(w, b"{")
+    }
+    fn end_object<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.close(w, b"}")
+    }
+    fn begin_object_key<W: ?Sized + Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        self.line(w, first)
+    }
+    fn begin_object_value<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
+    fn end_object_value<W: ?Sized + Write>(&mut self, _: &mut W) -> std::io::Result<()> {
+        self.has_value = true;
+        Ok(())
     }
 }
 
@@ -137,7 +227,7 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Event>, cac
                     let with_usage = tokio::task::spawn_blocking(move || {
                         let mut r = (*report).clone();
                         r.add_usage();
-                        if pretty { encode_pretty(&r) } else { encode(&Response::Status(Box::new(r))) }
+                        encode_status(r, pretty)
                     });
                     match with_usage.await {
                         Ok(line) => line,
@@ -433,6 +523,32 @@ pub fn send(
 mod tests {
     use super::*;
     use crate::supervisor::live::Live;
+
+    /// The same bytes as serde_json's own pretty form, past the depth its
+    /// breaks hold too.
+    #[test]
+    fn indented_is_serde_jsons_pretty_form() {
+        let mut deep = serde_json::json!({"leaf": [1, {}], "empty": []});
+        for i in 0..2 * Indented::MAX_DEPTH {
+            deep = if i % 2 == 0 { serde_json::json!([deep, null]) } else { serde_json::json!({"k": deep}) };
+        }
+        let docs = [
+            serde_json::json!({}),
+            serde_json::json!([]),
+            serde_json::json!({"a": [], "b": {}, "c": [[], [{}]], "s": "q\"\n\u{1}", "n": -1.5, "t": true}),
+            serde_json::json!([1, "two", null, {"x": {"y": [3]}}]),
+            deep,
+        ];
+        for doc in docs {
+            let mut ours = Vec::new();
+            serde::Serialize::serialize(
+                &doc,
+                &mut serde_json::Serializer::with_formatter(&mut ours, Indented::default()),
+            )
+            .unwrap();
+            assert_eq!(String::from_utf8(ours).unwrap(), serde_json::to_string_pretty(&doc).unwrap());
+        }
+    }
 
     /// More events queued than a batch holds: every one reaches the
     /// follower, in order, and the stream ends when the channel closes.
