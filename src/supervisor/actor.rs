@@ -74,6 +74,10 @@ struct WorkerRt {
     /// then costs no look at every instance (a tenth of a restart at
     /// 1000 instances).
     rolling: bool,
+    /// Whether an instance may be waiting for its dependencies: set by a
+    /// step that leaves one waiting, cleared once a look finds none. As
+    /// `rolling`, so that a restart looks at no other instance.
+    may_wait: bool,
     /// The listening sockets held for it.
     sockets: Sockets,
 }
@@ -94,6 +98,7 @@ impl WorkerRt {
             probes: HashMap::new(),
             rollout: Progress::Done,
             rolling: true,
+            may_wait: false,
             sockets,
         }
     }

@@ -57,6 +57,9 @@ impl Supervisor {
         if index == SURGE || !rollout::settled(inst) {
             w.rolling = true;
         }
+        if matches!(inst.state, State::Waiting { .. }) {
+            w.may_wait = true;
+        }
         if before != (inst.state.name(), inst.is_ready()) {
             self.touched.insert(name.to_string());
             let label = inst.surge_for.unwrap_or(index);
@@ -630,12 +633,13 @@ impl Supervisor {
     /// Tells each waiting instance what it still waits for; those with
     /// nothing left start.
     pub(super) fn release_waiting(&mut self) {
-        let waiting: Vec<String> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| w.instances.values().any(|i| matches!(i.state, State::Waiting { .. })))
-            .map(|(n, _)| n.clone())
-            .collect();
+        let mut waiting = Vec::new();
+        for (name, w) in self.workers.iter_mut().filter(|(_, w)| w.may_wait) {
+            w.may_wait = w.instances.values().any(|i| matches!(i.state, State::Waiting { .. }));
+            if w.may_wait {
+                waiting.push(name.clone());
+            }
+        }
         for name in waiting {
             let on = self.blocked_by(&name);
             self.drive_all(&name, |_| Some(Input::Blocked { on: on.clone() }));
