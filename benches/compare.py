@@ -291,6 +291,34 @@ def kill_everything(deadline_s: float = 15.0) -> list[str]:
 # Adapters
 
 
+def run_watched(argv: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
+    """subprocess.run(argv) with its output captured, killed past `timeout`
+    seconds, without subprocess's own timeout: given one, Python waits for
+    the child by polling, sleeping 1 ms first, and a child that closed its
+    output but was not yet reaped at that moment costs a whole millisecond
+    more than one that was; a timed command would read 1 ms slower at
+    random. Here the wait blocks, and a timer (SIGALRM) kills the child if
+    it outlives the timeout. Main thread only, as the harness is."""
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, **kw)
+    expired = []
+
+    def expire(_signum, _frame):
+        expired.append(True)
+        p.kill()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        out, err = p.communicate()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    if expired:
+        raise subprocess.TimeoutExpired(argv, timeout, out, err)
+    return subprocess.CompletedProcess(argv, p.returncode, out, err)
+
+
 class System:
     name = "?"
     status_label = "status"
@@ -353,10 +381,7 @@ class System:
         return " / ".join(text.splitlines()[-lines:])
 
     def run(self, argv: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-            timeout=timeout, env=self.env(),
-        )
+        return run_watched(argv, timeout, env=self.env())
 
 
 class Drover(System):
@@ -903,7 +928,13 @@ def measure_idle(s: System, seconds: float) -> dict:
             "seconds": seconds, "machine_busy": busy}
 
 
-def measure_status(s: System, runs: int) -> dict:
+def measure_status(s: System, runs: int, budget_s: float) -> dict:
+    """Median latency of the status command, each call paired with a spawn
+    of `true` right before it (the same spawn, capture and environment):
+    the median of the differences is what the command costs over starting
+    a process, and a slow stretch of the host weighs on both halves of a
+    pair alike. At least 20 calls; past those, the calls stop once
+    `budget_s` is spent (a status of a second a call would take minutes)."""
     argv = s.status_cmd()
     if argv is None:
         return {"na": True}
@@ -911,16 +942,23 @@ def measure_status(s: System, runs: int) -> dict:
     if r.returncode != 0:
         raise Failed(f"exit {r.returncode}: {(r.stderr or r.stdout).strip()[:120]}")
     s.check_status(r.stdout)
-    times = []
-    for _ in range(runs):
+    bare = [shutil.which("true") or "/bin/true"]
+    times, spawns = [], []
+    deadline = time.monotonic() + budget_s
+    while len(times) < runs and (len(times) < 20 or time.monotonic() < deadline):
         t0 = time.perf_counter()
+        s.run(bare)
+        t1 = time.perf_counter()
         r = s.run(argv)
-        dt = time.perf_counter() - t0
+        t2 = time.perf_counter()
         if r.returncode != 0:
             raise Failed(f"exit {r.returncode}: {(r.stderr or r.stdout).strip()[:120]}")
-        times.append(dt * 1000.0)
+        spawns.append((t1 - t0) * 1000.0)
+        times.append((t2 - t1) * 1000.0)
+    over = [t - b for t, b in zip(times, spawns)]
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
-            "runs": runs, "bytes": len(r.stdout)}
+            "runs": len(times), "bytes": len(r.stdout),
+            "spawn_median_ms": statistics.median(spawns), "over_spawn_ms": statistics.median(over)}
 
 
 def wait_replacement(sups: set[int], known: set[int], base: int, deadline: float):
@@ -1111,7 +1149,7 @@ def run_system(name: str, n: int, opts, results: list[dict]) -> None:
         metric("rss_mb", lambda: measure_rss(s))
         metric("pss_mb", lambda: measure_pss(s))
         metric("idle", lambda: measure_idle(s, opts.idle))
-        metric("status", lambda: measure_status(s, opts.status_runs))
+        metric("status", lambda: measure_status(s, opts.status_runs, opts.status_budget))
         metric("restart", lambda: measure_restart(s, n, opts.kills))
         metric("rss_after_mb", lambda: measure_rss(s))
         metric("rss_parts", lambda: measure_rss_parts(s))
@@ -1142,6 +1180,7 @@ ROWS = [
     ("rss_after", "supervisor RSS after the status and restart runs"),
     ("rss_anon", "… of which anonymous (RssAnon)"),
     ("status", "status command latency (median)"),
+    ("status_over", "… over a bare spawn of `true` (median of paired calls)"),
     ("idle_cpu", "CPU over idle window (utime+stime)"),
     ("idle_sched", "CPU over idle window (schedstat)"),
     ("wakeups", "context switches over idle window"),
@@ -1156,7 +1195,7 @@ def cell_value(r: dict, row: str):
     if "*" in err:
         return None, "error: " + short(err["*"])
     key = {"start": "start_s", "rss": "rss_mb", "pss": "pss_mb", "rss_after": "rss_after_mb",
-           "rss_anon": "rss_parts", "status": "status", "idle_cpu": "idle",
+           "rss_anon": "rss_parts", "status": "status", "status_over": "status", "idle_cpu": "idle",
            "idle_sched": "idle", "wakeups": "idle", "restart": "restart", "stop": "stop"}[row]
     if key in err:
         return None, "error: " + short(err[key])
@@ -1173,6 +1212,10 @@ def cell_value(r: dict, row: str):
         if v.get("na"):
             return None, "n/a"
         return v["median_ms"], f"{v['median_ms']:.1f} ms"
+    if row == "status_over":
+        if v.get("na") or "over_spawn_ms" not in v:
+            return None, "n/a"
+        return v["over_spawn_ms"], f"{v['over_spawn_ms']:.2f} ms"
     if row == "idle_cpu":
         return v["cpu_ms"], f"{v['cpu_ms']:.0f} ms"
     if row == "idle_sched":
@@ -1265,7 +1308,10 @@ def main(argv=None) -> int:
     ap.add_argument("--drover", default=str(REPO / "target" / "release" / "drover"))
     ap.add_argument("--start-runs", type=int, default=3,
                     help="starts measured per system (median); the last one goes on to the other figures")
-    ap.add_argument("--status-runs", type=int, default=20)
+    ap.add_argument("--status-runs", type=int, default=200,
+                    help="status calls per system, at most (at least 20, then until --status-budget)")
+    ap.add_argument("--status-budget", type=float, default=5.0,
+                    help="seconds of status calls per system past the first 20")
     ap.add_argument("--kills", type=int, default=60)
     ap.add_argument("--idle", type=float, default=10.0, help="idle window, seconds")
     ap.add_argument("--settle", type=float, default=1.0, help="pause after start, seconds")

@@ -68,6 +68,7 @@ ROWS = [
     ("rss_after", "RSS after status and restarts"),
     ("rss_anon", "… of which anonymous"),
     ("status", "`status` (JSON), median"),
+    ("status_over", "… over a bare spawn of `true`"),
     ("idle_cpu", "CPU while idle, 10 s"),
     ("stop", "stop all"),
     ("restart", "restart after kill -9, median"),
