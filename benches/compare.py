@@ -311,6 +311,12 @@ def run_watched(argv: list[str], timeout: float, **kw) -> subprocess.CompletedPr
     signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
         out, err = p.communicate()
+    except BaseException:
+        # Interrupted (^C): the child does not outlive the call, as with
+        # subprocess.run.
+        p.kill()
+        p.wait()
+        raise
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
