@@ -359,7 +359,7 @@ pub async fn serve(
     // The socket is born 0600 (no window in which a permissive umask leaves
     // it open); no worker has been spawned yet to inherit this umask.
     let umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let bound = tokio::net::UnixListener::bind(&sock);
+    let bound = std::os::unix::net::UnixListener::bind(&sock);
     nix::sys::stat::umask(umask);
     let listener = bound.map_err(|e| format!("cannot listen on {}: {e}", sock.display()))?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())?;
@@ -376,6 +376,12 @@ pub async fn serve(
 
     let opts = Options { config_path: loaded.path.clone(), overrides, echo };
     let mut sup = Supervisor::new(opts, loaded.config, containment.clone(), reaper, tx.clone());
+    // Before any worker starts: a supervisor nobody can ask or stop over
+    // its socket does not start at all.
+    if let Err(e) = control::spawn(listener, ctl_tx.clone(), sup.status_cache()) {
+        let _ = std::fs::remove_file(&sock);
+        return Err(format!("cannot serve the control socket: {e}"));
+    }
     let (watch_tx, watch_rx) = tokio::sync::watch::channel(sup.watch_settings());
     sup.set_watch(watch_tx);
     super::watch::start(loaded.path.clone(), &loaded.text, watch_rx, tx.clone());
@@ -386,7 +392,6 @@ pub async fn serve(
     sup.boot();
     let metrics = metrics.map(|(addr, l)| super::metrics::Server::spawn(addr, l, ctl_tx.clone()));
     sup.set_metrics(metrics, ctl_tx.clone());
-    tokio::spawn(control::serve(listener, ctl_tx, sup.status_cache()));
     sup.run(rx, ctl_rx).await;
     sd_notify("STOPPING=1");
     if let Some(h) = &containment.cgroups

@@ -128,25 +128,34 @@ fn many_concurrent_clients_all_get_answers() {
     sb.write("daemon.toml", sleeper());
     let sup = Supervisor::start(&sb);
     let sock = sb.state_dir().join("drover.sock");
+    // Both forms at once: the indented report (as `status --json` asks
+    // for it) and the reply line. Those waiting together share a usage
+    // read; each still gets its own form, with the usage in it.
     let threads: Vec<_> = (0..50)
-        .map(|_| {
+        .map(|i| {
             let sock = sock.clone();
             std::thread::spawn(move || {
+                let pretty = i % 2 == 1;
                 let mut s = UnixStream::connect(&sock).expect("connect");
                 s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-                s.write_all(b"{\"cmd\":\"status\",\"name\":null}\n").unwrap();
+                let req = format!("{{\"cmd\":\"status\",\"name\":null,\"pretty\":{pretty}}}\n");
+                s.write_all(req.as_bytes()).unwrap();
                 let mut text = String::new();
                 s.read_to_string(&mut text).expect("read the reply");
-                serde_json::from_str::<Value>(text.trim_end())
-                    .unwrap_or_else(|e| panic!("not one JSON reply ({e}): {text}"))
+                let v = serde_json::from_str::<Value>(text.trim_end())
+                    .unwrap_or_else(|e| panic!("not one JSON reply ({e}): {text}"));
+                (pretty, text.contains("\n  "), v)
             })
         })
         .collect();
     for t in threads {
-        let v = t.join().expect("client thread");
-        assert_eq!(v["reply"], "status", "{v}");
+        let (pretty, indented, v) = t.join().expect("client thread");
+        assert_eq!(indented, pretty, "{v}");
+        assert_eq!(v["reply"], if pretty { Value::Null } else { "status".into() }, "{v}");
         assert_eq!(v["supervisor"]["pid"], sup.pid, "{v}");
         assert_eq!(v["workers"][0]["name"], "sleeper", "{v}");
+        let rss = v["workers"][0]["instances"][0]["rss_bytes"].as_u64();
+        assert!(rss.is_some_and(|b| b > 0), "no usage read: {v}");
     }
 }
 
