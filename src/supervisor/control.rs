@@ -198,7 +198,7 @@ struct Waiting {
 }
 
 /// Rounds of the reactor a usage read waits while more requests join it.
-const JOIN_ROUNDS: usize = 8;
+const JOIN_ROUNDS: usize = 32;
 
 /// Answers status requests with usage read after each of them arrived,
 /// one read for all those waiting when it starts: a hundred clients asking
