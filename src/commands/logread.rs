@@ -251,29 +251,15 @@ impl Tracked {
         let replaced = current.is_some_and(|ino| self.file.is_none() || ino != self.ino);
         self.drain(filter, out)?;
         if replaced {
-            // Rotated more than once since the last look: the files
-            // between the old one (now NAME.log.K) and the new are read too.
-            let old = self.ino;
-            let gens: Vec<PathBuf> = (1..=10_000).map(|k| rotated(&self.src.path, k)).collect();
-            let found_at = gens
-                .iter()
-                .map(|p| std::fs::metadata(p).ok().map(|m| m.ino()))
-                .take_while(Option::is_some)
-                .position(|ino| ino == Some(old));
-            for between in gens[..found_at.unwrap_or(0)].iter().rev() {
-                if let Ok(f) = File::open(between) {
-                    self.ino = f.metadata().map_or(0, |m| m.ino());
-                    self.file = Some(f);
-                    self.pos = 0;
-                    self.partial.clear();
-                    self.drain(filter, out)?;
-                }
+            // Rotated once or more since the last look: the files between
+            // the old one (now NAME.log.K) and the new are read too.
+            for (ino, f) in files_after(&self.src.path, self.file.as_ref().map(|_| self.ino)) {
+                self.ino = ino;
+                self.file = Some(f);
+                self.pos = 0;
+                self.partial.clear();
+                self.drain(filter, out)?;
             }
-            self.file = File::open(&self.src.path).ok();
-            self.ino = self.file.as_ref().and_then(|f| f.metadata().ok()).map_or(0, |m| m.ino());
-            self.pos = 0;
-            self.partial.clear();
-            self.drain(filter, out)?;
         }
         Ok(())
     }
@@ -314,6 +300,71 @@ impl Tracked {
     fn file_name(&self) -> Option<&std::ffi::OsStr> {
         self.src.path.file_name()
     }
+}
+
+/// The files a follower reads after `old` (the inode of the one it read
+/// to its end; none on its first look), oldest first and each held open
+/// with its inode: the rotated since, then the current one. Empty when
+/// there is no current file (between a rotation's rename and its new
+/// file): the follower keeps the old one and looks again at its next
+/// wake-up.
+///
+/// A rotation renames the kept files one at a time, so a look while one
+/// runs may find a gap where the old file was about to be, or the current
+/// file gone on to `.1`: such a look is taken again (a rotation is some
+/// twenty renames; its files are not read twice, and none is skipped).
+fn files_after(path: &Path, old: Option<u64>) -> Vec<(u64, File)> {
+    let mut last = Vec::new();
+    for attempt in 0..ROTATION_LOOKS {
+        let (files, whole) = look_after(path, old);
+        if whole {
+            return files;
+        }
+        last = files;
+        if attempt < 4 {
+            std::thread::yield_now();
+        } else {
+            // A writer descheduled mid-rotation: bounded, and only ever
+            // after a rotation.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    // Still no consistent look: the old file is gone for good (rotated
+    // past the kept count while the follower lagged), so every kept file
+    // is newer than it.
+    last
+}
+
+/// Looks taken by [`files_after`] at most.
+const ROTATION_LOOKS: usize = 50;
+
+/// One look for [`files_after`], and whether it is whole: a current file,
+/// the old one found among the rotated (when there is one), and no
+/// rotation finished while looking.
+fn look_after(path: &Path, old: Option<u64>) -> (Vec<(u64, File)>, bool) {
+    let ino_of = |f: &File| f.metadata().map_or(0, |m| m.ino());
+    // The current file first, held: a rotation that ends while the rest
+    // is looked at moves it, which the last check sees.
+    let Ok(current) = File::open(path) else { return (Vec::new(), false) };
+    let current_ino = ino_of(&current);
+    let mut files = vec![(current_ino, current)];
+    let mut found = old.is_none();
+    if let Some(old) = old {
+        for k in 1..=10_000 {
+            let Ok(f) = File::open(rotated(path, k)) else { break };
+            let ino = ino_of(&f);
+            if ino == old {
+                found = true;
+                break;
+            }
+            if files.iter().all(|(seen, _)| *seen != ino) {
+                files.push((ino, f));
+            }
+        }
+    }
+    let settled = std::fs::metadata(path).is_ok_and(|m| m.ino() == current_ino);
+    files.reverse();
+    (files, found && settled)
 }
 
 /// Something else a follower watches: files in `dir` whose names start
@@ -479,6 +530,38 @@ mod tests {
         let (found, _) = tail(&[src(&a), src(&b)], 3, Filter::default()).unwrap();
         assert_eq!(texts(&found).iter().map(|l| &l[l.len() - 1..]).collect::<String>(), "234");
         assert_eq!(found.iter().map(|f| f.source).collect::<Vec<_>>(), [1, 0, 1]);
+    }
+
+    /// The supervisor's own log writer rotating as fast as it can while a
+    /// follower catches up as fast as it can: every look in the middle of
+    /// a rotation (the kept files renamed one at a time) is one where a
+    /// file could be skipped. Not one line is lost or read twice.
+    #[test]
+    fn a_follower_misses_no_line_while_rotations_run_under_it() {
+        const LINES: u32 = 3000;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("w.log");
+        let mut log = crate::supervisor::logs::LogFile::open(p.clone(), 400, 400).unwrap();
+        let (_, mut tracked) = tail(&[src(&p)], 0, Filter::default()).unwrap();
+        let writer = std::thread::spawn(move || {
+            for i in 1..=LINES {
+                log.write(format!("t 0 out seq {i}\n").as_bytes());
+            }
+        });
+        let mut out = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !String::from_utf8_lossy(&out).ends_with(&format!(" seq {LINES}\n")) {
+            assert!(std::time::Instant::now() < deadline, "the follower never saw the last line");
+            tracked[0].catch_up(Filter::default(), &mut out).unwrap();
+        }
+        writer.join().unwrap();
+        let seqs: Vec<u32> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+            .collect();
+        assert!(rotated(&p, 100).exists(), "the log did not rotate often enough to test anything");
+        assert_eq!(seqs, (1..=LINES).collect::<Vec<_>>());
     }
 
     #[test]
